@@ -1,0 +1,320 @@
+/**
+ * The syncwire wire protocol, version 1: envelope types, the error type, and the parser
+ * that validates every incoming frame. Shared by the client, the server and the stores.
+ * docs/PROTOCOL.md is the prose form of this file; keep the two in agreement.
+ */
+
+export const PROTOCOL_VERSION = 1;
+
+/** Envelope types, as they travel on the wire. */
+export const MESSAGE_TYPES = ['SYN', 'ACK', 'PNG', 'NAK', 'SUB', 'UNS', 'MSG'] as const;
+export type MessageType = (typeof MESSAGE_TYPES)[number];
+
+/** Codes a server puts in a `NAK`. */
+export const NAK_CODES = [
+  'bad_request',
+  'too_large',
+  'forbidden',
+  'unauthorized',
+  'rate_limited',
+  'server_error',
+] as const;
+export type NakCode = (typeof NAK_CODES)[number];
+
+/**
+ * Codes a `SyncError` can carry: the protocol's `NAK` codes, plus the client's own.
+ * - `closed`: `close()` was called before the operation settled.
+ * - `queue_full`: the outbox already holds `maxQueue` operations.
+ * - `bad_response`: the server answered in a way the protocol forbids (a lying server).
+ */
+export type SyncErrorCode = NakCode | 'closed' | 'queue_full' | 'bad_response';
+
+/** The one error type syncwire rejects with. `code` is stable; `message` is for people. */
+export class SyncError extends Error {
+  override readonly name = 'SyncError';
+  constructor(
+    readonly code: SyncErrorCode,
+    message: string,
+    readonly details?: unknown,
+  ) {
+    super(message);
+  }
+}
+
+/** Close codes the reference server uses on the socket (4000–4999 is the application range). */
+export const CloseCodes = {
+  normal: 1000,
+  goingAway: 1001,
+  /** A frame larger than `maxPayloadBytes`. */
+  tooLarge: 1009,
+  /** The server is shutting down. */
+  serverShutdown: 1012,
+  /** Too many unparseable frames in a row. */
+  badFrames: 4400,
+  unauthorized: 4401,
+  forbidden: 4403,
+} as const;
+
+/** Longest allowed envelope id and clientId. */
+export const MAX_ID_LENGTH = 128;
+
+/** Default limits. */
+export const DEFAULT_MAX_PAYLOAD_BYTES = 1_048_576;
+
+export interface ChannelCursor {
+  since?: number;
+  epoch?: string;
+  rewind?: number;
+}
+
+export interface ChannelState {
+  epoch: string;
+  seq: number;
+  recovered: boolean;
+  more?: boolean;
+}
+
+export interface SynEnvelope {
+  id: string;
+  type: 'SYN';
+  payload: unknown[];
+}
+export interface AckEnvelope {
+  id: string;
+  type: 'ACK';
+}
+export interface PngEnvelope {
+  id: string;
+  type: 'PNG';
+}
+export interface NakEnvelope {
+  id: string | null;
+  type: 'NAK';
+  error: { code: NakCode; message: string };
+}
+export interface SubEnvelope {
+  id: string;
+  type: 'SUB';
+  payload: { channels: Record<string, ChannelCursor> };
+}
+export interface UnsEnvelope {
+  id: string;
+  type: 'UNS';
+  payload: { channels: string[] };
+}
+export interface MsgEnvelope {
+  id: string;
+  type: 'MSG';
+  channel: string;
+  seq: number;
+  epoch: string;
+  payload: unknown;
+  replay?: boolean;
+}
+
+export type Envelope =
+  | SynEnvelope
+  | AckEnvelope
+  | PngEnvelope
+  | NakEnvelope
+  | SubEnvelope
+  | UnsEnvelope
+  | MsgEnvelope;
+
+/** Envelopes a client sends and expects an `ACK` for. */
+export type RequestEnvelope = SynEnvelope | PngEnvelope | SubEnvelope | UnsEnvelope;
+/** Envelopes a server sends. */
+export type ServerEnvelope = SynEnvelope | AckEnvelope | NakEnvelope | MsgEnvelope;
+
+/** What `parseFrame` returns: never throws. `id` is set when the frame had a usable one. */
+export type ParseResult<T> =
+  | { ok: true; envelope: T }
+  | { ok: false; code: NakCode; message: string; id: string | null };
+
+export interface ParseOptions {
+  /** Largest accepted frame, in bytes (UTF-8). @default 1048576 */
+  maxBytes?: number;
+}
+
+const isObject = (v: unknown): v is Record<string, unknown> =>
+  typeof v === 'object' && v !== null && !Array.isArray(v);
+
+const validId = (v: unknown): v is string =>
+  typeof v === 'string' && v.length > 0 && v.length <= MAX_ID_LENGTH;
+
+/** A channel name: 1–200 characters, no control characters. */
+export const isValidChannel = (v: unknown): v is string =>
+  typeof v === 'string' && v.length > 0 && v.length <= 200 && !/[\u0000-\u001f\u007f]/.test(v);
+
+const isSeq = (v: unknown): v is number => typeof v === 'number' && Number.isSafeInteger(v) && v >= 0;
+
+function byteLength(frame: string | Uint8Array): number {
+  if (typeof frame !== 'string') return frame.byteLength;
+  // Fast path: a string can never be more bytes than 3 × its UTF-16 length.
+  if (frame.length * 3 <= DEFAULT_MAX_PAYLOAD_BYTES) return frame.length;
+  return new TextEncoder().encode(frame).byteLength;
+}
+
+function decode(frame: string | Uint8Array): string {
+  return typeof frame === 'string' ? frame : new TextDecoder().decode(frame);
+}
+
+const fail = (code: NakCode, message: string, id: string | null = null) =>
+  ({ ok: false, code, message, id }) as const;
+
+/**
+ * Parse and validate a frame a server received from a client.
+ * Every way a frame can be wrong comes back as `{ ok: false, code, message, id }`.
+ */
+export function parseClientFrame(
+  frame: string | Uint8Array,
+  opts: ParseOptions = {},
+): ParseResult<RequestEnvelope> {
+  const max = opts.maxBytes ?? DEFAULT_MAX_PAYLOAD_BYTES;
+  const size = typeof frame === 'string' && frame.length > max ? frame.length : byteLength(frame);
+  if (size > max) return fail('too_large', `frame of ${size} bytes exceeds ${max}`);
+  let raw: unknown;
+  try {
+    raw = JSON.parse(decode(frame));
+  } catch {
+    return fail('bad_request', 'frame is not JSON');
+  }
+  if (!isObject(raw)) return fail('bad_request', 'envelope must be a JSON object');
+  const { id, type, payload } = raw;
+  if (!validId(id)) return fail('bad_request', `id must be a string of 1–${MAX_ID_LENGTH} characters`);
+  if (typeof type !== 'string' || !(MESSAGE_TYPES as readonly string[]).includes(type)) {
+    return fail('bad_request', `unknown type ${JSON.stringify(type)?.slice(0, 40)}`, id);
+  }
+  switch (type) {
+    case 'SYN':
+      if (!Array.isArray(payload) || payload.length === 0) {
+        return fail('bad_request', 'SYN payload must be a non-empty array', id);
+      }
+      return { ok: true, envelope: { id, type, payload } };
+    case 'PNG':
+      return { ok: true, envelope: { id, type } };
+    case 'SUB': {
+      if (!isObject(payload) || !isObject(payload.channels)) {
+        return fail('bad_request', 'SUB payload must be { channels: { name: cursor } }', id);
+      }
+      const channels: Record<string, ChannelCursor> = {};
+      const entries = Object.entries(payload.channels);
+      if (entries.length === 0) return fail('bad_request', 'SUB names no channel', id);
+      for (const [name, c] of entries) {
+        if (!isValidChannel(name)) return fail('bad_request', 'bad channel name', id);
+        if (!isObject(c)) return fail('bad_request', `cursor of ${name} must be an object`, id);
+        const cursor: ChannelCursor = {};
+        if (c.since !== undefined) {
+          if (!isSeq(c.since)) return fail('bad_request', `since of ${name} must be an integer ≥ 0`, id);
+          cursor.since = c.since;
+        }
+        if (c.rewind !== undefined) {
+          if (!isSeq(c.rewind)) return fail('bad_request', `rewind of ${name} must be an integer ≥ 0`, id);
+          cursor.rewind = c.rewind;
+        }
+        if (c.epoch !== undefined) {
+          if (typeof c.epoch !== 'string' || c.epoch.length > MAX_ID_LENGTH) {
+            return fail('bad_request', `epoch of ${name} must be a string`, id);
+          }
+          cursor.epoch = c.epoch;
+        }
+        channels[name] = cursor;
+      }
+      return { ok: true, envelope: { id, type, payload: { channels } } };
+    }
+    case 'UNS': {
+      if (!isObject(payload) || !Array.isArray(payload.channels) || !payload.channels.every(isValidChannel)) {
+        return fail('bad_request', 'UNS payload must be { channels: [name, …] }', id);
+      }
+      return { ok: true, envelope: { id, type, payload: { channels: payload.channels as string[] } } };
+    }
+    default:
+      // ACK, NAK and MSG are server-to-client only.
+      return fail('bad_request', `a client may not send ${type}`, id);
+  }
+}
+
+/**
+ * Parse and validate a frame a client received from a server. A server that lies (wrong
+ * types, unknown `type`, bad `seq`) gets a typed error here, never an exception.
+ */
+export function parseServerFrame(
+  frame: string | Uint8Array,
+  opts: ParseOptions = {},
+): ParseResult<ServerEnvelope> {
+  const max = opts.maxBytes ?? 64 * DEFAULT_MAX_PAYLOAD_BYTES;
+  if (byteLength(frame) > max) return fail('too_large', 'frame too large');
+  let raw: unknown;
+  try {
+    raw = JSON.parse(decode(frame));
+  } catch {
+    return fail('bad_request', 'frame is not JSON');
+  }
+  return validateServerEnvelope(raw);
+}
+
+/** Validate an already-decoded server envelope (the HTTP transport gets arrays of them). */
+export function validateServerEnvelope(raw: unknown): ParseResult<ServerEnvelope> {
+  if (!isObject(raw)) return fail('bad_request', 'envelope must be a JSON object');
+  const { id, type } = raw;
+  switch (type) {
+    case 'ACK':
+      if (!validId(id)) return fail('bad_request', 'ACK without a valid id');
+      return { ok: true, envelope: { id, type } };
+    case 'SYN':
+      if (!validId(id)) return fail('bad_request', 'SYN without a valid id');
+      if (!Array.isArray(raw.payload)) return fail('bad_request', 'response SYN payload must be an array', id);
+      return { ok: true, envelope: { id, type, payload: raw.payload } };
+    case 'NAK': {
+      if (id !== null && !validId(id)) return fail('bad_request', 'NAK with a bad id');
+      const err = raw.error;
+      const code =
+        isObject(err) && (NAK_CODES as readonly string[]).includes(err.code as string)
+          ? (err.code as NakCode)
+          : 'server_error';
+      const message = isObject(err) && typeof err.message === 'string' ? err.message : 'refused';
+      return { ok: true, envelope: { id, type, error: { code, message } } };
+    }
+    case 'MSG': {
+      const { channel, seq, epoch } = raw;
+      if (!validId(id)) return fail('bad_request', 'MSG without a valid id');
+      if (!isValidChannel(channel)) return fail('bad_request', 'MSG with a bad channel', id);
+      if (!isSeq(seq) || seq < 1) return fail('bad_request', 'MSG seq must be an integer ≥ 1', id);
+      if (typeof epoch !== 'string') return fail('bad_request', 'MSG epoch must be a string', id);
+      const env: MsgEnvelope = { id, type, channel, seq, epoch, payload: raw.payload };
+      if (raw.replay === true) env.replay = true;
+      return { ok: true, envelope: env };
+    }
+    default:
+      return fail('bad_request', `unexpected type from server: ${String(type).slice(0, 20)}`, validId(id) ? id : null);
+  }
+}
+
+/** Serialize an envelope for the wire. */
+export const encode = (env: Envelope | Envelope[]): string => JSON.stringify(env);
+
+/** A `NAK` envelope. */
+export const nak = (id: string | null, code: NakCode, message: string): NakEnvelope => ({
+  id,
+  type: 'NAK',
+  error: { code, message },
+});
+
+/** A random identifier, URL-safe, from the platform's crypto. */
+export function randomId(prefix = 'c', bytes = 9): string {
+  const buf = new Uint8Array(bytes);
+  globalThis.crypto.getRandomValues(buf);
+  let s = '';
+  for (const b of buf) s += b.toString(36).padStart(2, '0');
+  return `${prefix}-${s}`;
+}
+
+/** HTTP status a `NAK` code maps to on the HTTP transport. */
+export const HTTP_STATUS_OF: Record<NakCode, number> = {
+  bad_request: 400,
+  too_large: 413,
+  forbidden: 403,
+  unauthorized: 401,
+  rate_limited: 429,
+  server_error: 500,
+};

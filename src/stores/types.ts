@@ -1,0 +1,84 @@
+/**
+ * The seam between the reference server and where channel history and dedupe memory live.
+ * memoryStore (default), sqliteStore and redisStore implement it; one contract suite
+ * (test/stores.contract.test.ts) runs against every one of them.
+ */
+
+/** One published message, as the store keeps it. */
+export interface StoredMessage {
+  channel: string;
+  /** Dense per channel, starting at 1 within an epoch. */
+  seq: number;
+  /** Changes whenever the channel's history is lost or reset. */
+  epoch: string;
+  /** Server-made message id (unique across channels). */
+  id: string;
+  payload: unknown;
+  /** Milliseconds since the epoch, when it was appended. */
+  at: number;
+  /** clientId of the author not to echo the payload to (see docs/PROTOCOL.md, "echo"). */
+  except?: string;
+}
+
+/** Where a channel stands. */
+export interface ChannelHead {
+  epoch: string;
+  /** Last seq appended, 0 when nothing was. */
+  seq: number;
+  /** Oldest seq still retained; `seq + 1` when nothing is retained. */
+  first: number;
+}
+
+/** A response remembered for `(clientId, SYN id)`. */
+export type DedupeClaim =
+  | { status: 'new' }
+  | { status: 'pending' }
+  | { status: 'done'; response: unknown };
+
+export interface HistoryStore {
+  /** Store name for logs and the visualizer: 'memory', 'sqlite', 'redis'. */
+  readonly kind: string;
+  /**
+   * Append a message to a channel: the next dense `seq` in the current epoch.
+   * Concurrent appends (also from other processes, for shared stores) never share a seq.
+   */
+  append(channel: string, payload: unknown, opts?: { except?: string }): Promise<StoredMessage>;
+  /** Messages with `seq > after`, ascending, at most `limit`. Only retained ones. */
+  read(channel: string, after: number, limit: number): Promise<StoredMessage[]>;
+  /** The channel's epoch, last seq and first retained seq. Creates the epoch when new. */
+  head(channel: string): Promise<ChannelHead>;
+  /** Apply the store's `maxMessages` / `maxAgeMs` now (stores also trim on their own). */
+  trim(): Promise<void>;
+  /**
+   * The live feed: every message appended to any channel, by this process or, for a shared
+   * store, by any other, delivered per channel in `seq` order. Returns an unsubscribe.
+   */
+  watch(listener: (msg: StoredMessage) => void): () => void;
+
+  /**
+   * Dedupe memory for `(clientId, SYN id)`. `claim` atomically marks a key as being
+   * processed; a second claim sees `pending` until `complete` stores the response.
+   * Entries live `ttlMs`. A store without shared dedupe may leave these out: the server
+   * then keeps dedupe in its own memory.
+   */
+  claim?(key: string, ttlMs: number): Promise<DedupeClaim>;
+  complete?(key: string, response: unknown, ttlMs: number): Promise<void>;
+  /** Drop a claim whose processing failed before a response existed. */
+  release?(key: string): Promise<void>;
+
+  /** Release connections, files and timers. */
+  close(): Promise<void>;
+}
+
+/** Options every store understands. */
+export interface RetentionOptions {
+  /** Keep at most this many messages per channel. @default 10000 */
+  maxMessages?: number;
+  /** Drop messages older than this. @default 86400000 (one day) */
+  maxAgeMs?: number;
+}
+
+export const DEFAULT_RETENTION: Required<RetentionOptions> = {
+  maxMessages: 10_000,
+  maxAgeMs: 86_400_000,
+};
