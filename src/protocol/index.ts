@@ -51,6 +51,11 @@ export const CloseCodes = {
   serverShutdown: 1012,
   /** Too many unparseable frames in a row. */
   badFrames: 4400,
+  /**
+   * The socket fell too far behind: more than the server's `maxBufferedBytes` waiting to be
+   * sent. The client reconnects and replays from its cursors, so nothing is lost.
+   */
+  slowConsumer: 4429,
   unauthorized: 4401,
   forbidden: 4403,
 } as const;
@@ -108,8 +113,15 @@ export interface MsgEnvelope {
   channel: string;
   seq: number;
   epoch: string;
-  payload: unknown;
+  /** Absent on an echo. */
+  payload?: unknown;
   replay?: boolean;
+  /**
+   * The client's own publication (published with `except: clientId`): sent without its
+   * payload so that the author's cursor stays dense. Without it the author would see a gap
+   * in `seq` and re-subscribe forever.
+   */
+  echo?: boolean;
 }
 
 export type Envelope =
@@ -148,10 +160,11 @@ export const isValidChannel = (v: unknown): v is string =>
 
 const isSeq = (v: unknown): v is number => typeof v === 'number' && Number.isSafeInteger(v) && v >= 0;
 
-function byteLength(frame: string | Uint8Array): number {
+function byteLength(frame: string | Uint8Array, max: number): number {
   if (typeof frame !== 'string') return frame.byteLength;
-  // Fast path: a string can never be more bytes than 3 × its UTF-16 length.
-  if (frame.length * 3 <= DEFAULT_MAX_PAYLOAD_BYTES) return frame.length;
+  // Fast path: a string can never be more bytes than 3 × its UTF-16 length, so one that
+  // short is under `max` whatever it holds (the length returned is then only a lower bound).
+  if (frame.length * 3 <= max) return frame.length;
   return new TextEncoder().encode(frame).byteLength;
 }
 
@@ -171,7 +184,7 @@ export function parseClientFrame(
   opts: ParseOptions = {},
 ): ParseResult<RequestEnvelope> {
   const max = opts.maxBytes ?? DEFAULT_MAX_PAYLOAD_BYTES;
-  const size = typeof frame === 'string' && frame.length > max ? frame.length : byteLength(frame);
+  const size = typeof frame === 'string' && frame.length > max ? frame.length : byteLength(frame, max);
   if (size > max) return fail('too_large', `frame of ${size} bytes exceeds ${max}`);
   let raw: unknown;
   try {
@@ -243,7 +256,7 @@ export function parseServerFrame(
   opts: ParseOptions = {},
 ): ParseResult<ServerEnvelope> {
   const max = opts.maxBytes ?? 64 * DEFAULT_MAX_PAYLOAD_BYTES;
-  if (byteLength(frame) > max) return fail('too_large', 'frame too large');
+  if (byteLength(frame, max) > max) return fail('too_large', 'frame too large');
   let raw: unknown;
   try {
     raw = JSON.parse(decode(frame));
@@ -283,6 +296,10 @@ export function validateServerEnvelope(raw: unknown): ParseResult<ServerEnvelope
       if (typeof epoch !== 'string') return fail('bad_request', 'MSG epoch must be a string', id);
       const env: MsgEnvelope = { id, type, channel, seq, epoch, payload: raw.payload };
       if (raw.replay === true) env.replay = true;
+      if (raw.echo === true) {
+        env.echo = true;
+        delete env.payload;
+      }
       return { ok: true, envelope: env };
     }
     default:

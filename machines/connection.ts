@@ -1,0 +1,520 @@
+/**
+ * The connection statechart: the whole client lifecycle of syncwire in one XState v5 machine.
+ *
+ * Pure: it opens no socket and sets no timer of its own. Every timeout is a named delay
+ * derived from T (`context.timeout`); the socket and HTTP transports are actors the machine
+ * invokes by name (`socket`, `http`), and the client supplies the real ones with
+ * `machine.provide()`. The machine tells the client what happened through emitted events
+ * (`settled`, `message`, `failure`, `poll`, `socketReady`); see `ConnectionEmitted`.
+ *
+ * Flat names reported by `state$` (see `flatState`): connecting, open, awaitingAck,
+ * awaitingSyn, degraded, rePinging, closed.
+ */
+import {
+  type ActorRefFrom,
+  type AnyActorRef,
+  assign,
+  emit,
+  enqueueActions,
+  fromCallback,
+  fromPromise,
+  sendTo,
+  setup,
+  type SnapshotFrom,
+} from 'xstate';
+import type { ServerEnvelope, NakCode } from '../src/protocol/index.js';
+
+/** The names `state$` emits. */
+export const STATE_NAMES = [
+  'connecting',
+  'open',
+  'awaitingAck',
+  'awaitingSyn',
+  'degraded',
+  'rePinging',
+  'closed',
+] as const;
+export type ConnectionState = (typeof STATE_NAMES)[number];
+
+/** An entry of the outbox: one operation, or one channel request (which travels alone). */
+export type QueueItem =
+  | { key: number; kind: 'op'; op: unknown }
+  | { key: number; kind: 'SUB' | 'UNS'; payload: unknown };
+
+/** The request on the wire: it keeps its id across every resend, on either transport. */
+export interface InFlight {
+  id: string;
+  type: 'SYN' | 'SUB' | 'UNS';
+  payload: unknown;
+  /** Outbox keys of the items it carries, so the client can settle them. */
+  keys: number[];
+  /** Transport it was last sent on. */
+  via: 'ws' | 'http';
+}
+
+/** What the `http` actor resolves with. It never rejects for HTTP-level outcomes. */
+export type HttpOutcome =
+  | { kind: 'reply'; frames: ServerEnvelope[]; status: number }
+  | { kind: 'retry'; reason: string; status?: number; retryAfterMs?: number };
+
+/** Failure kinds reported once per socket failure (telemetry). */
+export type FailureKind =
+  | 'dial_error'
+  | 'dial_timeout'
+  | 'close'
+  | 'ack_timeout'
+  | 'syn_timeout'
+  | 'ping_timeout'
+  | 'http_error'
+  | 'bad_frame';
+
+export interface ConnectionInput {
+  clientId: string;
+  /** T, in milliseconds. */
+  timeout: number;
+  maxBatch: number;
+  /** Polling period while degraded. */
+  pollInterval: number;
+  /** Upper bound of the redial and HTTP retry backoff. */
+  maxBackoff: number;
+  /** Source of jitter; tests pass a fixed one. */
+  random?: () => number;
+}
+
+export interface ConnectionContext extends Required<Omit<ConnectionInput, 'random'>> {
+  random: () => number;
+  /** Next request number; ids are `${clientId}:${n}`. */
+  counter: number;
+  queue: QueueItem[];
+  inflight: InFlight | null;
+  /** Id of the ping awaiting its ACK. */
+  pingId: string | null;
+  /** Unacknowledged pings since the socket was last healthy. */
+  missedPings: number;
+  /** Whether a socket is open (it may be sick). */
+  socketOpen: boolean;
+  dialAttempt: number;
+  httpAttempt: number;
+  retryAfterMs: number | null;
+}
+
+export type ConnectionEvent =
+  | { type: 'SEND'; item: QueueItem; front?: boolean }
+  | { type: 'CLOSE' }
+  | { type: 'WS.OPEN' }
+  | { type: 'WS.DOWN'; code: number; reason: string; wasOpen: boolean }
+  | { type: 'FRAME'; frame: ServerEnvelope }
+  | { type: 'BAD_FRAME'; reason: string };
+
+export type SettledEvent =
+  | { type: 'settled'; id: string; keys: number[]; request: InFlight['type']; payload: unknown[] }
+  | {
+      type: 'settled';
+      id: string;
+      keys: number[];
+      request: InFlight['type'];
+      error: { code: NakCode; message: string };
+    };
+
+export type ConnectionEmitted =
+  | SettledEvent
+  | { type: 'message'; frame: Extract<ServerEnvelope, { type: 'MSG' }> }
+  | { type: 'failure'; kind: FailureKind; code?: number; reason?: string }
+  | { type: 'poll' }
+  | { type: 'socketReady' };
+
+/** Commands the machine sends to its `socket` actor. */
+export type SocketCommand =
+  | { type: 'DIAL' }
+  | { type: 'DROP' }
+  | { type: 'SEND'; frame: { id: string; type: string; payload?: unknown } };
+
+const frameOf = (e: ConnectionEvent) => (e.type === 'FRAME' ? e.frame : undefined);
+
+/** Placeholder transports; the client provides the real ones with `machine.provide()`. */
+const socketPlaceholder = fromCallback<SocketCommand, { clientId: string }>(() => () => {});
+/** What the `http` actor is given: the request to POST. */
+export interface HttpInput {
+  envelope: { id: string; type: string; payload?: unknown };
+}
+const httpPlaceholder = fromPromise<HttpOutcome, HttpInput>(async () => {
+  throw new Error('syncwire: no http actor was provided');
+});
+
+export const connectionMachine = setup({
+  types: {
+    context: {} as ConnectionContext,
+    events: {} as ConnectionEvent,
+    input: {} as ConnectionInput,
+    emitted: {} as ConnectionEmitted,
+  },
+  actors: { socket: socketPlaceholder, http: httpPlaceholder },
+  delays: {
+    /** T: how long a dial may take. */
+    connectTimeout: ({ context }) => context.timeout,
+    /** T after the last ACK or response, the keepalive PNG goes. */
+    keepalive: ({ context }) => context.timeout,
+    /** T for a PNG's ACK. */
+    pingTimeout: ({ context }) => context.timeout,
+    /** T for a SYN's ACK. */
+    ackTimeout: ({ context }) => context.timeout,
+    /** T more, after the ACK, for the response (2T in all). */
+    synTimeout: ({ context }) => context.timeout,
+    /** Redial backoff: T/2 · 2^attempt, capped, with jitter in [50 %, 100 %]. */
+    redialBackoff: ({ context }) =>
+      Math.min(context.maxBackoff, (context.timeout / 2) * 2 ** context.dialAttempt) *
+      (0.5 + context.random() / 2),
+    /** HTTP retry: the server's Retry-After when it gave one, else T/4 · 2^attempt with jitter. */
+    httpBackoff: ({ context }) =>
+      context.retryAfterMs ??
+      Math.min(context.maxBackoff, (context.timeout / 4) * 2 ** context.httpAttempt) *
+        (0.5 + context.random() / 2),
+    /** Polling period while degraded; a sick socket is re-pinged on the same beat. */
+    pollInterval: ({ context }) => context.pollInterval,
+  },
+  guards: {
+    hasQueued: ({ context }) => context.queue.length > 0,
+    hasInflight: ({ context }) => context.inflight !== null,
+    noInflight: ({ context }) => context.inflight === null,
+    hasWork: ({ context }) => context.inflight !== null || context.queue.length > 0,
+    socketOpen: ({ context }) => context.socketOpen,
+    canRePing: ({ context }) => context.socketOpen && context.missedPings < 3,
+    lastPingMissedThrice: ({ context }) => context.missedPings >= 3,
+    socketClosed: ({ context }) => !context.socketOpen,
+    isAckForInflight: ({ context, event }) => {
+      const f = frameOf(event);
+      return f?.type === 'ACK' && f.id === context.inflight?.id;
+    },
+    isReplyForInflight: ({ context, event }) => {
+      const f = frameOf(event);
+      return (f?.type === 'SYN' || f?.type === 'NAK') && f.id !== null && f.id === context.inflight?.id;
+    },
+    isAckForPing: ({ context, event }) => {
+      const f = frameOf(event);
+      return f?.type === 'ACK' && f.id === context.pingId;
+    },
+    isAckOrReply: ({ event }) => {
+      const f = frameOf(event);
+      return f?.type === 'ACK' || f?.type === 'SYN';
+    },
+    httpRetry: ({ event }) => (event as unknown as { output: HttpOutcome }).output.kind === 'retry',
+  },
+  actions: {
+    enqueue: assign({
+      queue: ({ context, event }) => {
+        if (event.type !== 'SEND') return context.queue;
+        return event.front ? [event.item, ...context.queue] : [...context.queue, event.item];
+      },
+    }),
+    /** Take the next request off the outbox: a run of operations up to maxBatch, or one SUB/UNS. */
+    takeBatch: assign(({ context }) => {
+      const head = context.queue[0];
+      if (!head || context.inflight) return {};
+      const id = `${context.clientId}:${context.counter}`;
+      if (head.kind !== 'op') {
+        return {
+          counter: context.counter + 1,
+          queue: context.queue.slice(1),
+          inflight: { id, type: head.kind, payload: head.payload, keys: [head.key], via: 'ws' as const },
+        };
+      }
+      const ops: unknown[] = [];
+      const keys: number[] = [];
+      let i = 0;
+      for (; i < context.queue.length && ops.length < context.maxBatch; i++) {
+        const item = context.queue[i]!;
+        if (item.kind !== 'op') break;
+        ops.push(item.op);
+        keys.push(item.key);
+      }
+      return {
+        counter: context.counter + 1,
+        queue: context.queue.slice(i),
+        inflight: { id, type: 'SYN' as const, payload: ops, keys, via: 'ws' as const },
+      };
+    }),
+    sendInflightOverWs: enqueueActions(({ context, enqueue }) => {
+      const f = context.inflight;
+      if (!f) return;
+      enqueue.assign({ inflight: { ...f, via: 'ws' } });
+      enqueue.sendTo('socket', { type: 'SEND', frame: { id: f.id, type: f.type, payload: f.payload } });
+    }),
+    markInflightHttp: assign({
+      inflight: ({ context }) => (context.inflight ? { ...context.inflight, via: 'http' as const } : null),
+    }),
+    sendPing: enqueueActions(({ context, enqueue }) => {
+      const id = `${context.clientId}:${context.counter}`;
+      enqueue.assign({ counter: context.counter + 1, pingId: id });
+      enqueue.sendTo('socket', { type: 'SEND', frame: { id, type: 'PNG' } });
+    }),
+    pingAcked: assign({ pingId: null, missedPings: 0, dialAttempt: 0 }),
+    pingMissed: assign({ pingId: null, missedPings: ({ context }) => context.missedPings + 1 }),
+    /** Settle the request in flight with the response or NAK in the event. */
+    settleInflight: enqueueActions(({ context, event, enqueue }) => {
+      const f = frameOf(event);
+      const inflight = context.inflight;
+      if (!f || !inflight) return;
+      enqueue.assign({ inflight: null, httpAttempt: 0, retryAfterMs: null });
+      enqueue.emit(settledFor(inflight, f));
+    }),
+    dial: sendTo('socket', { type: 'DIAL' }),
+    drop: enqueueActions(({ enqueue }) => {
+      enqueue.sendTo('socket', { type: 'DROP' });
+      enqueue.assign({ socketOpen: false, pingId: null });
+    }),
+    socketOpened: assign({ socketOpen: true, missedPings: 0, pingId: null }),
+    socketDown: assign({ socketOpen: false, pingId: null, dialAttempt: ({ context }) => context.dialAttempt + 1 }),
+    socketReady: emit({ type: 'socketReady' as const }),
+    poll: emit({ type: 'poll' as const }),
+    /** MSG frames go to the client whatever the state; NAKs without id are a lying or confused server. */
+    onFrame: enqueueActions(({ event, enqueue }) => {
+      const f = frameOf(event);
+      if (f?.type === 'MSG') enqueue.emit({ type: 'message', frame: f });
+      else if (f?.type === 'NAK' && f.id === null) {
+        enqueue.emit({ type: 'failure', kind: 'bad_frame', reason: `${f.error.code}: ${f.error.message}` });
+      }
+    }),
+    onBadFrame: emit(({ event }) => ({
+      type: 'failure' as const,
+      kind: 'bad_frame' as const,
+      reason: event.type === 'BAD_FRAME' ? event.reason : 'bad frame',
+    })),
+    failClose: emit(({ event }) => ({
+      type: 'failure' as const,
+      kind: event.type === 'WS.DOWN' && !event.wasOpen ? ('dial_error' as const) : ('close' as const),
+      code: event.type === 'WS.DOWN' ? event.code : undefined,
+      reason: event.type === 'WS.DOWN' ? event.reason : undefined,
+    })),
+    failDialTimeout: emit({ type: 'failure' as const, kind: 'dial_timeout' as const }),
+    failAckTimeout: emit({ type: 'failure' as const, kind: 'ack_timeout' as const }),
+    failSynTimeout: emit({ type: 'failure' as const, kind: 'syn_timeout' as const }),
+    failPingTimeout: emit({ type: 'failure' as const, kind: 'ping_timeout' as const }),
+    /** Apply what an HTTP reply carried, in order: MSGs out, the response settles the batch. */
+    applyHttpReply: enqueueActions(({ context, event, enqueue }) => {
+      const out = (event as unknown as { output: HttpOutcome }).output;
+      if (out.kind !== 'reply') return;
+      let inflight = context.inflight;
+      for (const f of out.frames) {
+        if (f.type === 'MSG') enqueue.emit({ type: 'message', frame: f });
+        else if ((f.type === 'SYN' || f.type === 'NAK') && inflight && f.id === inflight.id) {
+          enqueue.emit(settledFor(inflight, f));
+          inflight = null;
+        }
+      }
+      if (inflight === null) enqueue.assign({ inflight: null, httpAttempt: 0, retryAfterMs: null });
+      else {
+        // A 200 without the response is a server that lies: retry the same id later.
+        enqueue.assign({ httpAttempt: context.httpAttempt + 1, retryAfterMs: null });
+        enqueue.emit({ type: 'failure', kind: 'http_error', reason: 'reply without a response' });
+      }
+    }),
+    httpFailed: enqueueActions(({ context, event, enqueue }) => {
+      const out = (event as unknown as { output?: HttpOutcome; error?: unknown }).output;
+      const retryAfterMs = out?.kind === 'retry' ? (out.retryAfterMs ?? null) : null;
+      const reason =
+        out?.kind === 'retry' ? out.reason : String((event as { error?: unknown }).error ?? 'http failed');
+      enqueue.assign({ httpAttempt: context.httpAttempt + 1, retryAfterMs });
+      enqueue.emit({
+        type: 'failure',
+        kind: 'http_error',
+        reason,
+        code: out?.kind === 'retry' ? out.status : undefined,
+      });
+    }),
+  },
+}).createMachine({
+  id: 'connection',
+  context: ({ input }) => ({
+    clientId: input.clientId,
+    timeout: input.timeout,
+    maxBatch: input.maxBatch,
+    pollInterval: input.pollInterval,
+    maxBackoff: input.maxBackoff,
+    random: input.random ?? Math.random,
+    counter: 1,
+    queue: [],
+    inflight: null,
+    pingId: null,
+    missedPings: 0,
+    socketOpen: false,
+    dialAttempt: 0,
+    httpAttempt: 0,
+    retryAfterMs: null,
+  }),
+  invoke: { id: 'socket', src: 'socket', input: ({ context }) => ({ clientId: context.clientId }) },
+  initial: 'connecting',
+  on: {
+    SEND: { actions: 'enqueue' },
+    FRAME: { actions: 'onFrame' },
+    BAD_FRAME: { actions: 'onBadFrame' },
+    CLOSE: '.closed',
+  },
+  states: {
+    connecting: {
+      entry: 'dial',
+      on: {
+        'WS.OPEN': { target: 'open', actions: ['socketOpened', 'socketReady'] },
+        'WS.DOWN': { target: 'degraded', actions: ['socketDown', 'failClose'] },
+      },
+      after: { connectTimeout: { target: 'degraded', actions: ['drop', 'failDialTimeout'] } },
+    },
+    open: {
+      initial: 'idle',
+      always: [
+        { guard: 'hasInflight', target: 'awaitingAck', actions: 'sendInflightOverWs' },
+        { guard: 'hasQueued', target: 'awaitingAck', actions: ['takeBatch', 'sendInflightOverWs'] },
+      ],
+      on: {
+        'WS.DOWN': { target: 'degraded', actions: ['socketDown', 'failClose'] },
+      },
+      states: {
+        idle: {
+          on: { FRAME: { guard: 'isAckOrReply', target: 'idle', reenter: true, actions: 'onFrame' } },
+          after: { keepalive: { target: 'pinging', actions: 'sendPing' } },
+        },
+        pinging: {
+          on: { FRAME: { guard: 'isAckForPing', target: 'idle', actions: 'pingAcked' } },
+          after: { pingTimeout: { target: '#connection.degraded', actions: ['pingMissed', 'failPingTimeout'] } },
+        },
+      },
+    },
+    awaitingAck: {
+      on: {
+        FRAME: [
+          { guard: 'isAckForInflight', target: 'awaitingSyn' },
+          { guard: 'isReplyForInflight', target: 'open', actions: 'settleInflight' },
+          { actions: 'onFrame' },
+        ],
+        'WS.DOWN': { target: 'degraded', actions: ['socketDown', 'failClose'] },
+      },
+      after: { ackTimeout: { target: 'degraded', actions: ['failAckTimeout'] } },
+    },
+    awaitingSyn: {
+      on: {
+        FRAME: [{ guard: 'isReplyForInflight', target: 'open', actions: 'settleInflight' }, { actions: 'onFrame' }],
+        'WS.DOWN': { target: 'degraded', actions: ['socketDown', 'failClose'] },
+      },
+      after: { synTimeout: { target: 'degraded', actions: ['failSynTimeout'] } },
+    },
+    degraded: {
+      type: 'parallel',
+      entry: 'markInflightHttp',
+      on: {
+        // A late response on the socket still settles the batch (the server deduped the HTTP copy).
+        FRAME: [{ guard: 'isReplyForInflight', actions: 'settleInflight' }, { actions: 'onFrame' }],
+      },
+      states: {
+        http: {
+          initial: 'idle',
+          states: {
+            idle: {
+              always: [
+                { guard: 'hasInflight', target: 'posting' },
+                { guard: 'hasQueued', target: 'posting', actions: ['takeBatch', 'markInflightHttp'] },
+              ],
+            },
+            posting: {
+              invoke: {
+                src: 'http',
+                input: ({ context }) => ({
+                  envelope: {
+                    id: context.inflight!.id,
+                    type: context.inflight!.type,
+                    payload: context.inflight!.payload,
+                  },
+                }),
+                onDone: [
+                  { guard: 'httpRetry', target: 'retryWait', actions: 'httpFailed' },
+                  { target: 'settling', actions: 'applyHttpReply' },
+                ],
+                onError: { target: 'retryWait', actions: 'httpFailed' },
+              },
+              // The socket answered first (degraded's FRAME handler settled it): the HTTP copy is
+              // moot, the server dedupes it.
+              always: { guard: 'noInflight', target: 'idle' },
+            },
+            /** A reply settled the batch (→ idle) or lacked the response (→ retry). */
+            settling: {
+              always: [{ guard: 'hasInflight', target: 'retryWait' }, { target: 'idle' }],
+            },
+            retryWait: {
+              always: { guard: 'noInflight', target: 'idle' },
+              after: { httpBackoff: 'posting' },
+            },
+          },
+        },
+        poll: {
+          initial: 'waiting',
+          states: {
+            waiting: { after: { pollInterval: { target: 'waiting', reenter: true, actions: 'poll' } } },
+          },
+        },
+        socket: {
+          initial: 'sick',
+          states: {
+            /** The socket is open but missed a ping or a reply. Each send, and each poll beat, re-pings it. */
+            sick: {
+              always: [
+                { guard: 'lastPingMissedThrice', target: 'down', actions: 'drop' },
+                { guard: 'socketClosed', target: 'down' },
+              ],
+              on: {
+                // This handler replaces the root's for the event, so it enqueues too.
+                SEND: { guard: 'canRePing', target: 'rePinging', actions: ['enqueue', 'sendPing'] },
+                'WS.DOWN': { target: 'down', actions: ['socketDown', 'failClose'] },
+              },
+              after: { pollInterval: { guard: 'canRePing', target: 'rePinging', actions: 'sendPing' } },
+            },
+            rePinging: {
+              on: {
+                FRAME: { guard: 'isAckForPing', target: '#connection.open', actions: ['pingAcked', 'socketReady'] },
+                'WS.DOWN': { target: 'down', actions: ['socketDown', 'failClose'] },
+              },
+              after: { pingTimeout: { target: 'sick', actions: ['pingMissed', 'failPingTimeout'] } },
+            },
+            /** No socket: wait out the backoff, then dial again. */
+            down: {
+              after: { redialBackoff: 'dialling' },
+            },
+            dialling: {
+              entry: 'dial',
+              on: {
+                'WS.OPEN': { target: 'rePinging', actions: ['socketOpened', 'sendPing'] },
+                'WS.DOWN': { target: 'down', actions: ['socketDown', 'failClose'] },
+              },
+              after: { connectTimeout: { target: 'down', actions: ['drop', 'socketDown', 'failDialTimeout'] } },
+            },
+          },
+        },
+      },
+    },
+    closed: { type: 'final', entry: 'drop' },
+  },
+});
+
+function settledFor(inflight: InFlight, f: ServerEnvelope): SettledEvent {
+  const base = { type: 'settled' as const, id: inflight.id, keys: inflight.keys, request: inflight.type };
+  if (f.type === 'NAK') return { ...base, error: f.error };
+  return { ...base, payload: f.type === 'SYN' ? f.payload : [] };
+}
+
+export type ConnectionMachine = typeof connectionMachine;
+export type ConnectionActor = ActorRefFrom<ConnectionMachine>;
+export type ConnectionSnapshot = SnapshotFrom<ConnectionMachine>;
+
+/** The flat name `state$` reports for a snapshot; deeper detail stays in the snapshot. */
+export function flatState(snapshot: { value: unknown; status?: string }): ConnectionState {
+  const v = snapshot.value;
+  if (typeof v === 'string') return v as ConnectionState;
+  if (v && typeof v === 'object') {
+    if ('open' in v) return 'open';
+    if ('degraded' in v) {
+      const d = (v as { degraded: { socket?: unknown } }).degraded;
+      return d.socket === 'rePinging' ? 'rePinging' : 'degraded';
+    }
+  }
+  return 'closed';
+}
+
+/** For `provide()` typing in the client. */
+export type SocketActorRef = AnyActorRef;

@@ -1,0 +1,182 @@
+/**
+ * The client's side of channels: one cursor (epoch + seq) per channel, moved only by MSGs
+ * delivered in order. Decides for each incoming MSG whether to deliver it, drop it as a
+ * duplicate, or ask for a re-SUB because of a gap; turns SUB responses into resets.
+ */
+import type { ChannelCursor, ChannelState, MsgEnvelope } from '../protocol/index.js';
+import type { SyncStorage } from './storage.js';
+
+interface Cursor {
+  epoch?: string;
+  /** Last seq delivered; undefined until the first MSG or SUB response tells us the head. */
+  seq?: number;
+  /** What the app asked for the first SUB (rewind), used once. */
+  rewind?: number;
+  /** SUB requests for this channel not yet answered. */
+  subsInFlight: number;
+  /** A replayed MSG jumped over a gap or an epoch change during the current SUB. */
+  jumped: boolean;
+}
+
+export type MsgVerdict = 'deliver' | 'echo' | 'duplicate' | 'gap' | 'unknown';
+
+export interface SubscribeOptions {
+  /** Replay messages after this seq (with the epoch last seen, from storage or the option). */
+  since?: number;
+  epoch?: string;
+  /** Replay the last k messages. */
+  rewind?: number;
+}
+
+export class ChannelCursors {
+  private readonly cursors = new Map<string, Cursor>();
+  private dirty = false;
+
+  constructor(
+    private readonly storage: SyncStorage,
+    private readonly storageKey: string,
+  ) {}
+
+  get names(): string[] {
+    return [...this.cursors.keys()];
+  }
+
+  has(channel: string): boolean {
+    return this.cursors.has(channel);
+  }
+
+  /** Current cursor for the visualizer and `client.cursors()`. */
+  snapshot(): Record<string, { epoch?: string; seq?: number }> {
+    const out: Record<string, { epoch?: string; seq?: number }> = {};
+    for (const [k, c] of this.cursors) out[k] = { epoch: c.epoch, seq: c.seq };
+    return out;
+  }
+
+  /** Start tracking a channel. A stored cursor is resumed unless the options say otherwise. */
+  add(channel: string, opts: SubscribeOptions = {}): void {
+    const stored = this.loadStored()[channel];
+    const c: Cursor = { subsInFlight: 0, jumped: false };
+    if (opts.since !== undefined) {
+      c.seq = opts.since;
+      c.epoch = opts.epoch;
+    } else if (opts.rewind !== undefined) {
+      c.rewind = opts.rewind;
+    } else if (stored) {
+      c.seq = stored.seq;
+      c.epoch = stored.epoch;
+    }
+    this.cursors.set(channel, c);
+  }
+
+  remove(channel: string): void {
+    this.cursors.delete(channel);
+    this.persist();
+  }
+
+  /** The SUB payload for these channels (all by default), from their cursors. */
+  subPayload(channels: string[] = this.names): { channels: Record<string, ChannelCursor> } {
+    const out: Record<string, ChannelCursor> = {};
+    for (const name of channels) {
+      const c = this.cursors.get(name);
+      if (!c) continue;
+      if (c.seq !== undefined) out[name] = c.epoch ? { since: c.seq, epoch: c.epoch } : { since: c.seq };
+      else if (c.rewind !== undefined) out[name] = { rewind: c.rewind };
+      else out[name] = {};
+      c.subsInFlight++;
+      c.jumped = false;
+    }
+    return { channels: out };
+  }
+
+  /** A MSG arrived: what to do with it. Moves the cursor when the answer is deliver/echo. */
+  onMessage(m: MsgEnvelope): MsgVerdict {
+    const c = this.cursors.get(m.channel);
+    if (!c) return 'unknown';
+    const kind = m.echo ? 'echo' : 'deliver';
+    if (c.seq === undefined) {
+      c.epoch = m.epoch;
+      return this.advance(c, m.seq, kind);
+    }
+    if (m.replay && c.subsInFlight > 0) {
+      // During a replay the server is the authority: an epoch change or a jump forward means
+      // history we had was lost; the SUB response will say recovered: false.
+      if (c.epoch !== m.epoch) {
+        c.epoch = m.epoch;
+        c.jumped = true;
+        return this.advance(c, m.seq, kind);
+      }
+      if (m.seq <= c.seq) return 'duplicate';
+      if (m.seq > c.seq + 1) c.jumped = true;
+      return this.advance(c, m.seq, kind);
+    }
+    if (c.epoch !== undefined && c.epoch !== m.epoch) return 'gap';
+    if (m.seq <= c.seq) return 'duplicate';
+    if (m.seq > c.seq + 1) return 'gap';
+    c.epoch = m.epoch;
+    return this.advance(c, m.seq, kind);
+  }
+
+  /**
+   * A SUB was answered (or refused). Returns, per channel, whether the app must treat its
+   * copy as stale (reset) and whether another SUB is needed (more to replay, or a gap).
+   */
+  onSubResponse(
+    requested: string[],
+    entries: Record<string, ChannelState> | undefined,
+  ): { resets: Array<{ channel: string; epoch: string }>; resub: string[] } {
+    const resets: Array<{ channel: string; epoch: string }> = [];
+    const resub: string[] = [];
+    for (const name of requested) {
+      const c = this.cursors.get(name);
+      if (!c) continue;
+      c.subsInFlight = Math.max(0, c.subsInFlight - 1);
+      const e = entries?.[name];
+      if (!e) continue;
+      c.rewind = undefined;
+      if (!e.recovered || c.jumped) resets.push({ channel: name, epoch: e.epoch });
+      c.jumped = false;
+      if (c.epoch !== e.epoch) {
+        // Nothing was replayed in the new epoch: start there from the head.
+        c.epoch = e.epoch;
+        c.seq = e.seq;
+      } else if (c.seq === undefined) c.seq = e.seq;
+      if (e.more || (c.seq !== undefined && c.seq < e.seq)) resub.push(name);
+    }
+    this.persist();
+    return { resets, resub };
+  }
+
+  /** A SUB failed or was abandoned: it is no longer in flight. */
+  subFailed(requested: string[]): void {
+    for (const name of requested) {
+      const c = this.cursors.get(name);
+      if (c) c.subsInFlight = Math.max(0, c.subsInFlight - 1);
+    }
+  }
+
+  private advance(c: Cursor, seq: number, verdict: 'deliver' | 'echo'): MsgVerdict {
+    c.seq = seq;
+    this.persist();
+    return verdict;
+  }
+
+  private loadStored(): Record<string, { epoch?: string; seq?: number }> {
+    try {
+      return JSON.parse(this.storage.get(this.storageKey) ?? '{}') ?? {};
+    } catch {
+      return {};
+    }
+  }
+
+  /** Coalesced: one write per tick, however many MSGs arrived in it. */
+  private persist(): void {
+    if (this.dirty) return;
+    this.dirty = true;
+    queueMicrotask(() => {
+      this.dirty = false;
+      const out: Record<string, { epoch?: string; seq?: number }> = {};
+      for (const [k, c] of this.cursors) if (c.seq !== undefined) out[k] = { epoch: c.epoch, seq: c.seq };
+      this.storage.set(this.storageKey, JSON.stringify(out));
+    });
+  }
+}
