@@ -52,7 +52,10 @@ export interface InFlight {
   via: 'ws' | 'http';
 }
 
-/** What the `http` actor resolves with. It never rejects for HTTP-level outcomes. */
+/**
+ * What the `http` actor resolves with for every HTTP answer. It rejects only when no answer
+ * came (a network error), which the chart retries like a 5xx.
+ */
 export type HttpOutcome =
   | { kind: 'reply'; frames: ServerEnvelope[]; status: number }
   | { kind: 'retry'; reason: string; status?: number; retryAfterMs?: number };
@@ -415,6 +418,7 @@ export const connectionMachine = setup({
             },
             posting: {
               invoke: {
+                id: 'http',
                 src: 'http',
                 input: ({ context }) => ({
                   envelope: {

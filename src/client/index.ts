@@ -6,6 +6,12 @@
  */
 import { BehaviorSubject, type Observable, Subject, distinctUntilChanged, map } from 'rxjs';
 import { type InspectionEvent, type Observer, createActor } from 'xstate';
+
+/** XState's clock interface: what the statechart's delays are scheduled on. */
+export interface Clock {
+  setTimeout(fn: (...args: any[]) => void, timeout: number): any;
+  clearTimeout(id: any): void;
+}
 import {
   type ConnectionActor,
   type ConnectionEmitted,
@@ -75,6 +81,11 @@ export interface SyncClientOptions {
   onFailure?: (failure: Failure) => void;
   /** Jitter source for backoff. @default Math.random */
   random?: () => number;
+  /**
+   * The clock every named delay of the statechart runs on (XState's `Clock`). Tests pass
+   * XState's `SimulatedClock` or their own. @default the platform's setTimeout
+   */
+  clock?: Clock;
 }
 
 /** One socket or transport failure, for telemetry. */
@@ -238,6 +249,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       random: options.random,
     },
     inspect,
+    ...(options.clock ? { clock: options.clock } : {}),
   });
   const stateSubject = new BehaviorSubject<ConnectionState>('connecting');
   const state$ = stateSubject.pipe(distinctUntilChanged());

@@ -185,19 +185,15 @@ const statusCode = (status: number): NakCode => {
 export function httpActor(config: TransportConfig, cursor: TransportCursor, getClientId: () => string) {
   return fromPromise<HttpOutcome, HttpInput>(
     async ({ input, signal }) => {
-      if (config.faults.blockHttp) return { kind: 'retry', reason: 'http blocked (fault switch)' };
+      if (config.faults.blockHttp) throw new Error('network: http blocked (fault switch)');
       const { envelope } = input;
-      let res: Response;
-      try {
-        res = await config.fetch(config.httpUrls[cursor.index]!, {
-          method: 'POST',
-          headers: { 'content-type': 'application/json', 'x-client-id': getClientId(), ...config.headers },
-          body: JSON.stringify(envelope),
-          signal,
-        });
-      } catch (err) {
-        return { kind: 'retry', reason: `network: ${(err as Error)?.message ?? String(err)}` };
-      }
+      // A network error rejects: the chart's onError edge retries it with backoff.
+      const res = await config.fetch(config.httpUrls[cursor.index]!, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json', 'x-client-id': getClientId(), ...config.headers },
+        body: JSON.stringify(envelope),
+        signal,
+      });
       const { status } = res;
       if (status === 429 || status === 408 || status >= 500) {
         await res.body?.cancel().catch(() => {});
