@@ -86,8 +86,11 @@ export function socketActor(config: TransportConfig, cursor: TransportCursor) {
 
     const detach = (sock: WebSocketLike | null) => {
       if (!sock) return;
-      sock.onopen = sock.onmessage = sock.onerror = null;
+      sock.onopen = sock.onmessage = null;
       sock.onclose = null;
+      // Keep a no-op error handler: `ws` emits 'error' when a connecting socket is closed,
+      // and an EventEmitter error without a listener would crash the process.
+      sock.onerror = () => {};
       try {
         sock.close(1000, 'client closing');
       } catch {
