@@ -293,7 +293,7 @@ describe('model-based: the connection chart against the real client', () => {
     serializeEvent: serializeEvent as never,
     input,
   } as never);
-  const shortest = model.getShortestPaths({ allowDuplicatePaths: true }) as Array<{ state: ConnectionSnapshot; steps: Array<{ event: Ev; state: ConnectionSnapshot }> }>;
+  const shortest = model.getShortestPaths({ allowDuplicatePaths: true }) as unknown as Array<{ state: ConnectionSnapshot; steps: Array<{ event: Ev; state: ConnectionSnapshot }> }>;
   const adjacency = model.getAdjacencyMap() as Record<
     string,
     { state: ConnectionSnapshot; transitions: Record<string, { event: Ev; state: ConnectionSnapshot }> }

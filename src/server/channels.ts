@@ -1,0 +1,338 @@
+/**
+ * Channel subscriptions for the reference server (PROTOCOL §3 rules 5–8): replay from the
+ * history store, the hand-over from replay to live with no gap and no duplicate, fan-out of
+ * the store's live feed to sockets, and the one-shot replay that answers an HTTP `SUB`.
+ *
+ * Fan-out is driven only by `store.watch`, never by `publish` directly, so a store shared by
+ * several server processes delivers everybody's messages to everybody's sockets.
+ *
+ * Echo suppression (our fix to the protocol as first written): a message published with
+ * `except: X` still reaches client X's sockets, as a `MSG` with `echo: true` and no payload.
+ * Skipping it instead would leave a hole in X's `seq`, which X must read as lost messages
+ * and answer with a new `SUB`, forever. Replays to X carry the same payload-less echo.
+ */
+
+import type { ChannelCursor, ChannelState, MsgEnvelope } from '../protocol/index.js';
+import type { ChannelHead, HistoryStore, StoredMessage } from '../stores/types.js';
+
+/** The socket side of a subscription, as the channel layer needs it. */
+export interface ChannelPeer {
+  readonly clientId: string;
+  /** The peer's subscriptions by channel; owned by `Channels`. */
+  readonly subs: Map<string, Subscription>;
+  /** False once the socket is closing: nothing more is sent. */
+  readonly open: boolean;
+  /** Send a frame already encoded. */
+  sendText(text: string): void;
+  /** A promise when history must wait for the socket's send buffer to drain. */
+  drained(): Promise<void> | undefined;
+  /** Give up on the socket after an internal failure; the client reconnects and replays. */
+  fail(reason: string): void;
+}
+
+export interface ChannelsOptions {
+  store: HistoryStore;
+  /** Page size for history reads, and the most `MSG`s one HTTP `SUB` returns per channel. */
+  replayLimit: number;
+  onError: (err: unknown, where: string) => void;
+}
+
+/** Build the wire form of a stored message for one recipient. */
+export function msgEnvelope(m: StoredMessage, replay: boolean, echo: boolean): MsgEnvelope {
+  const env: MsgEnvelope = { id: m.id, type: 'MSG', channel: m.channel, seq: m.seq, epoch: m.epoch };
+  if (echo) env.echo = true;
+  else env.payload = m.payload;
+  if (replay) env.replay = true;
+  return env;
+}
+
+/**
+ * Where a replay starts (`after`: the last seq the client is taken to have) and whether the
+ * client's copy is still good. PROTOCOL §3 rule 6, plus one case the text leaves implicit: a
+ * client ahead of the head means the server lost history (e.g. a store restored from an old
+ * backup), so its copy is stale too.
+ */
+export function resolveCursor(head: ChannelHead, c: ChannelCursor): { after: number; recovered: boolean } {
+  const sameEpoch = c.epoch === undefined || c.epoch === head.epoch;
+  if (c.since !== undefined) {
+    const recovered = sameEpoch && c.since + 1 >= head.first && c.since <= head.seq;
+    return { after: recovered ? c.since : head.first - 1, recovered };
+  }
+  if (c.rewind !== undefined) {
+    return { after: Math.max(head.seq - c.rewind, head.first - 1), recovered: sameEpoch };
+  }
+  return { after: head.seq, recovered: sameEpoch };
+}
+
+/**
+ * One socket's subscription to one channel. `last` is the last seq sent. While `busy`, the
+ * subscription is reading history and live messages wait in `pending`; otherwise live
+ * messages go out as they come, as long as they are exactly `last + 1`.
+ */
+export class Subscription {
+  last = 0;
+  epoch = '';
+  busy = true;
+  closed = false;
+  private pending: StoredMessage[] = [];
+  /** Set when `pending` overflowed and was dropped: the store has those messages. */
+  private overflow = false;
+
+  constructor(
+    readonly channel: string,
+    readonly peer: ChannelPeer,
+    private readonly owner: Channels,
+  ) {}
+
+  /** A message from the live feed. `text` is its shared encoding for this recipient, if made. */
+  offer(msg: StoredMessage, text?: () => string): void {
+    if (this.closed) return;
+    if (!this.busy && msg.epoch !== this.epoch) {
+      // The channel's history was reset under a live subscriber (a shared store can do that):
+      // seqs start over, so the socket is dropped and the client's re-SUB gets recovered:false.
+      this.owner.failed(this, new Error(`epoch of ${this.channel} changed`), 'channel history was reset');
+      return;
+    }
+    if (msg.seq <= this.last) return;
+    if (this.busy) {
+      this.pending.push(msg);
+      if (this.pending.length > this.owner.replayLimit) {
+        // Bounded memory for a socket that replays slowly while the channel is hot.
+        this.pending = [];
+        this.overflow = true;
+      }
+      return;
+    }
+    if (msg.seq === this.last + 1) {
+      this.deliver(msg, false, text);
+      return;
+    }
+    // A gap in the live feed (e.g. pending dropped earlier): fetch the missing ones first.
+    this.busy = true;
+    this.pending.push(msg);
+    this.pump().catch((err: unknown) => this.owner.failed(this, err));
+  }
+
+  /**
+   * Send history after `last` page by page, then the buffered live messages, until caught
+   * up; then go live. Resolves when live (or cancelled); rejects if the store fails.
+   */
+  async pump(): Promise<void> {
+    let emptyReads = 0;
+    while (!this.closed) {
+      this.overflow = false;
+      const page = await this.owner.store.read(this.channel, this.last, this.owner.replayLimit);
+      if (this.closed) return;
+      for (const m of page) {
+        if (m.seq <= this.last) continue;
+        this.deliver(m, true);
+        const wait = this.peer.drained();
+        if (wait) {
+          await wait;
+          if (this.closed) return;
+        }
+      }
+      if (page.length >= this.owner.replayLimit) continue;
+      emptyReads = page.length === 0 ? emptyReads + 1 : 0;
+      this.flushPending();
+      if (this.overflow) continue;
+      const next = this.pending[0];
+      if (!next) {
+        this.busy = false;
+        return;
+      }
+      // Messages before `next` were appended before it; a second empty read means the store
+      // no longer has them (trimmed), so accept the hole rather than wait forever.
+      if (emptyReads >= 2) {
+        this.last = next.seq - 1;
+        this.flushPending();
+      }
+    }
+  }
+
+  cancel(): void {
+    this.closed = true;
+    this.pending = [];
+  }
+
+  private flushPending(): void {
+    let i = 0;
+    while (i < this.pending.length) {
+      const m = this.pending[i]!;
+      if (m.seq <= this.last) i++;
+      else if (m.seq === this.last + 1) {
+        this.deliver(m, false);
+        i++;
+      } else break;
+    }
+    this.pending = i === 0 ? this.pending : this.pending.slice(i);
+  }
+
+  private deliver(m: StoredMessage, replay: boolean, text?: () => string): void {
+    this.last = m.seq;
+    this.epoch = m.epoch;
+    if (!this.peer.open) return;
+    this.peer.sendText(
+      text
+        ? text()
+        : JSON.stringify(msgEnvelope(m, replay, m.except !== undefined && m.except === this.peer.clientId)),
+    );
+  }
+}
+
+/** Every socket subscription of one server, indexed by channel for fan-out. */
+export class Channels {
+  readonly store: HistoryStore;
+  readonly replayLimit: number;
+  private readonly index = new Map<string, Set<Subscription>>();
+  private readonly onError: ChannelsOptions['onError'];
+  private readonly unwatch: () => void;
+
+  constructor(opts: ChannelsOptions) {
+    this.store = opts.store;
+    this.replayLimit = opts.replayLimit;
+    this.onError = opts.onError;
+    this.unwatch = this.store.watch((msg) => this.fanOut(msg));
+  }
+
+  /** Channels with at least one live socket subscription. */
+  get size(): number {
+    return this.index.size;
+  }
+
+  /**
+   * Subscribe a socket: for each channel, replay what its cursor missed, then go live. A
+   * channel the socket already has restarts from the new cursor (the client drops
+   * duplicates by seq). Resolves with the states for the response `SYN`.
+   */
+  async subscribe(
+    peer: ChannelPeer,
+    cursors: Record<string, ChannelCursor>,
+  ): Promise<Record<string, ChannelState>> {
+    const names = Object.keys(cursors);
+    // Registered before the head is read, so no live message can slip between the read and
+    // the registration; whatever arrives meanwhile waits in `pending`.
+    const subs = names.map((name) => {
+      peer.subs.get(name)?.cancel();
+      this.remove(peer.subs.get(name));
+      const sub = new Subscription(name, peer, this);
+      peer.subs.set(name, sub);
+      let set = this.index.get(name);
+      if (!set) {
+        set = new Set();
+        this.index.set(name, set);
+      }
+      set.add(sub);
+      return sub;
+    });
+    const recovered: boolean[] = [];
+    try {
+      for (const [i, sub] of subs.entries()) {
+        const head = await this.store.head(sub.channel);
+        const start = resolveCursor(head, cursors[sub.channel]!);
+        sub.last = start.after;
+        sub.epoch = head.epoch;
+        recovered[i] = start.recovered;
+        if (sub.closed) continue;
+        await sub.pump();
+      }
+    } catch (err) {
+      for (const sub of subs) this.drop(peer, sub);
+      throw err;
+    }
+    const states: Record<string, ChannelState> = {};
+    for (const [i, sub] of subs.entries()) {
+      states[sub.channel] = { epoch: sub.epoch, seq: sub.last, recovered: recovered[i]! };
+    }
+    return states;
+  }
+
+  /** Stop the named subscriptions of a socket; unknown names are ignored. */
+  unsubscribe(peer: ChannelPeer, names: string[]): void {
+    for (const name of names) {
+      const sub = peer.subs.get(name);
+      if (sub) this.drop(peer, sub);
+    }
+  }
+
+  /** Forget a socket that closed. */
+  dropPeer(peer: ChannelPeer): void {
+    for (const sub of [...peer.subs.values()]) this.drop(peer, sub);
+  }
+
+  /**
+   * The HTTP `SUB`: what each cursor missed, at most `replayLimit` per channel, at once.
+   * No live subscription is made; polling is repeating the request with the new cursors.
+   */
+  async poll(
+    clientId: string,
+    cursors: Record<string, ChannelCursor>,
+  ): Promise<{ messages: MsgEnvelope[]; states: Record<string, ChannelState> }> {
+    const messages: MsgEnvelope[] = [];
+    const states: Record<string, ChannelState> = {};
+    for (const [name, cursor] of Object.entries(cursors)) {
+      const head = await this.store.head(name);
+      const { after, recovered } = resolveCursor(head, cursor);
+      // One extra tells whether the page was cut without a second query.
+      const page = await this.store.read(name, after, this.replayLimit + 1);
+      const more = page.length > this.replayLimit;
+      if (more) page.length = this.replayLimit;
+      for (const m of page)
+        messages.push(msgEnvelope(m, true, m.except !== undefined && m.except === clientId));
+      const state: ChannelState = { epoch: head.epoch, seq: page.at(-1)?.seq ?? after, recovered };
+      if (more) state.more = true;
+      states[name] = state;
+    }
+    return { messages, states };
+  }
+
+  /** A subscription cannot go on (store failure, history reset): give up on its socket. */
+  failed(sub: Subscription, err: unknown, reason = 'history store failed'): void {
+    this.onError(err, `subscription to ${sub.channel}`);
+    this.drop(sub.peer, sub);
+    sub.peer.fail(reason);
+  }
+
+  close(): void {
+    this.unwatch();
+    for (const set of this.index.values()) for (const sub of set) sub.cancel();
+    this.index.clear();
+  }
+
+  private drop(peer: ChannelPeer, sub: Subscription): void {
+    sub.cancel();
+    if (peer.subs.get(sub.channel) === sub) peer.subs.delete(sub.channel);
+    this.remove(sub);
+  }
+
+  private remove(sub: Subscription | undefined): void {
+    if (!sub) return;
+    const set = this.index.get(sub.channel);
+    if (!set) return;
+    set.delete(sub);
+    if (set.size === 0) this.index.delete(sub.channel);
+  }
+
+  private fanOut(msg: StoredMessage): void {
+    const set = this.index.get(msg.channel);
+    if (!set) return;
+    // Encode once per message and variant, however many subscribers there are.
+    let live: string | undefined;
+    let echo: string | undefined;
+    const liveText = () => {
+      live ??= JSON.stringify(msgEnvelope(msg, false, false));
+      return live;
+    };
+    const echoText = () => {
+      echo ??= JSON.stringify(msgEnvelope(msg, false, true));
+      return echo;
+    };
+    for (const sub of set) {
+      try {
+        sub.offer(msg, msg.except !== undefined && msg.except === sub.peer.clientId ? echoText : liveText);
+      } catch (err) {
+        this.onError(err, `fan-out to ${msg.channel}`);
+      }
+    }
+  }
+}

@@ -1,0 +1,122 @@
+/**
+ * The default history store: channel history in this process's memory. Fast and free of
+ * dependencies, but history dies with the process, which is why every channel gets a fresh
+ * epoch when first seen: a restarted server tells its clients `recovered: false` instead of
+ * pretending that seq 1 now is seq 1 then. Dedupe stays in the server (no claim/complete).
+ */
+
+import { randomId, SyncError } from '../protocol/index.js';
+import {
+  type ChannelHead,
+  DEFAULT_RETENTION,
+  type HistoryStore,
+  type RetentionOptions,
+  type StoredMessage,
+} from './types.js';
+
+export interface MemoryStoreOptions extends RetentionOptions {
+  /** Clock used to stamp and age messages; tests inject one instead of sleeping. @default Date.now */
+  now?: () => number;
+}
+
+interface ChannelLog {
+  epoch: string;
+  /** Last seq appended. */
+  seq: number;
+  /** Retained messages live in `msgs[start..]`, seqs dense and ascending. */
+  msgs: StoredMessage[];
+  start: number;
+}
+
+/** A `HistoryStore` in this process's memory. */
+export function memoryStore(options: MemoryStoreOptions = {}): HistoryStore {
+  const maxMessages = options.maxMessages ?? DEFAULT_RETENTION.maxMessages;
+  const maxAgeMs = options.maxAgeMs ?? DEFAULT_RETENTION.maxAgeMs;
+  const now = options.now ?? Date.now;
+  const channels = new Map<string, ChannelLog>();
+  const listeners = new Set<(msg: StoredMessage) => void>();
+  let closed = false;
+
+  const log = (channel: string): ChannelLog => {
+    let c = channels.get(channel);
+    if (!c) {
+      c = { epoch: randomId('e'), seq: 0, msgs: [], start: 0 };
+      channels.set(channel, c);
+    }
+    return c;
+  };
+
+  const trimLog = (c: ChannelLog, at: number) => {
+    const cutoff = at - maxAgeMs;
+    const minStart = c.msgs.length - maxMessages;
+    if (c.start < minStart) c.start = minStart;
+    // Appends are in time order, so aged messages are all at the front.
+    while (c.start < c.msgs.length && c.msgs[c.start]!.at < cutoff) c.start++;
+    // Compact lazily so trimming one message is O(1) amortised rather than a shift.
+    if (c.start > 64 && c.start * 2 >= c.msgs.length) {
+      c.msgs = c.msgs.slice(c.start);
+      c.start = 0;
+    }
+  };
+
+  const ensureOpen = () => {
+    if (closed) throw new SyncError('closed', 'memory store is closed');
+  };
+
+  return {
+    kind: 'memory',
+
+    async append(channel, payload, opts = {}) {
+      ensureOpen();
+      const c = log(channel);
+      const at = now();
+      const seq = ++c.seq;
+      const msg: StoredMessage = { channel, seq, epoch: c.epoch, id: `${c.epoch}.${seq}`, payload, at };
+      if (opts.except !== undefined) msg.except = opts.except;
+      c.msgs.push(msg);
+      trimLog(c, at);
+      for (const l of listeners) {
+        try {
+          l(msg);
+        } catch {
+          // A listener's failure must not undo an append that already happened.
+        }
+      }
+      return msg;
+    },
+
+    async read(channel, after, limit) {
+      ensureOpen();
+      const c = channels.get(channel);
+      if (!c || limit <= 0) return [];
+      const firstSeq = c.seq - (c.msgs.length - c.start) + 1;
+      const from = c.start + Math.max(0, after + 1 - firstSeq);
+      return c.msgs.slice(from, from + limit);
+    },
+
+    async head(channel): Promise<ChannelHead> {
+      ensureOpen();
+      const c = log(channel);
+      return { epoch: c.epoch, seq: c.seq, first: c.seq - (c.msgs.length - c.start) + 1 };
+    },
+
+    async trim() {
+      ensureOpen();
+      const at = now();
+      for (const c of channels.values()) trimLog(c, at);
+    },
+
+    watch(listener) {
+      listeners.add(listener);
+      return () => {
+        listeners.delete(listener);
+      };
+    },
+
+    async close() {
+      closed = true;
+      listeners.clear();
+      channels.clear();
+    },
+  };
+}

@@ -1,0 +1,229 @@
+/**
+ * A durable history store in one SQLite file (better-sqlite3, WAL). A server restarted on
+ * the same file keeps every channel's epoch, seq and retained history, so its clients resume
+ * with `recovered: true`. For one server process: `watch` only sees this process's appends
+ * (use the Redis store to fan out across processes). Dedupe stays in the server.
+ *
+ * better-sqlite3 is an optional peer dependency, loaded with `require` only when a store is
+ * made, so `syncwire/server` users without it never need it installed.
+ */
+
+import { createRequire } from 'node:module';
+import type BetterSqlite3 from 'better-sqlite3';
+import { randomId, SyncError } from '../protocol/index.js';
+import {
+  type ChannelHead,
+  DEFAULT_RETENTION,
+  type HistoryStore,
+  type RetentionOptions,
+  type StoredMessage,
+} from './types.js';
+
+export interface SqliteStoreOptions extends RetentionOptions {
+  /** Path of the database file; created when missing. `':memory:'` works but is not durable. */
+  file: string;
+  /** Clock used to stamp and age messages; tests inject one instead of sleeping. @default Date.now */
+  now?: () => number;
+}
+
+interface MessageRow {
+  seq: number;
+  id: string;
+  payload: string;
+  at: number;
+  except_id: string | null;
+}
+
+function loadDriver(): typeof BetterSqlite3 {
+  try {
+    return createRequire(import.meta.url)('better-sqlite3') as typeof BetterSqlite3;
+  } catch (err) {
+    throw new Error(
+      'sqliteStore needs the optional peer dependency better-sqlite3: npm install better-sqlite3',
+      {
+        cause: err,
+      },
+    );
+  }
+}
+
+/** A `HistoryStore` in a SQLite file. Opens (and creates) the file synchronously. */
+export function sqliteStore(options: SqliteStoreOptions): HistoryStore {
+  const maxMessages = options.maxMessages ?? DEFAULT_RETENTION.maxMessages;
+  const maxAgeMs = options.maxAgeMs ?? DEFAULT_RETENTION.maxAgeMs;
+  const now = options.now ?? Date.now;
+  const Database = loadDriver();
+  const db = new Database(options.file);
+  db.pragma('journal_mode = WAL');
+  // NORMAL in WAL survives a crashed process; a power cut may lose the last commits, and the
+  // server then sees clients ahead of its head and answers them `recovered: false`.
+  db.pragma('synchronous = NORMAL');
+  db.exec(`
+    CREATE TABLE IF NOT EXISTS channels (
+      name TEXT PRIMARY KEY,
+      epoch TEXT NOT NULL,
+      last_seq INTEGER NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS messages (
+      channel TEXT NOT NULL,
+      seq INTEGER NOT NULL,
+      id TEXT NOT NULL,
+      payload TEXT NOT NULL,
+      at INTEGER NOT NULL,
+      except_id TEXT,
+      PRIMARY KEY (channel, seq)
+    );
+  `);
+
+  const q = {
+    channel: db.prepare<[string], { epoch: string; last_seq: number }>(
+      'SELECT epoch, last_seq FROM channels WHERE name = ?',
+    ),
+    createChannel: db.prepare<[string, string]>(
+      'INSERT OR IGNORE INTO channels (name, epoch, last_seq) VALUES (?, ?, 0)',
+    ),
+    bump: db.prepare<[string], { epoch: string; last_seq: number }>(
+      'UPDATE channels SET last_seq = last_seq + 1 WHERE name = ? RETURNING epoch, last_seq',
+    ),
+    insert: db.prepare<[string, number, string, string, number, string | null]>(
+      'INSERT INTO messages (channel, seq, id, payload, at, except_id) VALUES (?, ?, ?, ?, ?, ?)',
+    ),
+    first: db.prepare<[string], { first: number | null }>(
+      'SELECT MIN(seq) AS first FROM messages WHERE channel = ?',
+    ),
+    oldestAt: db.prepare<[string], { at: number }>(
+      'SELECT at FROM messages WHERE channel = ? ORDER BY seq LIMIT 1',
+    ),
+    // Walks the primary key from the oldest and stops at the first young message: cost is
+    // the number of aged messages, not the channel's length.
+    firstYoung: db.prepare<[string, number], { seq: number }>(
+      'SELECT seq FROM messages WHERE channel = ? AND at >= ? ORDER BY seq LIMIT 1',
+    ),
+    dropBelow: db.prepare<[string, number]>('DELETE FROM messages WHERE channel = ? AND seq < ?'),
+    dropAll: db.prepare<[string]>('DELETE FROM messages WHERE channel = ?'),
+    read: db.prepare<[string, number, number], MessageRow>(
+      'SELECT seq, id, payload, at, except_id FROM messages WHERE channel = ? AND seq > ? ORDER BY seq LIMIT ?',
+    ),
+    trimCount: db.prepare<[number]>(
+      `DELETE FROM messages WHERE rowid IN (
+         SELECT m.rowid FROM messages m JOIN channels c ON c.name = m.channel
+         WHERE m.seq <= c.last_seq - ?)`,
+    ),
+    trimAge: db.prepare<[number]>('DELETE FROM messages WHERE at < ?'),
+  };
+
+  const listeners = new Set<(msg: StoredMessage) => void>();
+  let closed = false;
+
+  const ensureOpen = () => {
+    if (closed) throw new SyncError('closed', 'sqlite store is closed');
+  };
+
+  const ensureChannel = (channel: string) => {
+    let row = q.channel.get(channel);
+    if (!row) {
+      q.createChannel.run(channel, randomId('e'));
+      row = q.channel.get(channel)!;
+    }
+    return row;
+  };
+
+  const trimAged = (channel: string, at: number) => {
+    const cutoff = at - maxAgeMs;
+    const oldest = q.oldestAt.get(channel);
+    if (!oldest || oldest.at >= cutoff) return;
+    const young = q.firstYoung.get(channel, cutoff);
+    if (young) q.dropBelow.run(channel, young.seq);
+    else q.dropAll.run(channel);
+  };
+
+  // One transaction per append keeps seq dense: the bump and the insert commit together.
+  const appendTx = db.transaction((channel: string, json: string, at: number, except: string | null) => {
+    let row = q.bump.get(channel);
+    if (!row) {
+      q.createChannel.run(channel, randomId('e'));
+      row = q.bump.get(channel)!;
+    }
+    const seq = row.last_seq;
+    const id = `${row.epoch}.${seq}`;
+    q.insert.run(channel, seq, id, json, at, except);
+    if (seq > maxMessages) q.dropBelow.run(channel, seq - maxMessages + 1);
+    trimAged(channel, at);
+    return { epoch: row.epoch, seq, id };
+  });
+
+  const headTx = db.transaction((channel: string): ChannelHead => {
+    const row = ensureChannel(channel);
+    const first = q.first.get(channel)?.first;
+    return { epoch: row.epoch, seq: row.last_seq, first: first ?? row.last_seq + 1 };
+  });
+
+  return {
+    kind: 'sqlite',
+
+    async append(channel, payload, opts = {}) {
+      ensureOpen();
+      const json = JSON.stringify(payload);
+      if (json === undefined) throw new SyncError('bad_request', 'payload is not JSON-serializable');
+      const at = now();
+      const except = opts.except ?? null;
+      const { epoch, seq, id } = appendTx(channel, json, at, except);
+      const msg: StoredMessage = { channel, seq, epoch, id, payload, at };
+      if (except !== null) msg.except = except;
+      for (const l of listeners) {
+        try {
+          l(msg);
+        } catch {
+          // A listener's failure must not undo an append that already committed.
+        }
+      }
+      return msg;
+    },
+
+    async read(channel, after, limit) {
+      ensureOpen();
+      if (limit <= 0) return [];
+      const row = q.channel.get(channel);
+      if (!row) return [];
+      return q.read.all(channel, after, limit).map((r) => {
+        const msg: StoredMessage = {
+          channel,
+          seq: r.seq,
+          epoch: row.epoch,
+          id: r.id,
+          payload: JSON.parse(r.payload),
+          at: r.at,
+        };
+        if (r.except_id !== null) msg.except = r.except_id;
+        return msg;
+      });
+    },
+
+    async head(channel) {
+      ensureOpen();
+      return headTx(channel);
+    },
+
+    async trim() {
+      ensureOpen();
+      db.transaction(() => {
+        q.trimCount.run(maxMessages);
+        q.trimAge.run(now() - maxAgeMs);
+      })();
+    },
+
+    watch(listener) {
+      listeners.add(listener);
+      return () => {
+        listeners.delete(listener);
+      };
+    },
+
+    async close() {
+      if (closed) return;
+      closed = true;
+      listeners.clear();
+      db.close();
+    },
+  };
+}

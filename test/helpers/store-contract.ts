@@ -1,0 +1,226 @@
+/**
+ * The contract every HistoryStore must meet, as one reusable suite. A new store joins by
+ * adding one `StoreFactory` to the list in test/stores.contract.test.ts.
+ */
+
+import { afterEach, describe, expect, it } from 'vitest';
+import type { HistoryStore, StoredMessage } from '../../src/stores/types.js';
+
+export interface ContractStoreOptions {
+  maxMessages?: number;
+  maxAgeMs?: number;
+  now?: () => number;
+}
+
+export interface StoreFactory {
+  name: string;
+  /** Whether reopening the same place after `close()` finds the same epochs and history. */
+  durable: boolean;
+  /** A fresh, empty place (file path, key prefix…) for one test. */
+  place(): string | Promise<string>;
+  /** Open a store on `place`. */
+  open(place: string, opts: ContractStoreOptions): HistoryStore | Promise<HistoryStore>;
+}
+
+/** A clock tests move by hand. */
+function manualClock(start = 1_700_000_000_000) {
+  let t = start;
+  return {
+    now: () => t,
+    advance: (ms: number) => {
+      t += ms;
+    },
+  };
+}
+
+/** Wait (bounded) for watch deliveries. */
+async function delivered(check: () => boolean, timeoutMs = 2000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!check()) {
+    if (Date.now() > deadline) throw new Error(`watch did not deliver within ${timeoutMs} ms`);
+    await new Promise((r) => setTimeout(r, 2));
+  }
+}
+
+const seqs = (msgs: StoredMessage[]) => msgs.map((m) => m.seq);
+const range = (from: number, to: number) => Array.from({ length: to - from + 1 }, (_, i) => from + i);
+
+export function storeContract(factory: StoreFactory): void {
+  const opened: HistoryStore[] = [];
+  const open = async (opts: ContractStoreOptions = {}, place?: string) => {
+    const where = place ?? (await factory.place());
+    const store = await factory.open(where, opts);
+    opened.push(store);
+    return { store, place: where };
+  };
+
+  afterEach(async () => {
+    for (const s of opened.splice(0)) await s.close().catch(() => undefined);
+  });
+
+  describe('seq and head', () => {
+    it('numbers appends densely from 1 in one epoch', async () => {
+      const { store } = await open();
+      const out: StoredMessage[] = [];
+      for (let i = 0; i < 5; i++) out.push(await store.append('a', { i }));
+      expect(seqs(out)).toEqual([1, 2, 3, 4, 5]);
+      expect(new Set(out.map((m) => m.epoch)).size).toBe(1);
+      expect(new Set(out.map((m) => m.id)).size).toBe(5);
+      expect(out.every((m) => m.channel === 'a' && typeof m.at === 'number')).toBe(true);
+      expect(await store.head('a')).toEqual({ epoch: out[0]!.epoch, seq: 5, first: 1 });
+    });
+
+    it('creates an epoch for an unknown channel and keeps it', async () => {
+      const { store } = await open();
+      const h = await store.head('fresh');
+      expect(h).toEqual({ epoch: expect.any(String), seq: 0, first: 1 });
+      expect(h.epoch.length).toBeGreaterThan(0);
+      expect((await store.head('fresh')).epoch).toBe(h.epoch);
+      expect((await store.append('fresh', 1)).epoch).toBe(h.epoch);
+    });
+  });
+
+  describe('read', () => {
+    it('returns retained messages after a seq, ascending, at most limit', async () => {
+      const { store } = await open();
+      for (let i = 1; i <= 10; i++) await store.append('a', { n: i });
+      expect(seqs(await store.read('a', 0, 3))).toEqual([1, 2, 3]);
+      expect(seqs(await store.read('a', 3, 100))).toEqual(range(4, 10));
+      expect(seqs(await store.read('a', 9, 5))).toEqual([10]);
+      expect(await store.read('a', 10, 5)).toEqual([]);
+      expect(await store.read('a', 0, 0)).toEqual([]);
+      expect(await store.read('nope', 0, 10)).toEqual([]);
+    });
+
+    it('round-trips payloads and except exactly', async () => {
+      const { store } = await open();
+      const payloads = [{ deep: { list: [1, 'two', null, true] } }, 'text', 42, null, [1, [2]]];
+      const appended = [];
+      for (const p of payloads) appended.push(await store.append('p', p));
+      appended.push(await store.append('p', { mine: true }, { except: 'client-1' }));
+      const read = await store.read('p', 0, 100);
+      expect(read.map((m) => m.payload)).toEqual([...payloads, { mine: true }]);
+      expect(read[5]!.except).toBe('client-1');
+      expect(read[0]!.except).toBeUndefined();
+      expect(read).toEqual(appended);
+    });
+  });
+
+  describe('retention', () => {
+    it('trims by count on append, keeping seq and epoch', async () => {
+      const { store } = await open({ maxMessages: 5 });
+      let epoch = '';
+      for (let i = 1; i <= 12; i++) epoch = (await store.append('a', i)).epoch;
+      expect(await store.head('a')).toEqual({ epoch, seq: 12, first: 8 });
+      expect(seqs(await store.read('a', 0, 100))).toEqual(range(8, 12));
+      expect(seqs(await store.read('a', 9, 100))).toEqual([10, 11, 12]);
+    });
+
+    it('trims by age with trim() and on append', async () => {
+      const clock = manualClock();
+      const { store } = await open({ maxAgeMs: 1000, now: clock.now });
+      for (let i = 0; i < 3; i++) await store.append('a', i); // at t
+      clock.advance(500);
+      for (let i = 0; i < 2; i++) await store.append('a', i); // at t+500
+      clock.advance(700); // t+1200: the first three are older than 1000 ms
+      await store.trim();
+      expect(seqs(await store.read('a', 0, 100))).toEqual([4, 5]);
+      expect((await store.head('a')).first).toBe(4);
+      clock.advance(400); // t+1600: the two at t+500 are now too old as well
+      await store.append('a', 'new');
+      expect(seqs(await store.read('a', 0, 100))).toEqual([6]);
+      expect(await store.head('a')).toMatchObject({ seq: 6, first: 6 });
+    });
+
+    it('reports first = seq + 1 when everything aged out', async () => {
+      const clock = manualClock();
+      const { store } = await open({ maxAgeMs: 100, now: clock.now });
+      await store.append('a', 1);
+      await store.append('a', 2);
+      clock.advance(1000);
+      await store.trim();
+      expect(await store.head('a')).toMatchObject({ seq: 2, first: 3 });
+      expect(await store.read('a', 0, 10)).toEqual([]);
+    });
+  });
+
+  describe('reopen', () => {
+    it(
+      factory.durable
+        ? 'keeps epoch, seq and history across close and reopen'
+        : 'starts a new epoch after close and reopen (history is gone)',
+      async () => {
+        const first = await open();
+        for (let i = 1; i <= 3; i++) await first.store.append('a', { i });
+        const before = await first.store.head('a');
+        await first.store.close();
+        const { store } = await open({}, first.place);
+        const after = await store.head('a');
+        if (factory.durable) {
+          expect(after).toEqual(before);
+          expect((await store.read('a', 0, 10)).map((m) => m.payload)).toEqual([
+            { i: 1 },
+            { i: 2 },
+            { i: 3 },
+          ]);
+          expect((await store.append('a', { i: 4 })).seq).toBe(4);
+        } else {
+          expect(after.epoch).not.toBe(before.epoch);
+          expect(after.seq).toBe(0);
+        }
+      },
+    );
+  });
+
+  describe('watch', () => {
+    it('delivers 200 concurrent appends per channel in seq order, each once', async () => {
+      const { store } = await open();
+      const seen: StoredMessage[] = [];
+      const stop = store.watch((m) => seen.push(m));
+      const results = await Promise.all(
+        Array.from({ length: 200 }, (_, i) => store.append(i % 4 === 0 ? 'b' : 'a', { i })),
+      );
+      // A shared store may deliver on its own schedule; a local one has delivered already.
+      await delivered(() => seen.length >= 200);
+      const a = results.filter((m) => m.channel === 'a');
+      const b = results.filter((m) => m.channel === 'b');
+      expect(seqs(a).sort((x, y) => x - y)).toEqual(range(1, 150));
+      expect(seqs(b).sort((x, y) => x - y)).toEqual(range(1, 50));
+      expect(seqs(seen.filter((m) => m.channel === 'a'))).toEqual(range(1, 150));
+      expect(seqs(seen.filter((m) => m.channel === 'b'))).toEqual(range(1, 50));
+      // What watch saw is what append returned and what read returns.
+      const byKey = (m: StoredMessage) => `${m.channel}/${m.seq}`;
+      const returned = new Map(results.map((m) => [byKey(m), m]));
+      for (const m of seen) expect(m).toEqual(returned.get(byKey(m)));
+      expect(await store.read('b', 0, 100)).toEqual(seen.filter((m) => m.channel === 'b'));
+      stop();
+      await store.append('a', 'after stop');
+      expect(seen).toHaveLength(200);
+    });
+
+    it('has a message appended when its listener runs', async () => {
+      const { store } = await open();
+      const reads: Promise<StoredMessage[]>[] = [];
+      store.watch((m) => reads.push(store.read(m.channel, m.seq - 1, 1)));
+      await store.append('a', 'x');
+      await delivered(() => reads.length === 1);
+      const [read] = await Promise.all(reads);
+      expect(read?.map((m) => m.payload)).toEqual(['x']);
+    });
+  });
+
+  describe('channels', () => {
+    it('keeps seq, epoch and retention per channel', async () => {
+      const { store } = await open({ maxMessages: 3 });
+      for (let i = 0; i < 6; i++) await store.append('a', i);
+      await store.append('b', 'only');
+      const [ha, hb] = [await store.head('a'), await store.head('b')];
+      expect(ha).toMatchObject({ seq: 6, first: 4 });
+      expect(hb).toMatchObject({ seq: 1, first: 1 });
+      expect(ha.epoch).not.toBe(hb.epoch);
+      expect((await store.read('b', 0, 10)).map((m) => m.payload)).toEqual(['only']);
+      const ids = [...(await store.read('a', 0, 10)), ...(await store.read('b', 0, 10))].map((m) => m.id);
+      expect(new Set(ids).size).toBe(ids.length);
+    });
+  });
+}
