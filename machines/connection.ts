@@ -18,11 +18,11 @@ import {
   enqueueActions,
   fromCallback,
   fromPromise,
+  type SnapshotFrom,
   sendTo,
   setup,
-  type SnapshotFrom,
 } from 'xstate';
-import type { ServerEnvelope, NakCode } from '../src/protocol/index.js';
+import type { NakCode, ServerEnvelope } from '../src/protocol/index.js';
 
 /** The names `state$` emits. */
 export const STATE_NAMES = [
@@ -266,7 +266,11 @@ export const connectionMachine = setup({
       enqueue.assign({ socketOpen: false, pingId: null });
     }),
     socketOpened: assign({ socketOpen: true, missedPings: 0, pingId: null }),
-    socketDown: assign({ socketOpen: false, pingId: null, dialAttempt: ({ context }) => context.dialAttempt + 1 }),
+    socketDown: assign({
+      socketOpen: false,
+      pingId: null,
+      dialAttempt: ({ context }) => context.dialAttempt + 1,
+    }),
     socketReady: emit({ type: 'socketReady' as const }),
     poll: emit({ type: 'poll' as const }),
     /** MSG frames go to the client whatever the state; NAKs without id are a lying or confused server. */
@@ -377,7 +381,9 @@ export const connectionMachine = setup({
         },
         pinging: {
           on: { FRAME: { guard: 'isAckForPing', target: 'idle', actions: 'pingAcked' } },
-          after: { pingTimeout: { target: '#connection.degraded', actions: ['pingMissed', 'failPingTimeout'] } },
+          after: {
+            pingTimeout: { target: '#connection.degraded', actions: ['pingMissed', 'failPingTimeout'] },
+          },
         },
       },
     },
@@ -394,7 +400,10 @@ export const connectionMachine = setup({
     },
     awaitingSyn: {
       on: {
-        FRAME: [{ guard: 'isReplyForInflight', target: 'open', actions: 'settleInflight' }, { actions: 'onFrame' }],
+        FRAME: [
+          { guard: 'isReplyForInflight', target: 'open', actions: 'settleInflight' },
+          { actions: 'onFrame' },
+        ],
         'WS.DOWN': { target: 'degraded', actions: ['socketDown', 'failClose'] },
       },
       after: { synTimeout: { target: 'degraded', actions: ['failSynTimeout'] } },
@@ -471,7 +480,11 @@ export const connectionMachine = setup({
             },
             rePinging: {
               on: {
-                FRAME: { guard: 'isAckForPing', target: '#connection.open', actions: ['pingAcked', 'socketReady'] },
+                FRAME: {
+                  guard: 'isAckForPing',
+                  target: '#connection.open',
+                  actions: ['pingAcked', 'socketReady'],
+                },
                 'WS.DOWN': { target: 'down', actions: ['socketDown', 'failClose'] },
               },
               after: { pingTimeout: { target: 'sick', actions: ['pingMissed', 'failPingTimeout'] } },
@@ -486,7 +499,9 @@ export const connectionMachine = setup({
                 'WS.OPEN': { target: 'rePinging', actions: ['socketOpened', 'sendPing'] },
                 'WS.DOWN': { target: 'down', actions: ['socketDown', 'failClose'] },
               },
-              after: { connectTimeout: { target: 'down', actions: ['drop', 'socketDown', 'failDialTimeout'] } },
+              after: {
+                connectTimeout: { target: 'down', actions: ['drop', 'socketDown', 'failDialTimeout'] },
+              },
             },
           },
         },

@@ -6,7 +6,7 @@
  */
 import { afterEach, describe, expect, it } from 'vitest';
 import { type Failure, SyncError } from '../src/client/index.js';
-import { type Rig, T, appliedOnce, next, reach, rig, until } from './helpers/harness.js';
+import { appliedOnce, next, type Rig, reach, rig, T, until } from './helpers/harness.js';
 
 let r: Rig;
 afterEach(async () => {
@@ -36,7 +36,9 @@ describe('delivery (§3)', () => {
     r.ledger.gate = new Promise((res) => (open = res));
     const first = c.send({ id: 'q0' });
     await r.proxy.waitFor((t) => t.dir === 'up' && t.frame.type === 'SYN');
-    const rest = ops('q', 10).slice(1).map((o) => c.send(o));
+    const rest = ops('q', 10)
+      .slice(1)
+      .map((o) => c.send(o));
     // While the first is unanswered, nothing else goes on the wire.
     await r.proxy.waitFor((t) => t.dir === 'down' && t.frame.type === 'ACK');
     expect(r.proxy.traffic.filter((t) => t.dir === 'up' && t.frame.type === 'SYN')).toHaveLength(1);
@@ -44,9 +46,16 @@ describe('delivery (§3)', () => {
     open();
     const results = await Promise.all([first, ...rest]);
     expect(results.map((x) => (x as { id: string }).id)).toEqual(ops('q', 10).map((o) => o.id));
-    expect(r.ledger.batches).toEqual([['q0'], ops('q', 10).slice(1).map((o) => o.id)]);
+    expect(r.ledger.batches).toEqual([
+      ['q0'],
+      ops('q', 10)
+        .slice(1)
+        .map((o) => o.id),
+    ]);
     // Each SYN went up only after the previous one's response came down.
-    const wire = r.proxy.traffic.filter((t) => t.via === 'ws' && (t.frame.type === 'SYN' || t.frame.type === 'NAK'));
+    const wire = r.proxy.traffic.filter(
+      (t) => t.via === 'ws' && (t.frame.type === 'SYN' || t.frame.type === 'NAK'),
+    );
     for (let i = 0; i + 1 < wire.length; i += 2) {
       expect(wire[i]!.dir).toBe('up');
       expect(wire[i + 1]!.dir).toBe('down');
@@ -62,7 +71,10 @@ describe('delivery (§3)', () => {
     expect(results).toHaveLength(10);
     expect(r.ledger.batches.flat()).toEqual(all.map((o) => o.id));
     expect(Math.max(...r.ledger.batches.map((b) => b.length))).toBeLessThanOrEqual(4);
-    appliedOnce(r.ledger, all.map((o) => o.id));
+    appliedOnce(
+      r.ledger,
+      all.map((o) => o.id),
+    );
   });
 
   it('order: operations are applied in the order they were sent, across transports', async () => {
@@ -128,7 +140,8 @@ describe('keepalive (§4)', () => {
     r = await rig();
     const c = r.client();
     await reach(c, 'open');
-    r.proxy.filter = (dir, f) => (dir === 'down' && f.type === 'ACK' && !f.id?.includes('stale') ? 'drop' : 'pass');
+    r.proxy.filter = (dir, f) =>
+      dir === 'down' && f.type === 'ACK' && !f.id?.includes('stale') ? 'drop' : 'pass';
     const failure = await next(c.failures$, (f) => f.kind === 'ping_timeout', 5 * T);
     expect(failure.state).toBe('open');
     await reach(c, 'degraded');
@@ -150,7 +163,10 @@ describe('keepalive (§4)', () => {
       const pings = r.proxy.traffic.filter((t) => t.dir === 'up' && t.frame.type === 'PNG').length;
       const p = c.send({ id });
       await r.proxy.waitFor(
-        (t) => t.dir === 'up' && t.frame.type === 'PNG' && r.proxy.traffic.filter((x) => x.dir === 'up' && x.frame.type === 'PNG').length > pings,
+        (t) =>
+          t.dir === 'up' &&
+          t.frame.type === 'PNG' &&
+          r.proxy.traffic.filter((x) => x.dir === 'up' && x.frame.type === 'PNG').length > pings,
         5 * T,
         're-ping',
       );
@@ -190,7 +206,7 @@ describe('fallback (§4)', () => {
     r = await rig();
     const c = r.client();
     await reach(c, 'open');
-    r.proxy.filter = (dir, f) => (dir === 'down' ? 'drop' : 'pass');
+    r.proxy.filter = (dir) => (dir === 'down' ? 'drop' : 'pass');
     const res = await c.send({ id: 'n1' });
     expect(res).toEqual({ id: 'n1', successes: ['n1'] });
     const wsSyn = r.proxy.traffic.find((t) => t.via === 'ws' && t.frame.type === 'SYN')!;
@@ -215,7 +231,9 @@ describe('fallback (§4)', () => {
     const httpAt = r.proxy.traffic.findIndex((t) => t.via === 'http');
     expect(httpAt).toBeGreaterThan(0);
     expect(Date.now() - acked).toBeGreaterThanOrEqual(T * 0.8);
-    const ids = r.proxy.traffic.filter((t) => t.dir === 'up' && t.frame.type === 'SYN').map((t) => t.frame.id);
+    const ids = r.proxy.traffic
+      .filter((t) => t.dir === 'up' && t.frame.type === 'SYN')
+      .map((t) => t.frame.id);
     expect(new Set(ids).size).toBe(1);
     appliedOnce(r.ledger, ['s1']);
   });
@@ -306,10 +324,12 @@ describe('outbox', () => {
     r.proxy.refuse = true;
     const c = r.client({ maxQueue: 3, pollInterval: 60_000 });
     r.proxy.httpScript.push('network', 'network', 'network');
-    const ps = ops('f', 4).map((o) => c.send(o).then(
-      (v) => ({ ok: v }),
-      (e) => ({ err: e }),
-    ));
+    const ps = ops('f', 4).map((o) =>
+      c.send(o).then(
+        (v) => ({ ok: v }),
+        (e) => ({ err: e }),
+      ),
+    );
     const out = await Promise.all(ps);
     expect(out[3]).toMatchObject({ err: { code: 'queue_full' } });
     expect(out.slice(0, 3).every((x) => 'ok' in x)).toBe(true);

@@ -18,8 +18,8 @@ import {
   connectionMachine,
   flatState,
 } from '../machines/connection.js';
-import { type SyncClient, SyncError, createSyncClient } from '../src/client/index.js';
-import { FakeFetch, FakeWebSocket, ModelClock, flush } from './helpers/fakes.js';
+import { createSyncClient, type SyncClient, SyncError } from '../src/client/index.js';
+import { FakeFetch, FakeWebSocket, flush, ModelClock } from './helpers/fakes.js';
 
 const T = 1000;
 const input = {
@@ -91,8 +91,22 @@ function eventsFor(s: ConnectionSnapshot): Ev[] {
       case 'xstate.done.actor.http': {
         const f = ctx.inflight!;
         const ack = { type: 'ACK', id: f.id };
-        out.push({ type, output: { kind: 'reply', status: 200, frames: [ack, { type: 'SYN', id: f.id, payload: resultsFor(f.keys.length) }] } });
-        out.push({ type, output: { kind: 'reply', status: 200, frames: [ack, { type: 'NAK', id: f.id, error: { code: 'server_error', message: 'boom' } }] } });
+        out.push({
+          type,
+          output: {
+            kind: 'reply',
+            status: 200,
+            frames: [ack, { type: 'SYN', id: f.id, payload: resultsFor(f.keys.length) }],
+          },
+        });
+        out.push({
+          type,
+          output: {
+            kind: 'reply',
+            status: 200,
+            frames: [ack, { type: 'NAK', id: f.id, error: { code: 'server_error', message: 'boom' } }],
+          },
+        });
         out.push({ type, output: { kind: 'reply', status: 200, frames: [ack] } });
         out.push({ type, output: { kind: 'retry', status: 503, reason: 'HTTP 503', retryAfterMs: 2000 } });
         break;
@@ -138,7 +152,12 @@ const serializeState = (s: ConnectionSnapshot) =>
 const serializeEvent = (e: Ev) => {
   const { type, ...rest } = e;
   if (type === 'SEND') return 'SEND';
-  return JSON.stringify([type, rest.frame ? [(rest.frame as Ev).type, (rest.frame as { id: string }).id === 'stale:1'] : rest.output ?? rest.error ?? '']);
+  return JSON.stringify([
+    type,
+    rest.frame
+      ? [(rest.frame as Ev).type, (rest.frame as { id: string }).id === 'stale:1']
+      : (rest.output ?? rest.error ?? ''),
+  ]);
 };
 
 /** The delay each named timer must have been set with, from the context it started in. */
@@ -163,7 +182,7 @@ function expectedDelay(name: string, c: ConnectionContext): number {
 
 /** Key of a transition: its source, its event and its place among that event's transitions. */
 function transitionKey(t: { source: AnyStateNode; eventType: string }): string {
-  const list = t.eventType === '' ? t.source.always ?? [] : t.source.transitions.get(t.eventType) ?? [];
+  const list = t.eventType === '' ? (t.source.always ?? []) : (t.source.transitions.get(t.eventType) ?? []);
   return `${t.source.id} ${t.eventType || 'always'} #${list.indexOf(t as never)}`;
 }
 
@@ -200,7 +219,9 @@ function startClient(taken: Set<string>): Harness {
     clock,
     inspect: (ev) => {
       if (ev.type === '@xstate.microstep' && ev.actorRef === client?.actor) {
-        for (const t of (ev as unknown as { _transitions: Array<{ source: AnyStateNode; eventType: string }> })._transitions) {
+        for (const t of (
+          ev as unknown as { _transitions: Array<{ source: AnyStateNode; eventType: string }> }
+        )._transitions) {
           taken.add(transitionKey(t));
         }
       }
@@ -248,10 +269,10 @@ async function exec(h: Harness, e: Ev, model: ConnectionSnapshot, before: Connec
   else if (e.type === 'FRAME') {
     const tf = translate(e.frame, model.context, before.context);
     ws().receive(tf);
-  }
-  else if (e.type === 'xstate.done.actor.http') {
+  } else if (e.type === 'xstate.done.actor.http') {
     const out = e.output as { kind: string; frames?: unknown[]; retryAfterMs?: number };
-    if (out.kind === 'reply') h.fetch.reply(out.frames!.map((f) => translate(f, model.context, before.context)));
+    if (out.kind === 'reply')
+      h.fetch.reply(out.frames!.map((f) => translate(f, model.context, before.context)));
     else h.fetch.status(503, { 'retry-after': String((out.retryAfterMs ?? 0) / 1000) });
   } else if (e.type === 'xstate.error.actor.http') h.fetch.networkError();
   else throw new Error(`no executor for ${e.type}`);
@@ -287,13 +308,19 @@ function check(h: Harness, expected: ConnectionSnapshot, where: string): void {
 }
 
 describe('model-based: the connection chart against the real client', () => {
-  const model = new TestModel(modelMachine as never, {
-    events: eventsFor as never,
-    serializeState: serializeState as never,
-    serializeEvent: serializeEvent as never,
-    input,
-  } as never);
-  const shortest = model.getShortestPaths({ allowDuplicatePaths: true }) as unknown as Array<{ state: ConnectionSnapshot; steps: Array<{ event: Ev; state: ConnectionSnapshot }> }>;
+  const model = new TestModel(
+    modelMachine as never,
+    {
+      events: eventsFor as never,
+      serializeState: serializeState as never,
+      serializeEvent: serializeEvent as never,
+      input,
+    } as never,
+  );
+  const shortest = model.getShortestPaths({ allowDuplicatePaths: true }) as unknown as Array<{
+    state: ConnectionSnapshot;
+    steps: Array<{ event: Ev; state: ConnectionSnapshot }>;
+  }>;
   const adjacency = model.getAdjacencyMap() as Record<
     string,
     { state: ConnectionSnapshot; transitions: Record<string, { event: Ev; state: ConnectionSnapshot }> }
@@ -306,7 +333,10 @@ describe('model-based: the connection chart against the real client', () => {
     const prefix = toVertex.get(key);
     if (!prefix) continue;
     for (const [evKey, next] of Object.entries(vertex.transitions)) {
-      paths.push({ name: `${key} --${evKey}-->`, steps: [...prefix.steps, { event: next.event, state: next.state }] });
+      paths.push({
+        name: `${key} --${evKey}-->`,
+        steps: [...prefix.steps, { event: next.event, state: next.state }],
+      });
     }
   }
 

@@ -7,10 +7,10 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { type ChannelMessage, type SyncClient, memoryStorage } from '../src/client/index.js';
+import { type ChannelMessage, memoryStorage, type SyncClient } from '../src/client/index.js';
 import { createSyncServer } from '../src/server/index.js';
 import { sqliteStore } from '../src/stores/sqlite.js';
-import { type Rig, T, next, reach, rig, until } from './helpers/harness.js';
+import { next, type Rig, reach, rig, T, until } from './helpers/harness.js';
 
 let r: Rig | undefined;
 const dirs: string[] = [];
@@ -178,7 +178,10 @@ describe('replay', () => {
     const c = r.client();
     const seen: ChannelMessage[] = [];
     c.messages$.subscribe((m) => seen.push(m));
-    await expect(c.subscribe('secret-1', { since: 0 })).rejects.toMatchObject({ name: 'SyncError', code: 'forbidden' });
+    await expect(c.subscribe('secret-1', { since: 0 })).rejects.toMatchObject({
+      name: 'SyncError',
+      code: 'forbidden',
+    });
     await c.subscribe('public', { since: 0 });
     await r.server.publish('secret-1', { n: 6 });
     await r.server.publish('public', { n: 1 });

@@ -4,42 +4,49 @@
  * It keeps the outbox's promises, the channel cursors and the storage; the machine
  * (machines/connection.ts) decides everything about timing and transports.
  */
-import { BehaviorSubject, type Observable, Subject, distinctUntilChanged, map } from 'rxjs';
-import { type InspectionEvent, type Observer, createActor } from 'xstate';
+import { BehaviorSubject, distinctUntilChanged, type Observable, Subject } from 'rxjs';
+import { createActor, type InspectionEvent, type Observer } from 'xstate';
 
 /** XState's clock interface: what the statechart's delays are scheduled on. */
 export interface Clock {
   setTimeout(fn: (...args: any[]) => void, timeout: number): any;
   clearTimeout(id: any): void;
 }
+
 import {
   type ConnectionActor,
   type ConnectionEmitted,
   type ConnectionState,
-  type FailureKind,
-  type QueueItem,
   connectionMachine,
+  type FailureKind,
   flatState,
+  type QueueItem,
 } from '../../machines/connection.js';
-import { type ChannelState, type MsgEnvelope, SyncError, isValidChannel, randomId } from '../protocol/index.js';
-import { ChannelCursors, type SubscribeOptions } from './channels.js';
-import { type SyncStorage, memoryStorage } from './storage.js';
 import {
-  type FaultSwitches,
-  type WebSocketConstructor,
-  type WebSocketLike,
+  type ChannelState,
+  isValidChannel,
+  type MsgEnvelope,
+  randomId,
+  SyncError,
+} from '../protocol/index.js';
+import { ChannelCursors, type SubscribeOptions } from './channels.js';
+import { memoryStorage, type SyncStorage } from './storage.js';
+import {
   deriveHttpUrl,
+  type FaultSwitches,
   httpActor,
   socketActor,
+  type WebSocketConstructor,
+  type WebSocketLike,
 } from './transports.js';
 
-export { SyncError } from '../protocol/index.js';
-export type { SyncErrorCode, NakCode, ChannelState } from '../protocol/index.js';
-export { memoryStorage, webStorage, fileStorage, type SyncStorage } from './storage.js';
 export type { ConnectionState, FailureKind } from '../../machines/connection.js';
-export { STATE_NAMES, connectionMachine, flatState } from '../../machines/connection.js';
-export type { FaultSwitches, WebSocketLike, WebSocketConstructor } from './transports.js';
+export { connectionMachine, flatState, STATE_NAMES } from '../../machines/connection.js';
+export type { ChannelState, NakCode, SyncErrorCode } from '../protocol/index.js';
+export { SyncError } from '../protocol/index.js';
 export type { SubscribeOptions } from './channels.js';
+export { fileStorage, memoryStorage, type SyncStorage, webStorage } from './storage.js';
+export type { FaultSwitches, WebSocketConstructor, WebSocketLike } from './transports.js';
 
 export interface SyncClientOptions {
   /**
@@ -195,7 +202,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       : urls.map(() => options.httpUrl as string)
     : urls.map(deriveHttpUrl);
   const WS = options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
-  if (!WS) throw new TypeError('syncwire: no WebSocket implementation; pass options.WebSocket (e.g. from "ws")');
+  if (!WS)
+    throw new TypeError('syncwire: no WebSocket implementation; pass options.WebSocket (e.g. from "ws")');
   const fetchImpl = options.fetch ?? globalThis.fetch?.bind(globalThis);
   if (!fetchImpl) throw new TypeError('syncwire: no fetch implementation; pass options.fetch');
 
@@ -465,7 +473,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       for (const w of waiters.values()) w.reject(err);
       waiters.clear();
       stateSubject.next('closed');
-      for (const s of [...Object.values(lists), messages$, failures$, resets$, rejected$, send$]) s.complete();
+      for (const s of [...Object.values(lists), messages$, failures$, resets$, rejected$, send$])
+        s.complete();
       stateSubject.complete();
     },
     actor,
@@ -475,8 +484,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         if (!liveSocket) return false;
         // Simulate an abrupt drop: the socket's close event is what the machine sees.
         const s = liveSocket as WebSocketLike & { terminate?: () => void };
-        if (typeof s.terminate === "function") s.terminate();
-        else s.close(4000, "killed by debug.killSocket");
+        if (typeof s.terminate === 'function') s.terminate();
+        else s.close(4000, 'killed by debug.killSocket');
         return true;
       },
     },

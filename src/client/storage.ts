@@ -15,7 +15,9 @@ export function memoryStorage(): SyncStorage {
 }
 
 /** A browser's `localStorage` (or `sessionStorage`). */
-export function webStorage(store: Pick<Storage, 'getItem' | 'setItem'> = globalThis.localStorage): SyncStorage {
+export function webStorage(
+  store: Pick<Storage, 'getItem' | 'setItem'> = globalThis.localStorage,
+): SyncStorage {
   return {
     get: (k) => store.getItem(k),
     set: (k, v) => {

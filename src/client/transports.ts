@@ -10,9 +10,9 @@ import {
   HTTP_STATUS_OF,
   NAK_CODES,
   type NakCode,
-  type ServerEnvelope,
   nak,
   parseServerFrame,
+  type ServerEnvelope,
   validateServerEnvelope,
 } from '../protocol/index.js';
 
@@ -108,7 +108,12 @@ export function socketActor(config: TransportConfig, cursor: TransportCursor) {
         sock = new config.WebSocket(url);
       } catch (err) {
         ws = null;
-        sendBack({ type: 'WS.DOWN', code: 1006, reason: String(err), wasOpen: false } satisfies ConnectionEvent);
+        sendBack({
+          type: 'WS.DOWN',
+          code: 1006,
+          reason: String(err),
+          wasOpen: false,
+        } satisfies ConnectionEvent);
         return;
       }
       ws = sock;
@@ -122,10 +127,14 @@ export function socketActor(config: TransportConfig, cursor: TransportCursor) {
       sock.onmessage = (ev) => {
         if (config.faults.blackhole) return;
         const data = ev.data;
-        const text = typeof data === 'string' ? data : data instanceof ArrayBuffer ? new Uint8Array(data) : String(data);
+        const text =
+          typeof data === 'string' ? data : data instanceof ArrayBuffer ? new Uint8Array(data) : String(data);
         const parsed = parseServerFrame(text as string | Uint8Array);
         if (!parsed.ok) {
-          sendBack({ type: 'BAD_FRAME', reason: `${parsed.code}: ${parsed.message}` } satisfies ConnectionEvent);
+          sendBack({
+            type: 'BAD_FRAME',
+            reason: `${parsed.code}: ${parsed.message}`,
+          } satisfies ConnectionEvent);
           return;
         }
         if (config.faults.dropAcks && parsed.envelope.type === 'ACK') return;
@@ -186,55 +195,53 @@ const statusCode = (status: number): NakCode => {
 
 /** The HTTP actor: one POST of one envelope, normalised into an `HttpOutcome`. */
 export function httpActor(config: TransportConfig, cursor: TransportCursor, getClientId: () => string) {
-  return fromPromise<HttpOutcome, HttpInput>(
-    async ({ input, signal }) => {
-      if (config.faults.blockHttp) throw new Error('network: http blocked (fault switch)');
-      const { envelope } = input;
-      // A network error rejects: the chart's onError edge retries it with backoff.
-      const res = await config.fetch(config.httpUrls[cursor.index]!, {
-        method: 'POST',
-        headers: { 'content-type': 'application/json', 'x-client-id': getClientId(), ...config.headers },
-        body: JSON.stringify(envelope),
-        signal,
-      });
-      const { status } = res;
-      if (status === 429 || status === 408 || status >= 500) {
-        await res.body?.cancel().catch(() => {});
-        return {
-          kind: 'retry',
-          status,
-          reason: `HTTP ${status}`,
-          retryAfterMs: parseRetryAfter(res.headers.get('retry-after')),
-        };
-      }
-      let body: unknown = null;
-      try {
-        body = await res.json();
-      } catch {
-        body = null;
-      }
-      const frames: ServerEnvelope[] = [];
-      if (Array.isArray(body)) {
-        for (const raw of body) {
-          const parsed = validateServerEnvelope(raw);
-          if (parsed.ok) frames.push(parsed.envelope);
-        }
-      }
-      if (status === 200) {
-        if (!Array.isArray(body)) return { kind: 'retry', status, reason: 'HTTP 200 without a JSON array' };
-        return { kind: 'reply', status, frames };
-      }
-      // 4xx: the request itself was refused. Use the server's NAK when it sent one.
-      const refusal = frames.find((f) => f.type === 'NAK');
+  return fromPromise<HttpOutcome, HttpInput>(async ({ input, signal }) => {
+    if (config.faults.blockHttp) throw new Error('network: http blocked (fault switch)');
+    const { envelope } = input;
+    // A network error rejects: the chart's onError edge retries it with backoff.
+    const res = await config.fetch(config.httpUrls[cursor.index]!, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', 'x-client-id': getClientId(), ...config.headers },
+      body: JSON.stringify(envelope),
+      signal,
+    });
+    const { status } = res;
+    if (status === 429 || status === 408 || status >= 500) {
+      await res.body?.cancel().catch(() => {});
       return {
-        kind: 'reply',
+        kind: 'retry',
         status,
-        frames: [
-          refusal && refusal.type === 'NAK'
-            ? { ...refusal, id: envelope.id }
-            : nak(envelope.id, statusCode(status), `HTTP ${status}`),
-        ],
+        reason: `HTTP ${status}`,
+        retryAfterMs: parseRetryAfter(res.headers.get('retry-after')),
       };
-    },
-  );
+    }
+    let body: unknown = null;
+    try {
+      body = await res.json();
+    } catch {
+      body = null;
+    }
+    const frames: ServerEnvelope[] = [];
+    if (Array.isArray(body)) {
+      for (const raw of body) {
+        const parsed = validateServerEnvelope(raw);
+        if (parsed.ok) frames.push(parsed.envelope);
+      }
+    }
+    if (status === 200) {
+      if (!Array.isArray(body)) return { kind: 'retry', status, reason: 'HTTP 200 without a JSON array' };
+      return { kind: 'reply', status, frames };
+    }
+    // 4xx: the request itself was refused. Use the server's NAK when it sent one.
+    const refusal = frames.find((f) => f.type === 'NAK');
+    return {
+      kind: 'reply',
+      status,
+      frames: [
+        refusal && refusal.type === 'NAK'
+          ? { ...refusal, id: envelope.id }
+          : nak(envelope.id, statusCode(status), `HTTP ${status}`),
+      ],
+    };
+  });
 }

@@ -156,7 +156,15 @@ const validId = (v: unknown): v is string =>
 
 /** A channel name: 1–200 characters, no control characters. */
 export const isValidChannel = (v: unknown): v is string =>
-  typeof v === 'string' && v.length > 0 && v.length <= 200 && !/[\u0000-\u001f\u007f]/.test(v);
+  typeof v === 'string' && v.length > 0 && v.length <= 200 && !hasControlChar(v);
+
+function hasControlChar(s: string): boolean {
+  for (let i = 0; i < s.length; i++) {
+    const c = s.charCodeAt(i);
+    if (c < 0x20 || c === 0x7f) return true;
+  }
+  return false;
+}
 
 const isSeq = (v: unknown): v is number => typeof v === 'number' && Number.isSafeInteger(v) && v >= 0;
 
@@ -276,7 +284,8 @@ export function validateServerEnvelope(raw: unknown): ParseResult<ServerEnvelope
       return { ok: true, envelope: { id, type } };
     case 'SYN':
       if (!validId(id)) return fail('bad_request', 'SYN without a valid id');
-      if (!Array.isArray(raw.payload)) return fail('bad_request', 'response SYN payload must be an array', id);
+      if (!Array.isArray(raw.payload))
+        return fail('bad_request', 'response SYN payload must be an array', id);
       return { ok: true, envelope: { id, type, payload: raw.payload } };
     case 'NAK': {
       if (id !== null && !validId(id)) return fail('bad_request', 'NAK with a bad id');
@@ -303,7 +312,11 @@ export function validateServerEnvelope(raw: unknown): ParseResult<ServerEnvelope
       return { ok: true, envelope: env };
     }
     default:
-      return fail('bad_request', `unexpected type from server: ${String(type).slice(0, 20)}`, validId(id) ? id : null);
+      return fail(
+        'bad_request',
+        `unexpected type from server: ${String(type).slice(0, 20)}`,
+        validId(id) ? id : null,
+      );
   }
 }
 

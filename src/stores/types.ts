@@ -30,10 +30,7 @@ export interface ChannelHead {
 }
 
 /** A response remembered for `(clientId, SYN id)`. */
-export type DedupeClaim =
-  | { status: 'new' }
-  | { status: 'pending' }
-  | { status: 'done'; response: unknown };
+export type DedupeClaim = { status: 'new' } | { status: 'pending' } | { status: 'done'; response: unknown };
 
 export interface HistoryStore {
   /** Store name for logs and the visualizer: 'memory', 'sqlite', 'redis'. */

@@ -124,8 +124,11 @@ export class ModelClock {
   pending(): Array<Timer & { eventType: string; delay: number }> {
     if (!this.actor) throw new Error('ModelClock: attach the actor first');
     const scheduled = Object.values(
-      (this.actor.system.getSnapshot() as { _scheduledEvents: Record<string, { event: { type: string }; delay: number }> })
-        ._scheduledEvents,
+      (
+        this.actor.system.getSnapshot() as {
+          _scheduledEvents: Record<string, { event: { type: string }; delay: number }>;
+        }
+      )._scheduledEvents,
     );
     const timers = [...this.timers.values()];
     if (scheduled.length !== timers.length) {
@@ -137,7 +140,11 @@ export class ModelClock {
   fire(eventType: string): number {
     const t = this.pending().find((x) => x.eventType === eventType);
     if (!t) {
-      throw new Error(`no pending timer for ${eventType}; pending: ${this.pending().map((p) => p.eventType).join(', ')}`);
+      throw new Error(
+        `no pending timer for ${eventType}; pending: ${this.pending()
+          .map((p) => p.eventType)
+          .join(', ')}`,
+      );
     }
     this.timers.delete(t.id);
     this.now = Math.max(this.now, t.due);

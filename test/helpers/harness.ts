@@ -3,11 +3,11 @@
  * applied operations (to prove exactly-once), a fault-injecting proxy in front of it, and
  * clients built on `ws` with a short T. Helpers wait for events with a bounded timeout.
  */
-import { firstValueFrom, filter, timeout as rxTimeout, type Observable } from 'rxjs';
+import { filter, firstValueFrom, type Observable, timeout as rxTimeout } from 'rxjs';
 import { WebSocket } from 'ws';
-import { type SyncClient, type SyncClientOptions, createSyncClient } from '../../src/client/index.js';
-import { type SyncServer, type SyncServerOptions, createSyncServer } from '../../src/server/index.js';
-import { type Proxy, startProxy } from './proxy.js';
+import { createSyncClient, type SyncClient, type SyncClientOptions } from '../../src/client/index.js';
+import { createSyncServer, type SyncServer, type SyncServerOptions } from '../../src/server/index.js';
+import { type Proxy as LoopbackProxy, startProxy } from './proxy.js';
 
 export const T = 200;
 
@@ -22,7 +22,7 @@ export interface Ledger {
 
 export interface Rig {
   server: SyncServer;
-  proxy: Proxy;
+  proxy: LoopbackProxy;
   ledger: Ledger;
   clients: SyncClient[];
   client(opts?: Partial<SyncClientOptions>): SyncClient;

@@ -5,7 +5,7 @@
  * unless the test scripts an answer (503 with Retry-After, a network cut). It also records
  * the traffic, so tests can assert what went over the wire and in which order.
  */
-import { type IncomingMessage, type Server, createServer } from 'node:http';
+import { createServer, type IncomingMessage, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { WebSocket, WebSocketServer } from 'ws';
 
