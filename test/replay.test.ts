@@ -153,6 +153,51 @@ describe('replay', () => {
     }
   });
 
+  it('a restart that loses history (memory store) resets a client that had messages, not one that had none', async () => {
+    const first = await createSyncServer({ port: 0, onSync: async (o) => o });
+    const port = first.address().port;
+    const { WebSocket } = await import('ws');
+    const { createSyncClient } = await import('../src/client/index.js');
+    const mk = () =>
+      createSyncClient({
+        url: `ws://127.0.0.1:${port}/sync`,
+        timeout: T,
+        maxBackoff: 2 * T,
+        pollInterval: 600_000,
+        WebSocket: WebSocket as never,
+      });
+    const had = mk();
+    const none = mk();
+    try {
+      await had.subscribe('lost', { since: 0 });
+      await none.subscribe('quiet', { since: 0 });
+      const hadRec = recorder(had, 'lost');
+      await first.publish('lost', { n: 1 });
+      await hadRec.waitCount(1);
+      const resets: string[] = [];
+      had.resets$.subscribe((x) => resets.push(x.channel));
+      none.resets$.subscribe((x) => resets.push(x.channel));
+      await first.close();
+      await reach(had, 'degraded');
+      const second = await createSyncServer({ port, onSync: async (o) => o });
+      try {
+        await second.publish('quiet', { n: 1 });
+        const noneRec = recorder(none, 'quiet');
+        await reach(had, 'open', 30 * T);
+        await reach(none, 'open', 30 * T);
+        await until(() => resets.includes('lost'), 5000, 'reset of lost');
+        await noneRec.waitCount(1);
+        expect(noneRec.seqs()).toEqual([1]);
+        expect(resets).toEqual(['lost']);
+      } finally {
+        await second.close();
+      }
+    } finally {
+      await had.close();
+      await none.close();
+    }
+  });
+
   it('history trimmed past the cursor: recovered: false and a reset event', async () => {
     r = await rig({ store: (await import('../src/server/index.js')).memoryStore({ maxMessages: 10 }) });
     const c = r.client({ pollInterval: 600_000, maxBackoff: 4 * T });

@@ -101,15 +101,16 @@ export class ChannelCursors {
       // During a replay the server is the authority: an epoch change or a jump forward means
       // history we had was lost; the SUB response will say recovered: false.
       if (c.epoch !== m.epoch) {
+        // Seeing a new epoch from its first message, having seen nothing, loses nothing.
+        if (c.seq > 0 || m.seq > 1) c.jumped = true;
         c.epoch = m.epoch;
-        c.jumped = true;
         return this.advance(c, m.seq, kind);
       }
       if (m.seq <= c.seq) return 'duplicate';
       if (m.seq > c.seq + 1) c.jumped = true;
       return this.advance(c, m.seq, kind);
     }
-    if (c.epoch !== undefined && c.epoch !== m.epoch) return 'gap';
+    if (c.epoch !== undefined && c.epoch !== m.epoch && !(c.seq === 0 && m.seq === 1)) return 'gap';
     if (m.seq <= c.seq) return 'duplicate';
     if (m.seq > c.seq + 1) return 'gap';
     c.epoch = m.epoch;

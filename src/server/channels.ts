@@ -55,7 +55,10 @@ export function msgEnvelope(m: StoredMessage, replay: boolean, echo: boolean): M
 export function resolveCursor(head: ChannelHead, c: ChannelCursor): { after: number; recovered: boolean } {
   const sameEpoch = c.epoch === undefined || c.epoch === head.epoch;
   if (c.since !== undefined) {
-    const recovered = sameEpoch && c.since + 1 >= head.first && c.since <= head.seq;
+    // A client that has seen nothing (since 0) lost nothing in an epoch change, as long as the
+    // new epoch's history is whole from seq 1: no spurious reset after a restart.
+    const nothingSeen = c.since === 0 && head.first <= 1;
+    const recovered = (sameEpoch || nothingSeen) && c.since + 1 >= head.first && c.since <= head.seq;
     return { after: recovered ? c.since : head.first - 1, recovered };
   }
   if (c.rewind !== undefined) {
