@@ -198,6 +198,37 @@ describe('replay', () => {
     }
   });
 
+  it('dedupe survives a restart on the SQLite file: a batch retried after it is not applied again', async () => {
+    const file = join(tmp(), 'dedupe.db');
+    const applied = new Map<string, number>();
+    const onSync = async (ops: unknown[]) =>
+      ops.map((o) => {
+        const id = (o as { id: string }).id;
+        applied.set(id, (applied.get(id) ?? 0) + 1);
+        return { id, n: applied.get(id) };
+      });
+    const syn = JSON.stringify({ id: 'dd:1', type: 'SYN', payload: [{ id: 'once' }] });
+    const post = (port: number) =>
+      fetch(`http://127.0.0.1:${port}/sync`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json', 'x-client-id': 'dd' },
+        body: syn,
+      }).then((res) => res.json());
+    const first = await createSyncServer({ port: 0, onSync, store: sqliteStore({ file }) });
+    const port = first.address().port;
+    const before = await post(port);
+    await first.close();
+    const second = await createSyncServer({ port, onSync, store: sqliteStore({ file }) });
+    try {
+      const after = await post(port);
+      expect(after).toEqual(before);
+      expect(before[1]).toEqual({ id: 'dd:1', type: 'SYN', payload: [{ id: 'once', n: 1 }] });
+      expect(applied.get('once')).toBe(1);
+    } finally {
+      await second.close();
+    }
+  });
+
   it('history trimmed past the cursor: recovered: false and a reset event', async () => {
     r = await rig({ store: (await import('../src/server/index.js')).memoryStore({ maxMessages: 10 }) });
     const c = r.client({ pollInterval: 600_000, maxBackoff: 4 * T });

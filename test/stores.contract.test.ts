@@ -6,7 +6,7 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterAll, describe } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { memoryStore } from '../src/stores/memory.js';
 import { sqliteStore } from '../src/stores/sqlite.js';
 import { type StoreFactory, storeContract } from './helpers/store-contract.js';
@@ -20,9 +20,29 @@ const factories: StoreFactory[] = [
   {
     name: 'sqlite',
     durable: true,
+    dedupe: true,
     place: () => join(dir, `store-${++files}.db`),
     open: (file, opts) => sqliteStore({ file, ...opts }),
   },
 ];
 
 describe.each(factories)('$name store', (factory) => storeContract(factory));
+
+describe('sqlite store, one process per file', () => {
+  it('a reopened file remembers answered dedupe claims and forgets pending ones', async () => {
+    const file = join(dir, `store-${++files}.db`);
+    const store = sqliteStore({ file });
+    await store.claim!('c3:done', 60_000);
+    await store.complete!('c3:done', { answered: true }, 60_000);
+    await store.claim!('c3:pending', 60_000);
+    await store.close();
+    // The process that held 'c3:pending' is gone: nobody is processing it any more.
+    const again = sqliteStore({ file });
+    try {
+      expect(await again.claim!('c3:done', 60_000)).toEqual({ status: 'done', response: { answered: true } });
+      expect(await again.claim!('c3:pending', 60_000)).toEqual({ status: 'new' });
+    } finally {
+      await again.close();
+    }
+  });
+});

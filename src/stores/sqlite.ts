@@ -2,7 +2,10 @@
  * A durable history store in one SQLite file (better-sqlite3, WAL). A server restarted on
  * the same file keeps every channel's epoch, seq and retained history, so its clients resume
  * with `recovered: true`. For one server process: `watch` only sees this process's appends
- * (use the Redis store to fan out across processes). Dedupe stays in the server.
+ * (use the Redis store to fan out across processes).
+ *
+ * Dedupe memory lives in the same file (`claim/complete/release`), so a batch answered just
+ * before a restart and retried just after it is answered from the file, not applied again.
  *
  * better-sqlite3 is an optional peer dependency, loaded with `require` only when a store is
  * made, so `syncwire/server` users without it never need it installed.
@@ -14,6 +17,7 @@ import { randomId, SyncError } from '../protocol/index.js';
 import {
   type ChannelHead,
   DEFAULT_RETENTION,
+  type DedupeClaim,
   type HistoryStore,
   type RetentionOptions,
   type StoredMessage,
@@ -73,7 +77,15 @@ export function sqliteStore(options: SqliteStoreOptions): HistoryStore {
       except_id TEXT,
       PRIMARY KEY (channel, seq)
     );
+    CREATE TABLE IF NOT EXISTS dedupe (
+      key TEXT PRIMARY KEY,
+      response TEXT,
+      expires INTEGER NOT NULL
+    );
   `);
+  // One process owns the file: a claim still pending from a previous run is no longer being
+  // processed by anyone, so it is dropped and the retry is processed afresh.
+  db.exec('DELETE FROM dedupe WHERE response IS NULL');
 
   const q = {
     channel: db.prepare<[string], { epoch: string; last_seq: number }>(
@@ -110,7 +122,30 @@ export function sqliteStore(options: SqliteStoreOptions): HistoryStore {
          WHERE m.seq <= c.last_seq - ?)`,
     ),
     trimAge: db.prepare<[number]>('DELETE FROM messages WHERE at < ?'),
+    dedupeGet: db.prepare<[string], { response: string | null; expires: number }>(
+      'SELECT response, expires FROM dedupe WHERE key = ?',
+    ),
+    dedupeClaim: db.prepare<[string, number]>(
+      'INSERT OR REPLACE INTO dedupe (key, response, expires) VALUES (?, NULL, ?)',
+    ),
+    dedupeComplete: db.prepare<[string, number, string]>(
+      'UPDATE dedupe SET response = ?, expires = ? WHERE key = ?',
+    ),
+    dedupeRelease: db.prepare<[string]>('DELETE FROM dedupe WHERE key = ? AND response IS NULL'),
+    dedupeExpire: db.prepare<[number]>('DELETE FROM dedupe WHERE expires < ?'),
   };
+
+  const claimTx = db.transaction((key: string, ttlMs: number): DedupeClaim => {
+    const at = now();
+    const row = q.dedupeGet.get(key);
+    if (row && row.expires > at) {
+      return row.response === null
+        ? { status: 'pending' }
+        : { status: 'done', response: JSON.parse(row.response) };
+    }
+    q.dedupeClaim.run(key, at + ttlMs);
+    return { status: 'new' };
+  });
 
   const listeners = new Set<(msg: StoredMessage) => void>();
   let closed = false;
@@ -209,7 +244,23 @@ export function sqliteStore(options: SqliteStoreOptions): HistoryStore {
       db.transaction(() => {
         q.trimCount.run(maxMessages);
         q.trimAge.run(now() - maxAgeMs);
+        q.dedupeExpire.run(now());
       })();
+    },
+
+    async claim(key, ttlMs) {
+      ensureOpen();
+      return claimTx(key, ttlMs);
+    },
+
+    async complete(key, response, ttlMs) {
+      ensureOpen();
+      q.dedupeComplete.run(JSON.stringify(response), now() + ttlMs, key);
+    },
+
+    async release(key) {
+      ensureOpen();
+      q.dedupeRelease.run(key);
     },
 
     watch(listener) {

@@ -20,6 +20,8 @@ export interface StoreFactory {
   place(): string | Promise<string>;
   /** Open a store on `place`. */
   open(place: string, opts: ContractStoreOptions): HistoryStore | Promise<HistoryStore>;
+  /** Whether the store keeps dedupe claims (`claim/complete/release`). @default false */
+  dedupe?: boolean;
 }
 
 /** A clock tests move by hand. */
@@ -221,6 +223,30 @@ export function storeContract(factory: StoreFactory): void {
       expect((await store.read('b', 0, 10)).map((m) => m.payload)).toEqual(['only']);
       const ids = [...(await store.read('a', 0, 10)), ...(await store.read('b', 0, 10))].map((m) => m.id);
       expect(new Set(ids).size).toBe(ids.length);
+    });
+  });
+
+  // Dedupe memory: only stores that keep it (shared or durable) implement claim/complete.
+  if (!factory.dedupe) return;
+  describe('dedupe claims', () => {
+    it('claims once; a second claim is pending until complete; then done with the response', async () => {
+      const { store } = await open();
+      if (!store.claim || !store.complete)
+        throw new Error(`${factory.name} says dedupe but lacks claim/complete`);
+      expect(await store.claim('c1:7', 60_000)).toEqual({ status: 'new' });
+      expect(await store.claim('c1:7', 60_000)).toEqual({ status: 'pending' });
+      const response = { id: '7', type: 'SYN', payload: [{ ok: true }] };
+      await store.complete('c1:7', response, 60_000);
+      expect(await store.claim('c1:7', 60_000)).toEqual({ status: 'done', response });
+      expect(await store.claim('c1:8', 60_000)).toEqual({ status: 'new' });
+    });
+
+    it('release lets the key be claimed again', async () => {
+      const { store } = await open();
+      if (!store.claim || !store.release) throw new Error(`${factory.name} lacks claim/release`);
+      expect((await store.claim('c2:1', 60_000)).status).toBe('new');
+      await store.release('c2:1');
+      expect((await store.claim('c2:1', 60_000)).status).toBe('new');
     });
   });
 }
