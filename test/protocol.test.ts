@@ -1,0 +1,155 @@
+/**
+ * The frame parsers: every way a frame can be wrong comes back as a typed result with a
+ * protocol code, never as an exception; valid frames come back normalised.
+ */
+import { describe, expect, it } from 'vitest';
+import {
+  encode,
+  isValidChannel,
+  MAX_ID_LENGTH,
+  nak,
+  parseClientFrame,
+  parseServerFrame,
+  randomId,
+  SyncError,
+} from '../src/protocol/index.js';
+
+const bad = (frame: string | Uint8Array, opts?: { maxBytes?: number }) => {
+  const r = parseClientFrame(frame, opts);
+  if (r.ok) throw new Error(`accepted ${String(frame).slice(0, 60)}`);
+  return r;
+};
+
+describe('parseClientFrame', () => {
+  it('accepts each client type and normalises it', () => {
+    expect(parseClientFrame('{"id":"a:1","type":"SYN","payload":[{"x":1}]}')).toEqual({
+      ok: true,
+      envelope: { id: 'a:1', type: 'SYN', payload: [{ x: 1 }] },
+    });
+    expect(parseClientFrame('{"id":"a:2","type":"PNG","payload":"ignored"}')).toEqual({
+      ok: true,
+      envelope: { id: 'a:2', type: 'PNG' },
+    });
+    expect(
+      parseClientFrame('{"id":"a:3","type":"SUB","payload":{"channels":{"c":{"since":4,"epoch":"e"}}}}'),
+    ).toEqual({
+      ok: true,
+      envelope: { id: 'a:3', type: 'SUB', payload: { channels: { c: { since: 4, epoch: 'e' } } } },
+    });
+    expect(parseClientFrame('{"id":"a:4","type":"UNS","payload":{"channels":["c"]}}')).toMatchObject({
+      ok: true,
+    });
+    expect(parseClientFrame(new TextEncoder().encode('{"id":"a:5","type":"PNG"}'))).toMatchObject({
+      ok: true,
+    });
+  });
+
+  it.each([
+    ['not JSON', '{"id":', null],
+    ['an array', '[1,2]', null],
+    ['null', 'null', null],
+    ['no id', '{"type":"PNG"}', null],
+    ['an empty id', '{"id":"","type":"PNG"}', null],
+    ['a numeric id', '{"id":7,"type":"PNG"}', null],
+    ['an over-long id', JSON.stringify({ id: 'x'.repeat(MAX_ID_LENGTH + 1), type: 'PNG' }), null],
+    ['an unknown type', '{"id":"a","type":"HELLO"}', 'a'],
+    ['a server-only type', '{"id":"a","type":"ACK"}', 'a'],
+    ['an empty SYN', '{"id":"a","type":"SYN","payload":[]}', 'a'],
+    ['a SYN with an object payload', '{"id":"a","type":"SYN","payload":{}}', 'a'],
+    ['a SUB without channels', '{"id":"a","type":"SUB","payload":{}}', 'a'],
+    ['a SUB naming no channel', '{"id":"a","type":"SUB","payload":{"channels":{}}}', 'a'],
+    ['a negative since', '{"id":"a","type":"SUB","payload":{"channels":{"c":{"since":-1}}}}', 'a'],
+    ['a fractional since', '{"id":"a","type":"SUB","payload":{"channels":{"c":{"since":1.5}}}}', 'a'],
+    ['an unsafe since', '{"id":"a","type":"SUB","payload":{"channels":{"c":{"since":1e300}}}}', 'a'],
+    ['a numeric epoch', '{"id":"a","type":"SUB","payload":{"channels":{"c":{"epoch":5}}}}', 'a'],
+    [
+      'a channel with a control character',
+      '{"id":"a","type":"SUB","payload":{"channels":{"a\\u0000b":{}}}}',
+      'a',
+    ],
+    ['an UNS with a bad name', '{"id":"a","type":"UNS","payload":{"channels":[""]}}', 'a'],
+  ])('refuses %s with bad_request', (_name, frame, id) => {
+    const r = bad(frame);
+    expect(r.code).toBe('bad_request');
+    expect(r.id).toBe(id);
+    expect(r.message.length).toBeGreaterThan(0);
+  });
+
+  it('refuses an oversized frame with too_large, counting UTF-8 bytes', () => {
+    expect(bad('x'.repeat(2000), { maxBytes: 1000 }).code).toBe('too_large');
+    // 400 three-byte characters: 1,200 bytes though only 400 UTF-16 units.
+    const wide = JSON.stringify({ id: 'a', type: 'SYN', payload: ['€'.repeat(400)] });
+    expect(bad(wide, { maxBytes: 1000 }).code).toBe('too_large');
+    expect(parseClientFrame(wide, { maxBytes: 2000 }).ok).toBe(true);
+  });
+});
+
+describe('parseServerFrame (a server that lies)', () => {
+  it('accepts ACK, response SYN, NAK and MSG', () => {
+    expect(parseServerFrame('{"id":"a","type":"ACK"}')).toMatchObject({ ok: true });
+    expect(parseServerFrame('{"id":"a","type":"SYN","payload":[1]}')).toMatchObject({ ok: true });
+    expect(
+      parseServerFrame('{"id":null,"type":"NAK","error":{"code":"bad_request","message":"m"}}'),
+    ).toMatchObject({
+      ok: true,
+      envelope: { id: null, error: { code: 'bad_request' } },
+    });
+    expect(
+      parseServerFrame('{"id":"m","type":"MSG","channel":"c","seq":1,"epoch":"e","payload":2,"replay":true}'),
+    ).toEqual({
+      ok: true,
+      envelope: { id: 'm', type: 'MSG', channel: 'c', seq: 1, epoch: 'e', payload: 2, replay: true },
+    });
+  });
+
+  it('an echo MSG carries no payload', () => {
+    const r = parseServerFrame(
+      '{"id":"m","type":"MSG","channel":"c","seq":3,"epoch":"e","payload":"x","echo":true}',
+    );
+    expect(r).toEqual({
+      ok: true,
+      envelope: { id: 'm', type: 'MSG', channel: 'c', seq: 3, epoch: 'e', echo: true },
+    });
+  });
+
+  it('an unknown NAK code becomes server_error rather than an unknown code', () => {
+    const r = parseServerFrame('{"id":"a","type":"NAK","error":{"code":"weird"}}');
+    expect(r).toMatchObject({ ok: true, envelope: { error: { code: 'server_error', message: 'refused' } } });
+  });
+
+  it.each([
+    ['not JSON', 'nope'],
+    ['a type a server may not send', '{"id":"a","type":"PNG"}'],
+    ['an ACK without id', '{"type":"ACK"}'],
+    ['a response SYN with an object payload', '{"id":"a","type":"SYN","payload":{}}'],
+    ['a MSG with seq 0', '{"id":"m","type":"MSG","channel":"c","seq":0,"epoch":"e"}'],
+    ['a MSG with a negative seq', '{"id":"m","type":"MSG","channel":"c","seq":-4,"epoch":"e"}'],
+    ['a MSG with a string seq', '{"id":"m","type":"MSG","channel":"c","seq":"1","epoch":"e"}'],
+    ['a MSG without epoch', '{"id":"m","type":"MSG","channel":"c","seq":1}'],
+    ['a MSG with a bad channel', '{"id":"m","type":"MSG","channel":"","seq":1,"epoch":"e"}'],
+  ])('refuses %s', (_name, frame) => {
+    const r = parseServerFrame(frame);
+    expect(r.ok).toBe(false);
+  });
+});
+
+describe('helpers', () => {
+  it('SyncError carries a code and is an Error', () => {
+    const e = new SyncError('queue_full', 'full', { n: 1 });
+    expect(e).toBeInstanceOf(Error);
+    expect(e).toMatchObject({ name: 'SyncError', code: 'queue_full', details: { n: 1 } });
+  });
+  it('nak, encode, randomId, isValidChannel', () => {
+    expect(JSON.parse(encode(nak(null, 'too_large', 'big')))).toEqual({
+      id: null,
+      type: 'NAK',
+      error: { code: 'too_large', message: 'big' },
+    });
+    const a = randomId('c');
+    expect(a).toMatch(/^c-[0-9a-z]+$/);
+    expect(randomId('c')).not.toBe(a);
+    expect(isValidChannel('board-7')).toBe(true);
+    expect(isValidChannel('x'.repeat(201))).toBe(false);
+    expect(isValidChannel('tab\there')).toBe(false);
+  });
+});
