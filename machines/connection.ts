@@ -174,6 +174,8 @@ export const connectionMachine = setup({
         (0.5 + context.random() / 2),
     /** Polling period while degraded; a sick socket is re-pinged on the same beat. */
     pollInterval: ({ context }) => context.pollInterval,
+    /** 2T for an HTTP request to be answered (one sync, request to response); then it is retried. */
+    httpTimeout: ({ context }) => 2 * context.timeout,
   },
   guards: {
     hasQueued: ({ context }) => context.queue.length > 0,
@@ -315,6 +317,10 @@ export const connectionMachine = setup({
         enqueue.emit({ type: 'failure', kind: 'http_error', reason: 'reply without a response' });
       }
     }),
+    httpTimedOut: enqueueActions(({ context, enqueue }) => {
+      enqueue.assign({ httpAttempt: context.httpAttempt + 1, retryAfterMs: null });
+      enqueue.emit({ type: 'failure', kind: 'http_error', reason: 'no answer within 2T' });
+    }),
     httpFailed: enqueueActions(({ context, event, enqueue }) => {
       const out = (event as unknown as { output?: HttpOutcome; error?: unknown }).output;
       const retryAfterMs = out?.kind === 'retry' ? (out.retryAfterMs ?? null) : null;
@@ -445,6 +451,9 @@ export const connectionMachine = setup({
               // The socket answered first (degraded's FRAME handler settled it): the HTTP copy is
               // moot, the server dedupes it.
               always: { guard: 'noInflight', target: 'idle' },
+              // A request nobody answers (a half-open connection) must not hold the outbox: the
+              // invoked request is aborted on exit and resent, same id, after the backoff.
+              after: { httpTimeout: { target: 'retryWait', actions: 'httpTimedOut' } },
             },
             /** A reply settled the batch (→ idle) or lacked the response (→ retry). */
             settling: {

@@ -171,6 +171,8 @@ function expectedDelay(name: string, c: ConnectionContext): number {
       return c.timeout;
     case 'pollInterval':
       return c.pollInterval;
+    case 'httpTimeout':
+      return 2 * c.timeout;
     case 'redialBackoff':
       return Math.min(c.maxBackoff, (c.timeout / 2) * 2 ** c.dialAttempt);
     case 'httpBackoff':

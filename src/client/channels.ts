@@ -100,7 +100,11 @@ export class ChannelCursors {
     if (m.replay && c.subsInFlight > 0) {
       // During a replay the server is the authority: an epoch change or a jump forward means
       // history we had was lost; the SUB response will say recovered: false.
-      if (c.epoch !== m.epoch) {
+      if (c.epoch === undefined) {
+        // `since: n` without an epoch: the replay tells us the epoch. The server resolved the
+        // cursor in it, so only a jump past n + 1 (below) says history was lost.
+        c.epoch = m.epoch;
+      } else if (c.epoch !== m.epoch) {
         // Seeing a new epoch from its first message, having seen nothing, loses nothing.
         if (c.seq > 0 || m.seq > 1) c.jumped = true;
         c.epoch = m.epoch;
@@ -136,7 +140,12 @@ export class ChannelCursors {
       c.rewind = undefined;
       if (!e.recovered || c.jumped) resets.push({ channel: name, epoch: e.epoch });
       c.jumped = false;
-      if (c.epoch !== e.epoch) {
+      if (c.epoch === undefined) {
+        // First sight of the epoch (`since: n` without one, and no MSG of the replay got
+        // through): adopt it but keep the cursor, so what was missed is asked for again below.
+        c.epoch = e.epoch;
+        if (c.seq === undefined) c.seq = e.seq;
+      } else if (c.epoch !== e.epoch) {
         // Nothing was replayed in the new epoch: start there from the head.
         c.epoch = e.epoch;
         c.seq = e.seq;
