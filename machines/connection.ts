@@ -103,6 +103,8 @@ export interface ConnectionContext extends Required<Omit<ConnectionInput, 'rando
 
 export type ConnectionEvent =
   | { type: 'SEND'; item: QueueItem; front?: boolean }
+  /** Several operations in order: the client coalesces the operations sent in one tick. */
+  | { type: 'SEND'; items: QueueItem[]; front?: undefined }
   | { type: 'CLOSE' }
   | { type: 'WS.OPEN' }
   | { type: 'WS.DOWN'; code: number; reason: string; wasOpen: boolean }
@@ -208,6 +210,7 @@ export const connectionMachine = setup({
     enqueue: assign({
       queue: ({ context, event }) => {
         if (event.type !== 'SEND') return context.queue;
+        if ('items' in event) return context.queue.concat(event.items);
         return event.front ? [event.item, ...context.queue] : [...context.queue, event.item];
       },
     }),

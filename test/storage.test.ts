@@ -6,7 +6,8 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { fileStorage, memoryStorage, webStorage } from '../src/client/index.js';
+import { fileStorage } from '../src/client/file-storage.js';
+import { memoryStorage, webStorage } from '../src/client/index.js';
 import { type Rig, rig, until } from './helpers/harness.js';
 
 let r: Rig | undefined;
@@ -23,17 +24,21 @@ describe('storage', () => {
     dirs.push(dir);
     const path = join(dir, 'client.json');
     r = await rig();
-    const a = r.client({ storage: await fileStorage(path) });
+    const a = r.client({ storage: fileStorage(path) });
     const got: number[] = [];
     a.messages$.subscribe((m) => got.push(m.seq));
     await a.subscribe('notes', { since: 0 });
     for (let i = 0; i < 3; i++) await r.server.publish('notes', { i });
     await until(() => got.length === 3, 5000, 'three messages');
     await a.close();
-    await until(() => JSON.parse(readFileSync(path, 'utf8'))['syncwire:cursors']?.includes('"seq":3'), 5000, 'flush');
+    await until(
+      () => JSON.parse(readFileSync(path, 'utf8'))['syncwire:cursors']?.includes('"seq":3'),
+      5000,
+      'flush',
+    );
     for (let i = 3; i < 5; i++) await r.server.publish('notes', { i });
 
-    const b = r.client({ storage: await fileStorage(path), channels: { notes: {} } });
+    const b = r.client({ storage: fileStorage(path), channels: { notes: {} } });
     expect(b.clientId).toBe(a.clientId);
     const later: number[] = [];
     b.messages$.subscribe((m) => later.push(m.seq));

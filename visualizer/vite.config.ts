@@ -9,24 +9,8 @@ import { defineConfig } from 'vite';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
 
-/**
- * The client's `fileStorage` imports `node:fs` lazily, and only Node calls it. In the pages it
- * resolves to a stub that says so, instead of Vite's "externalized" warning on every build.
- */
-const nodeFsStub = {
-  name: 'syncwire-node-fs-stub',
-  enforce: 'pre' as const,
-  resolveId: (id: string) => (id === 'node:fs' ? '\0node-fs-stub' : null),
-  load: (id: string) =>
-    id === '\0node-fs-stub'
-      ? 'const fail = () => { throw new Error("fileStorage is for Node; use webStorage in a browser"); };\n' +
-        'export const readFileSync = fail, writeFileSync = fail, renameSync = fail;\nexport default {};'
-      : null,
-};
-
 export default defineConfig({
   root,
-  plugins: [nodeFsStub],
   base: './',
   logLevel: 'warn',
   publicDir: false,

@@ -45,7 +45,7 @@ export { connectionMachine, flatState, STATE_NAMES } from '../../machines/connec
 export type { ChannelState, NakCode, SyncErrorCode } from '../protocol/index.js';
 export { SyncError } from '../protocol/index.js';
 export type { SubscribeOptions } from './channels.js';
-export { fileStorage, memoryStorage, type SyncStorage, webStorage } from './storage.js';
+export { memoryStorage, type SyncStorage, webStorage } from './storage.js';
 export type { FaultSwitches, WebSocketConstructor, WebSocketLike } from './transports.js';
 
 export interface SyncClientOptions {
@@ -275,8 +275,24 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     }
   };
 
+  // Operations sent in the same tick reach the machine as one SEND: one macrostep and one
+  // copy of the outbox per tick, not per operation (a loop of send() was O(n²) in the outbox).
+  let burst: QueueItem[] = [];
+  const flushBurst = () => {
+    if (burst.length === 0) return;
+    const items = burst;
+    burst = [];
+    if (!closed) actor.send({ type: 'SEND', items });
+  };
   const enqueue = (item: QueueItem, waiter: Waiter, front = false) => {
     waiters.set(item.key, waiter);
+    if (item.kind === 'op' && !front) {
+      if (burst.length === 0) queueMicrotask(flushBurst);
+      burst.push(item);
+      return;
+    }
+    // A SUB/UNS keeps its place after the operations sent before it.
+    flushBurst();
     actor.send({ type: 'SEND', item, front });
   };
 

@@ -1,6 +1,8 @@
 /**
  * Where a client keeps what must survive a reload: its clientId and its channel cursors.
  * Synchronous by design (localStorage is; a file is read once), so a client starts at once.
+ * The Node file storage lives in `syncwire/storage/file` (./file-storage.ts), so that
+ * browser bundles never meet `node:fs`.
  */
 
 export interface SyncStorage {
@@ -25,37 +27,6 @@ export function webStorage(
         store.setItem(k, v);
       } catch {
         // Quota exceeded or private mode: cursors then live only in memory.
-      }
-    },
-  };
-}
-
-/**
- * A JSON file, for Node. Read once at creation; writes are coalesced to one per tick and
- * go through a temporary file and a rename, so a crash never leaves half a file.
- */
-export async function fileStorage(path: string): Promise<SyncStorage> {
-  const fs = await import('node:fs');
-  let data: Record<string, string> = {};
-  try {
-    data = JSON.parse(fs.readFileSync(path, 'utf8'));
-  } catch {
-    data = {};
-  }
-  let dirty = false;
-  const flush = () => {
-    dirty = false;
-    const tmp = `${path}.${process.pid}.tmp`;
-    fs.writeFileSync(tmp, JSON.stringify(data));
-    fs.renameSync(tmp, path);
-  };
-  return {
-    get: (k) => data[k] ?? null,
-    set: (k, v) => {
-      data[k] = v;
-      if (!dirty) {
-        dirty = true;
-        queueMicrotask(flush);
       }
     },
   };

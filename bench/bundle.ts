@@ -1,0 +1,77 @@
+/**
+ * Client bundle size: esbuild bundles `src/client/index.ts` for the browser (ESM, minified,
+ * tree-shaken; xstate and rxjs included), gzip level 9 with zlib; socket.io-client's ESM
+ * entry the same way for comparison. Also proves the browser bundle pulls in no `ws` (the
+ * client must use the platform WebSocket) and reports what each package weighs in it.
+ *
+ * `node:*` is marked external: `fileStorage()` (the Node-only storage) does
+ * `await import('node:fs')`, which a browser bundler cannot resolve. Left external, the
+ * import stays behind an `await` that a browser never reaches.
+ */
+import { gzipSync } from 'node:zlib';
+import { build, type Metafile } from 'esbuild';
+
+export interface BundleResult {
+  name: string;
+  minBytes: number;
+  gzipBytes: number;
+  /** Bytes in the minified output, per package (or per project folder). */
+  byPackage: Record<string, number>;
+  /** Input files that came from the `ws` package: must be empty for the browser build. */
+  wsInputs: string[];
+  /** `node:*` imports left external (see above). */
+  nodeImports: string[];
+}
+
+const root = new URL('..', import.meta.url).pathname;
+
+async function bundle(name: string, entry: { file: string } | { contents: string }): Promise<BundleResult> {
+  const r = await build({
+    ...('file' in entry
+      ? { entryPoints: [entry.file] }
+      : { stdin: { contents: entry.contents, resolveDir: root, loader: 'js' as const } }),
+    absWorkingDir: root,
+    bundle: true,
+    platform: 'browser',
+    format: 'esm',
+    target: 'es2020',
+    minify: true,
+    treeShaking: true,
+    write: false,
+    metafile: true,
+    external: ['node:*'],
+    logLevel: 'silent',
+  });
+  const code = r.outputFiles[0]!.contents;
+  const meta: Metafile = r.metafile;
+  const out = Object.values(meta.outputs)[0]!;
+  const byPackage: Record<string, number> = {};
+  for (const [file, info] of Object.entries(out.inputs)) {
+    const m = file.match(/node_modules\/((?:@[^/]+\/)?[^/]+)/);
+    const key = m ? m[1]! : file.split('/').slice(0, 2).join('/');
+    byPackage[key] = (byPackage[key] ?? 0) + info.bytesInOutput;
+  }
+  const nodeImports = [
+    ...new Set(
+      Object.values(meta.inputs).flatMap((i) =>
+        i.imports.filter((x) => x.path.startsWith('node:')).map((x) => x.path),
+      ),
+    ),
+  ];
+  return {
+    name,
+    minBytes: code.length,
+    gzipBytes: gzipSync(code, { level: 9 }).length,
+    byPackage,
+    wsInputs: Object.keys(meta.inputs).filter((f) => /node_modules\/ws\//.test(f)),
+    nodeImports,
+  };
+}
+
+export async function bundleSizes(): Promise<{ syncwire: BundleResult; socketio: BundleResult }> {
+  const [syncwire, socketio] = await Promise.all([
+    bundle('syncwire', { file: 'src/client/index.ts' }),
+    bundle('socket.io-client', { contents: "export { io } from 'socket.io-client';" }),
+  ]);
+  return { syncwire, socketio };
+}

@@ -1,0 +1,32 @@
+/**
+ * Benchmark server: the syncwire reference server (src/server), default options except a
+ * memory store retaining 100,000 messages per channel (the default 10,000 is exactly the
+ * replay size; the bench should not measure a boundary). `onSync` does no work: one result
+ * `{ id, ok: true }` per operation. `publish` appends to a channel from inside this process.
+ */
+import { createSyncServer, memoryStore } from '../../src/server/index.js';
+import { serve } from './common.js';
+
+const server = await createSyncServer({
+  port: 0,
+  store: memoryStore({ maxMessages: 100_000 }),
+  onSync: (ops) => ops.map((op) => ({ id: (op as { id: unknown }).id, ok: true })),
+});
+
+serve(
+  server.address().port,
+  {
+    connections: () => server.stats().sockets,
+    /** Publish `n` messages `{ i, filler }` to `channel`, in order; resolves with the last seq. */
+    async publish(args) {
+      const channel = String(args.channel);
+      const n = Number(args.n);
+      const from = Number(args.from ?? 0);
+      const filler = String(args.filler ?? '');
+      let seq = 0;
+      for (let i = from; i < from + n; i++) seq = (await server.publish(channel, { i, filler })).seq;
+      return seq;
+    },
+  },
+  () => server.close(),
+);
