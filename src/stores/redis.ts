@@ -105,6 +105,14 @@ export interface RedisStoreOptions extends RetentionOptions {
 /** A `HistoryStore` in Redis, with shared dedupe (`claim`/`complete`/`release` are present). */
 export interface RedisHistoryStore extends HistoryStore {
   readonly kind: 'redis';
+  /**
+   * As `HistoryStore.append`, plus `key`: an idempotency key. An append whose key was used in
+   * the last two minutes appends nothing and resolves with that append's message (the
+   * payload given now is not stored). A batch re-run by another process after its first
+   * process died can pass the same keys (e.g. `<dedupe key>#<n>` for its n-th publication)
+   * so that its publications are not made twice.
+   */
+  append(channel: string, payload: unknown, opts?: { except?: string; key?: string }): Promise<StoredMessage>;
   claim(key: string, ttlMs: number): Promise<DedupeClaim>;
   complete(key: string, response: unknown, ttlMs: number): Promise<void>;
   release(key: string): Promise<void>;
@@ -191,17 +199,20 @@ end
 /**
  * KEYS: meta, stream, set, feed, token. ARGV: channel, newEpoch, at, payload JSON, except
  * ('' = none), maxMessages ('' = none), age cutoff ('' = none), feed max length, token ttl.
- * Returns { epoch, seq, feed id }.
+ * Returns { epoch, seq, feed id, at }.
  *
  * The token key makes the script safe to run twice: ioredis resends a command whose reply a
- * dropped connection lost, and the second run then answers what the first one did.
+ * dropped connection lost, and the second run then answers what the first one did. With a
+ * caller's `key` as the token, the same holds for an append repeated by another process.
  */
 const APPEND_LUA = `${ENSURE_LUA}${TRIM_AGE_LUA}
 local done = redis.call('GET', KEYS[5])
 if done then
-  local a, b = string.find(done, ' ', 1, true)
-  local c = string.find(done, ' ', a + 1, true)
-  return { string.sub(done, 1, a - 1), tonumber(string.sub(done, a + 1, c - 1)), string.sub(done, c + 1) }
+  local a = string.find(done, ' ', 1, true)
+  local b = string.find(done, ' ', a + 1, true)
+  local c = string.find(done, ' ', b + 1, true)
+  return { string.sub(done, 1, a - 1), tonumber(string.sub(done, a + 1, b - 1)),
+    string.sub(done, b + 1, c - 1), string.sub(done, c + 1) }
 end
 local epoch = ensure(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
@@ -224,8 +235,8 @@ end
 redis.call(unpack(args))
 if ARGV[7] ~= '' then trimAge(KEYS[2], tonumber(ARGV[7])) end
 local fid = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', 'c', ARGV[1], 's', seq, 'e', epoch)
-redis.call('SET', KEYS[5], epoch .. ' ' .. seq .. ' ' .. fid, 'PX', ARGV[9])
-return { epoch, seq, fid }
+redis.call('SET', KEYS[5], epoch .. ' ' .. seq .. ' ' .. fid .. ' ' .. ARGV[3], 'PX', ARGV[9])
+return { epoch, seq, fid, ARGV[3] }
 `;
 
 /** KEYS: meta, stream, set, feed. ARGV: channel, newEpoch. Returns { epoch, seq, first, feed id }. */
@@ -730,9 +741,10 @@ export async function redisStore(
       if (json === undefined) throw new SyncError('bad_request', 'payload is not JSON-serializable');
       const at = now();
       const except = opts.except ?? '';
-      const [epoch, seq, fid] = (await run(
+      const token = opts.key === undefined ? `r:${randomId('a')}` : `k:${opts.key}`;
+      const [epoch, seq, fid, stamped] = (await run(
         SCRIPTS.append,
-        [...channelKeys(channel), keys.token(randomId('a'))],
+        [...channelKeys(channel), keys.token(token)],
         [
           channel,
           randomId('e'),
@@ -744,8 +756,9 @@ export async function redisStore(
           feedMaxLen,
           APPEND_TOKEN_TTL_MS,
         ],
-      )) as [string, number, string];
-      const msg: StoredMessage = { channel, seq, epoch, id: `${epoch}.${seq}`, payload, at };
+      )) as [string, number, string, string];
+      // `at` of the first append when `key` repeats one.
+      const msg: StoredMessage = { channel, seq, epoch, id: `${epoch}.${seq}`, payload, at: Number(stamped) };
       if (opts.except !== undefined) msg.except = opts.except;
       await afterAppend(msg, parseFeedId(fid));
       return msg;
