@@ -73,8 +73,23 @@ export class ChannelCursors {
     this.persist();
   }
 
-  /** The SUB payload for these channels (all by default), from their cursors. */
-  subPayload(channels: string[] = this.names): { channels: Record<string, ChannelCursor> } {
+  /**
+   * A SUB payload for these channels (all by default). It reads the cursors when it is
+   * serialized, that is when the request goes on the wire (and again on each resend), not
+   * when it was queued: a re-SUB that waited behind other requests asks from where the
+   * client is now, not from where it was.
+   */
+  subPayload(channels: string[] = this.names): { toJSON(): { channels: Record<string, ChannelCursor> } } {
+    for (const name of channels) {
+      const c = this.cursors.get(name);
+      if (!c) continue;
+      c.subsInFlight++;
+      c.jumped = false;
+    }
+    return { toJSON: () => ({ channels: this.cursorsOf(channels) }) };
+  }
+
+  private cursorsOf(channels: string[]): Record<string, ChannelCursor> {
     const out: Record<string, ChannelCursor> = {};
     for (const name of channels) {
       const c = this.cursors.get(name);
@@ -82,10 +97,8 @@ export class ChannelCursors {
       if (c.seq !== undefined) out[name] = c.epoch ? { since: c.seq, epoch: c.epoch } : { since: c.seq };
       else if (c.rewind !== undefined) out[name] = { rewind: c.rewind };
       else out[name] = {};
-      c.subsInFlight++;
-      c.jumped = false;
     }
-    return { channels: out };
+    return out;
   }
 
   /** A MSG arrived: what to do with it. Moves the cursor when the answer is deliver/echo. */

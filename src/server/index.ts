@@ -36,7 +36,7 @@ import {
   SyncError,
 } from '../protocol/index.js';
 import { memoryStore } from '../stores/memory.js';
-import type { HistoryStore } from '../stores/types.js';
+import type { AppendOptions, HistoryStore } from '../stores/types.js';
 import { type ChannelPeer, Channels, type Subscription } from './channels.js';
 import { Dedupe, type SynResponse } from './dedupe.js';
 
@@ -66,6 +66,11 @@ export interface SyncContext<P = unknown> {
 export interface PublishOptions {
   /** clientId whose sockets get the message as a payload-less `echo` (PROTOCOL "echo"). */
   except?: string | undefined;
+  /**
+   * Idempotency key: a shared store (Redis) publishes once per key. `ctx.publish` in `onSync`
+   * sets one per batch and call, so a batch re-run after a crash does not publish twice.
+   */
+  key?: string | undefined;
 }
 
 export interface PublishResult {
@@ -322,11 +327,10 @@ export async function createSyncServer<P = unknown>(options: SyncServerOptions<P
       json = undefined;
     }
     if (json === undefined) throw new SyncError('bad_request', 'payload must be JSON-serializable');
-    const msg = await store.append(
-      channel,
-      payload,
-      opts.except === undefined ? {} : { except: opts.except },
-    );
+    const appendOpts: AppendOptions = {};
+    if (opts.except !== undefined) appendOpts.except = opts.except;
+    if (opts.key !== undefined) appendOpts.key = opts.key;
+    const msg = await store.append(channel, payload, appendOpts);
     return { seq: msg.seq, epoch: msg.epoch };
   }
 
@@ -334,11 +338,18 @@ export async function createSyncServer<P = unknown>(options: SyncServerOptions<P
     // A batch still queued at shutdown is left for the client to resend to the next server.
     if (closing) return nak(syn.id, 'server_error', 'server is closing');
     const { clientId } = peer;
+    // The n-th publish of this batch has the same key whichever process runs it, so a batch
+    // re-run after its process died publishes nothing twice (with a store that honours keys).
+    const batchKey = `${clientId.length}:${clientId}:${syn.id}`;
+    let n = 0;
     const ctx: SyncContext<P> = {
       clientId,
       principal: peer.principal,
       publish: (channel, payload, opts) =>
-        publish(channel, payload, { except: opts && 'except' in opts ? opts.except : clientId }),
+        publish(channel, payload, {
+          except: opts && 'except' in opts ? opts.except : clientId,
+          key: opts?.key ?? `${batchKey}#${n++}`,
+        }),
     };
     let results: unknown;
     try {

@@ -32,6 +32,17 @@ export interface ChannelHead {
 /** A response remembered for `(clientId, SYN id)`. */
 export type DedupeClaim = { status: 'new' } | { status: 'pending' } | { status: 'done'; response: unknown };
 
+export interface AppendOptions {
+  /** clientId not to echo the payload to. */
+  except?: string;
+  /**
+   * Idempotency key. A shared store appends once per key (within a window) and answers a
+   * repeat with the first append's message: a batch re-run by another process after a crash
+   * does not publish twice. Single-process stores may ignore it.
+   */
+  key?: string;
+}
+
 export interface HistoryStore {
   /** Store name for logs and the visualizer: 'memory', 'sqlite', 'redis'. */
   readonly kind: string;
@@ -39,7 +50,7 @@ export interface HistoryStore {
    * Append a message to a channel: the next dense `seq` in the current epoch.
    * Concurrent appends (also from other processes, for shared stores) never share a seq.
    */
-  append(channel: string, payload: unknown, opts?: { except?: string }): Promise<StoredMessage>;
+  append(channel: string, payload: unknown, opts?: AppendOptions): Promise<StoredMessage>;
   /** Messages with `seq > after`, ascending, at most `limit`. Only retained ones. */
   read(channel: string, after: number, limit: number): Promise<StoredMessage[]>;
   /** The channel's epoch, last seq and first retained seq. Creates the epoch when new. */
