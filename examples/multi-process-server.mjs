@@ -4,7 +4,10 @@ import { createSyncServer } from 'syncwire/server';
 import { redisStore } from 'syncwire/stores/redis';
 
 const port = Number(process.env.PORT ?? 8081);
-const store = await redisStore({ url: process.env.REDIS_URL ?? 'redis://127.0.0.1:6379' }, { prefix: 'example:' });
+const store = await redisStore(
+  { url: process.env.REDIS_URL ?? 'redis://127.0.0.1:6379' },
+  { prefix: 'example:' },
+);
 const server = await createSyncServer({
   port,
   store,
