@@ -12,6 +12,7 @@ import './playground.css';
 import { createSyncClient, type SyncClient } from '../src/client/index.js';
 import { createInspector } from '../src/inspect/index.js';
 import { mountVisualizer } from '../visualizer/index.js';
+import { h } from '../visualizer/panel.js';
 import type { ListChange, ListOp } from './server.js';
 
 interface Config {
@@ -44,20 +45,6 @@ const viz = await mountVisualizer(clientsEl, inspector, {
     return col ? { parent: col, title: 'statechart & traffic' } : null;
   },
 });
-
-function h<K extends keyof HTMLElementTagNameMap>(
-  tag: K,
-  attrs: Record<string, string> = {},
-  ...children: Array<Node | string>
-): HTMLElementTagNameMap[K] {
-  const e = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === 'class') e.className = v;
-    else e.setAttribute(k, v);
-  }
-  e.append(...children);
-  return e;
-}
 
 const FAULTS = [
   ['dropAcks', 'drop ACKs'],

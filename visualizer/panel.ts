@@ -23,7 +23,8 @@ export interface ClientPanel {
   update(session: SessionState, added: TrafficEntry[]): void;
 }
 
-function h<K extends keyof HTMLElementTagNameMap>(
+/** Make an element: `h('div', { class: 'x' }, child, 'text')`. Shared with the playground. */
+export function h<K extends keyof HTMLElementTagNameMap>(
   tag: K,
   attrs: Record<string, string> = {},
   ...children: Array<Node | string>

@@ -10,6 +10,7 @@ import {
   type ChannelHead,
   DEFAULT_RETENTION,
   type HistoryStore,
+  notify,
   type RetentionOptions,
   type StoredMessage,
 } from './types.js';
@@ -75,13 +76,7 @@ export function memoryStore(options: MemoryStoreOptions = {}): HistoryStore {
       if (opts.except !== undefined) msg.except = opts.except;
       c.msgs.push(msg);
       trimLog(c, at);
-      for (const l of listeners) {
-        try {
-          l(msg);
-        } catch {
-          // A listener's failure must not undo an append that already happened.
-        }
-      }
+      notify(listeners, msg);
       return msg;
     },
 

@@ -19,6 +19,7 @@ import {
   DEFAULT_RETENTION,
   type DedupeClaim,
   type HistoryStore,
+  notify,
   type RetentionOptions,
   type StoredMessage,
 } from './types.js';
@@ -205,13 +206,7 @@ export function sqliteStore(options: SqliteStoreOptions): HistoryStore {
       const { epoch, seq, id } = appendTx(channel, json, at, except);
       const msg: StoredMessage = { channel, seq, epoch, id, payload, at };
       if (except !== null) msg.except = except;
-      for (const l of listeners) {
-        try {
-          l(msg);
-        } catch {
-          // A listener's failure must not undo an append that already committed.
-        }
-      }
+      notify(listeners, msg);
       return msg;
     },
 

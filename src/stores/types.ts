@@ -90,3 +90,17 @@ export const DEFAULT_RETENTION: Required<RetentionOptions> = {
   maxMessages: 10_000,
   maxAgeMs: 86_400_000,
 };
+
+/**
+ * Hand an appended message to every `watch` listener. A listener's failure must not undo an
+ * append that already happened, nor keep the message from the other listeners.
+ */
+export function notify(listeners: Iterable<(msg: StoredMessage) => void>, msg: StoredMessage): void {
+  for (const l of listeners) {
+    try {
+      l(msg);
+    } catch {
+      // swallowed on purpose, see above
+    }
+  }
+}
