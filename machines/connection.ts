@@ -12,7 +12,6 @@
  */
 import {
   type ActorRefFrom,
-  type AnyActorRef,
   assign,
   emit,
   enqueueActions,
@@ -385,7 +384,7 @@ export const connectionMachine = setup({
       },
       states: {
         idle: {
-          on: { FRAME: { guard: 'isAckOrReply', target: 'idle', reenter: true, actions: 'onFrame' } },
+          on: { FRAME: { guard: 'isAckOrReply', target: 'idle', reenter: true } },
           after: { keepalive: { target: 'pinging', actions: 'sendPing' } },
         },
         pinging: {
@@ -546,6 +545,3 @@ export function flatState(snapshot: { value: unknown; status?: string }): Connec
   }
   return 'closed';
 }
-
-/** For `provide()` typing in the client. */
-export type SocketActorRef = AnyActorRef;

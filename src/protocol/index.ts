@@ -56,8 +56,6 @@ export const CloseCodes = {
    * sent. The client reconnects and replays from its cursors, so nothing is lost.
    */
   slowConsumer: 4429,
-  unauthorized: 4401,
-  forbidden: 4403,
 } as const;
 
 /** Longest allowed envelope id and clientId. */
