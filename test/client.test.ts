@@ -104,7 +104,7 @@ describe('delivery (§3)', () => {
     await expect(c.send({ id: 'y' })).resolves.toEqual({ ok: true });
   });
 
-  it('a server that lies (wrong number of results) rejects with bad_response', async () => {
+  it('onSync returning the wrong number of results rejects the batch with a typed SyncError', async () => {
     r = await rig({ onSync: async () => [] as unknown[] });
     const c = r.client();
     // The reference server refuses misaligned results itself (server_error); both are typed.
