@@ -6,7 +6,7 @@
 
 import { describe, expect, it } from 'vitest';
 import { CloseCodes, SyncError } from '../src/protocol/index.js';
-import type { HistoryStore } from '../src/server/index.js';
+import type { DedupeStore, HistoryStore } from '../src/server/index.js';
 import { memoryStore } from '../src/stores/memory.js';
 import {
   deferred,
@@ -352,7 +352,7 @@ function sharedDedupe(
   store: HistoryStore,
   table: Map<string, { response?: unknown }>,
   seen: { pending: number },
-): HistoryStore {
+): HistoryStore & DedupeStore {
   return {
     ...store,
     claim: async (key) => {

@@ -32,15 +32,15 @@ describe('sqlite store, one process per file', () => {
   it('a reopened file remembers answered dedupe claims and forgets pending ones', async () => {
     const file = join(dir, `store-${++files}.db`);
     const store = sqliteStore({ file });
-    await store.claim!('c3:done', 60_000);
-    await store.complete!('c3:done', { answered: true }, 60_000);
-    await store.claim!('c3:pending', 60_000);
+    await store.claim('c3:done', 60_000);
+    await store.complete('c3:done', { answered: true }, 60_000);
+    await store.claim('c3:pending', 60_000);
     await store.close();
     // The process that held 'c3:pending' is gone: nobody is processing it any more.
     const again = sqliteStore({ file });
     try {
-      expect(await again.claim!('c3:done', 60_000)).toEqual({ status: 'done', response: { answered: true } });
-      expect(await again.claim!('c3:pending', 60_000)).toEqual({ status: 'new' });
+      expect(await again.claim('c3:done', 60_000)).toEqual({ status: 'done', response: { answered: true } });
+      expect(await again.claim('c3:pending', 60_000)).toEqual({ status: 'new' });
     } finally {
       await again.close();
     }

@@ -4,13 +4,13 @@
  * one at a time in arrival order. Memory stays bounded: remembered responses by count and
  * age, per-client queues dropped when idle, queued batches per client capped.
  *
- * When the history store implements `claim/complete/release` (a store shared by several
- * server processes), it is the memory of record, so a retry that lands on another process
- * is still answered from the first one's response.
+ * When given a `DedupeStore` (`claim/complete/release`, e.g. a store shared by several server
+ * processes), it is the memory of record, so a retry that lands on another process is still
+ * answered from the first one's response. Without one, the in-process map is the memory.
  */
 
 import { type NakEnvelope, nak, type SynEnvelope } from '../protocol/index.js';
-import type { HistoryStore } from '../stores/types.js';
+import type { DedupeClaim, DedupeStore } from '../stores/types.js';
 
 /** What a `SYN` is answered with. */
 export type SynResponse = SynEnvelope | NakEnvelope;
@@ -19,7 +19,8 @@ export interface DedupeOptions {
   windowMs: number;
   maxEntries: number;
   maxQueuedPerClient: number;
-  store: HistoryStore;
+  /** The shared or durable memory of record; `undefined` keeps dedupe in this process. */
+  store: DedupeStore | undefined;
   /** Where failures of the store's dedupe calls are reported. */
   onError: (err: unknown, where: string) => void;
   now?: () => number;
@@ -77,9 +78,9 @@ export class Dedupe {
       // Not remembered: the batch was refused before processing, a later retry may pass.
       return Promise.resolve(nak(syn.id, 'rate_limited', 'too many batches queued for this client'));
     }
-    const shared = this.opts.store.claim && this.opts.store.complete;
+    const shared = this.opts.store;
     const promise = this.enqueue(clientId, () =>
-      shared ? this.runShared(key, syn, process) : process(),
+      shared ? this.runShared(shared, key, syn, process) : process(),
     ).then(
       (response) => {
         this.inflight.delete(key);
@@ -158,17 +159,17 @@ export class Dedupe {
   }
 
   private async runShared(
+    store: DedupeStore,
     key: string,
     syn: SynEnvelope,
     process: () => Promise<SynResponse>,
   ): Promise<SynResponse> {
-    const store = this.opts.store;
     const deadline = this.now() + this.opts.windowMs;
     for (;;) {
       if (this.closed) return nak(syn.id, 'server_error', 'server is shutting down');
-      let claim: Awaited<ReturnType<NonNullable<HistoryStore['claim']>>>;
+      let claim: DedupeClaim;
       try {
-        claim = await store.claim!(key, this.opts.windowMs);
+        claim = await store.claim(key, this.opts.windowMs);
       } catch (err) {
         this.opts.onError(err, 'store.claim');
         return nak(syn.id, 'server_error', 'dedupe store unavailable');
@@ -183,7 +184,7 @@ export class Dedupe {
           throw err;
         }
         try {
-          await store.complete!(key, response, this.opts.windowMs);
+          await store.complete(key, response, this.opts.windowMs);
         } catch (err) {
           // The batch was applied; answering it still beats a retry that fails the same way.
           this.opts.onError(err, 'store.complete');

@@ -2,7 +2,7 @@
  * The default history store: channel history in this process's memory. Fast and free of
  * dependencies, but history dies with the process, which is why every channel gets a fresh
  * epoch when first seen: a restarted server tells its clients `recovered: false` instead of
- * pretending that seq 1 now is seq 1 then. Dedupe stays in the server (no claim/complete).
+ * pretending that seq 1 now is seq 1 then. Dedupe stays in the server (not a `DedupeStore`).
  */
 
 import { randomId, SyncError } from '../protocol/index.js';

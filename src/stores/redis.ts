@@ -41,6 +41,7 @@ import {
   type ChannelHead,
   DEFAULT_RETENTION,
   type DedupeClaim,
+  type DedupeStore,
   type HistoryStore,
   type RetentionOptions,
   type StoredMessage,
@@ -102,8 +103,10 @@ export interface RedisStoreOptions extends RetentionOptions {
   onError?: (error: unknown, where: string) => void;
 }
 
-/** A `HistoryStore` in Redis, with shared dedupe (`claim`/`complete`/`release` are present). */
-export interface RedisHistoryStore extends HistoryStore {
+/**
+ * A `HistoryStore` in Redis, with shared dedupe: also a `DedupeStore`, `release` included.
+ */
+export interface RedisHistoryStore extends HistoryStore, DedupeStore {
   readonly kind: 'redis';
   /**
    * As `HistoryStore.append`, plus `key`: an idempotency key. An append whose key was used in

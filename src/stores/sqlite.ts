@@ -18,6 +18,7 @@ import {
   type ChannelHead,
   DEFAULT_RETENTION,
   type DedupeClaim,
+  type DedupeStore,
   type HistoryStore,
   notify,
   type RetentionOptions,
@@ -52,8 +53,11 @@ function loadDriver(): typeof BetterSqlite3 {
   }
 }
 
-/** A `HistoryStore` in a SQLite file. Opens (and creates) the file synchronously. */
-export function sqliteStore(options: SqliteStoreOptions): HistoryStore {
+/**
+ * A `HistoryStore` in a SQLite file, and its `DedupeStore` in the same file. Opens (and creates)
+ * the file synchronously.
+ */
+export function sqliteStore(options: SqliteStoreOptions): HistoryStore & DedupeStore {
   const maxMessages = options.maxMessages ?? DEFAULT_RETENTION.maxMessages;
   const maxAgeMs = options.maxAgeMs ?? DEFAULT_RETENTION.maxAgeMs;
   const now = options.now ?? Date.now;

@@ -1,6 +1,7 @@
 /**
- * The seam between the reference server and where channel history and dedupe memory live.
- * memoryStore (default), sqliteStore and redisStore implement it; one contract suite
+ * The seams between the reference server and where channel history (`HistoryStore`) and
+ * dedupe memory (`DedupeStore`) live. memoryStore (default), sqliteStore and redisStore
+ * implement `HistoryStore`, the last two `DedupeStore` too; one contract suite
  * (test/stores.contract.test.ts) runs against every one of them.
  */
 
@@ -63,19 +64,34 @@ export interface HistoryStore {
    */
   watch(listener: (msg: StoredMessage) => void): () => void;
 
-  /**
-   * Dedupe memory for `(clientId, SYN id)`. `claim` atomically marks a key as being
-   * processed; a second claim sees `pending` until `complete` stores the response.
-   * Entries live `ttlMs`. A store without shared dedupe may leave these out: the server
-   * then keeps dedupe in its own memory.
-   */
-  claim?(key: string, ttlMs: number): Promise<DedupeClaim>;
-  complete?(key: string, response: unknown, ttlMs: number): Promise<void>;
-  /** Drop a claim whose processing failed before a response existed. */
-  release?(key: string): Promise<void>;
-
   /** Release connections, files and timers. */
   close(): Promise<void>;
+}
+
+/**
+ * Dedupe memory for `(clientId, SYN id)`, kept apart from `HistoryStore` so that the two can
+ * live in different places. `claim` atomically marks a key as being processed; a second claim
+ * sees `pending` until `complete` stores the response. Entries live `ttlMs` (milliseconds).
+ * sqliteStore and redisStore implement it on the same object as their `HistoryStore`;
+ * memoryStore does not: without a `DedupeStore` the server keeps dedupe in its own memory.
+ */
+export interface DedupeStore {
+  claim(key: string, ttlMs: number): Promise<DedupeClaim>;
+  complete(key: string, response: unknown, ttlMs: number): Promise<void>;
+  /**
+   * Drop a claim whose processing failed before a response existed. Optional: without it the
+   * claim stays `pending` until its `ttlMs` lapses.
+   */
+  release?(key: string): Promise<void>;
+}
+
+/**
+ * Whether `value` implements `DedupeStore` (`claim` and `complete` are functions). The server
+ * uses this on its `store` when no `dedupeStore` is given, as it always has.
+ */
+export function isDedupeStore(value: unknown): value is DedupeStore {
+  const v = value as Partial<DedupeStore> | null | undefined;
+  return typeof v?.claim === 'function' && typeof v.complete === 'function';
 }
 
 /** Options every store understands. */

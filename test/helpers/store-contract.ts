@@ -4,7 +4,7 @@
  */
 
 import { afterEach, describe, expect, it } from 'vitest';
-import type { HistoryStore, StoredMessage } from '../../src/stores/types.js';
+import { type HistoryStore, isDedupeStore, type StoredMessage } from '../../src/stores/types.js';
 
 export interface ContractStoreOptions {
   maxMessages?: number;
@@ -226,13 +226,12 @@ export function storeContract(factory: StoreFactory): void {
     });
   });
 
-  // Dedupe memory: only stores that keep it (shared or durable) implement claim/complete.
+  // Dedupe memory: only stores that keep it (shared or durable) implement DedupeStore.
   if (!factory.dedupe) return;
   describe('dedupe claims', () => {
     it('claims once; a second claim is pending until complete; then done with the response', async () => {
       const { store } = await open();
-      if (!store.claim || !store.complete)
-        throw new Error(`${factory.name} says dedupe but lacks claim/complete`);
+      if (!isDedupeStore(store)) throw new Error(`${factory.name} says dedupe but lacks claim/complete`);
       expect(await store.claim('c1:7', 60_000)).toEqual({ status: 'new' });
       expect(await store.claim('c1:7', 60_000)).toEqual({ status: 'pending' });
       const response = { id: '7', type: 'SYN', payload: [{ ok: true }] };
@@ -243,7 +242,7 @@ export function storeContract(factory: StoreFactory): void {
 
     it('release lets the key be claimed again', async () => {
       const { store } = await open();
-      if (!store.claim || !store.release) throw new Error(`${factory.name} lacks claim/release`);
+      if (!isDedupeStore(store) || !store.release) throw new Error(`${factory.name} lacks claim/release`);
       expect((await store.claim('c2:1', 60_000)).status).toBe('new');
       await store.release('c2:1');
       expect((await store.claim('c2:1', 60_000)).status).toBe('new');

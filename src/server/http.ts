@@ -1,0 +1,156 @@
+/**
+ * The HTTP transport of the reference server (PROTOCOL "HTTP"): one `POST` per request
+ * envelope on the sync path, answered with every envelope it produced, CORS for browsers,
+ * bodies bounded in bytes (413). What an envelope means is the dispatcher's business
+ * (dispatcher.ts).
+ *
+ * `handleHttp(req, res)` only needs `node:http`'s request and response, so it can later be
+ * mounted elsewhere (e.g. as framework middleware) besides the server's own `request` event.
+ *
+ * Nothing a client sends may escape into the event loop: every entry point here catches,
+ * answers the client, and reports through `onError`.
+ */
+
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import {
+  encode,
+  HTTP_STATUS_OF,
+  MAX_ID_LENGTH,
+  nak,
+  parseClientFrame,
+  type ServerEnvelope,
+} from '../protocol/index.js';
+import { type Dispatcher, validClientId } from './dispatcher.js';
+
+const CORS_HEADERS = {
+  'Access-Control-Allow-Origin': '*',
+  'Access-Control-Allow-Methods': 'POST, OPTIONS',
+  'Access-Control-Allow-Headers': 'X-Client-Id, Content-Type, Authorization',
+  'Access-Control-Expose-Headers': 'Retry-After',
+  'Access-Control-Max-Age': '86400',
+};
+
+export interface HttpTransportOptions<P> {
+  /** The one path requests are answered on. */
+  path: string;
+  /** Largest body accepted, in bytes; a larger one answers 413. */
+  maxPayloadBytes: number;
+  dispatcher: Dispatcher<P>;
+  /** Whether the server is closing: requests answer 503 with `Retry-After: 1`. */
+  closing(): boolean;
+  onError(err: unknown, where: string): void;
+}
+
+/**
+ * Handle one HTTP request. Returns `false`, touching neither `req` nor `res`, when the request
+ * is not for `path` (its owner decides what to answer); `true` when it answers it (the answer
+ * may be written later). Never throws.
+ */
+export type HttpHandler = (req: IncomingMessage, res: ServerResponse) => boolean;
+
+/** Build the HTTP side; attach the returned handler to the http server's `request` event. */
+export function createHttpHandler<P>(o: HttpTransportOptions<P>): HttpHandler {
+  const { onError } = o;
+
+  async function request(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    if (req.method === 'OPTIONS') return reply(res, 204);
+    if (req.method !== 'POST') return reply(res, 405, undefined, { Allow: 'POST, OPTIONS' });
+    if (o.closing())
+      return reply(res, 503, [nak(null, 'server_error', 'server is closing')], { 'Retry-After': '1' });
+    const clientId = req.headers['x-client-id'];
+    if (!validClientId(clientId)) {
+      return reply(res, 400, [nak(null, 'bad_request', `X-Client-Id must be 1–${MAX_ID_LENGTH} characters`)]);
+    }
+    const tooLarge = () =>
+      // Closing the connection is what stops reading the rest of the body.
+      reply(res, 413, [nak(null, 'too_large', `body exceeds ${o.maxPayloadBytes} bytes`)], {
+        Connection: 'close',
+      });
+    if (Number(req.headers['content-length'] ?? 0) > o.maxPayloadBytes) return tooLarge();
+    const auth = await o.dispatcher.authenticate(req);
+    if (!auth.ok) return reply(res, auth.status, [auth.nak]);
+    const body = await readBody(req, o.maxPayloadBytes);
+    if (body === 'aborted') return;
+    if (body === 'too_large') return tooLarge();
+    const parsed = parseClientFrame(body, { maxBytes: o.maxPayloadBytes });
+    if (!parsed.ok)
+      return reply(res, HTTP_STATUS_OF[parsed.code], [nak(parsed.id, parsed.code, parsed.message)]);
+    const out: ServerEnvelope[] = [];
+    await o.dispatcher.dispatch(parsed.envelope, {
+      clientId,
+      principal: auth.principal,
+      send: (env) => out.push(env),
+    });
+    // Closed meanwhile (e.g. a batch left unprocessed): "retry later" keeps the batch alive.
+    if (o.closing())
+      return reply(res, 503, [nak(null, 'server_error', 'server is closing')], { 'Retry-After': '1' });
+    reply(res, 200, out);
+  }
+
+  return function handleHttp(req, res) {
+    const url = requestUrl(req);
+    if (url?.pathname !== o.path) return false;
+    request(req, res).catch((err: unknown) => {
+      onError(err, 'http');
+      reply(res, 500, [nak(null, 'server_error', 'internal error')]);
+    });
+    return true;
+  };
+}
+
+/**
+ * Answer with `status`, the CORS headers, `Cache-Control: no-store` and `body` as JSON, plus
+ * `headers`. Does nothing once headers were sent.
+ */
+export function reply(
+  res: ServerResponse,
+  status: number,
+  body?: ServerEnvelope[],
+  headers: Record<string, string> = {},
+): void {
+  if (res.headersSent) return;
+  const text = body ? encode(body) : '';
+  res.writeHead(status, {
+    ...CORS_HEADERS,
+    'Cache-Control': 'no-store',
+    ...(body
+      ? { 'Content-Type': 'application/json', 'Content-Length': String(Buffer.byteLength(text)) }
+      : {}),
+    ...headers,
+  });
+  res.end(text);
+}
+
+/** The request's URL, resolved against a dummy origin; `undefined` when it does not parse. */
+export function requestUrl(req: IncomingMessage): URL | undefined {
+  try {
+    return new URL(req.url ?? '/', 'http://localhost');
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * The body; `'too_large'` as soon as it grows past `max` (the rest is not read); `'aborted'`
+ * when the client went away, which is not worth reporting.
+ */
+function readBody(req: IncomingMessage, max: number): Promise<Buffer | 'too_large' | 'aborted'> {
+  return new Promise((resolve) => {
+    const chunks: Buffer[] = [];
+    let size = 0;
+    const onData = (chunk: Buffer) => {
+      size += chunk.length;
+      if (size > max) {
+        req.off('data', onData);
+        req.pause();
+        resolve('too_large');
+        return;
+      }
+      chunks.push(chunk);
+    };
+    req.on('data', onData);
+    req.once('end', () => resolve(Buffer.concat(chunks)));
+    req.once('error', () => resolve('aborted'));
+    req.once('close', () => resolve('aborted')); // no-op once 'end' resolved it
+  });
+}

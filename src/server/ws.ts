@@ -1,0 +1,286 @@
+/**
+ * The WebSocket transport of the reference server, on `ws`: the upgrade (path, clientId,
+ * `authenticate`), one `SocketConn` per socket (frame parsing, bad-frame counting, the send
+ * buffer bound and drain waits for slow consumers), and closing every socket at shutdown.
+ * What a frame means is the dispatcher's business (dispatcher.ts).
+ *
+ * Nothing a client sends may escape into the event loop: every entry point here catches,
+ * answers the client, and reports through `onError`.
+ */
+
+import { type IncomingMessage, STATUS_CODES } from 'node:http';
+import type { Duplex } from 'node:stream';
+import { type RawData, WebSocket, WebSocketServer } from 'ws';
+import {
+  CloseCodes,
+  encode,
+  MAX_ID_LENGTH,
+  type NakEnvelope,
+  nak,
+  parseClientFrame,
+  type ServerEnvelope,
+} from '../protocol/index.js';
+import type { Channels, Subscription } from './channels.js';
+import { type Dispatcher, type LivePeer, type Peer, validClientId } from './dispatcher.js';
+import { requestUrl } from './http.js';
+
+/** How long `close()` waits for clients to answer the close handshake before cutting them. */
+const CLOSE_GRACE_MS = 1000;
+/** How often a replay checks whether a socket's send buffer has drained. */
+const DRAIN_POLL_MS = 5;
+/** How long a replay waits for a socket's send buffer to drain before giving up on it. */
+const DRAIN_GRACE_MS = 30_000;
+
+/** Standard close code for "the server hit an unexpected condition"; the client redials. */
+const INTERNAL_ERROR = 1011;
+
+const ignore = () => {};
+
+export interface WsTransportOptions<P> {
+  /** The one path upgrades are accepted on. */
+  path: string;
+  /** Largest frame answered normally, in bytes; up to 4 × this is read and refused with a NAK. */
+  maxPayloadBytes: number;
+  /** Send-buffer bytes above which a socket is closed as a slow consumer. */
+  maxBufferedBytes: number;
+  /** Consecutive unparseable frames after which a socket is closed. */
+  maxBadFrames: number;
+  dispatcher: Dispatcher<P>;
+  channels: Channels;
+  /** Whether the server is closing: upgrades are refused with 503. */
+  closing(): boolean;
+  onError(err: unknown, where: string): void;
+}
+
+export interface WsTransport {
+  /**
+   * Handle an `upgrade` of the http server. Returns `false`, touching nothing, when the
+   * request is not for `path` (its owner decides); `true` once it took the socket over.
+   */
+  handleUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): boolean;
+  /** Open sockets. */
+  readonly size: number;
+  /** clientIds of the open sockets. */
+  clientIds(): Iterable<string>;
+  /**
+   * Close every socket (1001), wait up to `CLOSE_GRACE_MS` for the close handshakes, cut the
+   * rest, and close the `WebSocketServer`.
+   */
+  close(): Promise<void>;
+}
+
+/** What a `SocketConn` shares with its transport. */
+interface ConnContext<P> {
+  readonly o: WsTransportOptions<P>;
+  readonly conns: Set<SocketConn<P>>;
+}
+
+class SocketConn<P> implements LivePeer, Peer<P> {
+  readonly subs = new Map<string, Subscription>();
+  badFrames = 0;
+  private tail: Promise<unknown> = Promise.resolve();
+  private ended = false;
+
+  constructor(
+    private readonly ctx: ConnContext<P>,
+    readonly ws: WebSocket,
+    readonly clientId: string,
+    readonly principal: P,
+  ) {}
+
+  get conn(): SocketConn<P> {
+    return this;
+  }
+
+  get open(): boolean {
+    return !this.ended && this.ws.readyState === WebSocket.OPEN;
+  }
+
+  send(env: ServerEnvelope): void {
+    this.sendText(encode(env));
+  }
+
+  sendText(text: string): void {
+    if (!this.open) return;
+    this.ws.send(text);
+    if (this.ws.bufferedAmount > this.ctx.o.maxBufferedBytes)
+      this.close(CloseCodes.slowConsumer, 'slow consumer');
+  }
+
+  /**
+   * Replays wait here so history never fills the send buffer past half the bound; live
+   * sends are what trip the bound. A socket that does not drain within the grace period
+   * is a slow consumer too.
+   */
+  drained(): Promise<void> | undefined {
+    const { maxBufferedBytes } = this.ctx.o;
+    if (!this.open || this.ws.bufferedAmount <= maxBufferedBytes / 2) return undefined;
+    return (async () => {
+      const deadline = Date.now() + DRAIN_GRACE_MS;
+      while (this.open && this.ws.bufferedAmount > maxBufferedBytes / 2) {
+        if (Date.now() > deadline) return this.close(CloseCodes.slowConsumer, 'slow consumer');
+        await new Promise((resolve) => setTimeout(resolve, DRAIN_POLL_MS));
+      }
+    })();
+  }
+
+  fail(reason: string): void {
+    this.close(INTERNAL_ERROR, reason);
+  }
+
+  serial<T>(task: () => Promise<T>): Promise<T> {
+    const run = this.tail.then(task);
+    this.tail = run.catch(() => undefined);
+    return run;
+  }
+
+  close(code: number, reason: string): void {
+    if (this.ended) return;
+    this.ended = true;
+    this.ctx.o.channels.dropPeer(this);
+    try {
+      this.ws.close(code, reason);
+    } catch {
+      this.ws.terminate();
+    }
+  }
+
+  onMessage(data: RawData): void {
+    const { o } = this.ctx;
+    const frame = Array.isArray(data)
+      ? Buffer.concat(data)
+      : Buffer.isBuffer(data)
+        ? data
+        : Buffer.from(data);
+    // Binary frames go through the same parser as text: UTF-8 JSON either way.
+    const parsed = parseClientFrame(frame, { maxBytes: o.maxPayloadBytes });
+    if (!parsed.ok) {
+      const id = parsed.code === 'too_large' ? salvageId(frame) : parsed.id;
+      this.send(nak(id, parsed.code, parsed.message));
+      if (++this.badFrames >= o.maxBadFrames) this.close(CloseCodes.badFrames, 'too many bad frames');
+      return;
+    }
+    this.badFrames = 0;
+    void o.dispatcher.dispatch(parsed.envelope, this);
+  }
+
+  onClose(): void {
+    this.ended = true;
+    this.ctx.conns.delete(this);
+    this.ctx.o.channels.dropPeer(this);
+  }
+}
+
+/** Build the WebSocket side; attach `handleUpgrade` to the http server's `upgrade` event. */
+export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
+  const { onError } = o;
+  const wss = new WebSocketServer({
+    noServer: true,
+    maxPayload: 4 * o.maxPayloadBytes,
+    perMessageDeflate: false,
+    clientTracking: false,
+  });
+  const conns = new Set<SocketConn<P>>();
+  const ctx: ConnContext<P> = { o, conns };
+
+  function handleUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): boolean {
+    const url = requestUrl(req);
+    if (url?.pathname !== o.path) return false;
+    // A client vanishing mid-handshake is not a server failure; ws takes the socket over after.
+    socket.on('error', ignore);
+    upgrade(req, socket, head, url).catch((err: unknown) => {
+      onError(err, 'upgrade');
+      rejectUpgrade(socket, 500);
+    });
+    return true;
+  }
+
+  async function upgrade(req: IncomingMessage, socket: Duplex, head: Buffer, url: URL): Promise<void> {
+    if (o.closing()) return rejectUpgrade(socket, 503);
+    const clientId = url.searchParams.get('clientId');
+    if (!validClientId(clientId)) {
+      return rejectUpgrade(
+        socket,
+        400,
+        nak(null, 'bad_request', `clientId must be 1–${MAX_ID_LENGTH} characters`),
+      );
+    }
+    const auth = await o.dispatcher.authenticate(req);
+    if (!auth.ok) return rejectUpgrade(socket, auth.status, auth.nak);
+    if (socket.destroyed || o.closing()) {
+      socket.destroy();
+      return;
+    }
+    wss.handleUpgrade(req, socket, head, (ws) => {
+      socket.off('error', ignore);
+      const conn = new SocketConn(ctx, ws, clientId, auth.principal);
+      conns.add(conn);
+      ws.on('message', (data) => {
+        try {
+          conn.onMessage(data);
+        } catch (err) {
+          onError(err, 'message');
+        }
+      });
+      // Protocol errors of the client's making (frames over 4 × maxPayloadBytes, bad UTF-8,
+      // resets): ws closes the socket itself (1009 for size). Not reported: a misbehaving
+      // client must not be able to flood the server's logs.
+      ws.on('error', ignore);
+      ws.on('close', () => conn.onClose());
+    });
+  }
+
+  async function close(): Promise<void> {
+    const all = [...conns];
+    const closed = all.map((c) => new Promise<void>((resolve) => c.ws.once('close', () => resolve())));
+    for (const c of all) c.close(CloseCodes.goingAway, 'server closing');
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([
+      Promise.all(closed),
+      new Promise<void>((resolve) => {
+        timer = setTimeout(resolve, CLOSE_GRACE_MS);
+      }),
+    ]);
+    clearTimeout(timer);
+    for (const c of all) if (c.ws.readyState !== WebSocket.CLOSED) c.ws.terminate();
+    wss.close();
+  }
+
+  return {
+    handleUpgrade,
+    get size() {
+      return conns.size;
+    },
+    *clientIds() {
+      for (const c of conns) yield c.clientId;
+    },
+    close,
+  };
+}
+
+/** The id of a frame refused as too large, so the client knows which batch failed. */
+function salvageId(frame: Buffer): string | null {
+  try {
+    const raw = JSON.parse(frame.toString('utf8')) as unknown;
+    if (typeof raw === 'object' && raw !== null && 'id' in raw) {
+      const id = (raw as { id: unknown }).id;
+      if (validClientId(id)) return id;
+    }
+  } catch {
+    // Not JSON either: nothing to salvage.
+  }
+  return null;
+}
+
+/** Answer an upgrade with a plain HTTP status (and a NAK body) and close the socket. */
+export function rejectUpgrade(socket: Duplex, status: number, body?: NakEnvelope): void {
+  if (socket.destroyed) return;
+  const text = body ? encode([body]) : '';
+  socket.once('finish', () => socket.destroy());
+  socket.end(
+    `HTTP/1.1 ${status} ${STATUS_CODES[status] ?? ''}\r\n` +
+      'Connection: close\r\n' +
+      'Content-Type: application/json\r\n' +
+      `Content-Length: ${Buffer.byteLength(text)}\r\n\r\n${text}`,
+  );
+}
