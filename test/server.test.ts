@@ -353,8 +353,12 @@ function sharedDedupe(
   table: Map<string, { response?: unknown }>,
   seen: { pending: number },
 ): HistoryStore & DedupeStore {
+  return { ...store, ...dedupeTable(table, seen) };
+}
+
+/** claim/complete/release over one table, on an object of its own (a `dedupeStore`). */
+function dedupeTable(table: Map<string, { response?: unknown }>, seen: { pending: number }): DedupeStore {
   return {
-    ...store,
     claim: async (key) => {
       const entry = table.get(key);
       if (entry && !('response' in entry)) seen.pending++;
@@ -400,6 +404,23 @@ describe('dedupe across processes (store claim/complete)', () => {
     expect(later.body.at(-1)).toEqual(expected);
     expect(calls).toBe(1);
     expect(one.stats().dedupeEntries + two.stats().dedupeEntries).toBe(0); // the store holds them
+  });
+
+  it('uses a separate dedupeStore beside a history store without one', async () => {
+    const table = new Map<string, { response?: unknown }>();
+    const seen = { pending: 0 };
+    let calls = 0;
+    const onSync = (ops: unknown[]) => ops.map(() => ++calls);
+    const dedupeStore = dedupeTable(table, seen);
+    const one = await h.start({ onSync, store: memoryStore(), dedupeStore });
+    const two = await h.start({ onSync, store: memoryStore(), dedupeStore });
+    const syn = { id: 'd1', type: 'SYN', payload: ['op'] };
+    const expected = { id: 'd1', type: 'SYN', payload: [1] };
+    expect((await post(httpUrl(one), 'c-sep', syn)).body.at(-1)).toEqual(expected);
+    expect((await post(httpUrl(two), 'c-sep', syn)).body.at(-1)).toEqual(expected);
+    expect(calls).toBe(1);
+    expect(table.size).toBe(1);
+    expect(one.stats().dedupeEntries + two.stats().dedupeEntries).toBe(0); // the dedupeStore holds them
   });
 });
 

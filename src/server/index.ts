@@ -215,6 +215,7 @@ const POSITIVE_OPTIONS = [
 
 /** How often expired dedupe entries are dropped and the store trimmed, at most. */
 const HOUSEKEEPING_MS = 60_000;
+
 const defaultOnError = (error: unknown, where: string) => {
   console.error(`[syncwire] ${where}:`, error);
 };
