@@ -18,7 +18,19 @@ export const NAK_CODES = [
   'unauthorized',
   'rate_limited',
   'server_error',
+  'client_id_taken',
+  'id_reused',
+  'result_not_kept',
 ] as const;
+/**
+ * - `client_id_taken`: the clientId is bound to another principal (PROTOCOL §1 "principal
+ *   binding"); the request was not processed. HTTP 409; also the upgrade's status.
+ * - `id_reused`: a `SYN` id this client already used came with a different payload (its
+ *   SHA-256 fingerprint differs); the batch was not applied and nothing remembered is returned.
+ * - `result_not_kept`: the `SYN` was applied before, but its response was too large to keep
+ *   (`dedupeMaxResponseBytes`) or was reduced to a fingerprint under `dedupeMaxBytes`: do not
+ *   resend, the operations were applied once.
+ */
 export type NakCode = (typeof NAK_CODES)[number];
 
 /**
@@ -345,4 +357,7 @@ export const HTTP_STATUS_OF: Record<NakCode, number> = {
   unauthorized: 401,
   rate_limited: 429,
   server_error: 500,
+  client_id_taken: 409,
+  id_reused: 422,
+  result_not_kept: 410,
 };

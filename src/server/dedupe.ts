@@ -1,23 +1,38 @@
 /**
  * Exactly-once processing of `SYN`s (PROTOCOL §3 rules 3 and 4): remembers each
- * `(clientId, SYN id)` and its response, on either transport, and runs one client's batches
- * one at a time in arrival order. Memory stays bounded: remembered responses by count and
- * age, per-client queues dropped when idle, queued batches per client capped.
+ * `(principal, clientId, SYN id)` with the fingerprint of its payload and its response, on
+ * either transport, and runs one client's batches one at a time in arrival order.
+ *
+ * A known key whose payload fingerprint (SHA-256 of the payload's JSON) differs is refused
+ * `NAK id_reused`, whether the first copy is finished or still in flight: a request is never
+ * answered with another's result (idempotency keys at Stripe work the same way).
+ *
+ * Memory stays bounded in count and bytes: remembered responses by age (`windowMs`), count
+ * (`maxEntries`) and bytes (`maxBytes`); a response over `maxResponseBytes` is kept as its
+ * fingerprint only, and under byte pressure the oldest responses are reduced to fingerprints
+ * before any entry is dropped. A replay of an id whose response was not kept is answered
+ * `NAK result_not_kept` ("applied, result not kept"). Per-client queues are dropped when idle,
+ * queued batches per client capped.
  *
  * When given a `DedupeStore` (`claim/complete/release`, e.g. a store shared by several server
  * processes), it is the memory of record, so a retry that lands on another process is still
- * answered from the first one's response. Without one, the in-process map is the memory.
+ * answered from the first one's response; the store gets the limits with each `complete`.
+ * Without one, the in-process map is the memory.
  */
 
+import { createHash } from 'node:crypto';
 import { type NakEnvelope, nak, type SynEnvelope } from '../protocol/index.js';
-import type { DedupeClaim, DedupeStore } from '../stores/types.js';
+import type { DedupeClaim, DedupeLimits, DedupeStore } from '../stores/types.js';
 
-/** What a `SYN` is answered with. */
 export type SynResponse = SynEnvelope | NakEnvelope;
 
 export interface DedupeOptions {
   windowMs: number;
   maxEntries: number;
+  /** Most bytes of remembered responses (UTF-8 JSON) plus per-entry overhead. */
+  maxBytes: number;
+  /** A response larger than this (UTF-8 JSON bytes) is remembered as its fingerprint only. */
+  maxResponseBytes: number;
   maxQueuedPerClient: number;
   /** The shared or durable memory of record; `undefined` keeps dedupe in this process. */
   store: DedupeStore | undefined;
@@ -27,9 +42,35 @@ export interface DedupeOptions {
 }
 
 interface Remembered {
-  response: SynResponse;
+  /** Fingerprint of the request's payload. */
+  fp: string;
+  /** Absent when not kept (too large, or reduced under byte pressure). */
+  response?: SynResponse;
   at: number;
+  /** What this entry counts against `maxBytes`. */
+  bytes: number;
 }
+
+/** What the server stores in a `DedupeStore`: the fingerprint, and the response when kept. */
+export interface StoredAnswer {
+  f: string;
+  r?: SynResponse;
+}
+
+/** Bytes an entry costs besides its response (key, fingerprint, bookkeeping), an estimate. */
+const ENTRY_OVERHEAD = 160;
+
+/** SHA-256 of the payload's JSON, base64url: what makes "the same request" (`id_reused`). */
+export function fingerprint(payload: unknown): string {
+  return createHash('sha256')
+    .update(JSON.stringify(payload) ?? '')
+    .digest('base64url');
+}
+
+const idReused = (id: string) =>
+  nak(id, 'id_reused', 'this request id was used before with a different payload; use a new id');
+const notKept = (id: string) =>
+  nak(id, 'result_not_kept', 'this request was applied before; its result was not kept');
 
 /** How often a process polls a shared store for a duplicate another process is processing. */
 const POLL_MS = 20;
@@ -41,8 +82,11 @@ const sleep = (ms: number) =>
 
 export class Dedupe {
   private readonly done = new Map<string, Remembered>();
+  /** Keys of `done` entries that still hold a response, oldest first (reduced first). */
+  private readonly full = new Set<string>();
+  private bytes = 0;
   /** Batches being processed or queued in this process, so duplicates share one promise. */
-  private readonly inflight = new Map<string, Promise<SynResponse>>();
+  private readonly inflight = new Map<string, { fp: string; promise: Promise<SynResponse> }>();
   private readonly queues = new Map<string, { tail: Promise<unknown>; size: number }>();
   private readonly now: () => number;
   private closed = false;
@@ -56,22 +100,35 @@ export class Dedupe {
     return this.done.size;
   }
 
+  /** Bytes the remembered entries count against `maxBytes`. */
+  get sizeBytes(): number {
+    return this.bytes;
+  }
+
   /** clientIds with batches queued or running. */
   activeClientIds(): IterableIterator<string> {
     return this.queues.keys();
   }
 
   /**
-   * Answer a `SYN`: the remembered response of a duplicate, or `process(ops)` run in this
-   * client's turn. Never rejects: `process` is expected to turn its own failures into NAKs.
+   * Answer a `SYN` of `owner` (the principal's key, see identity.ts): the remembered response
+   * of a duplicate, `NAK id_reused` for a known id with another payload, `NAK result_not_kept`
+   * for a duplicate whose response was not kept, or `process(ops)` run in this client's turn.
+   * Never rejects: `process` is expected to turn its own failures into NAKs.
    */
-  run(clientId: string, syn: SynEnvelope, process: () => Promise<SynResponse>): Promise<SynResponse> {
-    // Length-prefixed so that no (clientId, id) pair can collide with another.
-    const key = `${clientId.length}:${clientId}:${syn.id}`;
+  run(
+    owner: string,
+    clientId: string,
+    syn: SynEnvelope,
+    process: () => Promise<SynResponse>,
+  ): Promise<SynResponse> {
+    // Length-prefixed so that no (owner, clientId, id) triple can collide with another.
+    const key = `${owner.length}:${owner}:${clientId.length}:${clientId}:${syn.id}`;
+    const fp = fingerprint(syn.payload);
     const running = this.inflight.get(key);
-    if (running) return running;
+    if (running) return running.fp === fp ? running.promise : Promise.resolve(idReused(syn.id));
     const known = this.lookup(key);
-    if (known) return Promise.resolve(known);
+    if (known) return Promise.resolve(answer(syn.id, known.fp, known.response, fp));
 
     const queue = this.queues.get(clientId);
     if (queue && queue.size >= this.opts.maxQueuedPerClient) {
@@ -80,11 +137,11 @@ export class Dedupe {
     }
     const shared = this.opts.store;
     const promise = this.enqueue(clientId, () =>
-      shared ? this.runShared(shared, key, syn, process) : process(),
+      shared ? this.runShared(shared, key, fp, syn, process) : process(),
     ).then(
       (response) => {
         this.inflight.delete(key);
-        if (!shared) this.remember(key, response);
+        if (!shared) this.remember(key, fp, response);
         return response;
       },
       (err: unknown) => {
@@ -94,7 +151,7 @@ export class Dedupe {
         return nak(syn.id, 'server_error', 'internal error');
       },
     );
-    this.inflight.set(key, promise);
+    this.inflight.set(key, { fp, promise });
     return promise;
   }
 
@@ -105,7 +162,7 @@ export class Dedupe {
     // entries are all at the front.
     for (const [key, entry] of this.done) {
       if (entry.at > cutoff) break;
-      this.done.delete(key);
+      this.drop(key, entry);
     }
   }
 
@@ -113,27 +170,59 @@ export class Dedupe {
   close(): void {
     this.closed = true;
     this.done.clear();
+    this.full.clear();
+    this.bytes = 0;
   }
 
-  private lookup(key: string): SynResponse | undefined {
+  private lookup(key: string): Remembered | undefined {
     const entry = this.done.get(key);
     if (!entry) return undefined;
     if (entry.at <= this.now() - this.opts.windowMs) {
-      this.done.delete(key);
+      this.drop(key, entry);
       return undefined;
     }
-    return entry.response;
+    return entry;
   }
 
-  private remember(key: string, response: SynResponse): void {
-    if (this.closed) return;
+  private drop(key: string, entry: Remembered): void {
     this.done.delete(key);
-    this.done.set(key, { response, at: this.now() });
+    this.full.delete(key);
+    this.bytes -= entry.bytes;
+  }
+
+  private remember(key: string, fp: string, response: SynResponse): void {
+    if (this.closed) return;
+    const old = this.done.get(key);
+    if (old) this.drop(key, old);
+    const size = responseBytes(response);
+    const kept = size <= this.opts.maxResponseBytes;
+    const entry: Remembered = { fp, at: this.now(), bytes: ENTRY_OVERHEAD + key.length + (kept ? size : 0) };
+    if (kept) {
+      entry.response = response;
+      this.full.add(key);
+    }
+    this.done.set(key, entry);
+    this.bytes += entry.bytes;
     this.sweep();
     // Evict the oldest: Map iteration starts with the least recently inserted.
     while (this.done.size > this.opts.maxEntries) {
       const oldest = this.done.keys().next().value as string;
-      this.done.delete(oldest);
+      this.drop(oldest, this.done.get(oldest)!);
+    }
+    // Over the byte cap: reduce the oldest responses to their fingerprints first (a replay of
+    // them is still known as applied), then drop whole entries if fingerprints alone exceed it.
+    for (const k of this.full) {
+      if (this.bytes <= this.opts.maxBytes) break;
+      const e = this.done.get(k)!;
+      const reduced = ENTRY_OVERHEAD + k.length;
+      this.bytes -= e.bytes - reduced;
+      e.bytes = reduced;
+      delete e.response;
+      this.full.delete(k);
+    }
+    while (this.bytes > this.opts.maxBytes && this.done.size > 0) {
+      const oldest = this.done.keys().next().value as string;
+      this.drop(oldest, this.done.get(oldest)!);
     }
   }
 
@@ -161,10 +250,12 @@ export class Dedupe {
   private async runShared(
     store: DedupeStore,
     key: string,
+    fp: string,
     syn: SynEnvelope,
     process: () => Promise<SynResponse>,
   ): Promise<SynResponse> {
     const deadline = this.now() + this.opts.windowMs;
+    const limits: DedupeLimits = { maxEntries: this.opts.maxEntries, maxBytes: this.opts.maxBytes };
     for (;;) {
       if (this.closed) return nak(syn.id, 'server_error', 'server is shutting down');
       let claim: DedupeClaim;
@@ -174,7 +265,11 @@ export class Dedupe {
         this.opts.onError(err, 'store.claim');
         return nak(syn.id, 'server_error', 'dedupe store unavailable');
       }
-      if (claim.status === 'done') return claim.response as SynResponse;
+      if (claim.status === 'done') {
+        const stored = claim.response as Partial<StoredAnswer> | null;
+        if (typeof stored?.f !== 'string') return notKept(syn.id); // not written by this server
+        return answer(syn.id, stored.f, stored.r, fp);
+      }
       if (claim.status === 'new') {
         let response: SynResponse;
         try {
@@ -183,17 +278,30 @@ export class Dedupe {
           await store.release?.(key).catch((e: unknown) => this.opts.onError(e, 'store.release'));
           throw err;
         }
+        const stored: StoredAnswer = { f: fp };
+        if (responseBytes(response) <= this.opts.maxResponseBytes) stored.r = response;
         try {
-          await store.complete(key, response, this.opts.windowMs);
+          await store.complete(key, stored, this.opts.windowMs, limits);
         } catch (err) {
           // The batch was applied; answering it still beats a retry that fails the same way.
           this.opts.onError(err, 'store.complete');
         }
         return response;
       }
-      // Another process holds the claim: wait for its response.
+      // Another process holds the claim: wait for its response (and then compare fingerprints).
       if (this.now() > deadline) return nak(syn.id, 'server_error', 'duplicate still being processed');
       await sleep(POLL_MS);
     }
   }
+}
+
+/** UTF-8 bytes of a response's JSON. */
+function responseBytes(response: SynResponse): number {
+  return Buffer.byteLength(JSON.stringify(response));
+}
+
+/** What a duplicate gets: the response when it is the same request and it was kept. */
+function answer(id: string, storedFp: string, response: SynResponse | undefined, fp: string): SynResponse {
+  if (storedFp !== fp) return idReused(id);
+  return response ?? notKept(id);
 }

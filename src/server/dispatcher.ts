@@ -26,6 +26,7 @@ import {
 import type { AppendOptions, HistoryStore } from '../stores/types.js';
 import type { ChannelPeer, Channels } from './channels.js';
 import type { Dedupe, SynResponse } from './dedupe.js';
+import { type Bindings, ownerOf } from './identity.js';
 import type { PublishOptions, PublishResult, SyncContext, SyncServerOptions } from './index.js';
 
 /** A peer whose subscriptions are live (a socket): `Channels` delivers to it directly. */
@@ -51,6 +52,10 @@ export interface DispatcherOptions<P> {
   hooks: Pick<SyncServerOptions<P>, 'onSync' | 'authenticate' | 'authorize'>;
   store: HistoryStore;
   dedupe: Dedupe;
+  /** clientId → principal bindings (identity.ts). */
+  bindings: Bindings;
+  /** A principal's stable key (the server's `principalKey` option). */
+  principalKey(principal: P): string;
   channels: Channels;
   /** Whether the server is closing: publishes are refused, queued batches answered `server_error`. */
   closing(): boolean;
@@ -62,8 +67,12 @@ export interface Dispatcher<P> {
   publish(channel: string, payload: unknown, opts?: PublishOptions): Promise<PublishResult>;
   /** Answer one valid envelope. Resolves when its last reply was sent; never rejects. */
   dispatch(env: RequestEnvelope, peer: Peer<P>): Promise<void>;
-  /** Run `authenticate`: the principal, or the status and NAK to refuse with. Never rejects. */
-  authenticate(req: IncomingMessage): Promise<AuthResult<P>>;
+  /**
+   * Run `authenticate`, then bind `clientId` to the principal (PROTOCOL §1): the principal, or
+   * the status and NAK to refuse with (409 `client_id_taken` when another principal owns
+   * `clientId`). Never rejects.
+   */
+  authenticate(req: IncomingMessage, clientId: string): Promise<AuthResult<P>>;
   /** Run `onSync` for one batch and check its results; never rejects. */
   applySyn(syn: { id: string; payload: unknown[] }, peer: Peer<P>): Promise<SynResponse>;
   /** Answer a `SUB`: live subscriptions for a socket, a one-shot replay otherwise. */
@@ -74,11 +83,50 @@ export interface Dispatcher<P> {
 export const validClientId = (v: unknown): v is string =>
   typeof v === 'string' && v.length > 0 && v.length <= MAX_ID_LENGTH;
 
+/** Owner key of the one principal of a server without `authenticate`. */
+const ANONYMOUS = 'anonymous';
+
 const isNakCode = (v: unknown): v is NakCode => (NAK_CODES as readonly unknown[]).includes(v);
 
 /** Build the dispatcher; it owns no transport, timer or connection. */
 export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
-  const { hooks, store, dedupe, channels, onError } = o;
+  const { hooks, store, dedupe, channels, bindings, onError } = o;
+
+  // Owner keys of object principals, computed once per object (a socket's principal is one).
+  const owners = new WeakMap<object, string>();
+  /** The principal's owner key; everyone is the one anonymous principal without `authenticate`. */
+  const ownerKey = (principal: P): string => {
+    if (!hooks.authenticate) return ANONYMOUS;
+    const cacheable = typeof principal === 'object' && principal !== null;
+    const cached = cacheable ? owners.get(principal) : undefined;
+    if (cached !== undefined) return cached;
+    const owner = ownerOf(o.principalKey(principal));
+    if (cacheable) owners.set(principal, owner);
+    return owner;
+  };
+
+  /** Bind or refresh; `null` when the principal may use `clientId`, else the refusal. */
+  async function bind(clientId: string, principal: P): Promise<Exclude<AuthResult<P>, { ok: true }> | null> {
+    // Without authenticate there is one principal: nobody else can hold a binding.
+    if (!hooks.authenticate) return null;
+    let ok: boolean;
+    try {
+      ok = await bindings.bind(clientId, ownerKey(principal));
+    } catch (err) {
+      onError(err, 'bind');
+      return {
+        ok: false,
+        status: HTTP_STATUS_OF.server_error,
+        nak: nak(null, 'server_error', 'identity store unavailable'),
+      };
+    }
+    if (ok) return null;
+    return {
+      ok: false,
+      status: HTTP_STATUS_OF.client_id_taken,
+      nak: nak(null, 'client_id_taken', 'this clientId belongs to another principal; use a new one'),
+    };
+  }
 
   async function publish(
     channel: string,
@@ -189,9 +237,14 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
       switch (env.type) {
         case 'PNG':
           return;
-        case 'SYN':
-          peer.send(await dedupe.run(peer.clientId, env, () => applySyn(env, peer)));
+        case 'SYN': {
+          // Refreshes the binding (so it outlives the dedupe entries) and re-checks it.
+          const refused = await bind(peer.clientId, peer.principal);
+          if (refused) return peer.send({ ...refused.nak, id: env.id });
+          const owner = ownerKey(peer.principal);
+          peer.send(await dedupe.run(owner, peer.clientId, env, () => applySyn(env, peer)));
           return;
+        }
         case 'SUB':
           // A socket's SUBs and UNSs apply in order, or an UNS could overtake its SUB.
           if (peer.conn) return await peer.conn.serial(() => subscribe(env, peer));
@@ -211,7 +264,7 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
   }
 
   /** Run `authenticate`: the principal, or the status and NAK to refuse with. */
-  async function authenticate(req: IncomingMessage): Promise<AuthResult<P>> {
+  async function authenticate(req: IncomingMessage, clientId: string): Promise<AuthResult<P>> {
     if (!hooks.authenticate) return { ok: true, principal: null as P };
     try {
       const principal = await hooks.authenticate(req);
@@ -222,7 +275,7 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
           nak: nak(null, 'unauthorized', 'authentication required'),
         };
       }
-      return { ok: true, principal };
+      return (await bind(clientId, principal)) ?? { ok: true, principal };
     } catch (err) {
       if (err instanceof SyncError && (err.code === 'forbidden' || err.code === 'unauthorized')) {
         return { ok: false, status: HTTP_STATUS_OF[err.code], nak: nak(null, err.code, err.message) };

@@ -67,7 +67,7 @@ export function createHttpHandler<P>(o: HttpTransportOptions<P>): HttpHandler {
         Connection: 'close',
       });
     if (Number(req.headers['content-length'] ?? 0) > o.maxPayloadBytes) return tooLarge();
-    const auth = await o.dispatcher.authenticate(req);
+    const auth = await o.dispatcher.authenticate(req, clientId);
     if (!auth.ok) return reply(res, auth.status, [auth.nak]);
     const body = await readBody(req, o.maxPayloadBytes);
     if (body === 'aborted') return;

@@ -20,17 +20,20 @@ import { Channels } from './channels.js';
 import { Dedupe } from './dedupe.js';
 import { makeDispatcher } from './dispatcher.js';
 import { createHttpHandler, reply } from './http.js';
+import { Bindings, defaultPrincipalKey } from './identity.js';
 import { createWsTransport, rejectUpgrade } from './ws.js';
 
 export { type MemoryStoreOptions, memoryStore } from '../stores/memory.js';
 export type {
   ChannelHead,
   DedupeClaim,
+  DedupeLimits,
   DedupeStore,
   HistoryStore,
   RetentionOptions,
   StoredMessage,
 } from '../stores/types.js';
+export { defaultPrincipalKey } from './identity.js';
 
 /** What `onSync` is given besides the operations. */
 export interface SyncContext<P = unknown> {
@@ -99,6 +102,15 @@ export interface SyncServerOptions<P = unknown> {
    */
   authenticate?(req: IncomingMessage): P | null | undefined | Promise<P | null | undefined>;
   /**
+   * A principal's stable key: what makes two principals "the same" for the clientId binding
+   * and for dedupe (PROTOCOL §1 "principal binding", §3 rule 3). Keys are hashed (SHA-256)
+   * before they are stored. Must not throw.
+   * @default strings and numbers as they are; objects with a string or number `id` by that
+   *   `id`; anything else as its JSON (`defaultPrincipalKey`). Without `authenticate` every
+   *   client is the one anonymous principal.
+   */
+  principalKey?(principal: P): string;
+  /**
    * Whether `principal` may do `action` on `channel`; asked for every channel of a `SUB`
    * before anything is replayed. One refusal answers the whole `SUB` with `NAK forbidden`.
    * @default undefined (everything is allowed)
@@ -117,15 +129,32 @@ export interface SyncServerOptions<P = unknown> {
    */
   dedupeStore?: DedupeStore;
   /**
-   * How long the response to each `(clientId, SYN id)` is remembered.
+   * How long the response to each `(principal, clientId, SYN id)` is remembered, and how long
+   * a clientId stays bound to its principal after its last use.
    * @default 600000 (10 minutes)
    */
   dedupeWindowMs?: number;
   /**
-   * Most responses remembered at once (the oldest go first); bounds dedupe memory.
+   * Most responses remembered at once (the oldest go first); bounds dedupe memory in count,
+   * in this process and (passed with every `complete`) in sqliteStore and redisStore. Also
+   * bounds the clientId bindings held in this process.
    * @default 100000
    */
   dedupeMaxEntries?: number;
+  /**
+   * Most bytes of dedupe memory: remembered responses (UTF-8 JSON) plus about 160 bytes per
+   * entry. Over it, the oldest responses are reduced to their fingerprints (a replay of them
+   * is answered `NAK result_not_kept`), then the oldest entries dropped. Stores drop whole
+   * entries, oldest first.
+   * @default 67108864 (64 MiB)
+   */
+  dedupeMaxBytes?: number;
+  /**
+   * A response larger than this (UTF-8 JSON bytes) is remembered as its fingerprint only: a
+   * replay of that request is answered `NAK result_not_kept` ("applied, result not kept").
+   * @default 65536 (64 KiB)
+   */
+  dedupeMaxResponseBytes?: number;
   /**
    * Largest request accepted, in bytes: a larger HTTP body answers 413, a larger socket frame
    * `NAK too_large`. Socket frames above 4 × this are not read at all: `ws` closes the socket
@@ -170,6 +199,8 @@ export interface SyncServerStats {
   clients: number;
   /** `SYN` responses remembered in this process for dedupe. */
   dedupeEntries: number;
+  /** Bytes those entries count against `dedupeMaxBytes`. */
+  dedupeBytes: number;
   /** Channels with at least one live socket subscription. */
   channels: number;
 }
@@ -196,6 +227,8 @@ const DEFAULTS = {
   path: '/sync',
   dedupeWindowMs: 600_000,
   dedupeMaxEntries: 100_000,
+  dedupeMaxBytes: 64 * 1024 * 1024,
+  dedupeMaxResponseBytes: 64 * 1024,
   maxPayloadBytes: DEFAULT_MAX_PAYLOAD_BYTES,
   replayLimit: 1000,
   maxBufferedBytes: 8 * 1024 * 1024,
@@ -206,6 +239,8 @@ const DEFAULTS = {
 const POSITIVE_OPTIONS = [
   'dedupeWindowMs',
   'dedupeMaxEntries',
+  'dedupeMaxBytes',
+  'dedupeMaxResponseBytes',
   'maxPayloadBytes',
   'replayLimit',
   'maxBufferedBytes',
@@ -241,12 +276,20 @@ export async function createSyncServer<P = unknown>(options: SyncServerOptions<P
   };
   const ownServer = !o.server;
   const httpServer = o.server ?? createServer();
+  const dedupeStore = o.dedupeStore ?? (isDedupeStore(store) ? store : undefined);
   const dedupe = new Dedupe({
     windowMs: o.dedupeWindowMs,
     maxEntries: o.dedupeMaxEntries,
+    maxBytes: o.dedupeMaxBytes,
+    maxResponseBytes: o.dedupeMaxResponseBytes,
     maxQueuedPerClient: o.maxQueuedPerClient,
-    store: o.dedupeStore ?? (isDedupeStore(store) ? store : undefined),
+    store: dedupeStore,
     onError,
+  });
+  const bindings = new Bindings({
+    ttlMs: o.dedupeWindowMs,
+    maxEntries: o.dedupeMaxEntries,
+    store: dedupeStore,
   });
   const channels = new Channels({ store, replayLimit: o.replayLimit, onError });
   let closing: Promise<void> | undefined;
@@ -256,6 +299,8 @@ export async function createSyncServer<P = unknown>(options: SyncServerOptions<P
     hooks: o,
     store,
     dedupe,
+    bindings,
+    principalKey: o.principalKey ?? defaultPrincipalKey,
     channels,
     closing: isClosing,
     onError,
@@ -346,6 +391,7 @@ export async function createSyncServer<P = unknown>(options: SyncServerOptions<P
         sockets: ws.size,
         clients: clients.size,
         dedupeEntries: dedupe.size,
+        dedupeBytes: dedupe.sizeBytes,
         channels: channels.size,
       };
     },

@@ -205,7 +205,7 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
         nak(null, 'bad_request', `clientId must be 1–${MAX_ID_LENGTH} characters`),
       );
     }
-    const auth = await o.dispatcher.authenticate(req);
+    const auth = await o.dispatcher.authenticate(req, clientId);
     if (!auth.ok) return rejectUpgrade(socket, auth.status, auth.nak);
     if (socket.destroyed || o.closing()) {
       socket.destroy();

@@ -41,6 +41,7 @@ import {
   type ChannelHead,
   DEFAULT_RETENTION,
   type DedupeClaim,
+  type DedupeLimits,
   type DedupeStore,
   type HistoryStore,
   type RetentionOptions,
@@ -117,8 +118,9 @@ export interface RedisHistoryStore extends HistoryStore, DedupeStore {
    */
   append(channel: string, payload: unknown, opts?: { except?: string; key?: string }): Promise<StoredMessage>;
   claim(key: string, ttlMs: number): Promise<DedupeClaim>;
-  complete(key: string, response: unknown, ttlMs: number): Promise<void>;
+  complete(key: string, response: unknown, ttlMs: number, limits?: DedupeLimits): Promise<void>;
   release(key: string): Promise<void>;
+  bind(clientId: string, owner: string, ttlMs: number): Promise<boolean>;
 }
 
 const DEFAULTS = {
@@ -292,6 +294,56 @@ if ARGV[2] == '' then return redis.call('DEL', KEYS[1]) end
 return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 `;
 
+/**
+ * Store an answer and keep the answered entries under the caps, oldest first.
+ * KEYS: dedupe key, index (zset member → time answered), sizes (hash member → bytes), total
+ * bytes. ARGV: value, ttl ms, now ms, max entries ('' = none), max bytes ('' = none), member,
+ * key prefix of dedupe keys. An entry still pending (claimed again after it lapsed) is never
+ * deleted here, only taken out of the index until its own answer puts it back.
+ */
+const COMPLETE_LUA = `
+local idx, sizes, total = KEYS[2], KEYS[3], KEYS[4]
+local function forget(m)
+  redis.call('ZREM', idx, m)
+  local sz = redis.call('HGET', sizes, m)
+  if sz then
+    redis.call('DECRBY', total, sz)
+    redis.call('HDEL', sizes, m)
+  end
+  local k = ARGV[7] .. m
+  local v = redis.call('GET', k)
+  if v and string.sub(v, 1, 2) == 'd:' then redis.call('DEL', k) end
+end
+local old = redis.call('HGET', sizes, ARGV[6])
+if old then redis.call('DECRBY', total, old) end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local size = string.len(ARGV[1])
+redis.call('HSET', sizes, ARGV[6], size)
+redis.call('INCRBY', total, size)
+redis.call('ZADD', idx, ARGV[3], ARGV[6])
+local cutoff = tonumber(ARGV[3]) - tonumber(ARGV[2])
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', idx, '-inf', cutoff, 'LIMIT', 0, 100)) do forget(m) end
+local maxN = tonumber(ARGV[4])
+local maxB = tonumber(ARGV[5])
+while true do
+  local over = (maxN and redis.call('ZCARD', idx) > maxN)
+    or (maxB and tonumber(redis.call('GET', total) or '0') > maxB)
+  if not over then break end
+  local oldest = redis.call('ZRANGE', idx, 0, 0)
+  if #oldest == 0 then break end
+  forget(oldest[1])
+end
+return 1
+`;
+
+/** KEYS: binding. ARGV: owner, ttl ms. 1 = bound (or refreshed) to owner, 0 = another owner's. */
+const BIND_LUA = `
+local v = redis.call('GET', KEYS[1])
+if v and v ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+`;
+
 interface Script {
   lua: string;
   sha: string;
@@ -306,6 +358,8 @@ const SCRIPTS = {
   trim: script(TRIM_LUA),
   claim: script(CLAIM_LUA),
   lease: script(LEASE_LUA),
+  complete: script(COMPLETE_LUA),
+  bind: script(BIND_LUA),
 };
 
 // ---- the store ------------------------------------------------------------------------------
@@ -398,6 +452,10 @@ export async function redisStore(
     stream: (channel: string) => `${prefix}s:${channel}`,
     channels: `${prefix}channels`,
     dedupe: (key: string) => `${prefix}dedupe:${key}`,
+    dedupeIndex: `${prefix}dedupe-index`,
+    dedupeSizes: `${prefix}dedupe-sizes`,
+    dedupeBytes: `${prefix}dedupe-bytes`,
+    binding: (clientId: string) => `${prefix}bind:${clientId}`,
     token: (token: string) => `${prefix}append:${token}`,
     feed: `${prefix}feed`,
   };
@@ -852,11 +910,31 @@ export async function redisStore(
       return { status: 'done', response: JSON.parse(reply[1] ?? 'null') };
     },
 
-    async complete(key, response, ttlMs) {
+    async complete(key, response, ttlMs, limits) {
       ensureOpen();
       dropClaim(key);
       const json = JSON.stringify(response) ?? 'null';
-      await redis.call('SET', keys.dedupe(key), `d:${json}`, 'PX', Math.max(1, Math.floor(ttlMs)));
+      const cap = (n: number | undefined) =>
+        n !== undefined && Number.isFinite(n) ? String(Math.max(0, Math.floor(n))) : '';
+      await run(
+        SCRIPTS.complete,
+        [keys.dedupe(key), keys.dedupeIndex, keys.dedupeSizes, keys.dedupeBytes],
+        [
+          `d:${json}`,
+          Math.max(1, Math.floor(ttlMs)),
+          now(),
+          cap(limits?.maxEntries),
+          cap(limits?.maxBytes),
+          key,
+          keys.dedupe(''),
+        ],
+      );
+    },
+
+    async bind(clientId, owner, ttlMs) {
+      ensureOpen();
+      const ok = await run(SCRIPTS.bind, [keys.binding(clientId)], [owner, Math.max(1, Math.floor(ttlMs))]);
+      return ok === 1;
     },
 
     async release(key) {

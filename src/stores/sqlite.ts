@@ -18,6 +18,7 @@ import {
   type ChannelHead,
   DEFAULT_RETENTION,
   type DedupeClaim,
+  type DedupeLimits,
   type DedupeStore,
   type HistoryStore,
   notify,
@@ -87,7 +88,17 @@ export function sqliteStore(options: SqliteStoreOptions): HistoryStore & DedupeS
       response TEXT,
       expires INTEGER NOT NULL
     );
+    CREATE TABLE IF NOT EXISTS bindings (
+      client_id TEXT PRIMARY KEY,
+      owner TEXT NOT NULL,
+      expires INTEGER NOT NULL
+    );
   `);
+  // Files made before dedupe was bounded in bytes: add the size column (0 for old rows).
+  const dedupeColumns = db.prepare<[], { name: string }>('PRAGMA table_info(dedupe)').all();
+  if (!dedupeColumns.some((c) => c.name === 'bytes')) {
+    db.exec('ALTER TABLE dedupe ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0');
+  }
   // One process owns the file: a claim still pending from a previous run is no longer being
   // processed by anyone, so it is dropped and the retry is processed afresh.
   db.exec('DELETE FROM dedupe WHERE response IS NULL');
@@ -133,12 +144,38 @@ export function sqliteStore(options: SqliteStoreOptions): HistoryStore & DedupeS
     dedupeClaim: db.prepare<[string, number]>(
       'INSERT OR REPLACE INTO dedupe (key, response, expires) VALUES (?, NULL, ?)',
     ),
-    dedupeComplete: db.prepare<[string, number, string]>(
-      'UPDATE dedupe SET response = ?, expires = ? WHERE key = ?',
+    dedupeComplete: db.prepare<[string, number, number, string]>(
+      'UPDATE dedupe SET response = ?, expires = ?, bytes = ? WHERE key = ?',
     ),
+    dedupeTotals: db.prepare<[], { n: number; bytes: number }>(
+      'SELECT COUNT(*) AS n, COALESCE(SUM(bytes), 0) AS bytes FROM dedupe WHERE response IS NOT NULL',
+    ),
+    // Oldest first: rowid grows with every claim (INSERT OR REPLACE makes a new row).
+    dedupeOldest: db.prepare<[number], { key: string; bytes: number }>(
+      'SELECT key, bytes FROM dedupe WHERE response IS NOT NULL ORDER BY rowid LIMIT ?',
+    ),
+    dedupeBytes: db.prepare<[string], { bytes: number }>('SELECT bytes FROM dedupe WHERE key = ?'),
+    dedupeDrop: db.prepare<[string]>('DELETE FROM dedupe WHERE key = ?'),
+    bindGet: db.prepare<[string], { owner: string; expires: number }>(
+      'SELECT owner, expires FROM bindings WHERE client_id = ?',
+    ),
+    bindSet: db.prepare<[string, string, number]>(
+      'INSERT OR REPLACE INTO bindings (client_id, owner, expires) VALUES (?, ?, ?)',
+    ),
+    bindExpire: db.prepare<[number]>('DELETE FROM bindings WHERE expires < ?'),
     dedupeRelease: db.prepare<[string]>('DELETE FROM dedupe WHERE key = ? AND response IS NULL'),
     dedupeExpire: db.prepare<[number]>('DELETE FROM dedupe WHERE expires < ?'),
   };
+
+  // Totals of answered entries, kept beside the table so `complete` need not count rows; one
+  // process owns the file, and `trim` recounts after expiring.
+  const totals = { n: 0, bytes: 0 };
+  const recount = () => {
+    const t = q.dedupeTotals.get()!;
+    totals.n = t.n;
+    totals.bytes = t.bytes;
+  };
+  recount();
 
   const claimTx = db.transaction((key: string, ttlMs: number): DedupeClaim => {
     const at = now();
@@ -148,8 +185,44 @@ export function sqliteStore(options: SqliteStoreOptions): HistoryStore & DedupeS
         ? { status: 'pending' }
         : { status: 'done', response: JSON.parse(row.response) };
     }
+    if (row?.response != null) {
+      // An expired answer replaced by this claim leaves the totals.
+      totals.n--;
+      totals.bytes -= q.dedupeBytes.get(key)?.bytes ?? 0;
+    }
     q.dedupeClaim.run(key, at + ttlMs);
     return { status: 'new' };
+  });
+
+  const completeTx = db.transaction(
+    (key: string, json: string, expires: number, limits: DedupeLimits | undefined) => {
+      const bytes = Buffer.byteLength(json);
+      const before = q.dedupeGet.get(key);
+      const info = q.dedupeComplete.run(json, expires, bytes, key);
+      if (info.changes === 0) return;
+      if (before?.response === null) totals.n++;
+      totals.bytes += bytes;
+      if (!limits) return;
+      while (totals.n > limits.maxEntries || totals.bytes > limits.maxBytes) {
+        const over = Math.max(1, totals.n - limits.maxEntries);
+        const rows = q.dedupeOldest.all(Math.min(over, 500));
+        if (rows.length === 0) break;
+        for (const r of rows) {
+          if (totals.n <= limits.maxEntries && totals.bytes <= limits.maxBytes) break;
+          q.dedupeDrop.run(r.key);
+          totals.n--;
+          totals.bytes -= r.bytes;
+        }
+      }
+    },
+  );
+
+  const bindTx = db.transaction((clientId: string, owner: string, ttlMs: number): boolean => {
+    const at = now();
+    const row = q.bindGet.get(clientId);
+    if (row && row.expires > at && row.owner !== owner) return false;
+    q.bindSet.run(clientId, owner, at + ttlMs);
+    return true;
   });
 
   const listeners = new Set<(msg: StoredMessage) => void>();
@@ -244,6 +317,8 @@ export function sqliteStore(options: SqliteStoreOptions): HistoryStore & DedupeS
         q.trimCount.run(maxMessages);
         q.trimAge.run(now() - maxAgeMs);
         q.dedupeExpire.run(now());
+        q.bindExpire.run(now());
+        recount();
       })();
     },
 
@@ -252,9 +327,14 @@ export function sqliteStore(options: SqliteStoreOptions): HistoryStore & DedupeS
       return claimTx(key, ttlMs);
     },
 
-    async complete(key, response, ttlMs) {
+    async complete(key, response, ttlMs, limits) {
       ensureOpen();
-      q.dedupeComplete.run(JSON.stringify(response), now() + ttlMs, key);
+      completeTx(key, JSON.stringify(response) ?? 'null', now() + ttlMs, limits);
+    },
+
+    async bind(clientId, owner, ttlMs) {
+      ensureOpen();
+      return bindTx(clientId, owner, ttlMs);
     },
 
     async release(key) {

@@ -30,7 +30,7 @@ export interface ChannelHead {
   first: number;
 }
 
-/** A response remembered for `(clientId, SYN id)`. */
+/** What a dedupe key holds: nothing yet (`new`, now claimed), a claim being processed, or the stored answer. */
 export type DedupeClaim = { status: 'new' } | { status: 'pending' } | { status: 'done'; response: unknown };
 
 export interface AppendOptions {
@@ -68,21 +68,44 @@ export interface HistoryStore {
   close(): Promise<void>;
 }
 
+/** Caps the server passes to `DedupeStore.complete`: the store evicts its oldest answered entries to stay under both. */
+export interface DedupeLimits {
+  /** Most answered entries kept (the server's `dedupeMaxEntries`). */
+  maxEntries: number;
+  /** Most bytes of stored values kept, UTF-8 of their JSON (the server's `dedupeMaxBytes`). */
+  maxBytes: number;
+}
+
 /**
- * Dedupe memory for `(clientId, SYN id)`, kept apart from `HistoryStore` so that the two can
- * live in different places. `claim` atomically marks a key as being processed; a second claim
- * sees `pending` until `complete` stores the response. Entries live `ttlMs` (milliseconds).
+ * Dedupe memory for `(principal, clientId, SYN id)`, kept apart from `HistoryStore` so that
+ * the two can live in different places. `claim` atomically marks a key as being processed; a
+ * second claim sees `pending` until `complete` stores the response. Entries live `ttlMs`
+ * (milliseconds). Keys and values are made by the server: values are JSON (the response with
+ * the fingerprint of the request's payload), opaque to the store.
  * sqliteStore and redisStore implement it on the same object as their `HistoryStore`;
  * memoryStore does not: without a `DedupeStore` the server keeps dedupe in its own memory.
  */
 export interface DedupeStore {
   claim(key: string, ttlMs: number): Promise<DedupeClaim>;
-  complete(key: string, response: unknown, ttlMs: number): Promise<void>;
+  /**
+   * Store the answer of a claimed key for `ttlMs`. With `limits`, evict the oldest answered
+   * entries (whole) until at most `limits.maxEntries` remain and their values total at most
+   * `limits.maxBytes`. A store that ignores `limits` is unbounded but still correct.
+   */
+  complete(key: string, response: unknown, ttlMs: number, limits?: DedupeLimits): Promise<void>;
   /**
    * Drop a claim whose processing failed before a response existed. Optional: without it the
    * claim stays `pending` until its `ttlMs` lapses.
    */
   release?(key: string): Promise<void>;
+  /**
+   * The principal binding of a clientId (docs/PROTOCOL.md §1): atomically, when `clientId` is
+   * unbound, or bound to `owner`, bind it to `owner` for `ttlMs` from now and resolve `true`;
+   * when it is bound to another owner (and not expired), change nothing and resolve `false`.
+   * Optional: without it the server keeps bindings in its own memory (then one process does
+   * not see another's bindings).
+   */
+  bind?(clientId: string, owner: string, ttlMs: number): Promise<boolean>;
 }
 
 /**
