@@ -35,6 +35,7 @@ describeWith(REDIS_SERVER, 'redis-server', 'redis store', () => {
     storeContract({
       name: 'redis',
       durable: true,
+      dedupe: true,
       place: prefix,
       open: (place, opts) => redisStore({ url: redis.url }, { ...opts, prefix: place, onError: quiet }),
     });

@@ -240,6 +240,72 @@ export function storeContract(factory: StoreFactory): void {
       expect(await store.claim('c1:8', 60_000)).toEqual({ status: 'new' });
     });
 
+    it('binds a clientId to its first owner: another owner is refused, the owner refreshes it', async () => {
+      const { store } = await open();
+      if (!isDedupeStore(store) || !store.bind) throw new Error(`${factory.name} lacks bind`);
+      expect(await store.bind('cid-1', 'owner-a', 60_000)).toBe(true);
+      expect(await store.bind('cid-1', 'owner-b', 60_000)).toBe(false);
+      expect(await store.bind('cid-1', 'owner-a', 60_000)).toBe(true);
+      expect(await store.bind('cid-1', 'owner-b', 60_000)).toBe(false);
+      expect(await store.bind('cid-2', 'owner-b', 60_000)).toBe(true);
+    });
+
+    it('lets another owner take a clientId once its binding lapsed', async () => {
+      const { store } = await open();
+      if (!isDedupeStore(store) || !store.bind) throw new Error(`${factory.name} lacks bind`);
+      expect(await store.bind('cid-3', 'owner-a', 100)).toBe(true);
+      expect(await store.bind('cid-3', 'owner-b', 60_000)).toBe(false);
+      const deadline = Date.now() + 3000;
+      let taken = false;
+      while (!taken && Date.now() < deadline) {
+        taken = await store.bind('cid-3', 'owner-b', 60_000);
+        if (!taken) await new Promise((r) => setTimeout(r, 20));
+      }
+      expect(taken).toBe(true);
+      expect(await store.bind('cid-3', 'owner-a', 60_000)).toBe(false);
+    });
+
+    it('keeps at most limits.maxEntries answered entries, dropping the oldest first', async () => {
+      const { store } = await open();
+      if (!isDedupeStore(store)) throw new Error(`${factory.name} lacks claim/complete`);
+      const limits = { maxEntries: 3, maxBytes: 1_000_000 };
+      for (let i = 0; i < 10; i++) {
+        expect((await store.claim(`cap:${i}`, 60_000)).status).toBe('new');
+        await store.complete(`cap:${i}`, { i }, 60_000, limits);
+      }
+      for (let i = 7; i < 10; i++) {
+        expect(await store.claim(`cap:${i}`, 60_000)).toEqual({ status: 'done', response: { i } });
+      }
+      // Dropped entries are unknown again (claimed anew by this probe).
+      for (let i = 0; i < 7; i++) expect((await store.claim(`cap:${i}`, 60_000)).status).toBe('new');
+    });
+
+    it('keeps answered entries under limits.maxBytes, dropping the oldest first', async () => {
+      const { store } = await open();
+      if (!isDedupeStore(store)) throw new Error(`${factory.name} lacks claim/complete`);
+      const big = 'x'.repeat(1000);
+      const limits = { maxEntries: 1000, maxBytes: 3500 }; // room for three ~1 kB values
+      for (let i = 0; i < 10; i++) {
+        await store.claim(`bytes:${i}`, 60_000);
+        await store.complete(`bytes:${i}`, { i, big }, 60_000, limits);
+      }
+      for (let i = 7; i < 10; i++) {
+        expect(await store.claim(`bytes:${i}`, 60_000)).toEqual({ status: 'done', response: { i, big } });
+      }
+      for (let i = 0; i < 7; i++) expect((await store.claim(`bytes:${i}`, 60_000)).status).toBe('new');
+    });
+
+    it('never drops a pending claim to make room', async () => {
+      const { store } = await open();
+      if (!isDedupeStore(store)) throw new Error(`${factory.name} lacks claim/complete`);
+      expect((await store.claim('pend:0', 60_000)).status).toBe('new');
+      for (let i = 1; i <= 5; i++) {
+        await store.claim(`pend:${i}`, 60_000);
+        await store.complete(`pend:${i}`, { i }, 60_000, { maxEntries: 1, maxBytes: 1_000_000 });
+      }
+      expect(await store.claim('pend:0', 60_000)).toEqual({ status: 'pending' });
+    });
+
     it('release lets the key be claimed again', async () => {
       const { store } = await open();
       if (!isDedupeStore(store) || !store.release) throw new Error(`${factory.name} lacks claim/release`);
