@@ -25,6 +25,10 @@
  * Dedupe (`claim`/`complete`/`release`): `SET NX` of a pending marker with a lease the owner
  * renews while it processes, then the response with the dedupe TTL. A retry that lands on
  * another process waits for the response; a claim whose process died lapses after the lease.
+ * Answers are indexed in `<prefix>dedupe-index` (a sorted set by time) with their sizes, so
+ * `complete` drops the oldest to honour the server's `dedupeMaxEntries` and `dedupeMaxBytes`.
+ * ClientId bindings (`bind`, docs/PROTOCOL.md "Principal binding") are `<prefix>bind:<clientId>`
+ * keys holding the owner, with the dedupe window as TTL, refreshed on use.
  *
  * Every script is safe to run twice (ioredis resends a command whose reply a dropped
  * connection lost): an append remembers its outcome under a one-off token for a while.

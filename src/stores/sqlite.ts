@@ -5,7 +5,10 @@
  * (use the Redis store to fan out across processes).
  *
  * Dedupe memory lives in the same file (`claim/complete/release`), so a batch answered just
- * before a restart and retried just after it is answered from the file, not applied again.
+ * before a restart and retried just after it is answered from the file, not applied again;
+ * `complete` drops the oldest answers to honour the server's `dedupeMaxEntries` and
+ * `dedupeMaxBytes`. ClientId bindings (`bind`, docs/PROTOCOL.md "Principal binding") live
+ * there too, expired by `trim()`.
  *
  * better-sqlite3 is an optional peer dependency, loaded with `require` only when a store is
  * made, so `syncwire/server` users without it never need it installed.
