@@ -14,7 +14,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { WebSocket } from 'ws';
 import { createSyncClient, type SyncClient } from '../src/client/index.js';
 import { SyncError } from '../src/protocol/index.js';
-import { Dedupe } from '../src/server/dedupe.js';
+import { Dedupe, fingerprint } from '../src/server/dedupe.js';
 import type { SyncServer, SyncServerOptions } from '../src/server/index.js';
 import { memoryStore } from '../src/stores/memory.js';
 import { redisStore } from '../src/stores/redis.js';
@@ -375,5 +375,30 @@ describe('the reference client', () => {
     expect(err).toBeInstanceOf(SyncError);
     expect((err as SyncError).code).toBe('client_id_taken');
     expect(applied).toEqual([{ by: 'alice', op: 'alice' }]);
+  });
+});
+
+describe('fingerprints', () => {
+  it('hash a payload deeper than the call stack, and tell payloads apart', () => {
+    const deep = JSON.parse(`[${'['.repeat(10_000)}${']'.repeat(10_000)}]`);
+    expect(fingerprint(deep)).toMatch(/^[\w-]{43}$/);
+    const text = `[${'['.repeat(10_000)}${']'.repeat(10_000)}]`;
+    expect(fingerprint(deep)).toBe(fingerprint(JSON.parse(text)));
+    expect(fingerprint(deep)).not.toBe(fingerprint(JSON.parse(`[${text}]`)));
+    const distinct = [
+      [1],
+      ['1'],
+      [[1]],
+      [{ a: 1 }],
+      [{ a: '1' }],
+      [{ 'a:1': null }],
+      [1, 2],
+      [12],
+      [null],
+      [{}],
+      [[]],
+    ];
+    expect(new Set(distinct.map((p) => fingerprint(p))).size).toBe(distinct.length);
+    expect(fingerprint([{ a: 1, b: [2] }])).toBe(fingerprint(JSON.parse('[{"a":1,"b":[2]}]')));
   });
 });

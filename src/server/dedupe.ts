@@ -60,11 +60,44 @@ export interface StoredAnswer {
 /** Bytes an entry costs besides its response (key, fingerprint, bookkeeping), an estimate. */
 const ENTRY_OVERHEAD = 160;
 
-/** SHA-256 of the payload's JSON, base64url: what makes "the same request" (`id_reused`). */
+const CLOSE_ARRAY = Symbol('close array');
+const CLOSE_OBJECT = Symbol('close object');
+class MemberName {
+  constructor(readonly name: string) {}
+}
+
+/**
+ * SHA-256 of the payload's JSON, base64url: what makes "the same request" (`id_reused`).
+ * Walked with an explicit stack, not `JSON.stringify`, so that a payload nested deeper than
+ * the call stack (the parser accepts what fits in `maxPayloadBytes`) is hashed, not thrown on.
+ * Equal to hashing the JSON text with a `,` after every element and member.
+ */
 export function fingerprint(payload: unknown): string {
-  return createHash('sha256')
-    .update(JSON.stringify(payload) ?? '')
-    .digest('base64url');
+  const hash = createHash('sha256');
+  const stack: unknown[] = [payload];
+  while (stack.length > 0) {
+    const v = stack.pop();
+    if (typeof v === 'symbol') {
+      hash.update(v === CLOSE_ARRAY ? '],' : '},');
+    } else if (v instanceof MemberName) {
+      hash.update(`${JSON.stringify(v.name)}:`);
+    } else if (Array.isArray(v)) {
+      hash.update('[');
+      stack.push(CLOSE_ARRAY);
+      for (let i = v.length - 1; i >= 0; i--) stack.push(v[i]);
+    } else if (typeof v === 'object' && v !== null) {
+      hash.update('{');
+      stack.push(CLOSE_OBJECT);
+      const entries = Object.entries(v);
+      for (let i = entries.length - 1; i >= 0; i--) {
+        stack.push(entries[i]![1]);
+        stack.push(new MemberName(entries[i]![0]));
+      }
+    } else {
+      hash.update(`${JSON.stringify(v) ?? 'null'},`);
+    }
+  }
+  return hash.digest('base64url');
 }
 
 const idReused = (id: string) =>
@@ -297,7 +330,12 @@ export class Dedupe {
 
 /** UTF-8 bytes of a response's JSON. */
 function responseBytes(response: SynResponse): number {
-  return Buffer.byteLength(JSON.stringify(response));
+  try {
+    return Buffer.byteLength(JSON.stringify(response));
+  } catch {
+    // Too deep to encode here: not kept (the transport encodes it on its own terms).
+    return Number.POSITIVE_INFINITY;
+  }
 }
 
 /** What a duplicate gets: the response when it is the same request and it was kept. */
