@@ -35,10 +35,16 @@ export const STATE_NAMES = [
 ] as const;
 export type ConnectionState = (typeof STATE_NAMES)[number];
 
-/** An entry of the outbox: one operation, or one channel request (which travels alone). */
+/**
+ * An entry of the outbox: one operation, one channel request (which travels alone), or a
+ * batch formed by an earlier client instance and restored from storage (`kind: 'batch'`): it
+ * is sent as it is, with its own `id` and exactly its `ops`, so that the server's dedupe
+ * recognises it. `key` of a batch is its first key; `keys` are the keys of its operations.
+ */
 export type QueueItem =
   | { key: number; kind: 'op'; op: unknown }
-  | { key: number; kind: 'SUB' | 'UNS'; payload: unknown };
+  | { key: number; kind: 'SUB' | 'UNS'; payload: unknown }
+  | { key: number; kind: 'batch'; id: string; ops: unknown[]; keys: number[] };
 
 /** The request on the wire: it keeps its id across every resend, on either transport. */
 export interface InFlight {
@@ -68,10 +74,18 @@ export type FailureKind =
   | 'syn_timeout'
   | 'ping_timeout'
   | 'http_error'
-  | 'bad_frame';
+  | 'bad_frame'
+  /** The client's storage could not be read or written (reported by the client, not the chart). */
+  | 'storage';
 
 export interface ConnectionInput {
   clientId: string;
+  /**
+   * The random part of this instance's request ids: ids are `${instance}:${n}`, n from 1.
+   * Must differ between every instance that uses the same clientId (the server dedupes on
+   * `(clientId, id)`). @default 16 hex digits (64 bits) from `crypto.getRandomValues`
+   */
+  instance?: string;
   /** T, in milliseconds. */
   timeout: number;
   maxBatch: number;
@@ -85,7 +99,7 @@ export interface ConnectionInput {
 
 export interface ConnectionContext extends Required<Omit<ConnectionInput, 'random'>> {
   random: () => number;
-  /** Next request number; ids are `${clientId}:${n}`. */
+  /** Next request number; ids are `${instance}:${n}`. */
   counter: number;
   queue: QueueItem[];
   inflight: InFlight | null;
@@ -125,7 +139,12 @@ export type ConnectionEmitted =
   | { type: 'message'; frame: Extract<ServerEnvelope, { type: 'MSG' }> }
   | { type: 'failure'; kind: FailureKind; code?: number; reason?: string }
   | { type: 'poll' }
-  | { type: 'socketReady' };
+  | { type: 'socketReady' }
+  /**
+   * A SYN was formed from queued operations (not a restored batch): emitted before it is sent,
+   * so the client can persist its id and members.
+   */
+  | { type: 'batched'; id: string; keys: number[] };
 
 /** Commands the machine sends to its `socket` actor. */
 export type SocketCommand =
@@ -213,17 +232,28 @@ export const connectionMachine = setup({
         return event.front ? [event.item, ...context.queue] : [...context.queue, event.item];
       },
     }),
-    /** Take the next request off the outbox: a run of operations up to maxBatch, or one SUB/UNS. */
-    takeBatch: assign(({ context }) => {
+    /**
+     * Take the next request off the outbox: a restored batch as it is, a run of operations up
+     * to maxBatch (announced with `batched` before it goes out), or one SUB/UNS.
+     */
+    takeBatch: enqueueActions(({ context, enqueue }) => {
       const head = context.queue[0];
-      if (!head || context.inflight) return {};
-      const id = `${context.clientId}:${context.counter}`;
+      if (!head || context.inflight) return;
+      if (head.kind === 'batch') {
+        enqueue.assign({
+          queue: context.queue.slice(1),
+          inflight: { id: head.id, type: 'SYN', payload: head.ops, keys: head.keys, via: 'ws' },
+        });
+        return;
+      }
+      const id = `${context.instance}:${context.counter}`;
       if (head.kind !== 'op') {
-        return {
+        enqueue.assign({
           counter: context.counter + 1,
           queue: context.queue.slice(1),
-          inflight: { id, type: head.kind, payload: head.payload, keys: [head.key], via: 'ws' as const },
-        };
+          inflight: { id, type: head.kind, payload: head.payload, keys: [head.key], via: 'ws' },
+        });
+        return;
       }
       const ops: unknown[] = [];
       const keys: number[] = [];
@@ -234,11 +264,12 @@ export const connectionMachine = setup({
         ops.push(item.op);
         keys.push(item.key);
       }
-      return {
+      enqueue.assign({
         counter: context.counter + 1,
         queue: context.queue.slice(i),
-        inflight: { id, type: 'SYN' as const, payload: ops, keys, via: 'ws' as const },
-      };
+        inflight: { id, type: 'SYN', payload: ops, keys, via: 'ws' },
+      });
+      enqueue.emit({ type: 'batched', id, keys });
     }),
     sendInflightOverWs: enqueueActions(({ context, enqueue }) => {
       const f = context.inflight;
@@ -250,7 +281,7 @@ export const connectionMachine = setup({
       inflight: ({ context }) => (context.inflight ? { ...context.inflight, via: 'http' as const } : null),
     }),
     sendPing: enqueueActions(({ context, enqueue }) => {
-      const id = `${context.clientId}:${context.counter}`;
+      const id = `${context.instance}:${context.counter}`;
       enqueue.assign({ counter: context.counter + 1, pingId: id });
       enqueue.sendTo('socket', { type: 'SEND', frame: { id, type: 'PNG' } });
     }),
@@ -341,6 +372,7 @@ export const connectionMachine = setup({
   id: 'connection',
   context: ({ input }) => ({
     clientId: input.clientId,
+    instance: input.instance ?? randomInstance(),
     timeout: input.timeout,
     maxBatch: input.maxBatch,
     pollInterval: input.pollInterval,
@@ -521,6 +553,15 @@ export const connectionMachine = setup({
     closed: { type: 'final', entry: 'drop' },
   },
 });
+
+/** 64 random bits as 16 hex digits: the default `instance` part of request ids. */
+export function randomInstance(): string {
+  const buf = new Uint8Array(8);
+  globalThis.crypto.getRandomValues(buf);
+  let s = '';
+  for (const b of buf) s += b.toString(16).padStart(2, '0');
+  return s;
+}
 
 function settledFor(inflight: InFlight, f: ServerEnvelope): SettledEvent {
   const base = { type: 'settled' as const, id: inflight.id, keys: inflight.keys, request: inflight.type };

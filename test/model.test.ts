@@ -24,6 +24,9 @@ import { FakeFetch, FakeWebSocket, flush, ModelClock } from './helpers/fakes.js'
 const T = 1000;
 const input = {
   clientId: 'm',
+  // A fixed request-id prefix: the graph walk builds initial snapshots more than once, and the
+  // frames it makes must name ids of the representative snapshots (translate() maps them).
+  instance: 'i',
   timeout: T,
   maxBatch: 2,
   pollInterval: 3 * T,
@@ -211,6 +214,7 @@ function startClient(taken: Set<string>): Harness {
   const client = createSyncClient({
     url: 'ws://model.invalid/sync',
     clientId: input.clientId,
+    // instance is the client's own (random): translate() maps the model's ids onto it.
     timeout: input.timeout,
     maxBatch: input.maxBatch,
     pollInterval: input.pollInterval,

@@ -21,6 +21,7 @@ import {
   type FailureKind,
   flatState,
   type QueueItem,
+  randomInstance,
 } from '../../machines/connection.js';
 import {
   type ChannelState,
@@ -30,7 +31,7 @@ import {
   SyncError,
 } from '../protocol/index.js';
 import { ChannelCursors, type SubscribeOptions } from './channels.js';
-import { memoryStorage, type SyncStorage } from './storage.js';
+import { MapOutbox, memoryStorage, type OutboxEntry, type SyncOutbox, type SyncStorage } from './storage.js';
 import {
   deriveHttpUrl,
   type FaultSwitches,
@@ -45,7 +46,17 @@ export { connectionMachine, flatState, STATE_NAMES } from '../../machines/connec
 export type { ChannelState, NakCode, SyncErrorCode } from '../protocol/index.js';
 export { SyncError } from '../protocol/index.js';
 export type { SubscribeOptions } from './channels.js';
-export { memoryStorage, type SyncStorage, webStorage } from './storage.js';
+export {
+  memoryStorage,
+  type OutboxBatch,
+  type OutboxEntry,
+  type OutboxSnapshot,
+  type SyncLocks,
+  type SyncOutbox,
+  type SyncStorage,
+  type WebStorageOptions,
+  webStorage,
+} from './storage.js';
 export type { FaultSwitches, WebSocketConstructor, WebSocketLike } from './transports.js';
 
 export interface SyncClientOptions {
@@ -66,11 +77,20 @@ export interface SyncClientOptions {
   pollInterval?: number;
   /** Upper bound of the redial and HTTP retry backoff. @default 30000 */
   maxBackoff?: number;
-  /** Stable client identity for dedupe. @default the stored one, else a random one (then stored) */
+  /**
+   * Stable client identity for dedupe. @default the stored one, else a random one (then
+   * stored). With a storage that has `locks` (`webStorage()` in a browser) a stored id whose
+   * lock another live client holds (a duplicated tab) is replaced by a new random one; an id
+   * given here is used as given.
+   */
   clientId?: string;
   /** Channels to subscribe to at once, with their cursors. @default {} */
   channels?: Record<string, SubscribeOptions>;
-  /** Keeps clientId and cursors across reloads. @default memoryStorage() */
+  /**
+   * Keeps clientId, cursors and the outbox across reloads: `memoryStorage()` (nothing survives
+   * the process), `webStorage()` (per tab, outbox in IndexedDB), `fileStorage(path)` from
+   * `syncwire/storage/file` (Node). @default memoryStorage()
+   */
   storage?: SyncStorage;
   /** Prefix of the storage keys, for several clients in one storage. @default 'syncwire' */
   storageKey?: string;
@@ -106,6 +126,16 @@ export interface Failure {
   code?: number;
   reason?: string;
 }
+
+/**
+ * The outcome of an operation restored from the durable outbox (sent by an earlier instance
+ * on the same storage, or by a closed tab whose outbox this client adopted): it has no promise
+ * any more, so it is delivered here. `id` is the request (SYN) id that carried it; `clientId`
+ * is the identity it was sent under (this client's, or the adopted one's).
+ */
+export type Restored =
+  | { id: string; clientId: string; op: unknown; result: unknown }
+  | { id: string; clientId: string; op: unknown; error: SyncError };
 
 /** One MSG as the app sees it. */
 export interface ChannelMessage {
@@ -153,15 +183,37 @@ export interface SyncClient<Op = unknown, Result = unknown> {
   readonly resets$: Observable<ResetEvent>;
   /** Operations from `send$` that were rejected. */
   readonly rejected$: Observable<{ op: Op; error: SyncError }>;
+  /**
+   * Results (or `SyncError`s) of operations restored from the durable outbox, which have no
+   * promise: `{ id, clientId, op, result } | { id, clientId, op, error }`. Their results also
+   * feed `changes$` and the other list streams, like any result. Completes on `close()`.
+   */
+  readonly restored$: Observable<Restored>;
+  /**
+   * Operations accepted (by `send()`, `send$` or restored from storage) and not yet settled,
+   * as a count; emits the current value on subscription (BehaviorSubject), then every change.
+   * Completes on `close()`.
+   */
+  readonly pending$: Observable<number>;
+  /**
+   * Resolves, with the number of operations restored, once the client knows its identity and
+   * has loaded its stored outbox (at once for memory and file storage; after IndexedDB and Web
+   * Locks answer in a browser). Operations sent before are queued after the restored ones.
+   */
+  readonly loaded: Promise<number>;
   on<K extends keyof EventMap>(event: K, handler: (value: EventMap[K]) => void): () => void;
   subscribe(channel: string, opts?: SubscribeOptions): Promise<ChannelState>;
   unsubscribe(channel: string): Promise<void>;
   /** Current cursors, per channel. */
   cursors(): Record<string, { epoch?: string; seq?: number }>;
+  /**
+   * The identity the server dedupes on. With `webStorage()` it may change once, before the
+   * first connection (before `loaded` resolves), if another live tab holds the stored one.
+   */
   readonly clientId: string;
   /** Current flat state. */
   readonly state: ConnectionState;
-  /** Operations waiting in the outbox or in flight. */
+  /** Operations waiting in the outbox or in flight (the current value of `pending$`). */
   readonly pending: number;
   close(): Promise<void>;
   readonly actor: ConnectionActor;
@@ -207,8 +259,13 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   const fetchImpl = options.fetch ?? globalThis.fetch?.bind(globalThis);
   if (!fetchImpl) throw new TypeError('syncwire: no fetch implementation; pass options.fetch');
 
-  const clientId = options.clientId ?? storage.get(`${storageKey}:clientId`) ?? randomId('c');
-  storage.set(`${storageKey}:clientId`, clientId);
+  const idKey = `${storageKey}:clientId`;
+  const storedId = options.clientId === undefined ? storage.get(idKey) : null;
+  let clientId = options.clientId ?? storedId ?? randomId('c');
+  if (options.clientId === undefined) storage.set(idKey, clientId);
+  /** The random part of this instance's request ids and outbox keys (64 bits). */
+  const instance = randomInstance();
+  const outbox: SyncOutbox = storage.outbox ?? new MapOutbox();
 
   const faults: FaultSwitches = { dropAcks: false, blackhole: false, blockHttp: false };
   let liveSocket: WebSocketLike | null = null;
@@ -240,31 +297,75 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   const failures$ = new Subject<Failure>();
   const resets$ = new Subject<ResetEvent>();
   const rejected$ = new Subject<{ op: Op; error: SyncError }>();
+  const restored$ = new Subject<Restored>();
+  const pending$ = new BehaviorSubject<number>(0);
   const channels = new ChannelCursors(storage, `${storageKey}:cursors`);
   const waiters = new Map<number, Waiter>();
+  /** Operations in the durable outbox, by their key in the machine's queue. */
+  const entries = new Map<number, OutboxEntry & { restored: boolean }>();
   let nextKey = 1;
+  let nextOp = 1;
   let closed = false;
   let pollQueued = false;
+  let releaseLock: (() => void) | null = null;
+  let stopWatching: (() => void) | null = null;
+  const adopted = new Set<SyncClient<Op, Result>>();
 
   const inspect = options.inspect;
-  const actor = createActor(machine, {
-    input: {
-      clientId,
-      timeout,
-      maxBatch,
-      pollInterval: options.pollInterval ?? timeout,
-      maxBackoff: options.maxBackoff ?? DEFAULTS.maxBackoff,
-      random: options.random,
-    },
-    inspect,
-    ...(options.clock ? { clock: options.clock } : {}),
-  });
+  const makeActor = () =>
+    createActor(machine, {
+      input: {
+        clientId,
+        instance,
+        timeout,
+        maxBatch,
+        pollInterval: options.pollInterval ?? timeout,
+        maxBackoff: options.maxBackoff ?? DEFAULTS.maxBackoff,
+        random: options.random,
+      },
+      inspect,
+      ...(options.clock ? { clock: options.clock } : {}),
+    });
+  let actor = makeActor();
   const stateSubject = new BehaviorSubject<ConnectionState>('connecting');
   const state$ = stateSubject.pipe(distinctUntilChanged());
-  actor.subscribe({
-    next: (snap) => stateSubject.next(flatState(snap)),
-    error: () => stateSubject.next('closed'),
-  });
+
+  const reportFailure = (f: Failure) => {
+    failures$.next(f);
+    try {
+      options.onFailure?.(f);
+    } catch {
+      // A telemetry hook must never break the connection.
+    }
+  };
+  /** A storage that failed: reported, never thrown; the client goes on from memory. */
+  const storageFailed = (err: unknown) => {
+    if (closed) return;
+    reportFailure({
+      kind: 'storage',
+      state: stateSubject.value,
+      at: Date.now(),
+      reason: String((err as Error)?.message ?? err),
+    });
+  };
+  storage.onError?.(storageFailed);
+  /** Run a storage call that may throw or reject; failures are reported. */
+  const guarded = (fn: () => void | Promise<void>): void | Promise<void> => {
+    try {
+      const r = fn();
+      if (r && typeof (r as Promise<void>).then === 'function')
+        return (r as Promise<void>).catch(storageFailed);
+    } catch (err) {
+      storageFailed(err);
+    }
+  };
+  const setPending = () => {
+    if (closed) return;
+    let n = 0;
+    for (const w of waiters.values()) if (w.kind === 'op') n++;
+    for (const e of entries.values()) if (e.restored) n++;
+    if (n !== pending$.value) pending$.next(n);
+  };
 
   /** Results and MSG payloads feed the list streams under their keys. */
   const fanOutLists = (value: unknown) => {
@@ -275,6 +376,39 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     }
   };
 
+  // Everything reaches the machine through this lane, in order: an outbox write (which may be
+  // asynchronous: IndexedDB) completes before the operations it wrote are handed over, and
+  // nothing passes before the stored outbox has been loaded and queued.
+  interface Step {
+    write?: () => void | Promise<void>;
+    event: Parameters<ConnectionActor['send']>[0];
+  }
+  const steps: Step[] = [];
+  let ready = false;
+  let pumping = false;
+  const pump = () => {
+    if (pumping || !ready) return;
+    pumping = true;
+    while (steps.length > 0) {
+      const step = steps[0]!;
+      if (step.write) {
+        const write = step.write;
+        step.write = undefined;
+        const r = guarded(write);
+        if (r) {
+          r.then(() => {
+            pumping = false;
+            pump();
+          });
+          return;
+        }
+      }
+      steps.shift();
+      if (!closed) actor.send(step.event);
+    }
+    pumping = false;
+  };
+
   // Operations sent in the same tick reach the machine as one SEND: one macrostep and one
   // copy of the outbox per tick, not per operation (a loop of send() was O(n²) in the outbox).
   let burst: QueueItem[] = [];
@@ -282,7 +416,17 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     if (burst.length === 0) return;
     const items = burst;
     burst = [];
-    if (!closed) actor.send({ type: 'SEND', items });
+    if (closed) return;
+    const stored = items.map((i) => entries.get(i.key)).filter((e) => e !== undefined);
+    steps.push({
+      write: () =>
+        outbox.add(
+          clientId,
+          stored.map(({ key, at, n, op }) => ({ key, at, n, op })),
+        ),
+      event: { type: 'SEND', items },
+    });
+    pump();
   };
   const enqueue = (item: QueueItem, waiter: Waiter, front = false) => {
     waiters.set(item.key, waiter);
@@ -293,7 +437,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     }
     // A SUB/UNS keeps its place after the operations sent before it.
     flushBurst();
-    actor.send({ type: 'SEND', item, front });
+    steps.push({ event: { type: 'SEND', item, front } });
+    pump();
   };
 
   const requestSub = (names: string[], front: boolean, poll = false): Promise<unknown> =>
@@ -328,47 +473,71 @@ export function createSyncClient<Op = unknown, Result = unknown>(
 
   const settle = (e: Extract<ConnectionEmitted, { type: 'settled' }>) => {
     const ws = e.keys.map((k) => waiters.get(k));
-    for (const k of e.keys) waiters.delete(k);
-    if ('error' in e) {
-      const err = new SyncError(e.error.code, e.error.message, { id: e.id });
-      for (const w of ws) {
-        if (w?.channels) channels.subFailed(w.channels);
-        w?.reject(err);
-      }
-      return;
+    const es = e.keys.map((k) => entries.get(k));
+    for (const k of e.keys) {
+      waiters.delete(k);
+      entries.delete(k);
     }
-    if (e.request === 'SYN') {
-      if (e.payload.length !== e.keys.length) {
-        const err = new SyncError(
-          'bad_response',
-          `server answered ${e.payload.length} results for ${e.keys.length} operations`,
-          { id: e.id },
-        );
-        for (const w of ws) w?.reject(err);
+    const storeKeys = es.filter((x) => x !== undefined).map((x) => x.key);
+    // A result or a NAK is final: the operations leave the durable outbox.
+    if (storeKeys.length > 0) void guarded(() => outbox.remove(clientId, storeKeys));
+    const restoredError = (err: SyncError) => {
+      for (const x of es) if (x?.restored) restored$.next({ id: e.id, clientId, op: x.op, error: err });
+    };
+    try {
+      if ('error' in e) {
+        const err = new SyncError(e.error.code, e.error.message, { id: e.id });
+        for (const w of ws) {
+          if (w?.channels) channels.subFailed(w.channels);
+          w?.reject(err);
+        }
+        restoredError(err);
         return;
       }
-      e.payload.forEach((result, i) => {
-        fanOutLists(result);
-        ws[i]?.resolve(result);
-      });
-      return;
+      if (e.request === 'SYN') {
+        if (e.payload.length !== e.keys.length) {
+          const err = new SyncError(
+            'bad_response',
+            `server answered ${e.payload.length} results for ${e.keys.length} operations`,
+            { id: e.id },
+          );
+          for (const w of ws) w?.reject(err);
+          restoredError(err);
+          return;
+        }
+        e.payload.forEach((result, i) => {
+          fanOutLists(result);
+          const x = es[i];
+          if (x?.restored) restored$.next({ id: e.id, clientId, op: x.op, result });
+          else ws[i]?.resolve(result);
+        });
+        return;
+      }
+      // SUB / UNS: one waiter, payload [{ channels: {…} }] or [{}].
+      const w = ws[0];
+      const body = (e.payload[0] ?? {}) as { channels?: Record<string, ChannelState> };
+      if (e.request === 'SUB' && w?.channels) {
+        const { resets, resub } = channels.onSubResponse(w.channels, body.channels);
+        for (const r of resets) resets$.next(r);
+        if (resub.length > 0) resubscribe(resub, true);
+      }
+      w?.resolve(body);
+    } finally {
+      setPending();
     }
-    // SUB / UNS: one waiter, payload [{ channels: {…} }] or [{}].
-    const w = ws[0];
-    const body = (e.payload[0] ?? {}) as { channels?: Record<string, ChannelState> };
-    if (e.request === 'SUB' && w?.channels) {
-      const { resets, resub } = channels.onSubResponse(w.channels, body.channels);
-      for (const r of resets) resets$.next(r);
-      if (resub.length > 0) resubscribe(resub, true);
-    }
-    w?.resolve(body);
   };
 
-  actor.on('*', (e: ConnectionEmitted) => {
+  const onEmitted = (e: ConnectionEmitted) => {
     switch (e.type) {
       case 'settled':
         settle(e);
         break;
+      case 'batched': {
+        // Durable before the SYN leaves: a new instance must resend this id with these ops.
+        const keys = e.keys.map((k) => entries.get(k)?.key).filter((k) => k !== undefined);
+        if (keys.length > 0) void guarded(() => outbox.batch(clientId, { id: e.id, keys }));
+        break;
+      }
       case 'message': {
         const m = e.frame as MsgEnvelope;
         const verdict = channels.onMessage(m);
@@ -388,12 +557,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         const f: Failure = { kind: e.kind, state: stateSubject.value, at: Date.now() };
         if (e.code !== undefined) f.code = e.code;
         if (e.reason !== undefined) f.reason = e.reason;
-        failures$.next(f);
-        try {
-          options.onFailure?.(f);
-        } catch {
-          // A telemetry hook must never break the connection.
-        }
+        reportFailure(f);
         break;
       }
       case 'socketReady':
@@ -404,9 +568,143 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         if (channels.names.length > 0 && !pollQueued) resubscribe(channels.names, false, true);
         break;
     }
-  });
+  };
 
-  actor.start();
+  /** Queue what the stored outbox holds, before anything sent by this instance. */
+  const restore = (snap: { ops: OutboxEntry[]; batches: { id: string; keys: string[] }[] }): number => {
+    const byKey = new Map(snap.ops.map((o) => [o.key, o]));
+    const order = (o: OutboxEntry) => [o.at, o.n] as const;
+    const before = (a: OutboxEntry, b: OutboxEntry) => {
+      const [x, y] = [order(a), order(b)];
+      return x[0] - y[0] || x[1] - y[1] || (a.key < b.key ? -1 : a.key > b.key ? 1 : 0);
+    };
+    type Unit = { first: OutboxEntry; item: QueueItem };
+    const units: Unit[] = [];
+    const inBatch = new Set<string>();
+    const track = (o: OutboxEntry) => {
+      const key = nextKey++;
+      entries.set(key, { ...o, restored: true });
+      return key;
+    };
+    for (const b of snap.batches) {
+      const members = b.keys.map((k) => byKey.get(k));
+      if (members.some((m) => m === undefined) || members.length === 0) {
+        // Settled, but its record outlived its operations (a failed removal): drop it, and
+        // never resend what is left of it under another id (that could apply it twice).
+        for (const m of members) if (m) inBatch.add(m.key);
+        const left = members.filter((m) => m !== undefined).map((m) => m!.key);
+        void guarded(() => outbox.remove(clientId, left.length > 0 ? left : b.keys));
+        continue;
+      }
+      const ms = members as OutboxEntry[];
+      for (const m of ms) inBatch.add(m.key);
+      const keys = ms.map(track);
+      const first = [...ms].sort(before)[0]!;
+      units.push({ first, item: { key: keys[0]!, kind: 'batch', id: b.id, ops: ms.map((m) => m.op), keys } });
+    }
+    for (const o of snap.ops) {
+      if (inBatch.has(o.key)) continue;
+      units.push({ first: o, item: { key: 0, kind: 'op', op: o.op } });
+    }
+    units.sort((a, b) => before(a.first, b.first));
+    const items: QueueItem[] = [];
+    let n = 0;
+    for (const u of units) {
+      if (u.item.kind === 'op') u.item = { ...u.item, key: track(u.first) };
+      n += u.item.kind === 'batch' ? u.item.keys.length : 1;
+      items.push(u.item);
+    }
+    // Batches travel one per SEND at the head; single operations may join new ones.
+    if (items.length > 0) steps.unshift({ event: { type: 'SEND', items } });
+    setPending();
+    return n;
+  };
+
+  const start = () => {
+    actor.subscribe({
+      next: (snap) => stateSubject.next(flatState(snap)),
+      error: () => stateSubject.next('closed'),
+    });
+    actor.on('*', onEmitted);
+    actor.start();
+  };
+
+  const adopt = async (orphanId: string) => {
+    if (closed) return;
+    const child = createSyncClient<Op, Result>({
+      ...options,
+      clientId: orphanId,
+      channels: {},
+      storage: { get: () => null, set: () => {}, outbox, onError: () => {} },
+      inspect: undefined,
+    });
+    adopted.add(child);
+    child.restored$.subscribe((r) => {
+      if ('result' in r) fanOutLists(r.result);
+      restored$.next(r);
+    });
+    try {
+      await child.loaded;
+      await new Promise<void>((resolve) => {
+        child.pending$.subscribe({ next: (n) => n === 0 && resolve(), complete: () => resolve() });
+      });
+    } finally {
+      adopted.delete(child);
+      await child.close();
+    }
+  };
+
+  /** Identity (lock), then the stored outbox; synchronous when the storage is. */
+  const init = (): number | Promise<number> => {
+    const locks = storage.locks;
+    const load = () => {
+      if (closed) return 0;
+      const finish = (snap: Parameters<typeof restore>[0]) => {
+        const n = restore(snap);
+        ready = true;
+        if (!closed) start();
+        pump();
+        if (locks && !closed) stopWatching = locks.watch(clientId, adopt);
+        return n;
+      };
+      const failed = (err: unknown) => {
+        storageFailed(err);
+        return finish({ ops: [], batches: [] });
+      };
+      let snap: ReturnType<SyncOutbox['load']>;
+      try {
+        snap = outbox.load(clientId);
+      } catch (err) {
+        return failed(err);
+      }
+      if (snap && typeof (snap as Promise<unknown>).then === 'function') {
+        return (snap as Promise<Parameters<typeof restore>[0]>).then(finish, failed);
+      }
+      return finish(snap as Parameters<typeof restore>[0]);
+    };
+    if (!locks) return load();
+    const claim = async () => {
+      let release: (() => void) | null = null;
+      try {
+        release = await locks.claim(clientId);
+        if (!release && options.clientId === undefined) {
+          // Another live client holds this identity (a duplicated tab copies sessionStorage).
+          clientId = randomId('c');
+          storage.set(idKey, clientId);
+          actor = makeActor();
+          release = await locks.claim(clientId);
+        }
+      } catch (err) {
+        storageFailed(err);
+      }
+      if (closed) release?.();
+      else releaseLock = release;
+      return load();
+    };
+    return claim();
+  };
+  const initResult = init();
+  const loaded = Promise.resolve(initResult);
 
   const send = (op: Op): Promise<Result> =>
     new Promise<Result>((resolve, reject) => {
@@ -415,7 +713,10 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         return reject(new SyncError('queue_full', `the outbox holds ${maxQueue} operations`));
       }
       const key = nextKey++;
+      const n = nextOp++;
+      entries.set(key, { key: `${instance}:o${n}`, at: Date.now(), n, op, restored: false });
       enqueue({ key, kind: 'op', op }, { kind: 'op', resolve: resolve as (v: unknown) => void, reject });
+      setPending();
     });
 
   const send$ = new Subject<Op>();
@@ -450,6 +751,9 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     failures$: failures$.asObservable(),
     resets$: resets$.asObservable(),
     rejected$: rejected$.asObservable(),
+    restored$: restored$.asObservable(),
+    pending$: pending$.pipe(distinctUntilChanged()),
+    loaded,
     on(event, handler) {
       const sub = (streams[event] as Observable<unknown>).subscribe(handler as (v: unknown) => void);
       return () => sub.unsubscribe();
@@ -472,28 +776,48 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       });
     },
     cursors: () => channels.snapshot(),
-    clientId,
+    get clientId() {
+      return clientId;
+    },
     get state() {
       return stateSubject.value;
     },
     get pending() {
-      let n = 0;
-      for (const w of waiters.values()) if (w.kind === 'op') n++;
-      return n;
+      return pending$.value;
     },
     async close() {
       if (closed) return;
+      // Operations accepted this tick are written to the outbox before the client goes.
+      flushBurst();
       closed = true;
       actor.send({ type: 'CLOSE' });
+      if (!ready) actor.stop();
+      // The promises end here; the operations stay in the durable outbox, and the next client
+      // on the same storage sends them (their outcomes then arrive on its `restored$`).
       const err = new SyncError('closed', 'the client was closed before this settled');
       for (const w of waiters.values()) w.reject(err);
       waiters.clear();
+      stopWatching?.();
+      await Promise.all([...adopted].map((c) => c.close()));
+      releaseLock?.();
       stateSubject.next('closed');
-      for (const s of [...Object.values(lists), messages$, failures$, resets$, rejected$, send$])
+      pending$.next(0);
+      for (const s of [
+        ...Object.values(lists),
+        messages$,
+        failures$,
+        resets$,
+        rejected$,
+        restored$,
+        send$,
+        pending$,
+      ])
         s.complete();
       stateSubject.complete();
     },
-    actor,
+    get actor() {
+      return actor;
+    },
     debug: {
       faults,
       killSocket() {
