@@ -145,6 +145,9 @@ function idbOutbox(name: string, local: Storage): SyncOutbox & { owners(): Promi
   };
 }
 
+/** How long a tab waits for its stored identity's lock before taking a new identity. */
+const CLAIM_GRACE_MS = 1000;
+
 function webLocks(
   name: string,
   locks: LockManager,
@@ -152,19 +155,35 @@ function webLocks(
 ): SyncLocks {
   const lockName = (clientId: string) => `${name}:${clientId}`;
   return {
-    claim(clientId) {
-      return new Promise((resolve, reject) => {
-        locks
-          .request(lockName(clientId), { ifAvailable: true }, (lock) => {
-            if (!lock) {
-              resolve(null);
-              return undefined;
-            }
-            // Held until released (or until the page goes away).
-            return new Promise<void>((release) => resolve(() => release()));
-          })
-          .catch(reject);
-      });
+    async claim(clientId) {
+      const take = (opts: LockOptions) =>
+        new Promise<(() => void) | null>((resolve, reject) => {
+          locks
+            .request(lockName(clientId), opts, (lock) => {
+              if (!lock) {
+                resolve(null);
+                return undefined;
+              }
+              // Held until released (or until the page goes away).
+              return new Promise<void>((release) => resolve(() => release()));
+            })
+            .catch((err: unknown) => {
+              if ((err as { name?: string })?.name === 'AbortError') resolve(null);
+              else reject(err);
+            });
+        });
+      const now = await take({ ifAvailable: true });
+      if (now) return now;
+      // Held: by the tab this one was duplicated from (alive: give up after the grace), or
+      // briefly by another tab checking this id's outbox after our own reload (then it is
+      // released within the grace and this tab keeps its identity).
+      const stop = new AbortController();
+      const timer = setTimeout(() => stop.abort(), CLAIM_GRACE_MS);
+      try {
+        return await take({ signal: stop.signal });
+      } finally {
+        clearTimeout(timer);
+      }
     },
     watch(self, adopt) {
       const stop = new AbortController();
