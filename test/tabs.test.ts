@@ -83,7 +83,10 @@ describe.skipIf(!HAVE_CHROMIUM && !IN_CI)('tabs, reloads and the outbox in Chrom
     });
     const js = bundle.outputFiles[0]!.text;
     web = createServer((req, res) => {
-      if (req.url?.startsWith('/bundle.js')) {
+      if (req.url?.startsWith('/blank')) {
+        res.writeHead(200, { 'content-type': 'text/html' });
+        res.end('<!doctype html><title>blank</title>');
+      } else if (req.url?.startsWith('/bundle.js')) {
         res.writeHead(200, { 'content-type': 'text/javascript' });
         res.end(js);
       } else {
@@ -183,10 +186,34 @@ describe.skipIf(!HAVE_CHROMIUM && !IN_CI)('tabs, reloads and the outbox in Chrom
     });
   });
 
-  it('a reloaded tab keeps its identity and its next edit is applied once with its own result', async () => {
+  it('a duplicated tab (sessionStorage copied) becomes a client of its own while the original lives', async () => {
     const ctx = await profile();
     const a = await tab(ctx);
     await waitOpen(a);
+    const id = await clientIdOf(a);
+    // What "Duplicate tab" does: a new tab whose sessionStorage is a copy of the original's.
+    const b = await ctx.newPage();
+    await b.goto(`${origin}/blank`);
+    await b.evaluate((id) => sessionStorage.setItem('syncwire:clientId', id), id);
+    await b.goto(
+      `${origin}/?ws=${encodeURIComponent(r.proxy.wsUrl)}&http=${encodeURIComponent(r.proxy.httpUrl)}`,
+    );
+    await b.waitForFunction(() => (window as any).app?.client, null, { timeout: SOON });
+    await waitOpen(b);
+    expect(await clientIdOf(b)).not.toBe(id);
+    const [x, y] = [unique('orig'), unique('dup')];
+    expect(await send(a, x)).toEqual({ id: x, successes: [x] });
+    expect(await send(b, y)).toEqual({ id: y, successes: [y] });
+    appliedOnce(r.ledger, [x, y]);
+  });
+
+  it('a reloaded tab keeps its identity (also with another tab waiting for its lock) and its next edit is applied once with its own result', async () => {
+    const ctx = await profile();
+    const a = await tab(ctx);
+    await waitOpen(a);
+    // A second live tab of the app, which waits for the first one's lock (orphan watch).
+    const other = await tab(ctx);
+    await waitOpen(other);
     const id = await clientIdOf(a);
     const [x, y] = [unique('before-reload'), unique('after-reload')];
     expect(await send(a, x)).toEqual({ id: x, successes: [x] });
