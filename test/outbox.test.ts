@@ -15,7 +15,13 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { createActor, fromCallback, fromPromise } from 'xstate';
 import { connectionMachine } from '../machines/connection.js';
 import { fileStorage } from '../src/client/file-storage.js';
-import { type Failure, memoryStorage, type Restored, SyncError } from '../src/client/index.js';
+import {
+  type Failure,
+  memoryStorage,
+  type OutboxSnapshot,
+  type Restored,
+  SyncError,
+} from '../src/client/index.js';
 import { appliedOnce, type Rig, rig, until } from './helpers/harness.js';
 import { startLyingServer } from './helpers/lying-server.js';
 
@@ -190,6 +196,35 @@ describe('durable outbox (Node, file storage)', () => {
     appliedOnce(r.ledger, ['crash-0', 'crash-1', 'crash-2']);
     expect(r.ledger.batches).toHaveLength(1);
   }, 40_000);
+
+  it('memoryStorage: operations a closed client never sent are sent by the next client on the same storage', async () => {
+    r = await rig();
+    const storage = memoryStorage();
+    r.proxy.refuse = true;
+    r.proxy.httpScript = Array.from({ length: 10_000 }, () => 'network' as const);
+    const a = r.client({ storage });
+    const rejected: string[] = [];
+    for (const id of ['mem-0', 'mem-1']) a.send({ id }).catch((e: SyncError) => rejected.push(e.code));
+    await until(
+      () => a.pending === 2 && (storage.outbox!.load(a.clientId) as OutboxSnapshot).ops.length === 2,
+      5000,
+      'stored',
+    );
+    await a.close();
+    expect(rejected).toEqual(['closed', 'closed']);
+    expect(r.ledger.applied.size).toBe(0);
+    r.proxy.refuse = false;
+    r.proxy.httpScript = [];
+    const b = r.client({ storage });
+    expect(b.clientId).toBe(a.clientId);
+    const restored: Restored[] = [];
+    b.restored$.subscribe((x) => restored.push(x));
+    expect(await b.loaded).toBe(2);
+    await until(() => restored.length === 2, 10_000, 'restored');
+    expect(restored.map((x) => x.op)).toEqual([{ id: 'mem-0' }, { id: 'mem-1' }]);
+    appliedOnce(r.ledger, ['mem-0', 'mem-1']);
+    expect((storage.outbox!.load(b.clientId) as OutboxSnapshot).ops).toEqual([]);
+  });
 
   it('a storage whose writes fail: no uncaught exception, failures$ reports kind storage, sends still resolve', async () => {
     const dir = tempDir();

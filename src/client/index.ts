@@ -790,8 +790,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       // Operations accepted this tick are written to the outbox before the client goes.
       flushBurst();
       closed = true;
-      actor.send({ type: 'CLOSE' });
-      if (!ready) actor.stop();
+      // An actor not started yet (identity or outbox still loading) is never started.
+      if (ready) actor.send({ type: 'CLOSE' });
       // The promises end here; the operations stay in the durable outbox, and the next client
       // on the same storage sends them (their outcomes then arrive on its `restored$`).
       const err = new SyncError('closed', 'the client was closed before this settled');
