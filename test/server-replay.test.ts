@@ -281,7 +281,7 @@ describe('history reset under a live subscriber', () => {
 });
 
 describe('authorization', () => {
-  it('answers NAK forbidden for the whole SUB and sends nothing of it', async () => {
+  it('refuses only the forbidden channel of a SUB: its entry says forbidden, the others are served', async () => {
     const asked: unknown[] = [];
     const server = await h.start<string>({
       authenticate: () => 'alice',
@@ -290,30 +290,46 @@ describe('authorization', () => {
         return channel !== 'secret';
       },
     });
-    await publishMany(server, 'public', 2);
+    const { epoch } = await publishMany(server, 'public', 2);
     await publishMany(server, 'secret', 2);
     const sock = await h.socket(server);
     const frames = await sock.request(sub('s1', { public: { since: 0 }, secret: { since: 0 } }));
-    expect(frames).toEqual([
-      { id: 's1', type: 'ACK' },
-      { id: 's1', type: 'NAK', error: { code: 'forbidden', message: expect.any(String) } },
-    ]);
+    expect(frames[0]).toEqual({ id: 's1', type: 'ACK' });
+    expect(msgs(frames, 'secret')).toEqual([]);
+    expect(msgs(frames, 'public').map((m) => m.seq)).toEqual([1, 2]);
+    expect(frames.at(-1)).toEqual({
+      id: 's1',
+      type: 'SYN',
+      payload: [
+        {
+          channels: {
+            public: { epoch, seq: 2, recovered: true },
+            secret: { error: { code: 'forbidden', message: expect.any(String) } },
+          },
+        },
+      ],
+    });
     expect(asked).toContainEqual(['alice', 'secret', 'subscribe']);
-    // No subscription was made, not even to the allowed channel.
+    // The allowed channel is live; the refused one is not.
     await server.publish('public', 'later');
     await server.publish('secret', 'later');
-    expect(msgs(await settle(sock))).toEqual([]);
-    expect(server.stats().channels).toBe(0);
+    const later = msgs(await settle(sock));
+    expect(later.map((m) => [m.channel, m.seq])).toEqual([['public', 3]]);
+    expect(server.stats().channels).toBe(1);
   });
 
-  it('answers NAK forbidden over HTTP too', async () => {
+  it('answers a forbidden channel with its error entry over HTTP too', async () => {
     const server = await h.start({ authorize: async (_p, channel) => channel !== 'secret' });
     await publishMany(server, 'secret', 2);
     const reply = await post(httpUrl(server), 'c1', sub('s1', { secret: { since: 0 } }));
     expect(reply.status).toBe(200);
     expect(reply.body).toEqual([
       { id: 's1', type: 'ACK' },
-      { id: 's1', type: 'NAK', error: { code: 'forbidden', message: expect.any(String) } },
+      {
+        id: 's1',
+        type: 'SYN',
+        payload: [{ channels: { secret: { error: { code: 'forbidden', message: expect.any(String) } } } }],
+      },
     ]);
   });
 });

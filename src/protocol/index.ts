@@ -21,6 +21,7 @@ export const NAK_CODES = [
   'client_id_taken',
   'id_reused',
   'result_not_kept',
+  'too_many_channels',
 ] as const;
 /**
  * - `client_id_taken`: the clientId is bound to another principal (PROTOCOL §1 "principal
@@ -68,6 +69,11 @@ export const CloseCodes = {
    * sent. The client reconnects and replays from its cursors, so nothing is lost.
    */
   slowConsumer: 4429,
+  /**
+   * `server.disconnect()` closed the socket on purpose. The client redials as after any close;
+   * to keep it out, `authenticate` must refuse it.
+   */
+  disconnected: 4001,
 } as const;
 
 /** Longest allowed envelope id and clientId. */
@@ -88,6 +94,25 @@ export interface ChannelState {
   recovered: boolean;
   more?: boolean;
 }
+
+/**
+ * One channel's entry in a `SUB` response that was not granted: `forbidden` (`authorize` said
+ * no), `too_many_channels` (the principal's cap), `server_error` (`authorize` threw). The other
+ * channels of the same `SUB` are answered on their own (PROTOCOL §3 rule 7).
+ */
+export interface ChannelRefusal {
+  error: { code: NakCode; message: string };
+}
+
+/** An entry of a `SUB` response: the channel's state, or why it was refused. */
+export type ChannelEntry = ChannelState | ChannelRefusal;
+
+/** Whether a `SUB` response entry is a refusal. */
+export const isChannelRefusal = (e: unknown): e is ChannelRefusal =>
+  typeof e === 'object' &&
+  e !== null &&
+  typeof (e as { error?: unknown }).error === 'object' &&
+  (e as { error?: unknown }).error !== null;
 
 export interface SynEnvelope {
   id: string;
@@ -134,7 +159,21 @@ export interface MsgEnvelope {
   echo?: boolean;
 }
 
+/**
+ * Server to client: the server ended the socket's subscriptions to `channels` (revocation,
+ * PROTOCOL §3 rule 10). `error.code` is `forbidden` when `authorize` no longer allows them,
+ * `unsubscribed` when the server dropped them by `server.unsubscribe()`. The client does not
+ * re-subscribe them by itself. It is not acknowledged and carries a server-made `id`.
+ */
+export interface RevokeEnvelope {
+  id: string;
+  type: 'UNS';
+  payload: { channels: string[] };
+  error: { code: NakCode | 'unsubscribed'; message: string };
+}
+
 export type Envelope =
+  | RevokeEnvelope
   | SynEnvelope
   | AckEnvelope
   | PngEnvelope
@@ -146,7 +185,7 @@ export type Envelope =
 /** Envelopes a client sends and expects an `ACK` for. */
 export type RequestEnvelope = SynEnvelope | PngEnvelope | SubEnvelope | UnsEnvelope;
 /** Envelopes a server sends. */
-export type ServerEnvelope = SynEnvelope | AckEnvelope | NakEnvelope | MsgEnvelope;
+export type ServerEnvelope = SynEnvelope | AckEnvelope | NakEnvelope | MsgEnvelope | RevokeEnvelope;
 
 /** What `parseFrame` returns: never throws. `id` is set when the frame had a usable one. */
 export type ParseResult<T> =
@@ -321,6 +360,23 @@ export function validateServerEnvelope(raw: unknown): ParseResult<ServerEnvelope
       }
       return { ok: true, envelope: env };
     }
+    case 'UNS': {
+      if (!validId(id)) return fail('bad_request', 'UNS without a valid id');
+      const p = raw.payload;
+      if (!isObject(p) || !Array.isArray(p.channels) || !p.channels.every(isValidChannel))
+        return fail('bad_request', 'server UNS payload must be { channels: [name, …] }', id);
+      const err = raw.error;
+      const code =
+        isObject(err) &&
+        (err.code === 'unsubscribed' || (NAK_CODES as readonly string[]).includes(err.code as string))
+          ? (err.code as NakCode | 'unsubscribed')
+          : 'forbidden';
+      const message = isObject(err) && typeof err.message === 'string' ? err.message : 'revoked';
+      return {
+        ok: true,
+        envelope: { id, type, payload: { channels: p.channels as string[] }, error: { code, message } },
+      };
+    }
     default:
       return fail(
         'bad_request',
@@ -360,4 +416,5 @@ export const HTTP_STATUS_OF: Record<NakCode, number> = {
   client_id_taken: 409,
   id_reused: 422,
   result_not_kept: 410,
+  too_many_channels: 429,
 };

@@ -18,6 +18,10 @@ import type { ChannelHead, HistoryStore, StoredMessage } from '../stores/types.j
 /** The socket side of a subscription, as the channel layer needs it. */
 export interface ChannelPeer {
   readonly clientId: string;
+  /** Who the peer is, as `authenticate` said; re-asked of `authorize` by `server.recheck()`. */
+  readonly principal: unknown;
+  /** The key the per-principal channel cap and `server.unsubscribe({ principal })` count by. */
+  readonly principalKey: string;
   /** The peer's subscriptions by channel; owned by `Channels`. */
   readonly subs: Map<string, Subscription>;
   /** False once the socket is closing: nothing more is sent. */
@@ -28,6 +32,8 @@ export interface ChannelPeer {
   drained(): Promise<void> | undefined;
   /** Give up on the socket after an internal failure; the client reconnects and replays. */
   fail(reason: string): void;
+  /** Run `task` after every task queued before it (a socket's SUBs, UNSs and revocations). */
+  serial<T>(task: () => Promise<T>): Promise<T>;
 }
 
 export interface ChannelsOptions {
@@ -188,6 +194,8 @@ export class Channels {
   readonly store: HistoryStore;
   readonly replayLimit: number;
   private readonly index = new Map<string, Set<Subscription>>();
+  /** Live subscriptions per principal key, for the per-principal cap. */
+  private readonly perPrincipal = new Map<string, number>();
   private readonly onError: ChannelsOptions['onError'];
   private readonly unwatch: () => void;
 
@@ -216,8 +224,11 @@ export class Channels {
     // Registered before the head is read, so no live message can slip between the read and
     // the registration; whatever arrives meanwhile waits in `pending`.
     const subs = names.map((name) => {
-      peer.subs.get(name)?.cancel();
-      this.remove(peer.subs.get(name));
+      const old = peer.subs.get(name);
+      if (old) {
+        old.cancel();
+        this.remove(old);
+      } else this.count(peer.principalKey, 1);
       const sub = new Subscription(name, peer, this);
       peer.subs.set(name, sub);
       let set = this.index.get(name);
@@ -248,6 +259,22 @@ export class Channels {
       states[sub.channel] = { epoch: sub.epoch, seq: sub.last, recovered: recovered[i]! };
     }
     return states;
+  }
+
+  /** Live subscriptions of sockets whose principal has this key, in this process. */
+  countOf(principalKey: string): number {
+    return this.perPrincipal.get(principalKey) ?? 0;
+  }
+
+  /** Whether any socket of this process is subscribed to `channel` (housekeeping keeps it). */
+  isLive(channel: string): boolean {
+    return this.index.has(channel);
+  }
+
+  /** Every live subscription, as (peer, channel) pairs, for revocation and re-checks. */
+  *live(channel?: string): Iterable<{ peer: ChannelPeer; channel: string }> {
+    const sets = channel === undefined ? [...this.index.values()] : [this.index.get(channel) ?? new Set()];
+    for (const set of sets) for (const sub of [...set]) yield { peer: sub.peer, channel: sub.channel };
   }
 
   /** Stop the named subscriptions of a socket; unknown names are ignored. */
@@ -300,12 +327,22 @@ export class Channels {
     this.unwatch();
     for (const set of this.index.values()) for (const sub of set) sub.cancel();
     this.index.clear();
+    this.perPrincipal.clear();
   }
 
   private drop(peer: ChannelPeer, sub: Subscription): void {
     sub.cancel();
-    if (peer.subs.get(sub.channel) === sub) peer.subs.delete(sub.channel);
+    if (peer.subs.get(sub.channel) === sub) {
+      peer.subs.delete(sub.channel);
+      this.count(peer.principalKey, -1);
+    }
     this.remove(sub);
+  }
+
+  private count(key: string, delta: number): void {
+    const n = (this.perPrincipal.get(key) ?? 0) + delta;
+    if (n > 0) this.perPrincipal.set(key, n);
+    else this.perPrincipal.delete(key);
   }
 
   private remove(sub: Subscription | undefined): void {

@@ -11,6 +11,10 @@
 
 import type { IncomingMessage } from 'node:http';
 import {
+  type ChannelCursor,
+  type ChannelEntry,
+  type ChannelRefusal,
+  encode,
   HTTP_STATUS_OF,
   isValidChannel,
   MAX_ID_LENGTH,
@@ -19,6 +23,8 @@ import {
   type NakEnvelope,
   nak,
   type RequestEnvelope,
+  type RevokeEnvelope,
+  randomId,
   type ServerEnvelope,
   type SubEnvelope,
   SyncError,
@@ -30,10 +36,7 @@ import { type Bindings, ownerOf } from './identity.js';
 import type { PublishOptions, PublishResult, SyncContext, SyncServerOptions } from './index.js';
 
 /** A peer whose subscriptions are live (a socket): `Channels` delivers to it directly. */
-export interface LivePeer extends ChannelPeer {
-  /** Run `task` after every task queued before it (a socket's SUBs and UNSs keep their order). */
-  serial<T>(task: () => Promise<T>): Promise<T>;
-}
+export type LivePeer = ChannelPeer;
 
 /** Whoever sent an envelope, on whichever transport. */
 export interface Peer<P> {
@@ -60,9 +63,26 @@ export interface DispatcherOptions<P> {
   /** Whether the server is closing: publishes are refused, queued batches answered `server_error`. */
   closing(): boolean;
   onError(err: unknown, where: string): void;
+  /** Most live channel subscriptions per principal key in this process (PROTOCOL rule 7). */
+  maxChannelsPerPrincipal: number;
+}
+
+/** Which live subscriptions a revocation is about. */
+export interface RevokeMatch {
+  channel?: string | undefined;
+  clientId?: string | undefined;
+  /** A principal key (`principalKey(principal)`), not the principal itself. */
+  principalKey?: string | undefined;
 }
 
 export interface Dispatcher<P> {
+  /**
+   * End the live subscriptions matching `m` in this process; each socket concerned gets one
+   * server `UNS` naming its channels, with `error`. Resolves with how many were ended.
+   */
+  revoke(m: RevokeMatch, error: { code: 'forbidden' | 'unsubscribed'; message: string }): Promise<number>;
+  /** Re-ask `authorize` for every live subscription of this process; revoke the refused ones. */
+  recheck(): Promise<number>;
   /** `server.publish`: append to a channel's history. */
   publish(channel: string, payload: unknown, opts?: PublishOptions): Promise<PublishResult>;
   /** Answer one valid envelope. Resolves when its last reply was sent; never rejects. */
@@ -195,38 +215,141 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
     return response;
   }
 
-  async function refusal(principal: P, id: string, names: string[]): Promise<NakEnvelope | null> {
+  /** `authorize` for one channel: `null` when allowed, else the refusal entry. */
+  async function refusal(principal: P, name: string): Promise<ChannelRefusal | null> {
     if (!hooks.authorize) return null;
-    for (const name of names) {
-      let allowed: boolean;
-      try {
-        allowed = (await hooks.authorize(principal, name, 'subscribe')) === true;
-      } catch (err) {
-        onError(err, 'authorize');
-        return nak(id, 'server_error', 'authorization failed');
-      }
-      if (!allowed) return nak(id, 'forbidden', `not allowed to subscribe to ${name}`);
+    try {
+      if ((await hooks.authorize(principal, name, 'subscribe')) === true) return null;
+      return { error: { code: 'forbidden', message: `not allowed to subscribe to ${name}` } };
+    } catch (err) {
+      onError(err, 'authorize');
+      return { error: { code: 'server_error', message: 'authorization failed' } };
     }
-    return null;
   }
 
+  /**
+   * Answer a `SUB` channel by channel (PROTOCOL §3 rule 7): a refused channel gets an `error`
+   * entry and the others are served. On a socket, a refused channel also ends any live
+   * subscription the socket had to it, and channels beyond the principal's cap are refused
+   * `too_many_channels`.
+   */
   async function subscribe(env: SubEnvelope, peer: Peer<P>): Promise<void> {
     const cursors = env.payload.channels;
-    const refused = await refusal(peer.principal, env.id, Object.keys(cursors));
-    if (refused) return peer.send(refused);
-    try {
-      if (peer.conn) {
-        const states = await channels.subscribe(peer.conn, cursors);
-        peer.send({ id: env.id, type: 'SYN', payload: [{ channels: states }] });
-      } else {
-        const { messages, states } = await channels.poll(peer.clientId, cursors);
-        for (const m of messages) peer.send(m);
-        peer.send({ id: env.id, type: 'SYN', payload: [{ channels: states }] });
+    const names = Object.keys(cursors);
+    const entries: Record<string, ChannelEntry> = {};
+    const allowed: Record<string, ChannelCursor> = {};
+    for (const name of names) {
+      const refused = await refusal(peer.principal, name);
+      if (refused) entries[name] = refused;
+      else allowed[name] = cursors[name]!;
+    }
+    const conn = peer.conn;
+    if (conn) {
+      channels.unsubscribe(
+        conn,
+        names.filter((n) => entries[n]),
+      );
+      let used = channels.countOf(conn.principalKey);
+      for (const name of Object.keys(allowed)) {
+        if (conn.subs.has(name)) continue;
+        if (used >= o.maxChannelsPerPrincipal) {
+          delete allowed[name];
+          entries[name] = {
+            error: {
+              code: 'too_many_channels',
+              message: `at most ${o.maxChannelsPerPrincipal} channels per principal`,
+            },
+          };
+        } else used++;
       }
+    }
+    try {
+      if (Object.keys(allowed).length > 0) {
+        if (conn) {
+          Object.assign(entries, await channels.subscribe(conn, allowed));
+        } else {
+          const { messages, states } = await channels.poll(peer.clientId, allowed);
+          for (const m of messages) peer.send(m);
+          Object.assign(entries, states);
+        }
+      }
+      // Entries in the order the SUB named them.
+      const ordered: Record<string, ChannelEntry> = {};
+      for (const name of names) ordered[name] = entries[name]!;
+      peer.send({ id: env.id, type: 'SYN', payload: [{ channels: ordered }] });
     } catch (err) {
       onError(err, 'subscribe');
       peer.send(nak(env.id, 'server_error', 'subscription failed'));
     }
+  }
+
+  function matches(m: RevokeMatch, peer: ChannelPeer): boolean {
+    if (m.clientId !== undefined && peer.clientId !== m.clientId) return false;
+    if (m.principalKey !== undefined && peer.principalKey !== m.principalKey) return false;
+    return true;
+  }
+
+  /** End `names` for one socket, in its serial lane, and tell it; `check` re-decides there. */
+  function endFor(
+    peer: ChannelPeer,
+    names: string[],
+    error: { code: 'forbidden' | 'unsubscribed'; message: string },
+    check?: (name: string) => Promise<boolean>,
+  ): Promise<number> {
+    return peer.serial(async () => {
+      const ended: string[] = [];
+      for (const name of names) {
+        // Unsubscribed meanwhile, or re-allowed: nothing to end.
+        if (!peer.subs.has(name)) continue;
+        if (check && !(await check(name))) continue;
+        if (!peer.subs.has(name)) continue;
+        channels.unsubscribe(peer, [name]);
+        ended.push(name);
+      }
+      if (ended.length > 0 && peer.open) {
+        const notice: RevokeEnvelope = {
+          id: randomId('u'),
+          type: 'UNS',
+          payload: { channels: ended },
+          error,
+        };
+        peer.sendText(encode(notice));
+      }
+      return ended.length;
+    });
+  }
+
+  function byPeer(m: RevokeMatch): Map<ChannelPeer, string[]> {
+    const out = new Map<ChannelPeer, string[]>();
+    for (const { peer, channel } of channels.live(m.channel)) {
+      if (!matches(m, peer)) continue;
+      const list = out.get(peer);
+      if (list) list.push(channel);
+      else out.set(peer, [channel]);
+    }
+    return out;
+  }
+
+  async function revoke(
+    m: RevokeMatch,
+    error: { code: 'forbidden' | 'unsubscribed'; message: string },
+  ): Promise<number> {
+    const counts = await Promise.all([...byPeer(m)].map(([peer, names]) => endFor(peer, names, error)));
+    return counts.reduce((a, b) => a + b, 0);
+  }
+
+  async function recheck(): Promise<number> {
+    const counts = await Promise.all(
+      [...byPeer({})].map(([peer, names]) =>
+        endFor(
+          peer,
+          names,
+          { code: 'forbidden', message: 'no longer allowed to subscribe' },
+          async (name) => (await refusal(peer.principal as P, name)) !== null,
+        ),
+      ),
+    );
+    return counts.reduce((a, b) => a + b, 0);
   }
 
   /** Answer one valid envelope. Resolves when its last reply was sent; never rejects. */
@@ -289,5 +412,5 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
     }
   }
 
-  return { publish, dispatch, authenticate, applySyn, subscribe };
+  return { publish, dispatch, authenticate, applySyn, subscribe, revoke, recheck };
 }

@@ -13,12 +13,12 @@
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { Duplex } from 'node:stream';
-import { DEFAULT_MAX_PAYLOAD_BYTES } from '../protocol/index.js';
+import { DEFAULT_MAX_PAYLOAD_BYTES, randomId } from '../protocol/index.js';
 import { memoryStore } from '../stores/memory.js';
 import { type DedupeStore, type HistoryStore, isDedupeStore } from '../stores/types.js';
 import { Channels } from './channels.js';
 import { Dedupe } from './dedupe.js';
-import { makeDispatcher } from './dispatcher.js';
+import { makeDispatcher, type RevokeMatch } from './dispatcher.js';
 import { createHttpHandler, reply } from './http.js';
 import { Bindings, defaultPrincipalKey } from './identity.js';
 import { createWsTransport, rejectUpgrade } from './ws.js';
@@ -112,7 +112,9 @@ export interface SyncServerOptions<P = unknown> {
   principalKey?(principal: P): string;
   /**
    * Whether `principal` may do `action` on `channel`; asked for every channel of a `SUB`
-   * before anything is replayed. One refusal answers the whole `SUB` with `NAK forbidden`.
+   * before anything is replayed, and again by `server.recheck()`. A refused channel gets
+   * `{ error: { code: 'forbidden' } }` in the response; the others are served (PROTOCOL §3
+   * rule 7). Throwing refuses that channel with `server_error`.
    * @default undefined (everything is allowed)
    */
   authorize?(principal: P, channel: string, action: 'subscribe'): boolean | Promise<boolean>;
@@ -186,6 +188,21 @@ export interface SyncServerOptions<P = unknown> {
    */
   maxQueuedPerClient?: number;
   /**
+   * Most channels the sockets of one principal (see `principalKey`) may be subscribed to at
+   * once in this process. Channels of a `SUB` beyond it get the entry
+   * `{ error: { code: 'too_many_channels' } }`; the others are served.
+   * @default 1000
+   */
+  maxChannelsPerPrincipal?: number;
+  /**
+   * The key principals are counted (`maxChannelsPerPrincipal`) and matched
+   * (`server.unsubscribe({ principal })`, `server.disconnect({ principal })`) by; must be
+   * the same in every process.
+   * @default a string or number principal as is; an object's `id` property; otherwise (no
+   *   `authenticate`, principal `null`) the clientId, so each client counts on its own
+   */
+  principalKey?(principal: P, clientId: string): string;
+  /**
    * Where internal failures and hook exceptions are reported.
    * @default logs to console.error
    */
@@ -215,6 +232,34 @@ export interface SyncServer {
   publish(channel: string, payload: unknown, opts?: PublishOptions): Promise<PublishResult>;
   /** Counts that show memory stays bounded. */
   stats(): SyncServerStats;
+  /**
+   * End live subscriptions to `channel`: every socket's, or those of one `principal` and/or
+   * one `clientId`. Each socket concerned gets a server `UNS` (PROTOCOL §3 rule 10, code
+   * `unsubscribed`) and its client stops following the channel. With a store shared by
+   * several processes (Redis) every process does the same. A client may subscribe again:
+   * to keep it out, make `authorize` refuse and call `recheck()`. Resolves with how many
+   * subscriptions this process ended.
+   */
+  unsubscribe<Q = unknown>(target: { channel: string; principal?: Q; clientId?: string }): Promise<number>;
+  /**
+   * Ask `authorize` again for every live subscription (in every process with a shared
+   * store) and end the refused ones, each socket told with a server `UNS` (code
+   * `forbidden`). Call it after permissions changed. Resolves with how many this process
+   * ended.
+   */
+  recheck(): Promise<number>;
+  /**
+   * Close the sockets of a `clientId` and/or a `principal` (close code
+   * `CloseCodes.disconnected`, 4001), in every process with a shared store. The client
+   * redials as after any close; to keep it out, make `authenticate` refuse. Resolves with how
+   * many sockets this process closed.
+   */
+  disconnect<Q = unknown>(target: { clientId?: string; principal?: Q }): Promise<number>;
+  /**
+   * Run housekeeping now (it also runs every minute): drop expired dedupe entries, trim the
+   * store, and free channels with no message left and no live subscriber in this process.
+   */
+  housekeeping(): Promise<void>;
   /** Close sockets (1001), the http server if this server made it, the store and timers. */
   close(): Promise<void>;
   /** The http server in use, created or given. */
@@ -234,6 +279,7 @@ const DEFAULTS = {
   maxBufferedBytes: 8 * 1024 * 1024,
   maxBadFrames: 100,
   maxQueuedPerClient: 100,
+  maxChannelsPerPrincipal: 1000,
 } as const;
 
 const POSITIVE_OPTIONS = [
@@ -246,10 +292,26 @@ const POSITIVE_OPTIONS = [
   'maxBufferedBytes',
   'maxBadFrames',
   'maxQueuedPerClient',
+  'maxChannelsPerPrincipal',
 ] as const;
 
 /** How often expired dedupe entries are dropped and the store trimmed, at most. */
 const HOUSEKEEPING_MS = 60_000;
+
+/** The default `principalKey`. */
+function defaultPrincipalKey(principal: unknown, clientId: string): string {
+  if (typeof principal === 'string') return `p:${principal}`;
+  if (typeof principal === 'number') return `p:${principal}`;
+  const id = (principal as { id?: unknown } | null)?.id;
+  if (typeof id === 'string' || typeof id === 'number') return `p:${id}`;
+  return `c:${clientId}`;
+}
+
+/** What processes sharing a store tell each other (`store.broadcast`). */
+type ControlMessage =
+  | { from: string; kind: 'unsubscribe'; match: RevokeMatch }
+  | { from: string; kind: 'recheck' }
+  | { from: string; kind: 'disconnect'; match: RevokeMatch };
 
 const defaultOnError = (error: unknown, where: string) => {
   console.error(`[syncwire] ${where}:`, error);
@@ -304,8 +366,19 @@ export async function createSyncServer<P = unknown>(options: SyncServerOptions<P
     channels,
     closing: isClosing,
     onError,
+    maxChannelsPerPrincipal: o.maxChannelsPerPrincipal,
   });
+  const principalKey = (principal: P, clientId: string): string => {
+    if (!o.principalKey) return defaultPrincipalKey(principal, clientId);
+    try {
+      return String(o.principalKey(principal, clientId));
+    } catch (err) {
+      onError(err, 'principalKey');
+      return `c:${clientId}`;
+    }
+  };
   const ws = createWsTransport<P>({
+    principalKey,
     path: o.path,
     maxPayloadBytes: o.maxPayloadBytes,
     maxBufferedBytes: o.maxBufferedBytes,
@@ -323,14 +396,50 @@ export async function createSyncServer<P = unknown>(options: SyncServerOptions<P
     onError,
   });
 
+  const housekeep = async (): Promise<void> => {
+    dedupe.sweep();
+    await store.trim({ free: (name) => !channels.isLive(name) });
+  };
   const housekeeping = setInterval(
     () => {
-      dedupe.sweep();
-      store.trim().catch((err: unknown) => onError(err, 'store.trim'));
+      housekeep().catch((err: unknown) => onError(err, 'store.trim'));
     },
     Math.min(HOUSEKEEPING_MS, o.dedupeWindowMs),
   );
   housekeeping.unref();
+
+  // ---- revocation, in this process and (with a shared store) in every other ----------
+
+  const serverId = randomId('s');
+  const apply = (m: ControlMessage): Promise<number> => {
+    switch (m.kind) {
+      case 'unsubscribe':
+        return dispatcher.revoke(m.match, {
+          code: 'unsubscribed',
+          message: 'the server ended this subscription',
+        });
+      case 'recheck':
+        return dispatcher.recheck();
+      case 'disconnect':
+        return Promise.resolve(ws.disconnect(m.match));
+    }
+  };
+  let stopControl: (() => void) | undefined;
+  if (store.broadcast && store.onBroadcast) {
+    stopControl = await store.onBroadcast((raw) => {
+      const m = raw as ControlMessage | null;
+      if (!m || typeof m !== 'object' || m.from === serverId || isClosing()) return;
+      apply(m).catch((err: unknown) => onError(err, `broadcast ${m.kind}`));
+    });
+  }
+  /** Apply here, and tell the other processes; resolves with this process's count. */
+  const control = async (m: ControlMessage): Promise<number> => {
+    const here = apply(m);
+    if (store.broadcast) await store.broadcast(m).catch((err: unknown) => onError(err, 'broadcast'));
+    return here;
+  };
+  const keyOf = (principal: unknown): string | undefined =>
+    principal === undefined ? undefined : principalKey(principal as P, '');
 
   // ---- lifecycle ---------------------------------------------------------------------
 
@@ -362,6 +471,7 @@ export async function createSyncServer<P = unknown>(options: SyncServerOptions<P
 
   async function shutdown(): Promise<void> {
     clearInterval(housekeeping);
+    stopControl?.();
     httpServer.off('request', onRequest);
     httpServer.off('upgrade', onUpgrade);
     channels.close();
@@ -395,6 +505,24 @@ export async function createSyncServer<P = unknown>(options: SyncServerOptions<P
         channels: channels.size,
       };
     },
+    unsubscribe(target) {
+      return control({
+        from: serverId,
+        kind: 'unsubscribe',
+        match: { channel: target.channel, clientId: target.clientId, principalKey: keyOf(target.principal) },
+      });
+    },
+    recheck() {
+      return control({ from: serverId, kind: 'recheck' });
+    },
+    disconnect(target) {
+      return control({
+        from: serverId,
+        kind: 'disconnect',
+        match: { clientId: target.clientId, principalKey: keyOf(target.principal) },
+      });
+    },
+    housekeeping: housekeep,
     close() {
       closing ??= shutdown();
       return closing;

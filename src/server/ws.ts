@@ -47,6 +47,8 @@ export interface WsTransportOptions<P> {
   maxBadFrames: number;
   dispatcher: Dispatcher<P>;
   channels: Channels;
+  /** The key a socket's principal is counted and matched by (`principalKey` option). */
+  principalKey(principal: P, clientId: string): string;
   /** Whether the server is closing: upgrades are refused with 503. */
   closing(): boolean;
   onError(err: unknown, where: string): void;
@@ -62,6 +64,11 @@ export interface WsTransport {
   readonly size: number;
   /** clientIds of the open sockets. */
   clientIds(): Iterable<string>;
+  /**
+   * Close (`CloseCodes.disconnected`) the sockets of `clientId` and/or principal key `key`;
+   * both undefined matches nothing. Returns how many were closed.
+   */
+  disconnect(m: { clientId?: string | undefined; principalKey?: string | undefined }): number;
   /**
    * Close every socket (1001), wait up to `CLOSE_GRACE_MS` for the close handshakes, cut the
    * rest, and close the `WebSocketServer`.
@@ -86,6 +93,7 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     readonly ws: WebSocket,
     readonly clientId: string,
     readonly principal: P,
+    readonly principalKey: string,
   ) {}
 
   get conn(): SocketConn<P> {
@@ -213,7 +221,13 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
     }
     wss.handleUpgrade(req, socket, head, (ws) => {
       socket.off('error', ignore);
-      const conn = new SocketConn(ctx, ws, clientId, auth.principal);
+      const conn = new SocketConn(
+        ctx,
+        ws,
+        clientId,
+        auth.principal,
+        o.principalKey(auth.principal, clientId),
+      );
       conns.add(conn);
       ws.on('message', (data) => {
         try {
@@ -253,6 +267,17 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
     },
     *clientIds() {
       for (const c of conns) yield c.clientId;
+    },
+    disconnect(m) {
+      if (m.clientId === undefined && m.principalKey === undefined) return 0;
+      let n = 0;
+      for (const c of [...conns]) {
+        if (m.clientId !== undefined && c.clientId !== m.clientId) continue;
+        if (m.principalKey !== undefined && c.principalKey !== m.principalKey) continue;
+        c.close(CloseCodes.disconnected, 'disconnected by the server');
+        n++;
+      }
+      return n;
     },
     close,
   };

@@ -95,10 +95,17 @@ export function memoryStore(options: MemoryStoreOptions = {}): HistoryStore {
       return { epoch: c.epoch, seq: c.seq, first: c.seq - (c.msgs.length - c.start) + 1 };
     },
 
-    async trim() {
+    async trim(opts = {}) {
       ensureOpen();
       const at = now();
-      for (const c of channels.values()) trimLog(c, at);
+      for (const [name, c] of channels) {
+        trimLog(c, at);
+        if (opts.free && c.start >= c.msgs.length && opts.free(name)) channels.delete(name);
+      }
+    },
+
+    async channelCount() {
+      return channels.size;
     },
 
     watch(listener) {

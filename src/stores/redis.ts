@@ -268,11 +268,18 @@ if not epoch then return { '', {} } end
 return { epoch, redis.call('XRANGE', KEYS[2], ARGV[1], '+', 'COUNT', ARGV[2]) }
 `;
 
-/** KEYS: meta, stream. ARGV: maxMessages ('' = none), age cutoff ('' = none). 0 = gone. */
+/**
+ * KEYS: meta, stream. ARGV: maxMessages ('' = none), age cutoff ('' = none), free ('1' =
+ * delete the channel when no message is left). 0 = gone.
+ */
 const TRIM_LUA = `${TRIM_AGE_LUA}
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if ARGV[1] ~= '' then redis.call('XTRIM', KEYS[2], 'MAXLEN', ARGV[1]) end
 if ARGV[2] ~= '' then trimAge(KEYS[2], tonumber(ARGV[2])) end
+if ARGV[3] == '1' and redis.call('XLEN', KEYS[2]) == 0 then
+  redis.call('DEL', KEYS[1], KEYS[2])
+  return 0
+end
 return 1
 `;
 
@@ -462,6 +469,7 @@ export async function redisStore(
     binding: (clientId: string) => `${prefix}bind:${clientId}`,
     token: (token: string) => `${prefix}append:${token}`,
     feed: `${prefix}feed`,
+    control: `${prefix}control`,
   };
   const maxLenArg = Number.isFinite(maxMessages) ? String(Math.floor(maxMessages)) : '';
   const maxTracked = Math.max(1, options.maxFollowedChannels ?? DEFAULTS.maxFollowedChannels);
@@ -704,6 +712,37 @@ export async function redisStore(
     }
   }
 
+  // ---- broadcast: a pub/sub channel between the processes (revocations) -------------------
+
+  const controlListeners = new Set<(message: unknown) => void>();
+  let controlConn: Redis | null = null;
+  /** Resolves once this process receives broadcasts (the SUBSCRIBE was answered). */
+  let controlReady: Promise<unknown> | null = null;
+
+  function startControl(): void {
+    if (controlConn || closed) return;
+    const conn = redis.duplicate();
+    controlConn = conn;
+    conn.on('error', (err: unknown) => onError(err, 'broadcast connection'));
+    conn.on('message', (_channel: string, text: string) => {
+      let message: unknown;
+      try {
+        message = JSON.parse(text);
+      } catch {
+        return;
+      }
+      for (const l of controlListeners) {
+        try {
+          l(message);
+        } catch (err) {
+          onError(err, 'broadcast listener');
+        }
+      }
+    });
+    // ioredis re-subscribes by itself after a reconnect.
+    controlReady = conn.subscribe(keys.control).catch((err: unknown) => onError(err, 'broadcast subscribe'));
+  }
+
   /**
    * Start following the feed. Where it starts is read on the command connection right away,
    * so every command issued after watch() (an append, say) is after the start.
@@ -860,8 +899,9 @@ export async function redisStore(
       return { epoch, seq, first };
     },
 
-    async trim() {
+    async trim(opts = {}) {
       ensureOpen();
+      const free = opts.free;
       let cursor = '0';
       do {
         const [next, names] = (await redis.call('SSCAN', keys.channels, cursor, 'COUNT', TRIM_SCAN)) as [
@@ -874,11 +914,31 @@ export async function redisStore(
           const alive = await run(
             SCRIPTS.trim,
             [keys.meta(channel), keys.stream(channel)],
-            [maxLenArg, cutoff],
+            [maxLenArg, cutoff, free?.(channel) ? '1' : ''],
           );
           if (alive === 0) await redis.call('SREM', keys.channels, channel);
         }
       } while (cursor !== '0' && !closed);
+    },
+
+    async channelCount() {
+      ensureOpen();
+      return Number(await redis.call('SCARD', keys.channels));
+    },
+
+    async broadcast(message) {
+      ensureOpen();
+      await redis.call('PUBLISH', keys.control, JSON.stringify(message));
+    },
+
+    async onBroadcast(listener) {
+      ensureOpen();
+      controlListeners.add(listener);
+      startControl();
+      await controlReady;
+      return () => {
+        controlListeners.delete(listener);
+      };
     },
 
     watch(listener) {
@@ -957,6 +1017,9 @@ export async function redisStore(
       const conn = reader;
       reader = null;
       conn?.disconnect();
+      controlListeners.clear();
+      controlConn?.disconnect();
+      controlConn = null;
       if (owned) {
         await redis.quit().catch(() => redis.disconnect());
         redis.off('error', onClientError);

@@ -168,6 +168,13 @@ export function sqliteStore(options: SqliteStoreOptions): HistoryStore & DedupeS
     bindExpire: db.prepare<[number]>('DELETE FROM bindings WHERE expires < ?'),
     dedupeRelease: db.prepare<[string]>('DELETE FROM dedupe WHERE key = ? AND response IS NULL'),
     dedupeExpire: db.prepare<[number]>('DELETE FROM dedupe WHERE expires < ?'),
+    empty: db.prepare<[], { name: string }>(
+      'SELECT name FROM channels WHERE NOT EXISTS (SELECT 1 FROM messages WHERE channel = name)',
+    ),
+    forget: db.prepare<[string]>(
+      'DELETE FROM channels WHERE name = ? AND NOT EXISTS (SELECT 1 FROM messages WHERE channel = name)',
+    ),
+    count: db.prepare<[], { n: number }>('SELECT COUNT(*) AS n FROM channels'),
   };
 
   // Totals of answered entries, kept beside the table so `complete` need not count rows; one
@@ -314,15 +321,22 @@ export function sqliteStore(options: SqliteStoreOptions): HistoryStore & DedupeS
       return headTx(channel);
     },
 
-    async trim() {
+    async trim(opts = {}) {
       ensureOpen();
+      const free = opts.free;
       db.transaction(() => {
         q.trimCount.run(maxMessages);
         q.trimAge.run(now() - maxAgeMs);
         q.dedupeExpire.run(now());
         q.bindExpire.run(now());
         recount();
+        if (free) for (const { name } of q.empty.all()) if (free(name)) q.forget.run(name);
       })();
+    },
+
+    async channelCount() {
+      ensureOpen();
+      return q.count.get()!.n;
     },
 
     async claim(key, ttlMs) {

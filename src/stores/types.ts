@@ -56,8 +56,27 @@ export interface HistoryStore {
   read(channel: string, after: number, limit: number): Promise<StoredMessage[]>;
   /** The channel's epoch, last seq and first retained seq. Creates the epoch when new. */
   head(channel: string): Promise<ChannelHead>;
-  /** Apply the store's `maxMessages` / `maxAgeMs` now (stores also trim on their own). */
-  trim(): Promise<void>;
+  /**
+   * Apply the store's `maxMessages` / `maxAgeMs` now (stores also trim on their own). With
+   * `free`, also forget every channel that has no message left and for which `free(name)` is
+   * true (the server passes "no live subscriber here"): its entry, row or keys are deleted, so
+   * channel names that come and go leave nothing behind. A freed channel that is used again
+   * starts a new epoch (clients with an old cursor learn `recovered: false`, never a silent gap).
+   */
+  trim(opts?: TrimOptions): Promise<void>;
+  /** How many channels the store keeps state for (entries, rows or key pairs). */
+  channelCount?(): Promise<number>;
+  /**
+   * A message to every other server process sharing this store (revocations across
+   * processes). Stores without processes to share with leave it out: the server then acts
+   * in its own process only.
+   */
+  broadcast?(message: unknown): Promise<void>;
+  /**
+   * Receive `broadcast`s of every process (own included). Resolves, once receiving, with an
+   * unsubscribe.
+   */
+  onBroadcast?(listener: (message: unknown) => void): Promise<() => void>;
   /**
    * The live feed: every message appended to any channel, by this process or, for a shared
    * store, by any other, delivered per channel in `seq` order. Returns an unsubscribe.
@@ -115,6 +134,11 @@ export interface DedupeStore {
 export function isDedupeStore(value: unknown): value is DedupeStore {
   const v = value as Partial<DedupeStore> | null | undefined;
   return typeof v?.claim === 'function' && typeof v.complete === 'function';
+}
+
+export interface TrimOptions {
+  /** Forget channels with no message left for which this answers true. */
+  free?: (channel: string) => boolean;
 }
 
 /** Options every store understands. */
