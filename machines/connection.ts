@@ -5,7 +5,7 @@
  * derived from T (`context.timeout`); the socket and HTTP transports are actors the machine
  * invokes by name (`socket`, `http`), and the client supplies the real ones with
  * `machine.provide()`. The machine tells the client what happened through emitted events
- * (`settled`, `message`, `failure`, `poll`, `socketReady`); see `ConnectionEmitted`.
+ * (`settled`, `message`, `revoked`, `failure`, `poll`, `socketReady`); see `ConnectionEmitted`.
  *
  * Flat names reported by `state$` (see `flatState`): connecting, open, awaitingAck,
  * awaitingSyn, degraded, rePinging, closed.
@@ -137,6 +137,8 @@ export type SettledEvent =
 export type ConnectionEmitted =
   | SettledEvent
   | { type: 'message'; frame: Extract<ServerEnvelope, { type: 'MSG' }> }
+  /** A server `UNS`: the server ended subscriptions (PROTOCOL §3 rule 10). */
+  | { type: 'revoked'; frame: Extract<ServerEnvelope, { type: 'UNS' }> }
   | { type: 'failure'; kind: FailureKind; code?: number; reason?: string }
   | { type: 'poll' }
   | { type: 'socketReady' }
@@ -308,10 +310,14 @@ export const connectionMachine = setup({
     }),
     socketReady: emit({ type: 'socketReady' as const }),
     poll: emit({ type: 'poll' as const }),
-    /** MSG frames go to the client whatever the state; NAKs without id are a lying or confused server. */
+    /**
+     * MSG frames and server UNS notices go to the client whatever the state; NAKs without id
+     * are a lying or confused server.
+     */
     onFrame: enqueueActions(({ event, enqueue }) => {
       const f = frameOf(event);
       if (f?.type === 'MSG') enqueue.emit({ type: 'message', frame: f });
+      else if (f?.type === 'UNS') enqueue.emit({ type: 'revoked', frame: f });
       else if (f?.type === 'NAK' && f.id === null) {
         enqueue.emit({ type: 'failure', kind: 'bad_frame', reason: `${f.error.code}: ${f.error.message}` });
       }

@@ -24,9 +24,16 @@ import {
   randomInstance,
 } from '../../machines/connection.js';
 import {
+  createSubscriptionActor,
+  type SubscriptionActor,
+  type SubscriptionState,
+} from '../../machines/subscription.js';
+import {
   type ChannelState,
+  isChannelRefusal,
   isValidChannel,
   type MsgEnvelope,
+  type NakCode,
   randomId,
   SyncError,
 } from '../protocol/index.js';
@@ -43,6 +50,8 @@ import {
 
 export type { ConnectionState, FailureKind } from '../../machines/connection.js';
 export { connectionMachine, flatState, STATE_NAMES } from '../../machines/connection.js';
+export type { SubscriptionState } from '../../machines/subscription.js';
+export { SUBSCRIPTION_STATES, subscriptionMachine } from '../../machines/subscription.js';
 export type { ChannelState, NakCode, SyncErrorCode } from '../protocol/index.js';
 export { SyncError } from '../protocol/index.js';
 export type { SubscribeOptions } from './channels.js';
@@ -151,6 +160,18 @@ export interface ResetEvent {
   epoch: string;
 }
 
+/**
+ * A channel the server refused or ended (PROTOCOL §3 rules 7 and 10). `code`: `forbidden`
+ * (`authorize` said no, at subscribe time or by a re-check), `too_many_channels` (the
+ * principal's cap), `server_error` (`authorize` failed), `unsubscribed` (the server ended
+ * it with `server.unsubscribe()`). The client no longer asks for the channel; the others go on.
+ */
+export interface RefusedEvent {
+  channel: string;
+  code: NakCode | 'unsubscribed';
+  message: string;
+}
+
 const LISTS = ['changes', 'successes', 'allowed', 'disallowed', 'errors'] as const;
 type ListName = (typeof LISTS)[number];
 
@@ -164,6 +185,8 @@ type EventMap = {
   state: ConnectionState;
   failure: Failure;
   reset: ResetEvent;
+  refused: RefusedEvent;
+  subscriptions: Record<string, SubscriptionState>;
 };
 
 export interface SyncClient<Op = unknown, Result = unknown> {
@@ -181,6 +204,16 @@ export interface SyncClient<Op = unknown, Result = unknown> {
   readonly failures$: Observable<Failure>;
   /** A channel whose history could not be recovered: refetch it. */
   readonly resets$: Observable<ResetEvent>;
+  /** A channel the server refused or ended; only that channel is affected. */
+  readonly refused$: Observable<RefusedEvent>;
+  /**
+   * Every channel's subscription state (machines/subscription.ts): `subscribing`,
+   * `subscribed`, `resetting`, `refused`; channels unsubscribed by the app leave the map.
+   * Emits the current map at once, then on every change.
+   */
+  readonly subscriptions$: Observable<Record<string, SubscriptionState>>;
+  /** One channel's subscription state now (`unsubscribed` for a channel never subscribed). */
+  subscriptionState(channel: string): SubscriptionState;
   /** Operations from `send$` that were rejected. */
   readonly rejected$: Observable<{ op: Op; error: SyncError }>;
   /**
@@ -202,7 +235,12 @@ export interface SyncClient<Op = unknown, Result = unknown> {
    */
   readonly loaded: Promise<number>;
   on<K extends keyof EventMap>(event: K, handler: (value: EventMap[K]) => void): () => void;
+  /**
+   * Follow a channel. Resolves with its state once the replay was delivered; rejects with a
+   * `SyncError` whose code is the refusal's (`forbidden`, `too_many_channels`, …) or `closed`.
+   */
   subscribe(channel: string, opts?: SubscribeOptions): Promise<ChannelState>;
+  /** Stop following a channel. Always settles: at once when closed or not subscribed. */
   unsubscribe(channel: string): Promise<void>;
   /** Current cursors, per channel. */
   cursors(): Record<string, { epoch?: string; seq?: number }>;
@@ -300,6 +338,42 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   const restored$ = new Subject<Restored>();
   const pending$ = new BehaviorSubject<number>(0);
   const channels = new ChannelCursors(storage, `${storageKey}:cursors`);
+  const refused$ = new Subject<RefusedEvent>();
+  /** One subscription actor per channel ever subscribed, children of the connection actor. */
+  const subActors = new Map<string, SubscriptionActor>();
+  const subscriptionsSubject = new BehaviorSubject<Record<string, SubscriptionState>>({});
+  const publishSubscriptions = () => {
+    const out: Record<string, SubscriptionState> = {};
+    for (const [name, a] of subActors) {
+      const v = a.getSnapshot().value as SubscriptionState;
+      if (v !== 'unsubscribed') out[name] = v;
+    }
+    const prev = subscriptionsSubject.value;
+    const same =
+      Object.keys(prev).length === Object.keys(out).length &&
+      Object.entries(out).every(([k, v]) => prev[k] === v);
+    if (!same) subscriptionsSubject.next(out);
+  };
+  const subActor = (channel: string): SubscriptionActor => {
+    let a = subActors.get(channel);
+    if (!a) {
+      a = createSubscriptionActor(channel, actor);
+      subActors.set(channel, a);
+      a.subscribe(() => publishSubscriptions());
+      a.start();
+    }
+    return a;
+  };
+  /** Tell a channel's machine what happened (a channel never subscribed has none). */
+  const tell = (channel: string, event: Parameters<SubscriptionActor['send']>[0]) => {
+    subActors.get(channel)?.send(event);
+  };
+  const refuse = (channel: string, code: RefusedEvent['code'], message: string, revoked: boolean) => {
+    if (!channels.has(channel)) return;
+    channels.remove(channel);
+    tell(channel, { type: revoked ? 'REVOKED' : 'REFUSED', error: { code, message } });
+    refused$.next({ channel, code, message });
+  };
   const waiters = new Map<number, Waiter>();
   /** Operations in the durable outbox, by their key in the machine's queue. */
   const entries = new Map<number, OutboxEntry & { restored: boolean }>();
@@ -465,7 +539,9 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       );
     });
 
-  const resubscribe = (names: string[], front: boolean, poll = false) => {
+  /** A SUB the client makes by itself; `why` is what each channel's machine is told. */
+  const resubscribe = (names: string[], front: boolean, poll = false, why?: 'RESUBSCRIBE' | 'CATCH_UP') => {
+    if (why) for (const name of names) tell(name, { type: why });
     requestSub(names, front, poll).catch(() => {
       // A refused re-SUB already surfaced as a failure; the next reconnect tries again.
     });
@@ -489,6 +565,10 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         const err = new SyncError(e.error.code, e.error.message, { id: e.id });
         for (const w of ws) {
           if (w?.channels) channels.subFailed(w.channels);
+          // A server that refuses a SUB whole (protocol before rule 7's per-channel entries):
+          // a one-channel SUB's refusal is that channel's.
+          if (w?.kind === 'SUB' && w.channels?.length === 1 && e.error.code === 'forbidden')
+            refuse(w.channels[0]!, e.error.code, e.error.message, false);
           w?.reject(err);
         }
         restoredError(err);
@@ -517,9 +597,29 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       const w = ws[0];
       const body = (e.payload[0] ?? {}) as { channels?: Record<string, ChannelState> };
       if (e.request === 'SUB' && w?.channels) {
-        const { resets, resub } = channels.onSubResponse(w.channels, body.channels);
+        // Each channel on its own (PROTOCOL §3 rule 7): refusals end that channel only.
+        const granted: Record<string, ChannelState> = {};
+        const answer = (body.channels ?? {}) as Record<string, unknown>;
+        for (const name of w.channels) {
+          const entry = answer[name];
+          if (isChannelRefusal(entry)) refuse(name, entry.error.code, entry.error.message, false);
+          else if (entry) granted[name] = entry as ChannelState;
+        }
+        // Granted but no longer wanted (unsubscribed or revoked while the SUB travelled): the
+        // server must not keep a subscription the client does not know of.
+        const stale = Object.keys(granted).filter((name) => !channels.has(name));
+        if (stale.length > 0) {
+          enqueue(
+            { key: nextKey, kind: 'UNS', payload: { channels: stale } },
+            { kind: 'UNS', resolve: () => {}, reject: () => {} },
+            true,
+          );
+          nextKey++;
+        }
+        const { resets, resub } = channels.onSubResponse(w.channels, body.channels ? granted : undefined);
+        for (const name of Object.keys(granted)) if (channels.has(name)) tell(name, { type: 'GRANTED' });
         for (const r of resets) resets$.next(r);
-        if (resub.length > 0) resubscribe(resub, true);
+        if (resub.length > 0) resubscribe(resub, true, false, 'CATCH_UP');
       }
       w?.resolve(body);
     } finally {
@@ -550,7 +650,12 @@ export function createSyncClient<Op = unknown, Result = unknown>(
             payload: m.payload,
             replay: m.replay === true,
           });
-        } else if (verdict === 'gap') resubscribe([m.channel], true);
+        } else if (verdict === 'gap') resubscribe([m.channel], true, false, 'CATCH_UP');
+        break;
+      }
+      case 'revoked': {
+        const { code, message } = e.frame.error;
+        for (const name of e.frame.payload.channels) refuse(name, code, message, true);
         break;
       }
       case 'failure': {
@@ -562,7 +667,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       }
       case 'socketReady':
         // A new (or recovered) socket carries no subscriptions: re-SUB from the cursors first.
-        if (channels.names.length > 0) resubscribe(channels.names, true);
+        if (channels.names.length > 0) resubscribe(channels.names, true, false, 'RESUBSCRIBE');
         break;
       case 'poll':
         if (channels.names.length > 0 && !pollQueued) resubscribe(channels.names, false, true);
@@ -727,6 +832,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   for (const [name, opts] of Object.entries(options.channels ?? {})) {
     if (!isValidChannel(name)) throw new TypeError(`syncwire: bad channel name ${JSON.stringify(name)}`);
     channels.add(name, opts);
+    subActor(name).send({ type: 'SUBSCRIBE' });
   }
   if (channels.names.length > 0) resubscribe(channels.names, false);
 
@@ -736,6 +842,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     state: state$,
     failure: failures$,
     reset: resets$,
+    refused: refused$,
+    subscriptions: subscriptionsSubject,
   };
 
   return {
@@ -750,6 +858,11 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     state$,
     failures$: failures$.asObservable(),
     resets$: resets$.asObservable(),
+    refused$: refused$.asObservable(),
+    subscriptions$: subscriptionsSubject.asObservable(),
+    subscriptionState(channel) {
+      return (subActors.get(channel)?.getSnapshot().value as SubscriptionState | undefined) ?? 'unsubscribed';
+    },
     rejected$: rejected$.asObservable(),
     restored$: restored$.asObservable(),
     pending$: pending$.pipe(distinctUntilChanged()),
@@ -762,13 +875,17 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       if (closed) throw new SyncError('closed', 'the client is closed');
       if (!isValidChannel(channel)) throw new SyncError('bad_request', `bad channel name`);
       channels.add(channel, opts);
-      const body = (await requestSub([channel], false)) as { channels?: Record<string, ChannelState> };
+      subActor(channel).send({ type: 'SUBSCRIBE' });
+      const body = (await requestSub([channel], false)) as { channels?: Record<string, unknown> };
       const entry = body.channels?.[channel];
       if (!entry) throw new SyncError('bad_response', `SUB response names no ${channel}`);
-      return entry;
+      if (isChannelRefusal(entry)) throw new SyncError(entry.error.code, entry.error.message);
+      return entry as ChannelState;
     },
     async unsubscribe(channel) {
-      if (!channels.has(channel)) return;
+      // After close() every subscription is over already; a refused one has nothing on the server.
+      tell(channel, { type: 'UNSUBSCRIBE' });
+      if (closed || !channels.has(channel)) return;
       channels.remove(channel);
       await new Promise((resolve, reject) => {
         const key = nextKey++;
@@ -797,6 +914,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       const err = new SyncError('closed', 'the client was closed before this settled');
       for (const w of waiters.values()) w.reject(err);
       waiters.clear();
+      // Children of the connection actor: they end with it; their state says unsubscribed.
+      for (const a of subActors.values()) a.send({ type: 'UNSUBSCRIBE' });
       stopWatching?.();
       await Promise.all([...adopted].map((c) => c.close()));
       releaseLock?.();
@@ -807,6 +926,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         messages$,
         failures$,
         resets$,
+        refused$,
         rejected$,
         restored$,
         send$,
@@ -814,6 +934,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       ])
         s.complete();
       stateSubject.complete();
+      subscriptionsSubject.complete();
     },
     get actor() {
       return actor;

@@ -1,0 +1,136 @@
+/**
+ * One channel subscription of a syncwire client, as its own statechart (issue 11). The client
+ * runs one actor of it per channel, as a child of the connection actor (same actor system),
+ * so the inspector and the visualizer see it beside the connection chart.
+ *
+ * States (centrifuge-js's `Subscription` states are the model, plus the two syncwire needs):
+ * - `unsubscribed`: not followed. Where a channel starts, and where `unsubscribe()` and
+ *   `close()` leave it. Also after the server ended it with `server.unsubscribe()`.
+ * - `subscribing`: a `SUB` naming it is on its way and the channel is not live yet (the first
+ *   one, or the re-SUB after a socket was lost).
+ * - `subscribed`: the server answered with the channel's state: messages flow in order.
+ * - `resetting`: live, but catching up with a re-SUB from its cursor (a gap, more to poll,
+ *   or history that could not be recovered, which the app hears as a reset).
+ * - `refused`: the server refused it (`forbidden`, `too_many_channels`, `server_error`) or
+ *   revoked it. The client stops asking for it until the app calls `subscribe()` again;
+ *   `context.error` says why.
+ *
+ * Pure: it sends nothing; the client drives it with events that mirror what happened on the
+ * wire (PROTOCOL §3 rules 7 and 10, §5).
+ */
+import { type ActorRefFrom, type AnyActorRef, assign, createActor, setup } from 'xstate';
+
+/** The names `subscriptions$` reports. */
+export const SUBSCRIPTION_STATES = [
+  'unsubscribed',
+  'subscribing',
+  'subscribed',
+  'resetting',
+  'refused',
+] as const;
+export type SubscriptionState = (typeof SUBSCRIPTION_STATES)[number];
+
+/** Why a channel is `refused`: a NAK code from its `SUB` entry or revocation notice. */
+export interface SubscriptionError {
+  code: string;
+  message: string;
+}
+
+export interface SubscriptionContext {
+  channel: string;
+  error: SubscriptionError | null;
+}
+
+export type SubscriptionActor = ActorRefFrom<typeof subscriptionMachine>;
+
+export type SubscriptionEvent =
+  /** The app called `subscribe()`. */
+  | { type: 'SUBSCRIBE' }
+  /** A re-SUB was sent for it after the socket was replaced (it is not live there yet). */
+  | { type: 'RESUBSCRIBE' }
+  /** A re-SUB from the cursor was sent while live (gap, `more`, reset). */
+  | { type: 'CATCH_UP' }
+  /** The server answered its `SUB` entry with a state. */
+  | { type: 'GRANTED' }
+  /** The server answered its `SUB` entry with an error. */
+  | { type: 'REFUSED'; error: SubscriptionError }
+  /** The server ended it (server `UNS`): `forbidden` → refused, `unsubscribed` → unsubscribed. */
+  | { type: 'REVOKED'; error: SubscriptionError }
+  /** The app called `unsubscribe()`, or the client closed. */
+  | { type: 'UNSUBSCRIBE' };
+
+export const subscriptionMachine = setup({
+  types: {
+    context: {} as SubscriptionContext,
+    events: {} as SubscriptionEvent,
+    input: {} as { channel: string },
+  },
+  actions: {
+    refuse: assign({
+      error: ({ event }) => (event.type === 'REFUSED' || event.type === 'REVOKED' ? event.error : null),
+    }),
+    clear: assign({ error: null }),
+  },
+  guards: {
+    isEndedByServer: ({ event }) => event.type === 'REVOKED' && event.error.code === 'unsubscribed',
+  },
+}).createMachine({
+  id: 'subscription',
+  context: ({ input }) => ({ channel: input.channel, error: null }),
+  initial: 'unsubscribed',
+  states: {
+    unsubscribed: {
+      on: { SUBSCRIBE: { target: 'subscribing', actions: 'clear' } },
+    },
+    subscribing: {
+      on: {
+        GRANTED: 'subscribed',
+        REFUSED: { target: 'refused', actions: 'refuse' },
+        REVOKED: [
+          { guard: 'isEndedByServer', target: 'unsubscribed', actions: 'refuse' },
+          { target: 'refused', actions: 'refuse' },
+        ],
+        UNSUBSCRIBE: 'unsubscribed',
+      },
+    },
+    subscribed: {
+      on: {
+        RESUBSCRIBE: 'subscribing',
+        CATCH_UP: 'resetting',
+        SUBSCRIBE: 'subscribing',
+        REFUSED: { target: 'refused', actions: 'refuse' },
+        REVOKED: [
+          { guard: 'isEndedByServer', target: 'unsubscribed', actions: 'refuse' },
+          { target: 'refused', actions: 'refuse' },
+        ],
+        UNSUBSCRIBE: 'unsubscribed',
+      },
+    },
+    resetting: {
+      on: {
+        GRANTED: 'subscribed',
+        RESUBSCRIBE: 'subscribing',
+        REFUSED: { target: 'refused', actions: 'refuse' },
+        REVOKED: [
+          { guard: 'isEndedByServer', target: 'unsubscribed', actions: 'refuse' },
+          { target: 'refused', actions: 'refuse' },
+        ],
+        UNSUBSCRIBE: 'unsubscribed',
+      },
+    },
+    refused: {
+      on: {
+        SUBSCRIBE: { target: 'subscribing', actions: 'clear' },
+        UNSUBSCRIBE: { target: 'unsubscribed', actions: 'clear' },
+      },
+    },
+  },
+});
+
+/**
+ * Start nothing yet: a subscription actor for `channel` as a child of `parent` (the
+ * connection actor), so it shares its actor system and its inspector.
+ */
+export function createSubscriptionActor(channel: string, parent: AnyActorRef): SubscriptionActor {
+  return createActor(subscriptionMachine, { parent, id: `subscription:${channel}`, input: { channel } });
+}
