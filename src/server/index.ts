@@ -188,20 +188,12 @@ export interface SyncServerOptions<P = unknown> {
    */
   maxQueuedPerClient?: number;
   /**
-   * Most channels the sockets of one principal (see `principalKey`) may be subscribed to at
-   * once in this process. Channels of a `SUB` beyond it get the entry
+   * Most channels the sockets of one principal (by `principalKey`; without `authenticate`,
+   * each clientId on its own) may be subscribed to at once in this process. Channels of a `SUB` beyond it get the entry
    * `{ error: { code: 'too_many_channels' } }`; the others are served.
    * @default 1000
    */
   maxChannelsPerPrincipal?: number;
-  /**
-   * The key principals are counted (`maxChannelsPerPrincipal`) and matched
-   * (`server.unsubscribe({ principal })`, `server.disconnect({ principal })`) by; must be
-   * the same in every process.
-   * @default a string or number principal as is; an object's `id` property; otherwise (no
-   *   `authenticate`, principal `null`) the clientId, so each client counts on its own
-   */
-  principalKey?(principal: P, clientId: string): string;
   /**
    * Where internal failures and hook exceptions are reported.
    * @default logs to console.error
@@ -298,15 +290,6 @@ const POSITIVE_OPTIONS = [
 /** How often expired dedupe entries are dropped and the store trimmed, at most. */
 const HOUSEKEEPING_MS = 60_000;
 
-/** The default `principalKey`. */
-function defaultPrincipalKey(principal: unknown, clientId: string): string {
-  if (typeof principal === 'string') return `p:${principal}`;
-  if (typeof principal === 'number') return `p:${principal}`;
-  const id = (principal as { id?: unknown } | null)?.id;
-  if (typeof id === 'string' || typeof id === 'number') return `p:${id}`;
-  return `c:${clientId}`;
-}
-
 /** What processes sharing a store tell each other (`store.broadcast`). */
 type ControlMessage =
   | { from: string; kind: 'unsubscribe'; match: RevokeMatch }
@@ -368,10 +351,14 @@ export async function createSyncServer<P = unknown>(options: SyncServerOptions<P
     onError,
     maxChannelsPerPrincipal: o.maxChannelsPerPrincipal,
   });
+  /**
+   * The key channel subscriptions are counted and matched by: the principal's key, or the
+   * clientId for the anonymous principal (no `authenticate`), so each client counts alone.
+   */
   const principalKey = (principal: P, clientId: string): string => {
-    if (!o.principalKey) return defaultPrincipalKey(principal, clientId);
+    if (principal === null || principal === undefined) return `c:${clientId}`;
     try {
-      return String(o.principalKey(principal, clientId));
+      return `p:${(o.principalKey ?? defaultPrincipalKey)(principal)}`;
     } catch (err) {
       onError(err, 'principalKey');
       return `c:${clientId}`;
