@@ -1,0 +1,309 @@
+/**
+ * Channels as first-class state (issue 11), against a real server on loopback: per-channel
+ * refusals, revocation (`server.recheck`, `server.unsubscribe`, `server.disconnect`), the
+ * per-principal cap, every promise settling after `close()`, and channel housekeeping that
+ * frees what 100,000 abandoned channel names left in the memory and SQLite stores.
+ */
+
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import Database from 'better-sqlite3';
+import { afterEach, describe, expect, it } from 'vitest';
+import type { ChannelMessage, RefusedEvent, SyncClient } from '../src/client/index.js';
+import type { HistoryStore, SyncServer } from '../src/server/index.js';
+import { memoryStore } from '../src/stores/memory.js';
+import { sqliteStore } from '../src/stores/sqlite.js';
+import { next, type Rig, rig, until } from './helpers/harness.js';
+import { harness, is } from './helpers/raw.js';
+
+let r: Rig | undefined;
+const dirs: string[] = [];
+afterEach(async () => {
+  await r?.close();
+  r = undefined;
+  for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
+});
+const tmp = () => {
+  const d = mkdtempSync(join(tmpdir(), 'syncwire-channels-'));
+  dirs.push(d);
+  return d;
+};
+const h = harness();
+
+function record(c: SyncClient) {
+  const msgs: ChannelMessage[] = [];
+  const refused: RefusedEvent[] = [];
+  c.messages$.subscribe((m) => msgs.push(m));
+  c.refused$.subscribe((e) => refused.push(e));
+  return { msgs, refused, seqs: (ch: string) => msgs.filter((m) => m.channel === ch).map((m) => m.seq) };
+}
+
+/** SUB frames the client sent through the proxy after `from`, as lists of channel names. */
+const subsSent = (rg: Rig, from = 0) =>
+  rg.proxy.traffic
+    .slice(from)
+    .filter((t) => t.dir === 'up' && t.frame.type === 'SUB')
+    .map((t) => Object.keys(t.frame.payload.channels as object).sort());
+
+describe('refusals affect only the channel refused', () => {
+  it('one refused channel does not silence the others: board-1 keeps receiving after board-2 is revoked and the socket drops', async () => {
+    const allowed = new Set(['board-1', 'board-2', 'board-3']);
+    r = await rig({ authorize: (_p, channel) => allowed.has(channel) });
+    const c = r.client();
+    const rec = record(c);
+    await c.subscribe('board-1');
+    await c.subscribe('board-2');
+    expect(c.subscriptionState('board-2')).toBe('subscribed');
+    allowed.delete('board-2');
+    const mark = r.proxy.traffic.length;
+    expect(c.debug.killSocket()).toBe(true);
+    const refusal = await next(c.refused$, (e) => e.channel === 'board-2');
+    expect(refusal).toEqual({ channel: 'board-2', code: 'forbidden', message: expect.any(String) });
+    await until(() => c.subscriptionState('board-1') === 'subscribed', 5000, 'board-1 subscribed again');
+    expect(c.subscriptionState('board-2')).toBe('refused');
+    expect(await next(c.subscriptions$, (m) => m['board-1'] === 'subscribed')).toEqual({
+      'board-1': 'subscribed',
+      'board-2': 'refused',
+    });
+    await r.server.publish('board-1', { n: 1 });
+    await r.server.publish('board-2', { n: 1 });
+    await r.server.publish('board-1', { n: 2 });
+    await until(() => rec.seqs('board-1').length === 2, 5000, 'board-1 messages');
+    expect(rec.seqs('board-1')).toEqual([1, 2]);
+    expect(rec.seqs('board-2')).toEqual([]);
+    // The client stops asking for board-2: the next reconnect's SUB names board-1 only.
+    const mark2 = r.proxy.traffic.length;
+    c.debug.killSocket();
+    await until(() => subsSent(r!, mark2).length > 0, 5000, 'a re-SUB');
+    await c.subscribe('board-3');
+    expect(subsSent(r, mark2)).toEqual([['board-1'], ['board-3']]);
+    expect(subsSent(r, mark).every((names) => !names.includes('board-2') || names.includes('board-1'))).toBe(
+      true,
+    );
+    expect(rec.refused).toHaveLength(1);
+    expect(c.state).toBe('open');
+  });
+
+  it('a SUB naming an allowed and a refused channel serves the allowed one (subscribe of each)', async () => {
+    r = await rig({ authorize: (_p, channel) => channel !== 'secret' });
+    const c = r.client({ channels: { public: {}, secret: {} } });
+    const rec = record(c);
+    await until(() => c.subscriptionState('public') === 'subscribed', 5000, 'public subscribed');
+    await until(() => c.subscriptionState('secret') === 'refused', 5000, 'secret refused');
+    expect(rec.refused.map((e) => [e.channel, e.code])).toEqual([['secret', 'forbidden']]);
+    await r.server.publish('public', 'x');
+    await until(() => rec.seqs('public').length === 1, 5000, 'public message');
+  });
+
+  it('the per-principal cap refuses the channels beyond it with too_many_channels', async () => {
+    r = await rig({ maxChannelsPerPrincipal: 2 });
+    const c = r.client();
+    await c.subscribe('a');
+    await c.subscribe('b');
+    await expect(c.subscribe('c')).rejects.toMatchObject({ name: 'SyncError', code: 'too_many_channels' });
+    expect(c.subscriptionState('c')).toBe('refused');
+    await c.unsubscribe('a');
+    await expect(c.subscribe('c')).resolves.toMatchObject({ seq: 0 });
+    expect(c.subscriptionState('c')).toBe('subscribed');
+  });
+});
+
+describe('every promise settles', () => {
+  it('unsubscribe after close settles', async () => {
+    r = await rig();
+    const c = r.client();
+    await c.subscribe('board-1');
+    await c.close();
+    await expect(c.unsubscribe('board-1')).resolves.toBeUndefined();
+    await expect(c.unsubscribe('never')).resolves.toBeUndefined();
+    await expect(c.subscribe('board-2')).rejects.toMatchObject({ code: 'closed' });
+    expect(c.subscriptionState('board-1')).toBe('unsubscribed');
+  });
+
+  it('unsubscribe and subscribe in flight at close() settle', async () => {
+    r = await rig();
+    const c = r.client();
+    await c.subscribe('board-1');
+    r.ledger.gate = new Promise(() => {}); // the server never answers the SYN: the lane is held
+    const sent = c.send({ id: 'x' });
+    const sub = c.subscribe('board-2');
+    const uns = c.unsubscribe('board-1');
+    await c.close();
+    await expect(sent).rejects.toMatchObject({ code: 'closed' });
+    await expect(sub).rejects.toMatchObject({ code: 'closed' });
+    await expect(uns).rejects.toMatchObject({ code: 'closed' });
+    r.ledger.gate = null;
+  });
+});
+
+describe('revocation', () => {
+  it('a refused re-SUB ends the live subscription (raw socket)', async () => {
+    const allowed = new Set(['doc']);
+    const server = await h.start({ authorize: (_p, channel) => allowed.has(channel) });
+    const sock = await h.socket(server);
+    const first = await sock.request({ id: 's1', type: 'SUB', payload: { channels: { doc: {} } } });
+    expect(first.at(-1).payload[0].channels.doc).toMatchObject({ seq: 0, recovered: true });
+    expect(server.stats().channels).toBe(1);
+    allowed.delete('doc');
+    const again = await sock.request({ id: 's2', type: 'SUB', payload: { channels: { doc: {} } } });
+    expect(again.at(-1).payload[0].channels.doc).toEqual({
+      error: { code: 'forbidden', message: expect.any(String) },
+    });
+    expect(server.stats().channels).toBe(0);
+    await server.publish('doc', 'after');
+    sock.send({ id: 'p1', type: 'PNG' });
+    const rest = await sock.until(is.ack('p1'));
+    expect(rest.filter((f) => f.type === 'MSG')).toEqual([]);
+  });
+
+  it('server.recheck() ends refused subscriptions: a server UNS, a typed refusal, the others go on', async () => {
+    const allowed = new Set(['board-1', 'board-2']);
+    r = await rig({ authorize: (_p, channel) => allowed.has(channel) });
+    const c = r.client();
+    const rec = record(c);
+    await c.subscribe('board-1');
+    await c.subscribe('board-2');
+    allowed.delete('board-2');
+    expect(await r.server.recheck()).toBe(1);
+    expect(await next(c.refused$)).toEqual({
+      channel: 'board-2',
+      code: 'forbidden',
+      message: expect.any(String),
+    });
+    expect(r.server.stats().channels).toBe(1);
+    expect(c.subscriptionState('board-2')).toBe('refused');
+    await r.server.publish('board-2', 'no');
+    await r.server.publish('board-1', 'yes');
+    await until(() => rec.seqs('board-1').length === 1, 5000, 'board-1 message');
+    expect(rec.seqs('board-2')).toEqual([]);
+    // Allowed again: the app may subscribe again.
+    allowed.add('board-2');
+    await expect(c.subscribe('board-2')).resolves.toMatchObject({ seq: 1 });
+    expect(c.subscriptionState('board-2')).toBe('subscribed');
+  });
+
+  it('server.unsubscribe({ channel, clientId }) ends one client subscription; the client hears code unsubscribed', async () => {
+    r = await rig();
+    const a = r.client();
+    const b = r.client();
+    const recA = record(a);
+    const recB = record(b);
+    await a.subscribe('room');
+    await b.subscribe('room');
+    expect(await r.server.unsubscribe({ channel: 'room', clientId: a.clientId })).toBe(1);
+    expect(await next(a.refused$)).toMatchObject({ channel: 'room', code: 'unsubscribed' });
+    expect(a.subscriptionState('room')).toBe('unsubscribed');
+    await r.server.publish('room', 1);
+    await until(() => recB.seqs('room').length === 1, 5000, 'b gets room');
+    expect(recA.seqs('room')).toEqual([]);
+    expect(recB.refused).toEqual([]);
+  });
+
+  it('server.unsubscribe({ channel, principal }) ends every socket of that principal', async () => {
+    r = await rig({
+      authenticate: (req) => new URL(req.url ?? '/', 'http://x').searchParams.get('user') ?? 'anon',
+    });
+    const alice1 = r.client({ params: { user: 'alice' } });
+    const alice2 = r.client({ params: { user: 'alice' } });
+    const bob = r.client({ params: { user: 'bob' } });
+    for (const c of [alice1, alice2, bob]) await c.subscribe('room');
+    expect(await r.server.unsubscribe({ channel: 'room', principal: 'alice' })).toBe(2);
+    await next(alice1.refused$);
+    await next(alice2.refused$);
+    expect(bob.subscriptionState('room')).toBe('subscribed');
+    expect(r.server.stats().channels).toBe(1);
+  });
+
+  it('server.disconnect({ clientId }) closes that socket with 4001 (raw socket)', async () => {
+    const server = await h.start();
+    const target = await h.socket(server, 'c-target');
+    const other = await h.socket(server, 'c-other');
+    expect(await server.disconnect({ clientId: 'c-target' })).toBe(1);
+    expect((await target.closed).code).toBe(4001);
+    other.send({ id: 'p', type: 'PNG' });
+    expect(await other.until(is.ack('p'))).toEqual([{ id: 'p', type: 'ACK' }]);
+  });
+
+  it('server.disconnect({ clientId }): the client redials and re-subscribes', async () => {
+    r = await rig();
+    const c = r.client();
+    await c.subscribe('room');
+    const failure = next(c.failures$, (f) => f.kind === 'close');
+    expect(await r.server.disconnect({ clientId: c.clientId })).toBe(1);
+    await failure;
+    await until(() => r!.server.stats().channels === 1, 5000, 're-subscribed after the redial');
+    expect(c.subscriptionState('room')).toBe('subscribed');
+  });
+});
+
+describe('channel housekeeping', () => {
+  /** Subscribe and abandon `total` distinct channel names through one raw socket. */
+  async function churn(server: SyncServer, total: number, batch = 1000) {
+    const sock = await h.socket(server);
+    for (let i = 0; i < total; i += batch) {
+      const channels: Record<string, object> = {};
+      for (let j = i; j < Math.min(total, i + batch); j++) channels[`tmp-${j}`] = {};
+      const subbed = await sock.request({ id: `s${i}`, type: 'SUB', payload: { channels } }, 20_000);
+      expect(Object.keys(subbed.at(-1).payload[0].channels)).toHaveLength(Object.keys(channels).length);
+      await sock.request({ id: `u${i}`, type: 'UNS', payload: { channels: Object.keys(channels) } });
+    }
+    return sock;
+  }
+
+  const stores: Array<{ name: string; open: () => { store: HistoryStore; rows?: () => number } }> = [
+    { name: 'memory', open: () => ({ store: memoryStore() }) },
+    {
+      name: 'sqlite',
+      open: () => {
+        const file = join(tmp(), 'h.db');
+        const store = sqliteStore({ file });
+        return {
+          store,
+          rows: () => {
+            const db = new Database(file, { readonly: true });
+            try {
+              return (db.prepare('SELECT COUNT(*) AS n FROM channels').get() as { n: number }).n;
+            } finally {
+              db.close();
+            }
+          },
+        };
+      },
+    },
+  ];
+
+  it.each(stores)(
+    'channel state is flat after 100,000 distinct channel names subscribed and abandoned ($name)',
+    async ({ open }) => {
+      const { store, rows } = open();
+      const server = await h.start({ store, maxChannelsPerPrincipal: 100_000 });
+      // One channel with history and one live subscriber: both must survive housekeeping.
+      await server.publish('kept', 'history');
+      const live = await h.socket(server);
+      await live.request({ id: 'l1', type: 'SUB', payload: { channels: { live: {} } } });
+      const before = await store.channelCount!();
+      expect(before).toBe(2);
+      await churn(server, 100_000);
+      const peak = await store.channelCount!();
+      expect(peak).toBe(100_002);
+      await server.housekeeping();
+      const after = await store.channelCount!();
+      console.log(
+        `channels in the store: before ${before}, after 100,000 abandoned ${peak}, after housekeeping ${after}`,
+      );
+      expect(after).toBe(before);
+      if (rows) expect(rows()).toBe(before);
+      expect(server.stats().channels).toBe(1);
+      // The kept channel still has its history and epoch.
+      const sock = await h.socket(server);
+      const frames = await sock.request({
+        id: 'k',
+        type: 'SUB',
+        payload: { channels: { kept: { since: 0 } } },
+      });
+      expect(frames.filter((f) => f.type === 'MSG').map((f) => f.payload)).toEqual(['history']);
+    },
+    120_000,
+  );
+});
