@@ -381,6 +381,21 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   let nextOp = 1;
   let closed = false;
   let pollQueued = false;
+  /**
+   * Channels unsubscribed since the last socket became ready. An `UNS` sent while degraded
+   * went over HTTP, which ends nothing on a socket the server still holds (the one being
+   * re-pinged): when a socket is ready again they are unsubscribed on it too.
+   */
+  const unsubscribedSinceSocket = new Set<string>();
+  const sendUns = (names: string[], front: boolean, waiter?: Pick<Waiter, 'resolve' | 'reject'>) => {
+    for (const name of names) unsubscribedSinceSocket.add(name);
+    const key = nextKey++;
+    enqueue(
+      { key, kind: 'UNS', payload: { channels: names } },
+      { kind: 'UNS', resolve: waiter?.resolve ?? (() => {}), reject: waiter?.reject ?? (() => {}) },
+      front,
+    );
+  };
   let releaseLock: (() => void) | null = null;
   let stopWatching: (() => void) | null = null;
   const adopted = new Set<SyncClient<Op, Result>>();
@@ -608,14 +623,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         // Granted but no longer wanted (unsubscribed or revoked while the SUB travelled): the
         // server must not keep a subscription the client does not know of.
         const stale = Object.keys(granted).filter((name) => !channels.has(name));
-        if (stale.length > 0) {
-          enqueue(
-            { key: nextKey, kind: 'UNS', payload: { channels: stale } },
-            { kind: 'UNS', resolve: () => {}, reject: () => {} },
-            true,
-          );
-          nextKey++;
-        }
+        if (stale.length > 0) sendUns(stale, true);
         const { resets, resub } = channels.onSubResponse(w.channels, body.channels ? granted : undefined);
         for (const name of Object.keys(granted)) if (channels.has(name)) tell(name, { type: 'GRANTED' });
         for (const r of resets) resets$.next(r);
@@ -665,10 +673,17 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         reportFailure(f);
         break;
       }
-      case 'socketReady':
-        // A new (or recovered) socket carries no subscriptions: re-SUB from the cursors first.
+      case 'socketReady': {
+        // A new socket carries no subscriptions: re-SUB from the cursors first. A socket that
+        // recovered (re-pinged after the HTTP fallback) may still carry channels unsubscribed
+        // over HTTP meanwhile: end those on it.
+        const lingering = [...unsubscribedSinceSocket].filter((name) => !channels.has(name));
+        unsubscribedSinceSocket.clear();
+        if (lingering.length > 0) sendUns(lingering, true);
+        unsubscribedSinceSocket.clear();
         if (channels.names.length > 0) resubscribe(channels.names, true, false, 'RESUBSCRIBE');
         break;
+      }
       case 'poll':
         if (channels.names.length > 0 && !pollQueued) resubscribe(channels.names, false, true);
         break;
@@ -887,10 +902,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       tell(channel, { type: 'UNSUBSCRIBE' });
       if (closed || !channels.has(channel)) return;
       channels.remove(channel);
-      await new Promise((resolve, reject) => {
-        const key = nextKey++;
-        enqueue({ key, kind: 'UNS', payload: { channels: [channel] } }, { kind: 'UNS', resolve, reject });
-      });
+      await new Promise((resolve, reject) => sendUns([channel], false, { resolve, reject }));
     },
     cursors: () => channels.snapshot(),
     get clientId() {

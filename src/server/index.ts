@@ -225,6 +225,12 @@ export interface SyncServer {
   /** Counts that show memory stays bounded. */
   stats(): SyncServerStats;
   /**
+   * Introspection (tests, admin pages): the channels `clientId` is live-subscribed to on
+   * this process's open sockets, sorted by name. A client on the HTTP fallback has none
+   * (an HTTP `SUB` is a one-shot replay); other processes' sockets are not counted.
+   */
+  subscriptionsOf(clientId: string): string[];
+  /**
    * End live subscriptions to `channel`: every socket's, or those of one `principal` and/or
    * one `clientId`. Each socket concerned gets a server `UNS` (PROTOCOL §3 rule 10, code
    * `unsubscribed`) and its client stops following the channel. With a store shared by
@@ -492,6 +498,7 @@ export async function createSyncServer<P = unknown>(options: SyncServerOptions<P
         channels: channels.size,
       };
     },
+    subscriptionsOf: (clientId) => ws.subscriptionsOf(clientId),
     unsubscribe(target) {
       return control({
         from: serverId,

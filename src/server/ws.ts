@@ -64,6 +64,8 @@ export interface WsTransport {
   readonly size: number;
   /** clientIds of the open sockets. */
   clientIds(): Iterable<string>;
+  /** Channels the open sockets of `clientId` are live-subscribed to, sorted. */
+  subscriptionsOf(clientId: string): string[];
   /**
    * Close (`CloseCodes.disconnected`) the sockets of `clientId` and/or principal key `key`;
    * both undefined matches nothing. Returns how many were closed.
@@ -267,6 +269,14 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
     },
     *clientIds() {
       for (const c of conns) yield c.clientId;
+    },
+    subscriptionsOf(clientId) {
+      const out = new Set<string>();
+      for (const c of conns) {
+        if (c.clientId !== clientId || !c.open) continue;
+        for (const [name, sub] of c.subs) if (!sub.closed) out.add(name);
+      }
+      return [...out].sort();
     },
     disconnect(m) {
       if (m.clientId === undefined && m.principalKey === undefined) return 0;
