@@ -9,11 +9,18 @@
  * - `subscribing`: a `SUB` naming it is on its way and the channel is not live yet (the first
  *   one, or the re-SUB after a socket was lost).
  * - `subscribed`: the server answered with the channel's state: messages flow in order.
- * - `resetting`: live, but catching up with a re-SUB from its cursor (a gap, more to poll,
- *   or history that could not be recovered, which the app hears as a reset).
+ * - `resetting`: live, but catching up with a re-SUB from its cursor (a gap, more to poll),
+ *   or answered `recovered: false` (history that could not be recovered): the app hears the
+ *   reset on `resets$` while the channel is here, and it is `subscribed` again once the
+ *   answer needs no further catch-up.
  * - `refused`: the server refused it (`forbidden`, `too_many_channels`, `server_error`) or
  *   revoked it. The client stops asking for it until the app calls `subscribe()` again;
  *   `context.error` says why.
+ *
+ * A `SUB` that fails as a whole for another reason (`server_error`, `bad_response`, …) is
+ * not a refusal: the channel stays where it was (`subscribing` / `resetting`) with
+ * `context.error` set, and the client asks again after a backoff (T, doubling, up to
+ * `maxBackoff`), or at once when a socket becomes ready. `GRANTED` clears the error.
  *
  * Pure: it sends nothing; the client drives it with events that mirror what happened on the
  * wire (PROTOCOL §3 rules 7 and 10, §5).
@@ -52,6 +59,10 @@ export type SubscriptionEvent =
   | { type: 'CATCH_UP' }
   /** The server answered its `SUB` entry with a state. */
   | { type: 'GRANTED' }
+  /** The server answered its `SUB` entry with `recovered: false`: the app must reset. */
+  | { type: 'RESET' }
+  /** Its `SUB` failed as a whole (not a refusal): the client retries after a backoff. */
+  | { type: 'FAILED'; error: SubscriptionError }
   /** The server answered its `SUB` entry with an error. */
   | { type: 'REFUSED'; error: SubscriptionError }
   /** The server ended it (server `UNS`): `forbidden` → refused, `unsubscribed` → unsubscribed. */
@@ -67,7 +78,8 @@ export const subscriptionMachine = setup({
   },
   actions: {
     refuse: assign({
-      error: ({ event }) => (event.type === 'REFUSED' || event.type === 'REVOKED' ? event.error : null),
+      error: ({ event }) =>
+        event.type === 'REFUSED' || event.type === 'REVOKED' || event.type === 'FAILED' ? event.error : null,
     }),
     clear: assign({ error: null }),
   },
@@ -84,7 +96,10 @@ export const subscriptionMachine = setup({
     },
     subscribing: {
       on: {
-        GRANTED: 'subscribed',
+        GRANTED: { target: 'subscribed', actions: 'clear' },
+        RESET: 'resetting',
+        FAILED: { actions: 'refuse' },
+        SUBSCRIBE: { actions: 'clear' },
         REFUSED: { target: 'refused', actions: 'refuse' },
         REVOKED: [
           { guard: 'isEndedByServer', target: 'unsubscribed', actions: 'refuse' },
@@ -97,6 +112,7 @@ export const subscriptionMachine = setup({
       on: {
         RESUBSCRIBE: 'subscribing',
         CATCH_UP: 'resetting',
+        RESET: 'resetting',
         SUBSCRIBE: 'subscribing',
         REFUSED: { target: 'refused', actions: 'refuse' },
         REVOKED: [
@@ -108,7 +124,9 @@ export const subscriptionMachine = setup({
     },
     resetting: {
       on: {
-        GRANTED: 'subscribed',
+        GRANTED: { target: 'subscribed', actions: 'clear' },
+        FAILED: { actions: 'refuse' },
+        SUBSCRIBE: { actions: 'clear' },
         RESUBSCRIBE: 'subscribing',
         REFUSED: { target: 'refused', actions: 'refuse' },
         REVOKED: [
@@ -129,8 +147,14 @@ export const subscriptionMachine = setup({
 
 /**
  * Start nothing yet: a subscription actor for `channel` as a child of `parent` (the
- * connection actor), so it shares its actor system and its inspector.
+ * connection actor), so it shares its actor system and its inspector; registered in that
+ * system as `subscription:<channel>` (`client.actor.system.get(...)`).
  */
 export function createSubscriptionActor(channel: string, parent: AnyActorRef): SubscriptionActor {
-  return createActor(subscriptionMachine, { parent, id: `subscription:${channel}`, input: { channel } });
+  return createActor(subscriptionMachine, {
+    parent,
+    id: `subscription:${channel}`,
+    systemId: `subscription:${channel}`,
+    input: { channel },
+  });
 }

@@ -51,7 +51,7 @@ type Inner =
   | { kind: 'subscribe'; ch: Channel }
   | { kind: 'unsubscribe'; ch: Channel }
   | { kind: 'publish'; ch: Channel };
-export type Step =
+type Step =
   | Inner
   | { kind: 'drop' }
   | { kind: 'fallback'; inner: Inner[] }
@@ -91,7 +91,7 @@ afterAll(() => {
 let caseNo = 0;
 
 /** One sequence, start to finish; throws with a description when a property is broken. */
-export async function runSequence(steps: Step[]): Promise<void> {
+async function runSequence(steps: Step[]): Promise<void> {
   const n = ++caseNo;
   const dir = mkdtempSync(join(tmpdir(), 'syncwire-chprop-'));
   dirs.push(dir);

@@ -241,6 +241,56 @@ describe('revocation', () => {
   });
 });
 
+describe('a SUB that fails without a refusal', () => {
+  it('server_error: subscribe() rejects, the channel stays subscribing with the error, then a retry subscribes it', async () => {
+    const inner = memoryStore();
+    let failures = 1;
+    // The store fails once under the SUB (its head read): the whole SUB is answered server_error.
+    const store = new Proxy(inner, {
+      get(target, prop, receiver) {
+        if (prop === 'head' && failures > 0)
+          return async () => {
+            failures--;
+            throw new Error('store down');
+          };
+        const v = Reflect.get(target, prop, receiver);
+        return typeof v === 'function' ? v.bind(target) : v;
+      },
+    }) as HistoryStore;
+    r = await rig({ store, onError: () => {} });
+    const c = r.client();
+    const rec = record(c);
+    await reach(c, 'open');
+    await expect(c.subscribe('board-1')).rejects.toMatchObject({ code: 'server_error' });
+    expect(c.subscriptionState('board-1')).toBe('subscribing');
+    expect(c.actor.system.get('subscription:board-1')?.getSnapshot().context.error).toMatchObject({
+      code: 'server_error',
+    });
+    await until(() => c.subscriptionState('board-1') === 'subscribed', 5000, 'the retry to subscribe');
+    expect(c.actor.system.get('subscription:board-1')?.getSnapshot().context.error).toBeNull();
+    expect(rec.refused).toEqual([]);
+    await r.server.publish('board-1', 'x');
+    await until(() => rec.seqs('board-1').length === 1, 5000, 'a message after the retry');
+  });
+
+  it('recovered: false passes through resetting, with the reset heard there, then subscribed', async () => {
+    r = await rig();
+    await r.server.publish('board-1', 'a');
+    const c = r.client();
+    const seen: string[] = [];
+    c.subscriptions$.subscribe((m) => {
+      if (m['board-1'] && seen.at(-1) !== m['board-1']) seen.push(m['board-1']);
+    });
+    const atReset: string[] = [];
+    c.resets$.subscribe((e) => atReset.push(c.subscriptionState(e.channel)));
+    const state = await c.subscribe('board-1', { since: 7, epoch: 'an-old-epoch' });
+    expect(state).toMatchObject({ recovered: false, seq: 1 });
+    expect(atReset).toEqual(['resetting']);
+    expect(seen).toEqual(['subscribing', 'resetting', 'subscribed']);
+    expect(c.cursors()['board-1']?.seq).toBe(1);
+  });
+});
+
 describe('channel housekeeping', () => {
   /** Subscribe and abandon `total` distinct channel names through one raw socket. */
   async function churn(server: SyncServer, total: number, batch = 1000) {

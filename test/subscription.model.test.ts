@@ -18,6 +18,8 @@ const EVENTS: SubscriptionEvent[] = [
   { type: 'RESUBSCRIBE' },
   { type: 'CATCH_UP' },
   { type: 'GRANTED' },
+  { type: 'RESET' },
+  { type: 'FAILED', error: { code: 'server_error', message: 'internal error' } },
   { type: 'REFUSED', error: { code: 'forbidden', message: 'no' } },
   { type: 'REFUSED', error: { code: 'too_many_channels', message: 'cap' } },
   { type: 'REVOKED', error: { code: 'forbidden', message: 'revoked' } },

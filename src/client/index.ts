@@ -264,6 +264,8 @@ interface Waiter {
   reject(err: SyncError): void;
   /** For SUB/UNS: the channels it named. */
   channels?: string[];
+  /** A SUB that only polls while on HTTP (its failure waits for the next poll). */
+  poll?: boolean;
   kind: QueueItem['kind'];
 }
 
@@ -387,6 +389,32 @@ export function createSyncClient<Op = unknown, Result = unknown>(
    * re-pinged): when a socket is ready again they are unsubscribed on it too.
    */
   const unsubscribedSinceSocket = new Set<string>();
+  /**
+   * Channels whose SUB failed as a whole (not a refusal): asked again after a backoff (T,
+   * doubling per failure, capped at maxBackoff), or at once when a socket becomes ready.
+   */
+  const subFailures = new Map<string, number>();
+  let retryTimer: ReturnType<Clock['setTimeout']> | null = null;
+  const retryClock: Clock = options.clock ?? globalThis;
+  const cancelRetry = () => {
+    if (retryTimer !== null) retryClock.clearTimeout(retryTimer);
+    retryTimer = null;
+  };
+  const scheduleRetry = () => {
+    if (retryTimer !== null || closed) return;
+    const attempts = Math.max(0, ...subFailures.values());
+    const delay = Math.min(
+      options.maxBackoff ?? DEFAULTS.maxBackoff,
+      timeout * 2 ** Math.max(0, attempts - 1),
+    );
+    retryTimer = retryClock.setTimeout(() => {
+      retryTimer = null;
+      if (closed) return;
+      for (const name of subFailures.keys()) if (!channels.has(name)) subFailures.delete(name);
+      const names = [...subFailures.keys()];
+      if (names.length > 0) resubscribe(names, false);
+    }, delay);
+  };
   const sendUns = (names: string[], front: boolean, waiter?: Pick<Waiter, 'resolve' | 'reject'>) => {
     for (const name of names) unsubscribedSinceSocket.add(name);
     const key = nextKey++;
@@ -541,6 +569,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         {
           kind: 'SUB',
           channels: names,
+          poll,
           resolve: (v) => {
             if (poll) pollQueued = false;
             resolve(v);
@@ -584,6 +613,16 @@ export function createSyncClient<Op = unknown, Result = unknown>(
           // a one-channel SUB's refusal is that channel's.
           if (w?.kind === 'SUB' && w.channels?.length === 1 && e.error.code === 'forbidden')
             refuse(w.channels[0]!, e.error.code, e.error.message, false);
+          else if (w?.kind === 'SUB' && w.channels && !w.poll && !closed) {
+            // Failed, not refused (server_error, bad_response, …): the channels still wanted
+            // stay subscribing/resetting with the error, and are asked for again later.
+            for (const name of w.channels) {
+              if (!channels.has(name)) continue;
+              subFailures.set(name, (subFailures.get(name) ?? 0) + 1);
+              tell(name, { type: 'FAILED', error: { code: e.error.code, message: e.error.message } });
+            }
+            scheduleRetry();
+          }
           w?.reject(err);
         }
         restoredError(err);
@@ -625,8 +664,15 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         const stale = Object.keys(granted).filter((name) => !channels.has(name));
         if (stale.length > 0) sendUns(stale, true);
         const { resets, resub } = channels.onSubResponse(w.channels, body.channels ? granted : undefined);
-        for (const name of Object.keys(granted)) if (channels.has(name)) tell(name, { type: 'GRANTED' });
+        for (const name of Object.keys(granted)) subFailures.delete(name);
+        // recovered: false → `resetting` while the app hears the reset, then `subscribed`
+        // (or still `resetting` while a catch-up SUB is needed).
+        const resetNames = new Set(resets.map((r) => r.channel));
+        for (const name of resetNames) if (channels.has(name)) tell(name, { type: 'RESET' });
         for (const r of resets) resets$.next(r);
+        for (const name of Object.keys(granted))
+          if (channels.has(name) && !(resetNames.has(name) && resub.includes(name)))
+            tell(name, { type: 'GRANTED' });
         if (resub.length > 0) resubscribe(resub, true, false, 'CATCH_UP');
       }
       w?.resolve(body);
@@ -681,6 +727,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         unsubscribedSinceSocket.clear();
         if (lingering.length > 0) sendUns(lingering, true);
         unsubscribedSinceSocket.clear();
+        cancelRetry();
         if (channels.names.length > 0) resubscribe(channels.names, true, false, 'RESUBSCRIBE');
         break;
       }
@@ -919,6 +966,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       // Operations accepted this tick are written to the outbox before the client goes.
       flushBurst();
       closed = true;
+      cancelRetry();
       // An actor not started yet (identity or outbox still loading) is never started.
       if (ready) actor.send({ type: 'CLOSE' });
       // The promises end here; the operations stay in the durable outbox, and the next client
