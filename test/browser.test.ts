@@ -166,6 +166,19 @@ describe.skipIf(!HAVE_CHROMIUM && !IN_CI)('playground in Chromium', () => {
         timeout: SOON,
       })
       .toMatch(/list #\d+/);
+    // Each panel shows the channel's subscription chart with its state lit (issue 11).
+    for (const name of ['A', 'B']) {
+      const row = client(page, name).locator('[data-testid="subscriptions"] tr[data-channel="list"]');
+      await row.and(page.locator('[data-sub-state="subscribed"]')).waitFor({ timeout: SOON });
+      expect(await row.locator('td.current').textContent()).toBe('subscribed');
+      expect(await row.locator('td').allTextContents()).toEqual([
+        'unsubscribed',
+        'subscribing',
+        'subscribed',
+        'resetting',
+        'refused',
+      ]);
+    }
     expect(pageErrors).toEqual([]);
   });
 
@@ -259,6 +272,14 @@ describe.skipIf(!HAVE_CHROMIUM && !IN_CI)('playground in Chromium', () => {
       await node.send({ op: 'add', text: unique('from node') });
       await panel.locator('tr[data-dir="out"][data-type="SYN"]').first().waitFor({ timeout: SOON });
       await panel.locator('svg.chart [data-state="connection.open"].active').waitFor({ timeout: SOON });
+      // The channel's state comes through the relay too, and follows the client's.
+      await panel
+        .locator('[data-testid="subscriptions"] tr[data-channel="list"][data-sub-state="subscribed"]')
+        .waitFor({ timeout: SOON });
+      await node.unsubscribe('list');
+      await panel
+        .locator('[data-testid="subscriptions"] tr[data-channel="list"][data-sub-state="unsubscribed"]')
+        .waitFor({ timeout: SOON });
       expect(pageErrors).toEqual([]);
     } finally {
       await node.close();

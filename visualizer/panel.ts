@@ -4,6 +4,7 @@
  * build their screens out of these.
  */
 import { flatState } from '../machines/connection.js';
+import { SUBSCRIPTION_STATES } from '../machines/subscription.js';
 import { transitionKey } from '../src/inspect/index.js';
 import type { SessionState, TrafficEntry } from '../src/inspect/model.js';
 import { type ChartLayout, type ChartView, renderChart } from './chart.js';
@@ -95,6 +96,9 @@ export function createClientPanel(layout: ChartLayout, options: PanelOptions = {
   // States flash by at short timeouts: the trail keeps the last few in view.
   const trail = h('div', { class: 'trail', 'data-testid': 'trail' });
   const counters = h('dl', { class: 'counters', 'data-testid': 'counters' });
+  // One row per channel: the subscription chart's states (machines/subscription.ts), the
+  // current one lit.
+  const subscriptions = h('table', { class: 'subscriptions', 'data-testid': 'subscriptions' });
   const hidePings = h('input', { type: 'checkbox', 'data-testid': 'hide-pings' }) as HTMLInputElement;
   const zoom = h(
     'button',
@@ -127,6 +131,7 @@ export function createClientPanel(layout: ChartLayout, options: PanelOptions = {
     trail,
     h('div', { class: 'chart-wrap' }, chart.svg),
     counters,
+    subscriptions,
     h(
       'div',
       { class: 'timeline-head' },
@@ -176,6 +181,30 @@ export function createClientPanel(layout: ChartLayout, options: PanelOptions = {
     );
   };
 
+  let shownSubscriptions = '';
+  const setSubscriptions = (s: SessionState) => {
+    const key = JSON.stringify(s.subscriptions);
+    if (key === shownSubscriptions) return;
+    shownSubscriptions = key;
+    const rows = Object.entries(s.subscriptions)
+      .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
+      .map(([channel, sub]) =>
+        h(
+          'tr',
+          { 'data-channel': channel, 'data-sub-state': sub.state },
+          h('th', { scope: 'row' }, channel),
+          ...SUBSCRIPTION_STATES.map((state) =>
+            h(
+              'td',
+              { class: state === sub.state ? 'sub-state current' : 'sub-state', 'data-state': state },
+              state === sub.state && sub.error ? `${state} (${sub.error})` : state,
+            ),
+          ),
+        ),
+      );
+    subscriptions.replaceChildren(...(rows.length ? [h('caption', {}, 'channels'), ...rows] : []));
+  };
+
   return {
     element,
     chart,
@@ -198,6 +227,7 @@ export function createClientPanel(layout: ChartLayout, options: PanelOptions = {
       }
       lastEvent.textContent = s.lastEvent ? `last: ${eventLabel(s.lastEvent).text}` : '';
       setCounters(s);
+      setSubscriptions(s);
       if (added.length) {
         t0 ??= added[0]!.at;
         const rows = added.map((e) => {

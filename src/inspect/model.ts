@@ -3,7 +3,8 @@
  * in the page and through the relay): per client, the state value, the transitions just
  * taken, a timeline of traffic (which envelope went over which transport, timeouts as they
  * fire, socket and HTTP outcomes, failures) and counters (in flight, queued, cursor per
- * channel, failures).
+ * channel, failures), and each channel subscription's state, read off the snapshots of the
+ * connection actor's `subscription:<channel>` children (machines/subscription.ts).
  *
  * Traffic is read off the machine's own events: `SEND` commands to its `socket` child are
  * frames out over the socket, `FRAME` events into it are frames in; the `http` child's input
@@ -66,7 +67,16 @@ export interface SessionState {
   counters: Counters;
   /** The timeout T, from the machine's context. */
   timeout: number | undefined;
+  /**
+   * Each channel's subscription state (`unsubscribed`, `subscribing`, `subscribed`,
+   * `resetting`, `refused`), with the error code it holds (why it was refused, or why its
+   * last SUB failed), from its `subscription:<channel>` child actor.
+   */
+  subscriptions: Record<string, { state: string; error?: string }>;
 }
+
+/** The id prefix of the connection actor's per-channel children. */
+const SUBSCRIPTION_PREFIX = 'subscription:';
 
 interface ChildInfo {
   name: string;
@@ -170,6 +180,7 @@ export class InspectModel {
         timeline: [],
         counters: emptyCounters(),
         timeout: undefined,
+        subscriptions: {},
       };
       this.sessions.set(rootId, s);
     }
@@ -270,6 +281,19 @@ export class InspectModel {
       }
       case '@xstate.snapshot': {
         if (!isRoot) {
+          const child = this.children.get(e.sessionId);
+          if (child?.name.startsWith(SUBSCRIPTION_PREFIX) && typeof e.snapshot.value === 'string') {
+            const channel = child.name.slice(SUBSCRIPTION_PREFIX.length);
+            const prev = s.subscriptions[channel]?.state ?? 'unsubscribed';
+            const error = (e.snapshot.context as { error?: { code?: string } | null } | undefined)?.error
+              ?.code;
+            s.subscriptions[channel] = { state: e.snapshot.value, ...(error ? { error } : {}) };
+            if (prev !== e.snapshot.value)
+              add({
+                kind: 'app',
+                detail: `${channel}: ${prev} → ${e.snapshot.value}${error ? ` (${error})` : ''}`,
+              });
+          }
           if (e.snapshot.status !== 'active') this.children.delete(e.sessionId);
           break;
         }
