@@ -27,10 +27,11 @@ import {
   type ChannelState,
   isValidChannel,
   type MsgEnvelope,
+  type Publication,
   randomId,
   SyncError,
 } from '../protocol/index.js';
-import { ChannelCursors, type SubscribeOptions } from './channels.js';
+import { ChannelCursors, type SnapshotEvent, type SubscribeOptions } from './channels.js';
 import { MapOutbox, memoryStorage, type OutboxEntry, type SyncOutbox, type SyncStorage } from './storage.js';
 import {
   deriveHttpUrl,
@@ -43,9 +44,15 @@ import {
 
 export type { ConnectionState, FailureKind } from '../../machines/connection.js';
 export { connectionMachine, flatState, STATE_NAMES } from '../../machines/connection.js';
-export type { ChannelState, NakCode, SyncErrorCode } from '../protocol/index.js';
+export type {
+  ChannelSnapshot,
+  ChannelState,
+  NakCode,
+  Publication,
+  SyncErrorCode,
+} from '../protocol/index.js';
 export { SyncError } from '../protocol/index.js';
-export type { SubscribeOptions } from './channels.js';
+export type { SnapshotEvent, SubscribeOptions } from './channels.js';
 export {
   memoryStorage,
   type OutboxBatch,
@@ -134,7 +141,14 @@ export interface Failure {
  * is the identity it was sent under (this client's, or the adopted one's).
  */
 export type Restored =
-  | { id: string; clientId: string; op: unknown; result: unknown }
+  | {
+      id: string;
+      clientId: string;
+      op: unknown;
+      result: unknown;
+      /** The batch's publications (docs/consistency.md); its `changes` come from the channels. */
+      published?: Publication[];
+    }
   | { id: string; clientId: string; op: unknown; error: SyncError };
 
 /** One MSG as the app sees it. */
@@ -144,6 +158,8 @@ export interface ChannelMessage {
   epoch: string;
   payload: unknown;
   replay: boolean;
+  /** This client's own publication (docs/consistency.md). */
+  echo: boolean;
 }
 
 export interface ResetEvent {
@@ -164,6 +180,7 @@ type EventMap = {
   state: ConnectionState;
   failure: Failure;
   reset: ResetEvent;
+  snapshot: SnapshotEvent;
 };
 
 export interface SyncClient<Op = unknown, Result = unknown> {
@@ -181,6 +198,11 @@ export interface SyncClient<Op = unknown, Result = unknown> {
   readonly failures$: Observable<Failure>;
   /** A channel whose history could not be recovered: refetch it. */
   readonly resets$: Observable<ResetEvent>;
+  /**
+   * Snapshots of channels subscribed with `snapshot: true`, each before any change after it
+   * (docs/consistency.md): replace the channel's view with it.
+   */
+  readonly snapshots$: Observable<SnapshotEvent>;
   /** Operations from `send$` that were rejected. */
   readonly rejected$: Observable<{ op: Op; error: SyncError }>;
   /**
@@ -296,6 +318,22 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   const messages$ = new Subject<ChannelMessage>();
   const failures$ = new Subject<Failure>();
   const resets$ = new Subject<ResetEvent>();
+  const snapshots$ = new Subject<SnapshotEvent>();
+  /** MSGs of channels waiting for their snapshot, delivered after it. */
+  const held$: Map<string, ChannelMessage[]> = new Map();
+  /**
+   * Batches whose response arrived but whose operations wait for the client's cursors to
+   * reach the batch's publications (read-your-writes, docs/consistency.md), oldest first.
+   */
+  const held: Array<{
+    results: unknown[];
+    /** Per result: resolve its promise, or report it on `restored$`. */
+    deliver: Array<(result: unknown) => void>;
+    published: Publication[];
+    /** Each channel's reset count when the response arrived: a reset since releases it. */
+    resetsAt: Map<string, number>;
+  }> = [];
+  const resetCount = new Map<string, number>();
   const rejected$ = new Subject<{ op: Op; error: SyncError }>();
   const restored$ = new Subject<Restored>();
   const pending$ = new BehaviorSubject<number>(0);
@@ -364,15 +402,56 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     let n = 0;
     for (const w of waiters.values()) if (w.kind === 'op') n++;
     for (const e of entries.values()) if (e.restored) n++;
+    // Applied, and waiting for their publications to reach this client's cursors.
+    for (const h of held) n += h.deliver.length;
     if (n !== pending$.value) pending$.next(n);
   };
 
   /** Results and MSG payloads feed the list streams under their keys. */
-  const fanOutLists = (value: unknown) => {
+  const fanOutLists = (value: unknown, names: readonly ListName[] = LISTS) => {
     if (!value || typeof value !== 'object') return;
-    for (const name of LISTS) {
+    for (const name of names) {
       const list = (value as Record<string, unknown>)[name];
       if (Array.isArray(list) && list.length > 0) lists[name].next(list);
+    }
+  };
+  /** A batch that published: its changes come from the channels, at their seq. */
+  const NOT_CHANGES = LISTS.filter((n) => n !== 'changes');
+
+  /** One channel message to the app: its own carry only `changes` (the rest came with the result). */
+  const deliver = (m: ChannelMessage) => {
+    fanOutLists(m.payload, m.echo ? ['changes'] : LISTS);
+    messages$.next(m);
+  };
+
+  /** Whether the client's view already holds this publication (or never will: reset, gone). */
+  const reached = (p: Publication, resetsAt: Map<string, number>): boolean => {
+    const at = channels.position(p.channel);
+    if (!at) return true;
+    if ((resetCount.get(p.channel) ?? 0) !== (resetsAt.get(p.channel) ?? 0)) return true;
+    if (channels.snapshotting(p.channel)) return false;
+    return at.epoch === p.epoch && at.seq !== undefined && at.seq >= p.seq;
+  };
+
+  /** Settle held batches, oldest first, as far as their publications were delivered. */
+  const releaseHeld = (force = false) => {
+    let released = false;
+    while (held.length > 0) {
+      const h = held[0]!;
+      if (!force && !h.published.every((p) => reached(p, h.resetsAt))) break;
+      held.shift();
+      released = true;
+      h.results.forEach((result, i) => {
+        fanOutLists(result, h.published.length > 0 ? NOT_CHANGES : LISTS);
+        h.deliver[i]!(result);
+      });
+    }
+    if (released) setPending();
+    // Still waiting and not on the socket: poll at once rather than after pollInterval.
+    if (held.length > 0 && !pollQueued && channels.names.length > 0) {
+      const s = stateSubject.value;
+      if (s === 'degraded' || s === 'rePinging' || s === 'connecting')
+        resubscribe(channels.names, false, true);
     }
   };
 
@@ -505,23 +584,48 @@ export function createSyncClient<Op = unknown, Result = unknown>(
           restoredError(err);
           return;
         }
-        e.payload.forEach((result, i) => {
-          fanOutLists(result);
-          const x = es[i];
-          if (x?.restored) restored$.next({ id: e.id, clientId, op: x.op, result });
-          else ws[i]?.resolve(result);
+        const published = e.published ?? [];
+        held.push({
+          results: e.payload,
+          deliver: e.payload.map((_, i) => {
+            const x = es[i];
+            if (x?.restored) {
+              return (result: unknown) =>
+                restored$.next(
+                  published.length > 0
+                    ? { id: e.id, clientId, op: x.op, result, published }
+                    : { id: e.id, clientId, op: x.op, result },
+                );
+            }
+            return (result: unknown) => ws[i]?.resolve(result);
+          }),
+          published,
+          resetsAt: new Map(published.map((p) => [p.channel, resetCount.get(p.channel) ?? 0])),
         });
+        releaseHeld();
         return;
       }
       // SUB / UNS: one waiter, payload [{ channels: {…} }] or [{}].
       const w = ws[0];
       const body = (e.payload[0] ?? {}) as { channels?: Record<string, ChannelState> };
       if (e.request === 'SUB' && w?.channels) {
-        const { resets, resub } = channels.onSubResponse(w.channels, body.channels);
-        for (const r of resets) resets$.next(r);
+        const { resets, resub, snapshots, settled } = channels.onSubResponse(w.channels, body.channels);
+        for (const r of resets) {
+          resetCount.set(r.channel, (resetCount.get(r.channel) ?? 0) + 1);
+          resets$.next(r);
+        }
+        // A snapshot first, then the changes after it that arrived while it was awaited.
+        for (const name of settled) {
+          const snap = snapshots.find((x) => x.channel === name);
+          if (snap) snapshots$.next(snap);
+          const buffered = held$.get(name) ?? [];
+          held$.delete(name);
+          for (const m of buffered) if (!snap || (m.epoch === snap.epoch && m.seq > snap.seq)) deliver(m);
+        }
         if (resub.length > 0) resubscribe(resub, true);
       }
       w?.resolve(body);
+      releaseHeld();
     } finally {
       setPending();
     }
@@ -541,16 +645,22 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       case 'message': {
         const m = e.frame as MsgEnvelope;
         const verdict = channels.onMessage(m);
-        if (verdict === 'deliver') {
-          fanOutLists(m.payload);
-          messages$.next({
+        if (verdict === 'deliver' || verdict === 'own') {
+          const cm: ChannelMessage = {
             channel: m.channel,
             seq: m.seq,
             epoch: m.epoch,
             payload: m.payload,
             replay: m.replay === true,
-          });
+            echo: verdict === 'own',
+          };
+          if (channels.snapshotting(m.channel)) {
+            const buf = held$.get(m.channel) ?? [];
+            buf.push(cm);
+            held$.set(m.channel, buf);
+          } else deliver(cm);
         } else if (verdict === 'gap') resubscribe([m.channel], true);
+        if (verdict !== 'gap' && verdict !== 'unknown' && verdict !== 'duplicate') releaseHeld();
         break;
       }
       case 'failure': {
@@ -640,7 +750,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     });
     adopted.add(child);
     child.restored$.subscribe((r) => {
-      if ('result' in r) fanOutLists(r.result);
+      // Its changes reach this client through the channels when its batch published.
+      if ('result' in r) fanOutLists(r.result, r.published?.length ? NOT_CHANGES : LISTS);
       restored$.next(r);
     });
     try {
@@ -736,6 +847,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     state: state$,
     failure: failures$,
     reset: resets$,
+    snapshot: snapshots$,
   };
 
   return {
@@ -750,6 +862,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     state$,
     failures$: failures$.asObservable(),
     resets$: resets$.asObservable(),
+    snapshots$: snapshots$.asObservable(),
     rejected$: rejected$.asObservable(),
     restored$: restored$.asObservable(),
     pending$: pending$.pipe(distinctUntilChanged()),
@@ -770,6 +883,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     async unsubscribe(channel) {
       if (!channels.has(channel)) return;
       channels.remove(channel);
+      held$.delete(channel);
+      releaseHeld();
       await new Promise((resolve, reject) => {
         const key = nextKey++;
         enqueue({ key, kind: 'UNS', payload: { channels: [channel] } }, { kind: 'UNS', resolve, reject });
@@ -789,6 +904,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       if (closed) return;
       // Operations accepted this tick are written to the outbox before the client goes.
       flushBurst();
+      // Applied batches still waiting for their channel messages settle with their results.
+      releaseHeld(true);
       closed = true;
       // An actor not started yet (identity or outbox still loading) is never started.
       if (ready) actor.send({ type: 'CLOSE' });
@@ -807,6 +924,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         messages$,
         failures$,
         resets$,
+        snapshots$,
         rejected$,
         restored$,
         send$,
