@@ -235,7 +235,10 @@ export interface SyncClient<Op = unknown, Result = unknown> {
   readonly clientId: string;
   /** Current flat state. */
   readonly state: ConnectionState;
-  /** Operations waiting in the outbox or in flight (the current value of `pending$`). */
+  /**
+   * Operations not yet settled (the current value of `pending$`): in the outbox, in flight,
+   * or applied and waiting for their publications to reach this client (docs/consistency.md).
+   */
   readonly pending: number;
   close(): Promise<void>;
   readonly actor: ConnectionActor;
