@@ -349,6 +349,63 @@ describe('convergence: the issue-10 scenarios', () => {
       await app.close();
     }
   });
+
+  it('a reset of a snapshot channel asks for a new snapshot; the view follows the server', async () => {
+    // The memory store loses history on restart: a new epoch, so the client's cursor is stale.
+    const app = await startApp({ delay: () => 0, initial: [{ id: 'x', text: 'one', done: false }] });
+    const a = viewer(app, 'A');
+    const resets: string[] = [];
+    a.client.resets$.subscribe((r) => resets.push(r.channel));
+    try {
+      await quiesce(app, [a], 5000);
+      expect(a.snapshots).toBe(1);
+      await app.restart();
+      await until(() => a.snapshots === 2, 10_000, 'a second snapshot after the reset');
+      expect(resets).toEqual([CHANNEL]);
+      await a.client.send({ op: 'add', id: 'n', text: 'new' });
+      await quiesce(app, [a], 5000);
+      expect(diverged(app, [a])).toEqual([]);
+      expect(canon(a.view)).toBe(canon(new Map([['n', { id: 'n', text: 'new', done: false }]])));
+    } finally {
+      await a.client.close();
+      await app.close();
+    }
+  }, 30_000);
+
+  it('an HTTP SUB asking for a snapshot gets it with the head it stands for, then what follows', async () => {
+    const app = await startApp({ delay: () => 0, initial: [{ id: 'x', text: 'one', done: false }] });
+    try {
+      const url = `http://127.0.0.1:${app.server.address().port}/sync`;
+      const post = async (body: unknown) =>
+        (await (
+          await fetch(url, {
+            method: 'POST',
+            headers: { 'content-type': 'application/json', 'x-client-id': 'poller' },
+            body: JSON.stringify(body),
+          })
+        ).json()) as Array<Record<string, unknown>>;
+      const first = await post({
+        id: 's1',
+        type: 'SUB',
+        payload: { channels: { items: { snapshot: true } } },
+      });
+      const entry = (first.at(-1)!.payload as Array<{ channels: Record<string, unknown> }>)[0]!.channels
+        .items;
+      expect(entry).toMatchObject({
+        seq: 1,
+        recovered: true,
+        snapshot: { seq: 1, data: [{ id: 'x', text: 'one', done: false }] },
+      });
+      expect(first.filter((f) => f.type === 'MSG')).toEqual([]);
+      await app.server.publish(CHANNEL, {
+        changes: [{ id: 'y', value: { id: 'y', text: 'y', done: false } }],
+      });
+      const next = await post({ id: 's2', type: 'SUB', payload: { channels: { items: { since: 1 } } } });
+      expect(next.filter((f) => f.type === 'MSG').map((f) => f.seq)).toEqual([2]);
+    } finally {
+      await app.close();
+    }
+  });
 });
 
 // ---- the property --------------------------------------------------------------------------
