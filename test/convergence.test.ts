@@ -297,6 +297,41 @@ describe('convergence: the issue-10 scenarios', () => {
     }
   }, 30_000);
 
+  it('over HTTP with the socket silent, send() polls at once for its own change instead of waiting pollInterval', async () => {
+    // The playground's "ok, seq 10, yet missing from its own list for 14 s": the response
+    // came over HTTP, the MSG never came over the socket. pollInterval is set far beyond the
+    // test's timeout, so only the immediate poll can deliver the change in time.
+    const app = await startApp({ delay: () => 0, initial: [{ id: 'x', text: 'one', done: false }] });
+    const client = createSyncClient<Op, Result>({
+      url: app.url,
+      timeout: T,
+      pollInterval: 600_000,
+      WebSocket: WebSocket as never,
+      channels: { [CHANNEL]: { snapshot: true } },
+    });
+    const v: Viewer = { name: 'A', client, view: new Map(), snapshots: 0 };
+    client.snapshots$.subscribe((s) => {
+      v.snapshots++;
+      v.view.clear();
+      for (const item of s.data as Item[]) v.view.set(item.id, item);
+    });
+    client.changes$.subscribe((list) => {
+      for (const c of list as Change[]) apply(v.view, c);
+    });
+    try {
+      await quiesce(app, [v], 5000);
+      client.debug.faults.blackhole = true; // the socket stays up but nothing it carries arrives
+      const r = await client.send({ op: 'set', id: 'x', text: 'two' });
+      expect(r.ok).toBe(true);
+      expect(v.view.get('x')?.text).toBe('two');
+      expect(client.state === 'degraded' || client.state === 'rePinging').toBe(true);
+    } finally {
+      client.debug.faults.blackhole = false;
+      await client.close();
+      await app.close();
+    }
+  }, 20_000);
+
   it('a batch that published nothing still emits its results’ changes on changes$', async () => {
     const server = await createSyncServer({
       port: 0,
