@@ -332,6 +332,43 @@ describe('convergence: the issue-10 scenarios', () => {
     }
   }, 20_000);
 
+  it('named scenario: toggles racing while one client sends over HTTP (ACKs dropped), another loses its socket, and the server restarts on its SQLite file', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'syncwire-converge-'));
+    dirs.push(dir);
+    const rnd = lcg(30);
+    const app = await startApp({
+      file: join(dir, 'app.db'),
+      delay: () => Math.floor(rnd() * 20),
+      initial: [{ id: 'x', text: 'one', done: false }],
+    });
+    let posts = 0;
+    const countPosts = (req: { method?: string }) => {
+      if (req.method === 'POST') posts++;
+    };
+    app.server.httpServer.on('request', countPosts);
+    const vs = [viewer(app, 'A'), viewer(app, 'B'), viewer(app, 'C')];
+    try {
+      await quiesce(app, vs, 5000);
+      vs[0]!.client.debug.faults.dropAcks = true;
+      for (let round = 0; round < 8; round++) {
+        if (round === 3) vs[1]!.client.debug.killSocket();
+        const sends = vs.map((v) => v.client.send({ op: 'toggle', id: 'x' }).catch((e: unknown) => e));
+        if (round === 5) {
+          await app.restart();
+          app.server.httpServer.on('request', countPosts);
+        }
+        await Promise.all(sends);
+      }
+      vs[0]!.client.debug.faults.dropAcks = false;
+      await quiesce(app, vs);
+      expect(posts).toBeGreaterThan(0); // batches really went over HTTP
+      expect(diverged(app, vs)).toEqual([]);
+    } finally {
+      await Promise.all(vs.map((v) => v.client.close()));
+      await app.close();
+    }
+  }, 60_000);
+
   it('a batch that published nothing still emits its results’ changes on changes$', async () => {
     const server = await createSyncServer({
       port: 0,
