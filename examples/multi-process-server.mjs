@@ -11,6 +11,8 @@ const store = await redisStore(
 const server = await createSyncServer({
   port,
   store,
+  // Every client, the author too, gets each change from the channel at its seq
+  // (docs/consistency.md); the results need not repeat them.
   onSync: async (ops, { publish }) => {
     for (const op of ops) await publish('board', { changes: [op], by: port });
     return ops.map(() => ({ ok: true, by: port }));

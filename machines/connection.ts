@@ -21,7 +21,7 @@ import {
   sendTo,
   setup,
 } from 'xstate';
-import type { NakCode, ServerEnvelope } from '../src/protocol/index.js';
+import type { NakCode, Publication, ServerEnvelope } from '../src/protocol/index.js';
 
 /** The names `state$` emits. */
 export const STATE_NAMES = [
@@ -125,7 +125,15 @@ export type ConnectionEvent =
   | { type: 'BAD_FRAME'; reason: string };
 
 export type SettledEvent =
-  | { type: 'settled'; id: string; keys: number[]; request: InFlight['type']; payload: unknown[] }
+  | {
+      type: 'settled';
+      id: string;
+      keys: number[];
+      request: InFlight['type'];
+      payload: unknown[];
+      /** The response SYN's `published` (docs/consistency.md), when the batch published. */
+      published?: Publication[];
+    }
   | {
       type: 'settled';
       id: string;
@@ -137,7 +145,7 @@ export type SettledEvent =
 export type ConnectionEmitted =
   | SettledEvent
   | { type: 'message'; frame: Extract<ServerEnvelope, { type: 'MSG' }> }
-  /** A server `UNS`: the server ended subscriptions (PROTOCOL §3 rule 10). */
+  /** A server `UNS`: the server ended subscriptions (PROTOCOL §3 rule 11). */
   | { type: 'revoked'; frame: Extract<ServerEnvelope, { type: 'UNS' }> }
   | { type: 'failure'; kind: FailureKind; code?: number; reason?: string }
   | { type: 'poll' }
@@ -572,7 +580,10 @@ export function randomInstance(): string {
 function settledFor(inflight: InFlight, f: ServerEnvelope): SettledEvent {
   const base = { type: 'settled' as const, id: inflight.id, keys: inflight.keys, request: inflight.type };
   if (f.type === 'NAK') return { ...base, error: f.error };
-  return { ...base, payload: f.type === 'SYN' ? f.payload : [] };
+  if (f.type !== 'SYN') return { ...base, payload: [] };
+  return f.published
+    ? { ...base, payload: f.payload, published: f.published }
+    : { ...base, payload: f.payload };
 }
 
 export type ConnectionMachine = typeof connectionMachine;

@@ -23,7 +23,7 @@
  * `maxBackoff`), or at once when a socket becomes ready. `GRANTED` clears the error.
  *
  * Pure: it sends nothing; the client drives it with events that mirror what happened on the
- * wire (PROTOCOL §3 rules 7 and 10, §5).
+ * wire (PROTOCOL §3 rules 7 and 11, §5).
  */
 import { type ActorRefFrom, type AnyActorRef, assign, createActor, setup } from 'xstate';
 

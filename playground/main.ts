@@ -13,7 +13,7 @@ import { createSyncClient, type SyncClient } from '../src/client/index.js';
 import { createInspector } from '../src/inspect/index.js';
 import { mountVisualizer } from '../visualizer/index.js';
 import { h } from '../visualizer/panel.js';
-import type { ListChange, ListOp } from './server.js';
+import type { ListChange, ListItem, ListOp } from './server.js';
 
 interface Config {
   syncUrl: string;
@@ -52,16 +52,18 @@ const FAULTS = [
   ['blockHttp', 'block HTTP'],
 ] as const;
 
-type ListClient = SyncClient<ListOp, { ok: boolean; seq?: number; id?: string }>;
+type ListClient = SyncClient<ListOp, { ok: boolean; seq?: number; changes?: ListChange[] }>;
 
 function addClient(name: string, note: string): ListClient {
   const clientId = `${name}-${Math.random().toString(36).slice(2, 8)}`;
   const column = h('section', { class: 'client', 'data-client': name });
   columns.set(clientId, column);
 
-  const items = new Map<string, string>();
+  // The README's pattern: the list is the snapshot plus every change of changes$, in order.
+  const items = new Map<string, ListItem>();
   const list = h('ul', { 'data-testid': 'items' });
   const status = h('div', { class: 'status', 'data-testid': 'status' });
+  const snapshotInfo = h('div', { class: 'status', 'data-testid': 'snapshot' });
   const input = h('input', {
     type: 'text',
     placeholder: 'add an item…',
@@ -80,6 +82,7 @@ function addClient(name: string, note: string): ListClient {
       list,
       faults,
       status,
+      snapshotInfo,
     ),
   );
   clientsEl.append(column);
@@ -88,16 +91,27 @@ function addClient(name: string, note: string): ListClient {
     url: cfg.syncUrl,
     clientId,
     timeout: T,
-    channels: { list: { since: 0 } },
+    channels: { list: { snapshot: true } },
     inspect: inspector.inspect,
   });
 
   const render = () => {
-    const rows = [...items].map(([id, text]) =>
+    const rows = [...items.values()].map((item) =>
       h(
         'li',
-        { 'data-testid': 'item', 'data-id': id },
-        h('span', { class: 'text' }, text),
+        {
+          'data-testid': 'item',
+          'data-id': item.id,
+          'data-done': String(item.done),
+          class: item.done ? 'done' : '',
+        },
+        h('input', {
+          type: 'checkbox',
+          title: 'done',
+          'data-testid': 'toggle',
+          ...(item.done ? { checked: '' } : {}),
+        }),
+        h('span', { class: 'text' }, item.text),
         h('button', { type: 'button', title: 'remove', 'data-testid': 'remove' }, '×'),
       ),
     );
@@ -105,11 +119,17 @@ function addClient(name: string, note: string): ListClient {
       rows.push(h('li', { class: 'pending', 'data-testid': 'pending' }, `${text} (sending…)`));
     list.replaceChildren(...rows);
   };
-  client.messages$.subscribe((m) => {
-    const c = m.payload as ListChange | undefined;
-    if (!c) return;
-    if (c.op === 'add') items.set(c.id, c.text);
-    else if (c.op === 'remove') items.delete(c.id);
+  client.snapshots$.subscribe((s) => {
+    items.clear();
+    for (const item of s.data as ListItem[]) items.set(item.id, item);
+    snapshotInfo.textContent = `started from a snapshot at seq ${s.seq}`;
+    render();
+  });
+  client.changes$.subscribe((changes) => {
+    for (const c of changes as ListChange[]) {
+      if (c.value) items.set(c.id, c.value);
+      else items.delete(c.id);
+    }
     render();
   });
   client.resets$.subscribe((r) =>
@@ -151,7 +171,15 @@ function addClient(name: string, note: string): ListClient {
   list.addEventListener('click', (ev) => {
     const btn = (ev.target as HTMLElement).closest('button[data-testid="remove"]');
     const id = btn?.closest('li')?.getAttribute('data-id');
-    if (id) send({ op: 'remove', id }, `remove ${items.get(id) ?? id}`);
+    if (id) send({ op: 'remove', id }, `remove ${items.get(id)?.text ?? id}`);
+  });
+  // The checkbox shows the list's state, not the click: the change arrives from the channel.
+  list.addEventListener('click', (ev) => {
+    const box = (ev.target as HTMLElement).closest('input[data-testid="toggle"]') as HTMLInputElement | null;
+    const id = box?.closest('li')?.getAttribute('data-id');
+    if (!box || !id) return;
+    ev.preventDefault();
+    send({ op: 'toggle', id }, `toggle ${items.get(id)?.text ?? id}`);
   });
 
   for (const [key, label] of FAULTS) {
@@ -179,7 +207,7 @@ const clients: Record<string, ListClient> = {
 const join = document.getElementById('join') as HTMLButtonElement;
 join.addEventListener('click', () => {
   join.disabled = true;
-  clients.C = addClient('C', 'joined late, replays history');
+  clients.C = addClient('C', 'joined late, starts from a snapshot');
 });
 
 const restart = document.getElementById('restart') as HTMLButtonElement;

@@ -60,12 +60,19 @@ export interface Playground {
 export interface ListItem {
   id: string;
   text: string;
+  done: boolean;
 }
 
 /** Operations the list app sends. */
-export type ListOp = { op: 'add'; text: string } | { op: 'remove'; id: string };
-/** What the channel `list` carries; also each operation's result when it applied. */
-export type ListChange = { op: 'add'; id: string; text: string } | { op: 'remove'; id: string };
+export type ListOp =
+  | { op: 'add'; text: string }
+  | { op: 'remove'; id: string }
+  | { op: 'toggle'; id: string };
+/**
+ * One change of the list, state-assigning (docs/consistency.md): the item's new value, or
+ * `null` for its deletion. The channel `list` carries `{ changes: ListChange[] }`.
+ */
+export type ListChange = { id: string; value: ListItem | null };
 
 const MIME: Record<string, string> = {
   '.html': 'text/html; charset=utf-8',
@@ -110,8 +117,15 @@ export async function startPlayground(options: PlaygroundOptions = {}): Promise<
   // ---- the list app: state rebuilt from the channel's history, so it survives restarts ----
   const items = new Map<string, ListItem>();
   const applyChange = (c: ListChange) => {
-    if (c.op === 'add') items.set(c.id, { id: c.id, text: c.text });
+    if (c.value) items.set(c.id, c.value);
     else items.delete(c.id);
+  };
+  /** History entries of this shape only (a data dir from an older playground is skipped). */
+  const changesOf = (payload: unknown): ListChange[] => {
+    const list = (payload as { changes?: unknown } | null)?.changes;
+    return Array.isArray(list)
+      ? list.filter((c): c is ListChange => typeof c?.id === 'string' && c.value !== undefined)
+      : [];
   };
 
   let sync: SyncServer | null = null;
@@ -121,7 +135,7 @@ export async function startPlayground(options: PlaygroundOptions = {}): Promise<
     items.clear();
     for (let after = 0; ; ) {
       const page = await store.read('list', after, 1000);
-      for (const m of page) applyChange(m.payload as ListChange);
+      for (const m of page) for (const c of changesOf(m.payload)) applyChange(c);
       if (page.length < 1000) break;
       after = page[page.length - 1]!.seq;
     }
@@ -130,24 +144,32 @@ export async function startPlayground(options: PlaygroundOptions = {}): Promise<
       host,
       store,
       onError: (err, where) => log(`[sync] ${where}: ${(err as Error)?.message ?? String(err)}`),
+      // A late joiner or a reset starts from here: the list as of the channel's head.
+      snapshot: (channel) => (channel === 'list' ? [...items.values()] : null),
       onSync: async (ops, ctx) => {
         const results: unknown[] = [];
         for (const raw of ops) {
-          const op = raw as Partial<ListOp> | null;
+          const op = raw as (Partial<ListOp> & { id?: unknown; text?: unknown }) | null;
+          const item = typeof op?.id === 'string' ? items.get(op.id) : undefined;
           let change: ListChange | null = null;
           if (op?.op === 'add' && typeof op.text === 'string' && op.text.trim() && op.text.length <= 200) {
-            change = { op: 'add', id: randomId('i', 6), text: op.text.trim() };
-          } else if (op?.op === 'remove' && typeof op.id === 'string' && items.has(op.id)) {
-            change = { op: 'remove', id: op.id };
+            const id = randomId('i', 6);
+            change = { id, value: { id, text: op.text.trim(), done: false } };
+          } else if (op?.op === 'remove' && item) {
+            change = { id: item.id, value: null };
+          } else if (op?.op === 'toggle' && item) {
+            change = { id: item.id, value: { ...item, done: !item.done } };
           }
           if (!change) {
             results.push({ ok: false, errors: [{ op: raw, error: 'not applicable' }] });
             continue;
           }
+          // The README's rule: assign the new state and publish in one synchronous step, so
+          // the order of the list's states is the channel's seq order. Every client, the
+          // author too, gets the change from the channel at its seq.
           applyChange(change);
-          // Every client, the author too, builds its list from the channel alone.
-          const { seq } = await ctx.publish('list', change, { except: undefined });
-          results.push({ ok: true, seq, ...change });
+          const { seq } = await ctx.publish('list', { changes: [change] });
+          results.push({ ok: true, seq, changes: [change] });
         }
         return results;
       },

@@ -708,7 +708,9 @@ describe('a lying server, towards the client', () => {
     for (const [frame, binary] of lies) liar.push(frame, binary);
     liar.push({ ...base, id: 'good', seq: 1, payload: { truth: true } });
     await until(() => got.length === 1, 5000, 'the honest MSG');
-    expect(got).toEqual([{ channel: 'news', seq: 1, epoch: 'e1', payload: { truth: true }, replay: false }]);
+    expect(got).toEqual([
+      { channel: 'news', seq: 1, epoch: 'e1', payload: { truth: true }, replay: false, echo: false },
+    ]);
     expect(failures.filter((f) => f.kind === 'bad_frame')).toHaveLength(lies.length);
     expect(c.state).toBe('open');
     expect(await c.send({ n: 'still' })).toEqual({ ok: { n: 'still' } });

@@ -18,6 +18,12 @@ import { type Playground, startPlayground } from '../playground/server.js';
 import { createSyncClient } from '../src/client/index.js';
 import { createRelayInspector } from '../src/inspect/index.js';
 
+/** What the page's `window.playground.clients` entries offer the tests. */
+interface PlaygroundClient {
+  pending: number;
+  cursors(): Record<string, { seq?: number }>;
+}
+
 const CHROMIUM = process.env.CHROMIUM_PATH ?? '/usr/bin/chromium';
 const IN_CI = process.env.CI === 'true' || process.env.CI === '1';
 const HAVE_CHROMIUM = existsSync(CHROMIUM);
@@ -207,7 +213,7 @@ describe.skipIf(!HAVE_CHROMIUM && !IN_CI)('playground in Chromium', () => {
     expect(pageErrors).toEqual([]);
   });
 
-  it('replays the history to a client that joins late', async () => {
+  it('starts a client that joins late from the snapshot, then follows the changes', async () => {
     const { page, pageErrors } = await open();
     await waitOpen(page, 'A');
     const text = unique('cheese');
@@ -221,9 +227,73 @@ describe.skipIf(!HAVE_CHROMIUM && !IN_CI)('playground in Chromium', () => {
       .poll(() => client(page, 'C').locator('[data-testid="item"]').count(), { timeout: SOON })
       .toBe(count);
     await client(page, 'C')
-      .locator('tr[data-type="MSG"]', { hasText: 'replay' })
-      .first()
+      .locator('[data-testid="snapshot"]', { hasText: /snapshot at seq \d+/ })
       .waitFor({ timeout: SOON });
+    // A change after the snapshot reaches C through the channel.
+    const later = unique('after joining');
+    await add(page, 'A', later);
+    await waitItem(page, 'C', later);
+    expect(pageErrors).toEqual([]);
+  });
+
+  it('two clients toggling the same item at the same moment: both lists end equal to the server', async () => {
+    const { page, pageErrors } = await open();
+    await waitOpen(page, 'A');
+    await waitOpen(page, 'B');
+    const text = unique('shared');
+    await add(page, 'A', text);
+    await waitItem(page, 'A', text);
+    await waitItem(page, 'B', text);
+    const id = await client(page, 'A')
+      .locator('[data-testid="item"]', { has: page.locator('.text', { hasText: new RegExp(`^${text}$`) }) })
+      .getAttribute('data-id');
+    expect(id).toBeTruthy();
+    const doneOf = (name: string) =>
+      client(page, name).locator(`[data-testid="item"][data-id="${id}"]`).getAttribute('data-done');
+    const listOf = (name: string) =>
+      page.evaluate(
+        (n) =>
+          [...document.querySelectorAll(`[data-client="${n}"] [data-testid="item"]`)]
+            .map((li) => `${li.getAttribute('data-id')}:${li.getAttribute('data-done')}`)
+            .sort(),
+        name,
+      );
+    for (let round = 0; round < 10; round++) {
+      // Both checkboxes clicked in the same task: the two toggles race on the server.
+      await page.evaluate((itemId) => {
+        for (const n of ['A', 'B']) {
+          document
+            .querySelector<HTMLInputElement>(
+              `[data-client="${n}"] [data-id="${itemId}"] [data-testid="toggle"]`,
+            )
+            ?.click();
+        }
+      }, id);
+      // Both sends resolved (so each author's view holds its own toggle) and both clients at
+      // the same seq (so each holds the other's too).
+      await page.waitForFunction(
+        () => {
+          const { clients } = (
+            window as unknown as { playground: { clients: Record<string, PlaygroundClient> } }
+          ).playground;
+          const a = clients.A!;
+          const b = clients.B!;
+          return a.pending === 0 && b.pending === 0 && a.cursors().list?.seq === b.cursors().list?.seq;
+        },
+        undefined,
+        { timeout: SOON },
+      );
+      // Each round's two toggles cancel out on the server, and both lists show it.
+      expect(String(pg.list().find((i) => i.id === id)?.done)).toBe('false');
+      expect(await doneOf('A')).toBe('false');
+      expect(await doneOf('B')).toBe('false');
+    }
+    const truth = pg
+      .list()
+      .map((i) => `${i.id}:${i.done}`)
+      .sort();
+    await expect.poll(() => listOf('A'), { timeout: SOON }).toEqual(truth);
+    await expect.poll(() => listOf('B'), { timeout: SOON }).toEqual(truth);
     expect(pageErrors).toEqual([]);
   });
 

@@ -9,7 +9,7 @@
  * - every `send` settled exactly once, with its own result (none rejected);
  * - the server applied every operation exactly once, and each client's in the order sent;
  * - every subscriber got every `MSG` of its channels, in seq order, no gap, no duplicate,
- *   with the payload that was published (the author gets its own as a payload-less echo);
+ *   with the payload that was published (the author's own too, marked echo);
  * - no reset (SQLite keeps history across restarts, so none is ever justified);
  * - every client is back to `open`.
  *
@@ -170,8 +170,9 @@ async function runSchedule(steps: Step[]): Promise<void> {
           order.set(ctx.clientId, list);
           if (op.pub) {
             const payload = { op: op.id };
+            // Default options: the author gets its own message too, with the payload.
             const { seq } = await ctx.publish(op.pub, payload);
-            record(op.pub, { seq, payload, except: ctx.clientId });
+            record(op.pub, { seq, payload });
           }
           out.push({ id: op.id });
         }

@@ -102,13 +102,50 @@ describe('parseServerFrame (a server that lies)', () => {
     });
   });
 
-  it('an echo MSG carries no payload', () => {
-    const r = parseServerFrame(
+  it("an echo MSG keeps the author's payload when it has one, and has none when it had none", () => {
+    const own = parseServerFrame(
       '{"id":"m","type":"MSG","channel":"c","seq":3,"epoch":"e","payload":"x","echo":true}',
     );
-    expect(r).toEqual({
+    expect(own).toEqual({
+      ok: true,
+      envelope: { id: 'm', type: 'MSG', channel: 'c', seq: 3, epoch: 'e', payload: 'x', echo: true },
+    });
+    const bare = parseServerFrame('{"id":"m","type":"MSG","channel":"c","seq":3,"epoch":"e","echo":true}');
+    expect(bare).toEqual({
       ok: true,
       envelope: { id: 'm', type: 'MSG', channel: 'c', seq: 3, epoch: 'e', echo: true },
+    });
+    expect(bare.ok && 'payload' in bare.envelope).toBe(false);
+  });
+
+  it('a response SYN keeps a valid published list and refuses a malformed one', () => {
+    const ok = parseServerFrame(
+      '{"id":"s","type":"SYN","payload":[1],"published":[{"channel":"c","seq":4,"epoch":"e"}]}',
+    );
+    expect(ok).toEqual({
+      ok: true,
+      envelope: { id: 's', type: 'SYN', payload: [1], published: [{ channel: 'c', seq: 4, epoch: 'e' }] },
+    });
+    expect(
+      parseServerFrame('{"id":"s","type":"SYN","payload":[1],"published":[{"channel":"c","seq":0}]}'),
+    ).toMatchObject({
+      ok: false,
+      code: 'bad_request',
+    });
+  });
+
+  it('a SUB cursor may ask for a snapshot; a non-boolean is refused', () => {
+    expect(
+      parseClientFrame('{"id":"a","type":"SUB","payload":{"channels":{"c":{"snapshot":true}}}}'),
+    ).toEqual({
+      ok: true,
+      envelope: { id: 'a', type: 'SUB', payload: { channels: { c: { snapshot: true } } } },
+    });
+    expect(
+      parseClientFrame('{"id":"a","type":"SUB","payload":{"channels":{"c":{"snapshot":1}}}}'),
+    ).toMatchObject({
+      ok: false,
+      code: 'bad_request',
     });
   });
 

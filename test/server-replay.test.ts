@@ -378,10 +378,10 @@ describe('HTTP polling', () => {
 });
 
 describe('echo suppression', () => {
-  it('sends the author a payload-less echo and everybody else the payload', async () => {
+  it('sends the author a payload-less echo (except: author) and everybody else the payload', async () => {
     const server = await h.start({
       onSync: async (ops, ctx) => {
-        for (const op of ops) await ctx.publish('chat', op);
+        for (const op of ops) await ctx.publish('chat', op, { except: ctx.clientId });
         return ops.map(() => 'ok');
       },
     });
@@ -415,10 +415,30 @@ describe('echo suppression', () => {
     expect(others[0]).toMatchObject({ seq: 1, payload: { text: 'hi' } });
   });
 
-  it('sends the author the payload when except is cleared', async () => {
+  it('by default sends the author its payload marked echo, before the response that lists it', async () => {
     const server = await h.start({
       onSync: async (ops, ctx) => {
-        await ctx.publish('chat', ops[0], { except: undefined });
+        await ctx.publish('chat', ops[0]);
+        return ops;
+      },
+    });
+    const author = await h.socket(server, 'author');
+    await author.request(sub('s', { chat: {} }));
+    const frames = await author.request({ id: 'w1', type: 'SYN', payload: ['mine'] });
+    const m = msgs(frames)[0]!;
+    expect(m).toMatchObject({ seq: 1, payload: 'mine', echo: true });
+    const response = frames.find((f) => f.type === 'SYN' && f.id === 'w1') as { published?: unknown };
+    expect(response.published).toEqual([{ channel: 'chat', seq: 1, epoch: m.epoch }]);
+    expect(frames.indexOf(m)).toBeLessThan(frames.indexOf(response as never));
+    // Replays carry the payload and the mark too.
+    const polled = msgs((await post(httpUrl(server), 'author', sub('p', { chat: { since: 0 } }))).body);
+    expect(polled[0]).toMatchObject({ seq: 1, payload: 'mine', echo: true });
+  });
+
+  it('sends the author the payload without the mark when author is cleared', async () => {
+    const server = await h.start({
+      onSync: async (ops, ctx) => {
+        await ctx.publish('chat', ops[0], { author: undefined });
         return ops;
       },
     });

@@ -29,6 +29,29 @@ const factories: StoreFactory[] = [
 describe.each(factories)('$name store', (factory) => storeContract(factory));
 
 describe('sqlite store, one process per file', () => {
+  it('opens a file made before the author column and adds it; old rows have no author', async () => {
+    const file = join(dir, `store-${++files}.db`);
+    const first = sqliteStore({ file });
+    await first.append('old', 'before');
+    await first.close();
+    // Take the file back to the older schema (no author_id column).
+    const { default: Database } = await import('better-sqlite3');
+    const db = new Database(file);
+    db.exec('ALTER TABLE messages DROP COLUMN author_id');
+    db.close();
+    const again = sqliteStore({ file });
+    try {
+      await again.append('old', 'after', { author: 'c-1' });
+      const read = await again.read('old', 0, 10);
+      expect(read.map((m) => [m.payload, m.author])).toEqual([
+        ['before', undefined],
+        ['after', 'c-1'],
+      ]);
+    } finally {
+      await again.close();
+    }
+  });
+
   it('a reopened file remembers answered dedupe claims and forgets pending ones', async () => {
     const file = join(dir, `store-${++files}.db`);
     const store = sqliteStore({ file });

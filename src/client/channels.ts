@@ -16,9 +16,24 @@ interface Cursor {
   subsInFlight: number;
   /** A replayed MSG jumped over a gap or an epoch change during the current SUB. */
   jumped: boolean;
+  /** Subscribed with `snapshot: true`: a reset asks for a new snapshot. */
+  wantsSnapshot: boolean;
+  /** The next SUB asks for a snapshot; MSGs wait in the client until it is answered. */
+  snapshotPending: boolean;
 }
 
-export type MsgVerdict = 'deliver' | 'echo' | 'duplicate' | 'gap' | 'unknown';
+/** `own`: the client's own publication with its payload (`echo: true`); `echo`: without. */
+export type MsgVerdict = 'deliver' | 'own' | 'echo' | 'duplicate' | 'gap' | 'unknown';
+
+/** A snapshot a SUB response carried, for `snapshots$`. */
+export interface SnapshotEvent {
+  channel: string;
+  epoch: string;
+  /** The channel seq the snapshot corresponds to: changes after it follow on `changes$`. */
+  seq: number;
+  /** What the server's `snapshot` hook returned. */
+  data: unknown;
+}
 
 export interface SubscribeOptions {
   /** Replay messages after this seq (with the epoch last seen, from storage or the option). */
@@ -26,6 +41,13 @@ export interface SubscribeOptions {
   epoch?: string;
   /** Replay the last k messages. */
   rewind?: number;
+  /**
+   * Start from the server's snapshot of the channel (its `snapshot` hook): the snapshot is
+   * emitted on `snapshots$` (and in the resolved value) before any change after it, and
+   * again after every reset. Overrides `since`, `rewind` and a stored cursor. See
+   * docs/consistency.md. @default false
+   */
+  snapshot?: boolean;
 }
 
 export class ChannelCursors {
@@ -55,8 +77,11 @@ export class ChannelCursors {
   /** Start tracking a channel. A stored cursor is resumed unless the options say otherwise. */
   add(channel: string, opts: SubscribeOptions = {}): void {
     const stored = this.loadStored()[channel];
-    const c: Cursor = { subsInFlight: 0, jumped: false };
-    if (opts.since !== undefined) {
+    const c: Cursor = { subsInFlight: 0, jumped: false, wantsSnapshot: false, snapshotPending: false };
+    if (opts.snapshot) {
+      c.wantsSnapshot = true;
+      c.snapshotPending = true;
+    } else if (opts.since !== undefined) {
       c.seq = opts.since;
       c.epoch = opts.epoch;
     } else if (opts.rewind !== undefined) {
@@ -85,6 +110,11 @@ export class ChannelCursors {
       if (!c) continue;
       c.subsInFlight++;
       c.jumped = false;
+      if (c.snapshotPending) {
+        // The snapshot replaces what the client had: it starts over from the answer.
+        c.seq = undefined;
+        c.epoch = undefined;
+      }
     }
     return { toJSON: () => ({ channels: this.cursorsOf(channels) }) };
   }
@@ -94,7 +124,8 @@ export class ChannelCursors {
     for (const name of channels) {
       const c = this.cursors.get(name);
       if (!c) continue;
-      if (c.seq !== undefined) out[name] = c.epoch ? { since: c.seq, epoch: c.epoch } : { since: c.seq };
+      if (c.snapshotPending) out[name] = { snapshot: true };
+      else if (c.seq !== undefined) out[name] = c.epoch ? { since: c.seq, epoch: c.epoch } : { since: c.seq };
       else if (c.rewind !== undefined) out[name] = { rewind: c.rewind };
       else out[name] = {};
     }
@@ -105,7 +136,7 @@ export class ChannelCursors {
   onMessage(m: MsgEnvelope): MsgVerdict {
     const c = this.cursors.get(m.channel);
     if (!c) return 'unknown';
-    const kind = m.echo ? 'echo' : 'deliver';
+    const kind = m.echo ? ('payload' in m ? 'own' : 'echo') : 'deliver';
     if (c.seq === undefined) {
       c.epoch = m.epoch;
       return this.advance(c, m.seq, kind);
@@ -141,9 +172,17 @@ export class ChannelCursors {
   onSubResponse(
     requested: string[],
     entries: Record<string, ChannelState> | undefined,
-  ): { resets: Array<{ channel: string; epoch: string }>; resub: string[] } {
+  ): {
+    resets: Array<{ channel: string; epoch: string }>;
+    resub: string[];
+    snapshots: SnapshotEvent[];
+    /** Channels whose snapshot wait ended (with or without a snapshot): flush their MSGs. */
+    settled: string[];
+  } {
     const resets: Array<{ channel: string; epoch: string }> = [];
     const resub: string[] = [];
+    const snapshots: SnapshotEvent[] = [];
+    const settled: string[] = [];
     for (const name of requested) {
       const c = this.cursors.get(name);
       if (!c) continue;
@@ -151,7 +190,30 @@ export class ChannelCursors {
       const e = entries?.[name];
       if (!e) continue;
       c.rewind = undefined;
-      if (!e.recovered || c.jumped) resets.push({ channel: name, epoch: e.epoch });
+      if (c.snapshotPending) {
+        c.snapshotPending = false;
+        settled.push(name);
+      }
+      if (e.snapshot) {
+        // The snapshot stands for everything up to its seq; what the replay delivered after
+        // it is kept, anything older (an earlier subscription's MSGs) is not a gap.
+        snapshots.push({ channel: name, epoch: e.epoch, seq: e.snapshot.seq, data: e.snapshot.data });
+        if (c.epoch !== e.epoch || c.seq === undefined || c.seq < e.snapshot.seq) c.seq = e.snapshot.seq;
+        c.epoch = e.epoch;
+        c.jumped = false;
+        if (e.more || c.seq < e.seq) resub.push(name);
+        continue;
+      }
+      if (!e.recovered || c.jumped) {
+        resets.push({ channel: name, epoch: e.epoch });
+        if (c.wantsSnapshot) {
+          // A reset of a channel started from a snapshot: ask for a new one at once.
+          c.snapshotPending = true;
+          c.jumped = false;
+          resub.push(name);
+          continue;
+        }
+      }
       c.jumped = false;
       if (c.epoch === undefined) {
         // First sight of the epoch (`since: n` without one, and no MSG of the replay got
@@ -166,7 +228,18 @@ export class ChannelCursors {
       if (e.more || (c.seq !== undefined && c.seq < e.seq)) resub.push(name);
     }
     this.persist();
-    return { resets, resub };
+    return { resets, resub, snapshots, settled };
+  }
+
+  /** Waiting for a snapshot: the channel's MSGs are held back until it arrives. */
+  snapshotting(channel: string): boolean {
+    return this.cursors.get(channel)?.snapshotPending === true;
+  }
+
+  /** The cursor of one channel, `undefined` when not subscribed. */
+  position(channel: string): { epoch?: string; seq?: number } | undefined {
+    const c = this.cursors.get(channel);
+    return c ? { epoch: c.epoch, seq: c.seq } : undefined;
   }
 
   /** A SUB failed or was abandoned: it is no longer in flight. */
@@ -177,7 +250,7 @@ export class ChannelCursors {
     }
   }
 
-  private advance(c: Cursor, seq: number, verdict: 'deliver' | 'echo'): MsgVerdict {
+  private advance(c: Cursor, seq: number, verdict: 'deliver' | 'own' | 'echo'): MsgVerdict {
     c.seq = seq;
     this.persist();
     return verdict;

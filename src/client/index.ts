@@ -34,10 +34,11 @@ import {
   isValidChannel,
   type MsgEnvelope,
   type NakCode,
+  type Publication,
   randomId,
   SyncError,
 } from '../protocol/index.js';
-import { ChannelCursors, type SubscribeOptions } from './channels.js';
+import { ChannelCursors, type SnapshotEvent, type SubscribeOptions } from './channels.js';
 import { MapOutbox, memoryStorage, type OutboxEntry, type SyncOutbox, type SyncStorage } from './storage.js';
 import {
   deriveHttpUrl,
@@ -52,9 +53,15 @@ export type { ConnectionState, FailureKind } from '../../machines/connection.js'
 export { connectionMachine, flatState, STATE_NAMES } from '../../machines/connection.js';
 export type { SubscriptionState } from '../../machines/subscription.js';
 export { SUBSCRIPTION_STATES, subscriptionMachine } from '../../machines/subscription.js';
-export type { ChannelState, NakCode, SyncErrorCode } from '../protocol/index.js';
+export type {
+  ChannelSnapshot,
+  ChannelState,
+  NakCode,
+  Publication,
+  SyncErrorCode,
+} from '../protocol/index.js';
 export { SyncError } from '../protocol/index.js';
-export type { SubscribeOptions } from './channels.js';
+export type { SnapshotEvent, SubscribeOptions } from './channels.js';
 export {
   memoryStorage,
   type OutboxBatch,
@@ -143,7 +150,14 @@ export interface Failure {
  * is the identity it was sent under (this client's, or the adopted one's).
  */
 export type Restored =
-  | { id: string; clientId: string; op: unknown; result: unknown }
+  | {
+      id: string;
+      clientId: string;
+      op: unknown;
+      result: unknown;
+      /** The batch's publications (docs/consistency.md); its `changes` come from the channels. */
+      published?: Publication[];
+    }
   | { id: string; clientId: string; op: unknown; error: SyncError };
 
 /** One MSG as the app sees it. */
@@ -153,6 +167,8 @@ export interface ChannelMessage {
   epoch: string;
   payload: unknown;
   replay: boolean;
+  /** This client's own publication (docs/consistency.md). */
+  echo: boolean;
 }
 
 export interface ResetEvent {
@@ -161,7 +177,7 @@ export interface ResetEvent {
 }
 
 /**
- * A channel the server refused or ended (PROTOCOL §3 rules 7 and 10). `code`: `forbidden`
+ * A channel the server refused or ended (PROTOCOL §3 rules 7 and 11). `code`: `forbidden`
  * (`authorize` said no, at subscribe time or by a re-check), `too_many_channels` (the
  * principal's cap), `server_error` (`authorize` failed), `unsubscribed` (the server ended
  * it with `server.unsubscribe()`). The client no longer asks for the channel; the others go on.
@@ -187,6 +203,7 @@ type EventMap = {
   reset: ResetEvent;
   refused: RefusedEvent;
   subscriptions: Record<string, SubscriptionState>;
+  snapshot: SnapshotEvent;
 };
 
 export interface SyncClient<Op = unknown, Result = unknown> {
@@ -214,6 +231,11 @@ export interface SyncClient<Op = unknown, Result = unknown> {
   readonly subscriptions$: Observable<Record<string, SubscriptionState>>;
   /** One channel's subscription state now (`unsubscribed` for a channel never subscribed). */
   subscriptionState(channel: string): SubscriptionState;
+  /**
+   * Snapshots of channels subscribed with `snapshot: true`, each before any change after it
+   * (docs/consistency.md): replace the channel's view with it.
+   */
+  readonly snapshots$: Observable<SnapshotEvent>;
   /** Operations from `send$` that were rejected. */
   readonly rejected$: Observable<{ op: Op; error: SyncError }>;
   /**
@@ -251,7 +273,10 @@ export interface SyncClient<Op = unknown, Result = unknown> {
   readonly clientId: string;
   /** Current flat state. */
   readonly state: ConnectionState;
-  /** Operations waiting in the outbox or in flight (the current value of `pending$`). */
+  /**
+   * Operations not yet settled (the current value of `pending$`): in the outbox, in flight,
+   * or applied and waiting for their publications to reach this client (docs/consistency.md).
+   */
   readonly pending: number;
   close(): Promise<void>;
   readonly actor: ConnectionActor;
@@ -336,6 +361,22 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   const messages$ = new Subject<ChannelMessage>();
   const failures$ = new Subject<Failure>();
   const resets$ = new Subject<ResetEvent>();
+  const snapshots$ = new Subject<SnapshotEvent>();
+  /** MSGs of channels waiting for their snapshot, delivered after it. */
+  const held$: Map<string, ChannelMessage[]> = new Map();
+  /**
+   * Batches whose response arrived but whose operations wait for the client's cursors to
+   * reach the batch's publications (read-your-writes, docs/consistency.md), oldest first.
+   */
+  const held: Array<{
+    results: unknown[];
+    /** Per result: resolve its promise, or report it on `restored$`. */
+    deliver: Array<(result: unknown) => void>;
+    published: Publication[];
+    /** Each channel's reset count when the response arrived: a reset since releases it. */
+    resetsAt: Map<string, number>;
+  }> = [];
+  const resetCount = new Map<string, number>();
   const rejected$ = new Subject<{ op: Op; error: SyncError }>();
   const restored$ = new Subject<Restored>();
   const pending$ = new BehaviorSubject<number>(0);
@@ -481,15 +522,56 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     let n = 0;
     for (const w of waiters.values()) if (w.kind === 'op') n++;
     for (const e of entries.values()) if (e.restored) n++;
+    // Applied, and waiting for their publications to reach this client's cursors.
+    for (const h of held) n += h.deliver.length;
     if (n !== pending$.value) pending$.next(n);
   };
 
   /** Results and MSG payloads feed the list streams under their keys. */
-  const fanOutLists = (value: unknown) => {
+  const fanOutLists = (value: unknown, names: readonly ListName[] = LISTS) => {
     if (!value || typeof value !== 'object') return;
-    for (const name of LISTS) {
+    for (const name of names) {
       const list = (value as Record<string, unknown>)[name];
       if (Array.isArray(list) && list.length > 0) lists[name].next(list);
+    }
+  };
+  /** A batch that published: its changes come from the channels, at their seq. */
+  const NOT_CHANGES = LISTS.filter((n) => n !== 'changes');
+
+  /** One channel message to the app: its own carry only `changes` (the rest came with the result). */
+  const deliver = (m: ChannelMessage) => {
+    fanOutLists(m.payload, m.echo ? ['changes'] : LISTS);
+    messages$.next(m);
+  };
+
+  /** Whether the client's view already holds this publication (or never will: reset, gone). */
+  const reached = (p: Publication, resetsAt: Map<string, number>): boolean => {
+    const at = channels.position(p.channel);
+    if (!at) return true;
+    if ((resetCount.get(p.channel) ?? 0) !== (resetsAt.get(p.channel) ?? 0)) return true;
+    if (channels.snapshotting(p.channel)) return false;
+    return at.epoch === p.epoch && at.seq !== undefined && at.seq >= p.seq;
+  };
+
+  /** Settle held batches, oldest first, as far as their publications were delivered. */
+  const releaseHeld = (force = false) => {
+    let released = false;
+    while (held.length > 0) {
+      const h = held[0]!;
+      if (!force && !h.published.every((p) => reached(p, h.resetsAt))) break;
+      held.shift();
+      released = true;
+      h.results.forEach((result, i) => {
+        fanOutLists(result, h.published.length > 0 ? NOT_CHANGES : LISTS);
+        h.deliver[i]!(result);
+      });
+    }
+    if (released) setPending();
+    // Still waiting and not on the socket: poll at once rather than after pollInterval.
+    if (held.length > 0 && !pollQueued && channels.names.length > 0) {
+      const s = stateSubject.value;
+      if (s === 'degraded' || s === 'rePinging' || s === 'connecting')
+        resubscribe(channels.names, false, true);
     }
   };
 
@@ -639,12 +721,25 @@ export function createSyncClient<Op = unknown, Result = unknown>(
           restoredError(err);
           return;
         }
-        e.payload.forEach((result, i) => {
-          fanOutLists(result);
-          const x = es[i];
-          if (x?.restored) restored$.next({ id: e.id, clientId, op: x.op, result });
-          else ws[i]?.resolve(result);
+        const published = e.published ?? [];
+        held.push({
+          results: e.payload,
+          deliver: e.payload.map((_, i) => {
+            const x = es[i];
+            if (x?.restored) {
+              return (result: unknown) =>
+                restored$.next(
+                  published.length > 0
+                    ? { id: e.id, clientId, op: x.op, result, published }
+                    : { id: e.id, clientId, op: x.op, result },
+                );
+            }
+            return (result: unknown) => ws[i]?.resolve(result);
+          }),
+          published,
+          resetsAt: new Map(published.map((p) => [p.channel, resetCount.get(p.channel) ?? 0])),
         });
+        releaseHeld();
         return;
       }
       // SUB / UNS: one waiter, payload [{ channels: {…} }] or [{}].
@@ -663,19 +758,34 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         // server must not keep a subscription the client does not know of.
         const stale = Object.keys(granted).filter((name) => !channels.has(name));
         if (stale.length > 0) sendUns(stale, true);
-        const { resets, resub } = channels.onSubResponse(w.channels, body.channels ? granted : undefined);
+        const { resets, resub, snapshots, settled } = channels.onSubResponse(
+          w.channels,
+          body.channels ? granted : undefined,
+        );
         for (const name of Object.keys(granted)) subFailures.delete(name);
         // recovered: false → `resetting` while the app hears the reset, then `subscribed`
         // (or still `resetting` while a catch-up SUB is needed).
         const resetNames = new Set(resets.map((r) => r.channel));
         for (const name of resetNames) if (channels.has(name)) tell(name, { type: 'RESET' });
-        for (const r of resets) resets$.next(r);
+        for (const r of resets) {
+          resetCount.set(r.channel, (resetCount.get(r.channel) ?? 0) + 1);
+          resets$.next(r);
+        }
+        // A snapshot first, then the changes after it that arrived while it was awaited.
+        for (const name of settled) {
+          const snap = snapshots.find((x) => x.channel === name);
+          if (snap) snapshots$.next(snap);
+          const buffered = held$.get(name) ?? [];
+          held$.delete(name);
+          for (const m of buffered) if (!snap || (m.epoch === snap.epoch && m.seq > snap.seq)) deliver(m);
+        }
         for (const name of Object.keys(granted))
           if (channels.has(name) && !(resetNames.has(name) && resub.includes(name)))
             tell(name, { type: 'GRANTED' });
         if (resub.length > 0) resubscribe(resub, true, false, 'CATCH_UP');
       }
       w?.resolve(body);
+      releaseHeld();
     } finally {
       setPending();
     }
@@ -695,16 +805,22 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       case 'message': {
         const m = e.frame as MsgEnvelope;
         const verdict = channels.onMessage(m);
-        if (verdict === 'deliver') {
-          fanOutLists(m.payload);
-          messages$.next({
+        if (verdict === 'deliver' || verdict === 'own') {
+          const cm: ChannelMessage = {
             channel: m.channel,
             seq: m.seq,
             epoch: m.epoch,
             payload: m.payload,
             replay: m.replay === true,
-          });
+            echo: verdict === 'own',
+          };
+          if (channels.snapshotting(m.channel)) {
+            const buf = held$.get(m.channel) ?? [];
+            buf.push(cm);
+            held$.set(m.channel, buf);
+          } else deliver(cm);
         } else if (verdict === 'gap') resubscribe([m.channel], true, false, 'CATCH_UP');
+        if (verdict !== 'gap' && verdict !== 'unknown' && verdict !== 'duplicate') releaseHeld();
         break;
       }
       case 'revoked': {
@@ -807,7 +923,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     });
     adopted.add(child);
     child.restored$.subscribe((r) => {
-      if ('result' in r) fanOutLists(r.result);
+      // Its changes reach this client through the channels when its batch published.
+      if ('result' in r) fanOutLists(r.result, r.published?.length ? NOT_CHANGES : LISTS);
       restored$.next(r);
     });
     try {
@@ -906,6 +1023,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     reset: resets$,
     refused: refused$,
     subscriptions: subscriptionsSubject,
+    snapshot: snapshots$,
   };
 
   return {
@@ -925,6 +1043,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     subscriptionState(channel) {
       return (subActors.get(channel)?.getSnapshot().value as SubscriptionState | undefined) ?? 'unsubscribed';
     },
+    snapshots$: snapshots$.asObservable(),
     rejected$: rejected$.asObservable(),
     restored$: restored$.asObservable(),
     pending$: pending$.pipe(distinctUntilChanged()),
@@ -949,6 +1068,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       tell(channel, { type: 'UNSUBSCRIBE' });
       if (closed || !channels.has(channel)) return;
       channels.remove(channel);
+      held$.delete(channel);
+      releaseHeld();
       await new Promise((resolve, reject) => sendUns([channel], false, { resolve, reject }));
     },
     cursors: () => channels.snapshot(),
@@ -965,6 +1086,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       if (closed) return;
       // Operations accepted this tick are written to the outbox before the client goes.
       flushBurst();
+      // Applied batches still waiting for their channel messages settle with their results.
+      releaseHeld(true);
       closed = true;
       cancelRetry();
       // An actor not started yet (identity or outbox still loading) is never started.
@@ -987,6 +1110,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         failures$,
         resets$,
         refused$,
+        snapshots$,
         rejected$,
         restored$,
         send$,

@@ -86,6 +86,30 @@ export interface ChannelCursor {
   since?: number;
   epoch?: string;
   rewind?: number;
+  /**
+   * Ask for the server's `snapshot` of the channel (docs/consistency.md): the answer carries
+   * the snapshot and the seq it corresponds to, and the replay starts right after that seq.
+   * `since` and `rewind` are then ignored.
+   */
+  snapshot?: boolean;
+}
+
+/** A snapshot in a SUB response: the application's state of the channel as of `seq`. */
+export interface ChannelSnapshot {
+  /** The channel's head (in the response's epoch) read before the snapshot was taken. */
+  seq: number;
+  /** What the server's `snapshot` hook returned (JSON). */
+  data: unknown;
+}
+
+/**
+ * One publication a batch made through `ctx.publish`, as listed in the response `SYN`'s
+ * `published` field: where the author's change sits in the channel's order.
+ */
+export interface Publication {
+  channel: string;
+  seq: number;
+  epoch: string;
 }
 
 export interface ChannelState {
@@ -93,6 +117,8 @@ export interface ChannelState {
   seq: number;
   recovered: boolean;
   more?: boolean;
+  /** Present when the SUB asked `snapshot: true` and the server has a `snapshot` hook. */
+  snapshot?: ChannelSnapshot;
 }
 
 /**
@@ -118,6 +144,11 @@ export interface SynEnvelope {
   id: string;
   type: 'SYN';
   payload: unknown[];
+  /**
+   * On a response `SYN` only: the publications the batch made (docs/consistency.md). Absent
+   * when it published nothing.
+   */
+  published?: Publication[];
 }
 export interface AckEnvelope {
   id: string;
@@ -148,20 +179,21 @@ export interface MsgEnvelope {
   channel: string;
   seq: number;
   epoch: string;
-  /** Absent on an echo. */
+  /** Absent on a payload-less echo (published with `except: clientId`). */
   payload?: unknown;
   replay?: boolean;
   /**
-   * The client's own publication (published with `except: clientId`): sent without its
-   * payload so that the author's cursor stays dense. Without it the author would see a gap
-   * in `seq` and re-subscribe forever.
+   * The client's own publication. By default (`ctx.publish` in `onSync`) it carries its
+   * payload, so the author sees its own change at its seq like everybody else's
+   * (docs/consistency.md). Published with `except: clientId` it comes without payload, so
+   * that the author's cursor stays dense (PROTOCOL rule 9).
    */
   echo?: boolean;
 }
 
 /**
  * Server to client: the server ended the socket's subscriptions to `channels` (revocation,
- * PROTOCOL §3 rule 10). `error.code` is `forbidden` when `authorize` no longer allows them,
+ * PROTOCOL §3 rule 11). `error.code` is `forbidden` when `authorize` no longer allows them,
  * `unsubscribed` when the server dropped them by `server.unsubscribe()`. The client does not
  * re-subscribe them by itself. It is not acknowledged and carries a server-made `id`.
  */
@@ -288,6 +320,11 @@ export function parseClientFrame(
           }
           cursor.epoch = c.epoch;
         }
+        if (c.snapshot !== undefined) {
+          if (typeof c.snapshot !== 'boolean')
+            return fail('bad_request', `snapshot of ${name} must be a boolean`, id);
+          if (c.snapshot) cursor.snapshot = true;
+        }
         channels[name] = cursor;
       }
       return { ok: true, envelope: { id, type, payload: { channels } } };
@@ -335,6 +372,12 @@ export function validateServerEnvelope(raw: unknown): ParseResult<ServerEnvelope
       if (!validId(id)) return fail('bad_request', 'SYN without a valid id');
       if (!Array.isArray(raw.payload))
         return fail('bad_request', 'response SYN payload must be an array', id);
+      if (raw.published !== undefined) {
+        const pubs = raw.published;
+        if (!Array.isArray(pubs) || !pubs.every(isPublication))
+          return fail('bad_request', 'response SYN published must be [{ channel, seq, epoch }]', id);
+        return { ok: true, envelope: { id, type, payload: raw.payload, published: pubs } };
+      }
       return { ok: true, envelope: { id, type, payload: raw.payload } };
     case 'NAK': {
       if (id !== null && !validId(id)) return fail('bad_request', 'NAK with a bad id');
@@ -354,10 +397,9 @@ export function validateServerEnvelope(raw: unknown): ParseResult<ServerEnvelope
       if (typeof epoch !== 'string') return fail('bad_request', 'MSG epoch must be a string', id);
       const env: MsgEnvelope = { id, type, channel, seq, epoch, payload: raw.payload };
       if (raw.replay === true) env.replay = true;
-      if (raw.echo === true) {
-        env.echo = true;
-        delete env.payload;
-      }
+      if (raw.echo === true) env.echo = true;
+      // A payload-less echo has no payload at all (not `payload: undefined`).
+      if (!('payload' in raw)) delete env.payload;
       return { ok: true, envelope: env };
     }
     case 'UNS': {
@@ -384,6 +426,16 @@ export function validateServerEnvelope(raw: unknown): ParseResult<ServerEnvelope
         validId(id) ? id : null,
       );
   }
+}
+
+function isPublication(v: unknown): v is Publication {
+  return (
+    isObject(v) &&
+    isValidChannel(v.channel) &&
+    isSeq(v.seq) &&
+    (v.seq as number) >= 1 &&
+    typeof v.epoch === 'string'
+  );
 }
 
 /** Serialize an envelope for the wire. */

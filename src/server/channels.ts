@@ -10,9 +10,12 @@
  * `except: X` still reaches client X's sockets, as a `MSG` with `echo: true` and no payload.
  * Skipping it instead would leave a hole in X's `seq`, which X must read as lost messages
  * and answer with a new `SUB`, forever. Replays to X carry the same payload-less echo.
+ *
+ * The author (`author: X`, what `ctx.publish` sets by default) gets its own message with the
+ * payload, marked `echo: true`, at its seq like everybody else (docs/consistency.md).
  */
 
-import type { ChannelCursor, ChannelState, MsgEnvelope } from '../protocol/index.js';
+import type { ChannelCursor, ChannelSnapshot, ChannelState, MsgEnvelope } from '../protocol/index.js';
 import type { ChannelHead, HistoryStore, StoredMessage } from '../stores/types.js';
 
 /** The socket side of a subscription, as the channel layer needs it. */
@@ -43,14 +46,34 @@ export interface ChannelsOptions {
   onError: (err: unknown, where: string) => void;
 }
 
-/** Build the wire form of a stored message for one recipient. */
-export function msgEnvelope(m: StoredMessage, replay: boolean, echo: boolean): MsgEnvelope {
+/** How a stored message goes to one recipient: everybody's copy, its author's, or a bare echo. */
+export type MsgVariant = 'live' | 'own' | 'echo';
+
+/** Which variant `clientId` gets: `except` wins over `author` (docs/consistency.md). */
+export function variantFor(m: StoredMessage, clientId: string): MsgVariant {
+  if (m.except !== undefined && m.except === clientId) return 'echo';
+  if (m.author !== undefined && m.author === clientId) return 'own';
+  return 'live';
+}
+
+/**
+ * Build the wire form of a stored message for one recipient: `echo` drops the payload
+ * (PROTOCOL rule 9), `own` keeps it and marks it `echo: true`.
+ */
+export function msgEnvelope(m: StoredMessage, replay: boolean, variant: MsgVariant | boolean): MsgEnvelope {
+  const v: MsgVariant = variant === true ? 'echo' : variant === false ? 'live' : variant;
   const env: MsgEnvelope = { id: m.id, type: 'MSG', channel: m.channel, seq: m.seq, epoch: m.epoch };
-  if (echo) env.echo = true;
-  else env.payload = m.payload;
+  if (v !== 'echo') env.payload = m.payload;
+  if (v !== 'live') env.echo = true;
   if (replay) env.replay = true;
   return env;
 }
+
+/**
+ * The application's snapshot of a channel for a `SUB` with `snapshot: true`; resolves with
+ * JSON. Given by the server's `snapshot` option, bound to the subscriber's principal.
+ */
+export type SnapshotReader = (channel: string) => unknown | Promise<unknown>;
 
 /**
  * Where a replay starts (`after`: the last seq the client is taken to have) and whether the
@@ -182,9 +205,7 @@ export class Subscription {
     this.epoch = m.epoch;
     if (!this.peer.open) return;
     this.peer.sendText(
-      text
-        ? text()
-        : JSON.stringify(msgEnvelope(m, replay, m.except !== undefined && m.except === this.peer.clientId)),
+      text ? text() : JSON.stringify(msgEnvelope(m, replay, variantFor(m, this.peer.clientId))),
     );
   }
 }
@@ -219,6 +240,7 @@ export class Channels {
   async subscribe(
     peer: ChannelPeer,
     cursors: Record<string, ChannelCursor>,
+    snapshot?: SnapshotReader,
   ): Promise<Record<string, ChannelState>> {
     const names = Object.keys(cursors);
     // Registered before the head is read, so no live message can slip between the read and
@@ -240,13 +262,24 @@ export class Channels {
       return sub;
     });
     const recovered: boolean[] = [];
+    const snapshots: Array<ChannelSnapshot | undefined> = [];
     try {
       for (const [i, sub] of subs.entries()) {
+        const cursor = cursors[sub.channel]!;
+        // The head first, then the snapshot: the snapshot holds every change up to the head
+        // (and maybe some after it, which the replay repeats; docs/consistency.md).
         const head = await this.store.head(sub.channel);
-        const start = resolveCursor(head, cursors[sub.channel]!);
-        sub.last = start.after;
+        if (cursor.snapshot && snapshot) {
+          const data = await snapshot(sub.channel);
+          snapshots[i] = { seq: head.seq, data: data === undefined ? null : data };
+          sub.last = head.seq;
+          recovered[i] = true;
+        } else {
+          const start = resolveCursor(head, cursor);
+          sub.last = start.after;
+          recovered[i] = start.recovered;
+        }
         sub.epoch = head.epoch;
-        recovered[i] = start.recovered;
         if (sub.closed) continue;
         await sub.pump();
       }
@@ -256,7 +289,10 @@ export class Channels {
     }
     const states: Record<string, ChannelState> = {};
     for (const [i, sub] of subs.entries()) {
-      states[sub.channel] = { epoch: sub.epoch, seq: sub.last, recovered: recovered[i]! };
+      const state: ChannelState = { epoch: sub.epoch, seq: sub.last, recovered: recovered[i]! };
+      const snap = snapshots[i];
+      if (snap) state.snapshot = snap;
+      states[sub.channel] = state;
     }
     return states;
   }
@@ -297,20 +333,26 @@ export class Channels {
   async poll(
     clientId: string,
     cursors: Record<string, ChannelCursor>,
+    snapshot?: SnapshotReader,
   ): Promise<{ messages: MsgEnvelope[]; states: Record<string, ChannelState> }> {
     const messages: MsgEnvelope[] = [];
     const states: Record<string, ChannelState> = {};
     for (const [name, cursor] of Object.entries(cursors)) {
       const head = await this.store.head(name);
-      const { after, recovered } = resolveCursor(head, cursor);
+      let snap: ChannelSnapshot | undefined;
+      if (cursor.snapshot && snapshot) {
+        const data = await snapshot(name);
+        snap = { seq: head.seq, data: data === undefined ? null : data };
+      }
+      const { after, recovered } = snap ? { after: head.seq, recovered: true } : resolveCursor(head, cursor);
       // One extra tells whether the page was cut without a second query.
       const page = await this.store.read(name, after, this.replayLimit + 1);
       const more = page.length > this.replayLimit;
       if (more) page.length = this.replayLimit;
-      for (const m of page)
-        messages.push(msgEnvelope(m, true, m.except !== undefined && m.except === clientId));
+      for (const m of page) messages.push(msgEnvelope(m, true, variantFor(m, clientId)));
       const state: ChannelState = { epoch: head.epoch, seq: page.at(-1)?.seq ?? after, recovered };
       if (more) state.more = true;
+      if (snap) state.snapshot = snap;
       states[name] = state;
     }
     return { messages, states };
@@ -357,19 +399,18 @@ export class Channels {
     const set = this.index.get(msg.channel);
     if (!set) return;
     // Encode once per message and variant, however many subscribers there are.
-    let live: string | undefined;
-    let echo: string | undefined;
-    const liveText = () => {
-      live ??= JSON.stringify(msgEnvelope(msg, false, false));
-      return live;
+    const texts: Partial<Record<MsgVariant, string>> = {};
+    const textOf = (v: MsgVariant) => () => {
+      texts[v] ??= JSON.stringify(msgEnvelope(msg, false, v));
+      return texts[v];
     };
-    const echoText = () => {
-      echo ??= JSON.stringify(msgEnvelope(msg, false, true));
-      return echo;
-    };
+    const liveText = textOf('live');
+    const ownText = textOf('own');
+    const echoText = textOf('echo');
     for (const sub of set) {
       try {
-        sub.offer(msg, msg.except !== undefined && msg.except === sub.peer.clientId ? echoText : liveText);
+        const v = variantFor(msg, sub.peer.clientId);
+        sub.offer(msg, v === 'live' ? liveText : v === 'own' ? ownText : echoText);
       } catch (err) {
         this.onError(err, `fan-out to ${msg.channel}`);
       }

@@ -22,6 +22,7 @@ import {
   type NakCode,
   type NakEnvelope,
   nak,
+  type Publication,
   type RequestEnvelope,
   type RevokeEnvelope,
   randomId,
@@ -52,7 +53,7 @@ export type AuthResult<P> = { ok: true; principal: P } | { ok: false; status: nu
 
 export interface DispatcherOptions<P> {
   /** The user's hooks, called as methods of this object (the server passes its options). */
-  hooks: Pick<SyncServerOptions<P>, 'onSync' | 'authenticate' | 'authorize'>;
+  hooks: Pick<SyncServerOptions<P>, 'onSync' | 'authenticate' | 'authorize' | 'snapshot'>;
   store: HistoryStore;
   dedupe: Dedupe;
   /** clientId → principal bindings (identity.ts). */
@@ -166,6 +167,7 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
     if (json === undefined) throw new SyncError('bad_request', 'payload must be JSON-serializable');
     const appendOpts: AppendOptions = {};
     if (opts.except !== undefined) appendOpts.except = opts.except;
+    if (opts.author !== undefined) appendOpts.author = opts.author;
     if (opts.key !== undefined) appendOpts.key = opts.key;
     const msg = await store.append(channel, payload, appendOpts);
     return { seq: msg.seq, epoch: msg.epoch };
@@ -179,14 +181,25 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
     // re-run after its process died publishes nothing twice (with a store that honours keys).
     const batchKey = `${clientId.length}:${clientId}:${syn.id}`;
     let n = 0;
+    // Every publication of the batch, in call order, for the response's `published`.
+    const publications: Array<Promise<Publication | undefined>> = [];
     const ctx: SyncContext<P> = {
       clientId,
       principal: peer.principal,
-      publish: (channel, payload, opts) =>
-        publish(channel, payload, {
-          except: opts && 'except' in opts ? opts.except : clientId,
+      publish: (channel, payload, opts) => {
+        const made = publish(channel, payload, {
+          except: opts?.except,
+          author: opts && 'author' in opts ? opts.author : clientId,
           key: opts?.key ?? `${batchKey}#${n++}`,
-        }),
+        });
+        publications.push(
+          made.then(
+            ({ seq, epoch }) => ({ channel, seq, epoch }),
+            () => undefined,
+          ),
+        );
+        return made;
+      },
     };
     let results: unknown;
     try {
@@ -206,6 +219,9 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
       return nak(syn.id, 'server_error', 'the server returned results not aligned with the operations');
     }
     const response: SynResponse = { id: syn.id, type: 'SYN', payload: results };
+    // Publications onSync started, also those it did not await; failed ones are left out.
+    const published = (await Promise.all(publications)).filter((p): p is Publication => p !== undefined);
+    if (published.length > 0) response.published = published;
     try {
       JSON.stringify(response);
     } catch (err) {
@@ -263,12 +279,15 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
         } else used++;
       }
     }
+    const snapshot = hooks.snapshot
+      ? (channel: string) => hooks.snapshot?.(channel, peer.principal)
+      : undefined;
     try {
       if (Object.keys(allowed).length > 0) {
         if (conn) {
-          Object.assign(entries, await channels.subscribe(conn, allowed));
+          Object.assign(entries, await channels.subscribe(conn, allowed, snapshot));
         } else {
-          const { messages, states } = await channels.poll(peer.clientId, allowed);
+          const { messages, states } = await channels.poll(peer.clientId, allowed, snapshot);
           for (const m of messages) peer.send(m);
           Object.assign(entries, states);
         }

@@ -42,9 +42,12 @@ export interface SyncContext<P = unknown> {
   /** What `authenticate` returned for the request or socket; `null` without that hook. */
   principal: P;
   /**
-   * `server.publish`, except that `except` defaults to this client, so the author gets a
-   * payload-less echo rather than its own change back. Pass `{ except: undefined }` to send
-   * the author the payload too.
+   * `server.publish`, with `author` set to this client: the author's own sockets get the
+   * message with its payload, marked `echo: true`, at its seq like every other subscriber,
+   * and the response lists it under `published` (docs/consistency.md). The seq is taken
+   * when this is called (synchronously for memory and SQLite), so assign the new state and
+   * call it in one synchronous step. `{ except: clientId }` sends the author a payload-less
+   * echo instead (the consistency guarantee is then lost for that client).
    */
   publish(channel: string, payload: unknown, opts?: PublishOptions): Promise<PublishResult>;
 }
@@ -52,6 +55,11 @@ export interface SyncContext<P = unknown> {
 export interface PublishOptions {
   /** clientId whose sockets get the message as a payload-less `echo` (PROTOCOL "echo"). */
   except?: string | undefined;
+  /**
+   * clientId of the author: its sockets get the message with its payload, marked
+   * `echo: true`. `ctx.publish` sets it to the batch's client. @default undefined
+   */
+  author?: string | undefined;
   /**
    * Idempotency key: a shared store (Redis) publishes once per key. `ctx.publish` in `onSync`
    * sets one per batch and call, so a batch re-run after a crash does not publish twice.
@@ -118,6 +126,16 @@ export interface SyncServerOptions<P = unknown> {
    * @default undefined (everything is allowed)
    */
   authorize?(principal: P, channel: string, action: 'subscribe'): boolean | Promise<boolean>;
+  /**
+   * The application's state of a channel, for a `SUB` asking `snapshot: true`
+   * (`client.subscribe(ch, { snapshot: true })`). Called after the channel's head was read,
+   * so it must include every change published up to that head; the answer is
+   * `{ epoch, seq, recovered: true, snapshot: { seq: head, data } }` and the replay starts
+   * after the head (docs/consistency.md). Must return JSON; throwing answers the `SUB`
+   * `NAK server_error`. Without this hook `snapshot` is ignored (no `snapshot` in the answer).
+   * @default undefined
+   */
+  snapshot?(channel: string, principal: P): unknown | Promise<unknown>;
   /**
    * Where channel history lives. Closed by `server.close()`.
    * @default memoryStore()
@@ -232,7 +250,7 @@ export interface SyncServer {
   subscriptionsOf(clientId: string): string[];
   /**
    * End live subscriptions to `channel`: every socket's, or those of one `principal` and/or
-   * one `clientId`. Each socket concerned gets a server `UNS` (PROTOCOL §3 rule 10, code
+   * one `clientId`. Each socket concerned gets a server `UNS` (PROTOCOL §3 rule 11, code
    * `unsubscribed`) and its client stops following the channel. With a store shared by
    * several processes (Redis) every process does the same. A client may subscribe again:
    * to keep it out, make `authorize` refuse and call `recheck()`. Resolves with how many

@@ -74,6 +74,7 @@ export function memoryStore(options: MemoryStoreOptions = {}): HistoryStore {
       const seq = ++c.seq;
       const msg: StoredMessage = { channel, seq, epoch: c.epoch, id: `${c.epoch}.${seq}`, payload, at };
       if (opts.except !== undefined) msg.except = opts.except;
+      if (opts.author !== undefined) msg.author = opts.author;
       c.msgs.push(msg);
       trimLog(c, at);
       notify(listeners, msg);

@@ -120,7 +120,11 @@ export interface RedisHistoryStore extends HistoryStore, DedupeStore {
    * process died can pass the same keys (e.g. `<dedupe key>#<n>` for its n-th publication)
    * so that its publications are not made twice.
    */
-  append(channel: string, payload: unknown, opts?: { except?: string; key?: string }): Promise<StoredMessage>;
+  append(
+    channel: string,
+    payload: unknown,
+    opts?: { except?: string; author?: string; key?: string },
+  ): Promise<StoredMessage>;
   claim(key: string, ttlMs: number): Promise<DedupeClaim>;
   complete(key: string, response: unknown, ttlMs: number, limits?: DedupeLimits): Promise<void>;
   release(key: string): Promise<void>;
@@ -207,7 +211,8 @@ end
 
 /**
  * KEYS: meta, stream, set, feed, token. ARGV: channel, newEpoch, at, payload JSON, except
- * ('' = none), maxMessages ('' = none), age cutoff ('' = none), feed max length, token ttl.
+ * ('' = none), maxMessages ('' = none), age cutoff ('' = none), feed max length, token ttl,
+ * author ('' = none).
  * Returns { epoch, seq, feed id, at }.
  *
  * The token key makes the script safe to run twice: ioredis resends a command whose reply a
@@ -240,6 +245,10 @@ args[#args + 1] = ARGV[4]
 if ARGV[5] ~= '' then
   args[#args + 1] = 'x'
   args[#args + 1] = ARGV[5]
+end
+if ARGV[10] ~= nil and ARGV[10] ~= '' then
+  args[#args + 1] = 'a'
+  args[#args + 1] = ARGV[10]
 end
 redis.call(unpack(args))
 if ARGV[7] ~= '' then trimAge(KEYS[2], tonumber(ARGV[7])) end
@@ -516,6 +525,7 @@ export async function redisStore(
       at: Number(f.t),
     };
     if (f.x !== undefined) msg.except = f.x;
+    if (f.a !== undefined) msg.author = f.a;
     return msg;
   }
 
@@ -859,11 +869,13 @@ export async function redisStore(
           cutoffArg(),
           feedMaxLen,
           APPEND_TOKEN_TTL_MS,
+          opts.author ?? '',
         ],
       )) as [string, number, string, string];
       // `at` of the first append when `key` repeats one.
       const msg: StoredMessage = { channel, seq, epoch, id: `${epoch}.${seq}`, payload, at: Number(stamped) };
       if (opts.except !== undefined) msg.except = opts.except;
+      if (opts.author !== undefined) msg.author = opts.author;
       await afterAppend(msg, parseFeedId(fid));
       return msg;
     },

@@ -42,6 +42,7 @@ interface MessageRow {
   payload: string;
   at: number;
   except_id: string | null;
+  author_id: string | null;
 }
 
 function loadDriver(): typeof BetterSqlite3 {
@@ -102,6 +103,9 @@ export function sqliteStore(options: SqliteStoreOptions): HistoryStore & DedupeS
   if (!dedupeColumns.some((c) => c.name === 'bytes')) {
     db.exec('ALTER TABLE dedupe ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0');
   }
+  // Files made before the author column (docs/consistency.md) get it; old rows have none.
+  const columns = db.prepare<[], { name: string }>('PRAGMA table_info(messages)').all();
+  if (!columns.some((c) => c.name === 'author_id')) db.exec('ALTER TABLE messages ADD COLUMN author_id TEXT');
   // One process owns the file: a claim still pending from a previous run is no longer being
   // processed by anyone, so it is dropped and the retry is processed afresh.
   db.exec('DELETE FROM dedupe WHERE response IS NULL');
@@ -116,8 +120,8 @@ export function sqliteStore(options: SqliteStoreOptions): HistoryStore & DedupeS
     bump: db.prepare<[string], { epoch: string; last_seq: number }>(
       'UPDATE channels SET last_seq = last_seq + 1 WHERE name = ? RETURNING epoch, last_seq',
     ),
-    insert: db.prepare<[string, number, string, string, number, string | null]>(
-      'INSERT INTO messages (channel, seq, id, payload, at, except_id) VALUES (?, ?, ?, ?, ?, ?)',
+    insert: db.prepare<[string, number, string, string, number, string | null, string | null]>(
+      'INSERT INTO messages (channel, seq, id, payload, at, except_id, author_id) VALUES (?, ?, ?, ?, ?, ?, ?)',
     ),
     first: db.prepare<[string], { first: number | null }>(
       'SELECT MIN(seq) AS first FROM messages WHERE channel = ?',
@@ -133,7 +137,7 @@ export function sqliteStore(options: SqliteStoreOptions): HistoryStore & DedupeS
     dropBelow: db.prepare<[string, number]>('DELETE FROM messages WHERE channel = ? AND seq < ?'),
     dropAll: db.prepare<[string]>('DELETE FROM messages WHERE channel = ?'),
     read: db.prepare<[string, number, number], MessageRow>(
-      'SELECT seq, id, payload, at, except_id FROM messages WHERE channel = ? AND seq > ? ORDER BY seq LIMIT ?',
+      'SELECT seq, id, payload, at, except_id, author_id FROM messages WHERE channel = ? AND seq > ? ORDER BY seq LIMIT ?',
     ),
     trimCount: db.prepare<[number]>(
       `DELETE FROM messages WHERE rowid IN (
@@ -261,19 +265,21 @@ export function sqliteStore(options: SqliteStoreOptions): HistoryStore & DedupeS
   };
 
   // One transaction per append keeps seq dense: the bump and the insert commit together.
-  const appendTx = db.transaction((channel: string, json: string, at: number, except: string | null) => {
-    let row = q.bump.get(channel);
-    if (!row) {
-      q.createChannel.run(channel, randomId('e'));
-      row = q.bump.get(channel)!;
-    }
-    const seq = row.last_seq;
-    const id = `${row.epoch}.${seq}`;
-    q.insert.run(channel, seq, id, json, at, except);
-    if (seq > maxMessages) q.dropBelow.run(channel, seq - maxMessages + 1);
-    trimAged(channel, at);
-    return { epoch: row.epoch, seq, id };
-  });
+  const appendTx = db.transaction(
+    (channel: string, json: string, at: number, except: string | null, author: string | null) => {
+      let row = q.bump.get(channel);
+      if (!row) {
+        q.createChannel.run(channel, randomId('e'));
+        row = q.bump.get(channel)!;
+      }
+      const seq = row.last_seq;
+      const id = `${row.epoch}.${seq}`;
+      q.insert.run(channel, seq, id, json, at, except, author);
+      if (seq > maxMessages) q.dropBelow.run(channel, seq - maxMessages + 1);
+      trimAged(channel, at);
+      return { epoch: row.epoch, seq, id };
+    },
+  );
 
   const headTx = db.transaction((channel: string): ChannelHead => {
     const row = ensureChannel(channel);
@@ -290,9 +296,11 @@ export function sqliteStore(options: SqliteStoreOptions): HistoryStore & DedupeS
       if (json === undefined) throw new SyncError('bad_request', 'payload is not JSON-serializable');
       const at = now();
       const except = opts.except ?? null;
-      const { epoch, seq, id } = appendTx(channel, json, at, except);
+      const author = opts.author ?? null;
+      const { epoch, seq, id } = appendTx(channel, json, at, except, author);
       const msg: StoredMessage = { channel, seq, epoch, id, payload, at };
       if (except !== null) msg.except = except;
+      if (author !== null) msg.author = author;
       notify(listeners, msg);
       return msg;
     },
@@ -312,6 +320,7 @@ export function sqliteStore(options: SqliteStoreOptions): HistoryStore & DedupeS
           at: r.at,
         };
         if (r.except_id !== null) msg.except = r.except_id;
+        if (r.author_id !== null) msg.author = r.author_id;
         return msg;
       });
     },

@@ -19,6 +19,11 @@ export interface StoredMessage {
   at: number;
   /** clientId of the author not to echo the payload to (see docs/PROTOCOL.md, "echo"). */
   except?: string;
+  /**
+   * clientId of the author: its copies carry `echo: true` (with the payload unless `except`
+   * names it too). See docs/consistency.md.
+   */
+  author?: string;
 }
 
 /** Where a channel stands. */
@@ -36,6 +41,8 @@ export type DedupeClaim = { status: 'new' } | { status: 'pending' } | { status: 
 export interface AppendOptions {
   /** clientId not to echo the payload to. */
   except?: string;
+  /** clientId of the author, whose copies are marked `echo: true`. */
+  author?: string;
   /**
    * Idempotency key. A shared store appends once per key (within a window) and answers a
    * repeat with the first append's message: a batch re-run by another process after a crash

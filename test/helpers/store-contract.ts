@@ -106,6 +106,39 @@ export function storeContract(factory: StoreFactory): void {
       expect(read[0]!.except).toBeUndefined();
       expect(read).toEqual(appended);
     });
+
+    it('round-trips the author, in reads and on the live feed', async () => {
+      const { store } = await open();
+      const fed: StoredMessage[] = [];
+      const stop = store.watch((m) => {
+        if (m.channel === 'au') fed.push(m);
+      });
+      try {
+        await store.append('au', 'plain');
+        await store.append('au', 'mine', { author: 'client-7' });
+        await store.append('au', 'quiet', { author: 'client-7', except: 'client-7' });
+        const read = await store.read('au', 0, 10);
+        expect(read.map((m) => [m.author, m.except])).toEqual([
+          [undefined, undefined],
+          ['client-7', undefined],
+          ['client-7', 'client-7'],
+        ]);
+        await delivered(() => fed.length === 3);
+        expect(fed.map((m) => m.author)).toEqual([undefined, 'client-7', 'client-7']);
+      } finally {
+        stop();
+      }
+    });
+
+    it('takes seqs in call order: appends called in one step, not awaited in between (docs/consistency.md)', async () => {
+      const { store } = await open();
+      const calls = Array.from({ length: 20 }, (_, i) => store.append('order', { call: i }));
+      const done = await Promise.all(calls);
+      expect(done.map((m) => m.seq)).toEqual(range(1, 20));
+      expect((await store.read('order', 0, 100)).map((m) => (m.payload as { call: number }).call)).toEqual(
+        range(0, 19),
+      );
+    });
   });
 
   describe('retention', () => {
