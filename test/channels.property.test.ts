@@ -3,7 +3,8 @@
  * unsubscribe, socket drop (`client.debug.killSocket()`), HTTP fallback (ACKs dropped until the
  * client degrades, a few steps taken while it is on HTTP, then ACKs back), server restart on the
  * same SQLite file and port, revocation (`authorize` stops allowing a channel, then
- * `server.recheck()`), re-allowing, and publishes, against one real client and a real server on
+ * `server.recheck()`), re-allowing, publishes by the server, and sends whose `onSync` publishes
+ * (the author's own message, with its payload, issue 10), against one real client and a real server on
  * a real SQLite file, all on 127.0.0.1 with T = 200 ms.
  *
  * After each step the suite waits (bounded, on state, not a fixed sleep) for a quiescent point:
@@ -50,7 +51,8 @@ type Channel = (typeof CHANNELS)[number];
 type Inner =
   | { kind: 'subscribe'; ch: Channel }
   | { kind: 'unsubscribe'; ch: Channel }
-  | { kind: 'publish'; ch: Channel };
+  | { kind: 'publish'; ch: Channel }
+  | { kind: 'sendPublish'; ch: Channel };
 type Step =
   | Inner
   | { kind: 'drop' }
@@ -64,6 +66,7 @@ const inner: fc.Arbitrary<Inner> = fc.oneof(
   { weight: 3, arbitrary: fc.record({ kind: fc.constant('subscribe' as const), ch }) },
   { weight: 2, arbitrary: fc.record({ kind: fc.constant('unsubscribe' as const), ch }) },
   { weight: 3, arbitrary: fc.record({ kind: fc.constant('publish' as const), ch }) },
+  { weight: 2, arbitrary: fc.record({ kind: fc.constant('sendPublish' as const), ch }) },
 );
 const step: fc.Arbitrary<Step> = fc.oneof(
   { weight: 8, arbitrary: inner },
@@ -79,7 +82,7 @@ const step: fc.Arbitrary<Step> = fc.oneof(
   { weight: 2, arbitrary: fc.record({ kind: fc.constant('revoke' as const), ch }) },
   { weight: 1, arbitrary: fc.record({ kind: fc.constant('allow' as const), ch }) },
 ) as fc.Arbitrary<Step>;
-const sequence = fc.array(step, { minLength: 3, maxLength: 12 });
+const sequence = fc.array(step, { minLength: 3, maxLength: 16 });
 
 type Expected = 'subscribed' | 'refused' | 'unsubscribed';
 
@@ -97,6 +100,12 @@ async function runSequence(steps: Step[]): Promise<void> {
   dirs.push(dir);
   const file = join(dir, 'history.db');
   const allowed = new Set<string>(CHANNELS);
+  /** Head of each channel as the server said when publishing. */
+  const heads = new Map<Channel, { seq: number; epoch: string }>();
+  const advance = (c: Channel, r: { seq: number; epoch: string }) => {
+    const h = heads.get(c);
+    if (!h || h.epoch !== r.epoch || r.seq > h.seq) heads.set(c, { seq: r.seq, epoch: r.epoch });
+  };
 
   const start = (port: number) =>
     createSyncServer({
@@ -104,7 +113,17 @@ async function runSequence(steps: Step[]): Promise<void> {
       store: sqliteStore({ file }),
       authorize: (_p, channel) => allowed.has(channel),
       onError: () => {},
-      onSync: async (ops) => ops.map((o) => ({ id: (o as { id: string }).id })),
+      // An operation with `pub` publishes from onSync: the author gets it with its payload
+      // (echo: true) and send() resolves once the client's cursor reached it (issue 10).
+      onSync: async (ops, ctx) => {
+        const out: unknown[] = [];
+        for (const raw of ops) {
+          const op = raw as { id: string; pub?: Channel };
+          if (op.pub) advance(op.pub, await ctx.publish(op.pub, { op: op.id }));
+          out.push({ id: op.id });
+        }
+        return out;
+      },
     });
   let server: SyncServer = await start(0);
   const port = server.address().port;
@@ -119,8 +138,6 @@ async function runSequence(steps: Step[]): Promise<void> {
 
   // ---- the model -----------------------------------------------------------------------------
   const expected = new Map<Channel, Expected>(CHANNELS.map((c) => [c, 'unsubscribed']));
-  /** Head of each channel as the server said when publishing. */
-  const heads = new Map<Channel, { seq: number; epoch: string }>();
   /** Seq from which every message must arrive (the subscription's start), while one is open. */
   const interval = new Map<Channel, number>();
   /** Changed by every app call on a channel: a late subscribe answer opens no interval. */
@@ -175,11 +192,12 @@ async function runSequence(steps: Step[]): Promise<void> {
         expected.set(c, 'unsubscribed');
         track(`unsubscribe ${c}`, client.unsubscribe(c));
         break;
-      case 'publish': {
-        const r = await server.publish(c, { n: ++opNo });
-        heads.set(c, r);
+      case 'publish':
+        advance(c, await server.publish(c, { n: ++opNo }));
         break;
-      }
+      case 'sendPublish':
+        track(`send ${c}`, client.send({ id: `s${n}.${++opNo}`, pub: c }));
+        break;
     }
   };
 

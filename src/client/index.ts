@@ -414,8 +414,11 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   const refuse = (channel: string, code: RefusedEvent['code'], message: string, revoked: boolean) => {
     if (!channels.has(channel)) return;
     channels.remove(channel);
+    // As unsubscribe(): messages held for its snapshot go, and sends waiting on it settle.
+    held$.delete(channel);
     tell(channel, { type: revoked ? 'REVOKED' : 'REFUSED', error: { code, message } });
     refused$.next({ channel, code, message });
+    releaseHeld();
   };
   const waiters = new Map<number, Waiter>();
   /** Operations in the durable outbox, by their key in the machine's queue. */
