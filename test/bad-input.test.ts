@@ -52,7 +52,6 @@ interface Case {
 }
 
 const nak = (code: string, id: string | null = null): Expect => ({ nak: code, id });
-const refuse = (code: string, id: string): Expect => ({ refuse: code, id });
 const answer = (id: string, response = true, check?: (r: Frame) => void): Expect => ({
   answer: id,
   response,
@@ -224,15 +223,25 @@ const CORPUS: Case[] = [
     ),
   },
   // channel names
+  // Refused per channel (PROTOCOL §3 rule 7): the SUB is answered, the refused entry carries
+  // the error, the allowed ones are served.
   {
     name: 'unknown channel (not authorized)',
     frame: sub('n1', { secret: {} }),
-    expect: refuse('forbidden', 'n1'),
+    expect: answer('n1', true, (r) => {
+      expect((r.payload as [{ channels: Record<string, unknown> }])[0].channels).toEqual({
+        secret: { error: { code: 'forbidden', message: expect.any(String) } },
+      });
+    }),
   },
   {
     name: 'one unknown channel among allowed ones',
     frame: sub('n2', { 'ok-a': {}, 'admin/all': {} }),
-    expect: refuse('forbidden', 'n2'),
+    expect: answer('n2', true, (r) => {
+      const entries = (r.payload as [{ channels: Record<string, unknown> }])[0].channels;
+      expect(entries['admin/all']).toEqual({ error: { code: 'forbidden', message: expect.any(String) } });
+      expect(entries['ok-a']).toMatchObject({ seq: expect.any(Number), recovered: true });
+    }),
   },
   { name: 'empty channel name', frame: sub('n3', { '': {} }), expect: nak('bad_request', 'n3') },
   {
