@@ -263,7 +263,8 @@ export interface SyncServerOptions<P = unknown> {
   /**
    * Milliseconds between WebSocket protocol-level pings to every socket. A socket that sent
    * no pong and no frame since the previous ping is terminated, freeing it and its
-   * subscriptions: a dead peer (no FIN or RST ever arrived) is freed within 2 × this. The
+   * subscriptions: a dead peer (no FIN or RST ever arrived) is freed within 2 × this of its
+   * last sign of life (plus timer latency). The
    * pings also keep idle proxies and load balancers from cutting a healthy connection whose
    * page is throttled (browsers answer pings without running page code). Keep it under the
    * shortest idle timeout on the path (e.g. nginx `proxy_read_timeout`, 60 s by default).
