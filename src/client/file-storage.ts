@@ -142,21 +142,25 @@ export function fileStorage(path: string, options: FileStorageOptions = {}): Syn
         if (mode !== 'waiting') return () => {};
         let release: () => Promise<void>;
         try {
-          release = await lock(path, {
-            stale,
-            realpath: false,
-            // Long enough to see a dead holder's lock go stale.
-            retries: {
-              retries: Math.ceil((stale + 1000) / 250),
-              factor: 1,
-              minTimeout: 250,
-              maxTimeout: 250,
-            },
-            onCompromised: (err) => {
-              mode = 'lost';
-              fail(new Error(`lost the lock of ${path} (${message(err)}); this client goes on from memory`));
-            },
-          });
+          // Only a held lock is waited for (long enough to see a dead holder's go stale); any
+          // other error (a missing folder) is final at once.
+          const deadline = Date.now() + stale + 1000;
+          for (;;) {
+            try {
+              release = await lock(path, {
+                stale,
+                realpath: false,
+                onCompromised: (err) => {
+                  mode = 'lost';
+                  fail(new Error(`lost the lock of ${path} (${message(err)}); this client goes on from memory`));
+                },
+              });
+              break;
+            } catch (err) {
+              if ((err as NodeJS.ErrnoException)?.code !== 'ELOCKED' || Date.now() >= deadline) throw err;
+              await new Promise((resolve) => setTimeout(resolve, 250));
+            }
+          }
         } catch (err) {
           if ((err as NodeJS.ErrnoException)?.code === 'ELOCKED') {
             mode = 'elsewhere';
