@@ -96,7 +96,8 @@ export interface SyncClientOptions {
   /**
    * Keeps clientId, cursors and the outbox across reloads: `memoryStorage()` (nothing survives
    * the process), `webStorage()` (per tab, outbox in IndexedDB), `fileStorage(path)` from
-   * `syncwire/storage/file` (Node). @default memoryStorage()
+   * `syncwire/storage/file` (Node; one live client per file: a second one reports a `storage`
+   * failure and works from memory). @default memoryStorage()
    */
   storage?: SyncStorage;
   /** Prefix of the storage keys, for several clients in one storage. @default 'syncwire' */
@@ -223,8 +224,10 @@ export interface SyncClient<Op = unknown, Result = unknown> {
   readonly pending$: Observable<number>;
   /**
    * Resolves, with the number of operations restored, once the client knows its identity and
-   * has loaded its stored outbox (at once for memory and file storage; after IndexedDB and Web
-   * Locks answer in a browser). Operations sent before are queued after the restored ones.
+   * has loaded its stored outbox (at once for memory storage; for `fileStorage` once its file
+   * lock is taken, up to `stale` + 1 s after a crashed holder or when another live client holds
+   * it; after IndexedDB and Web Locks answer in a browser). Operations sent before are queued
+   * after the restored ones.
    */
   readonly loaded: Promise<number>;
   on<K extends keyof EventMap>(event: K, handler: (value: EventMap[K]) => void): () => void;
