@@ -152,7 +152,9 @@ export function fileStorage(path: string, options: FileStorageOptions = {}): Syn
                 realpath: false,
                 onCompromised: (err) => {
                   mode = 'lost';
-                  fail(new Error(`lost the lock of ${path} (${message(err)}); this client goes on from memory`));
+                  fail(
+                    new Error(`lost the lock of ${path} (${message(err)}); this client goes on from memory`),
+                  );
                 },
               });
               break;
