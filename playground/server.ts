@@ -143,6 +143,15 @@ export async function startPlayground(options: PlaygroundOptions = {}): Promise<
       port: syncPort,
       host,
       store,
+      // The page is served from another port than the sync server, so it is cross-origin
+      // there (whose default accepts only same-host pages): accept the page's own port on
+      // the host the request was sent to.
+      allowedOrigins: (origin, req) => {
+        const page = new URL(origin);
+        return (
+          page.port === String(state.port) && page.hostname === new URL(`http://${req.headers.host}`).hostname
+        );
+      },
       onError: (err, where) => log(`[sync] ${where}: ${(err as Error)?.message ?? String(err)}`),
       // A late joiner or a reset starts from here: the list as of the channel's head.
       snapshot: (channel) => (channel === 'list' ? [...items.values()] : null),

@@ -495,7 +495,6 @@ describe('HTTP transport', () => {
     const reply = await post(httpUrl(server), 'c1', { id: 's1', type: 'SYN', payload: [1, 2] });
     expect(reply.status).toBe(200);
     expect(reply.headers['content-type']).toBe('application/json');
-    expect(reply.headers['access-control-allow-origin']).toBe('*');
     expect(reply.body).toEqual([
       { id: 's1', type: 'ACK' },
       { id: 's1', type: 'SYN', payload: [{ ok: 1 }, { ok: 2 }] },
@@ -504,11 +503,14 @@ describe('HTTP transport', () => {
     expect(png.body).toEqual([{ id: 'p1', type: 'ACK' }]);
   });
 
-  it('answers the CORS preflight with 204', async () => {
-    const server = await h.start();
-    const reply = await http(httpUrl(server), { method: 'OPTIONS' });
+  it('answers the CORS preflight of an allowed origin with 204, reflecting the origin', async () => {
+    const server = await h.start({ allowedOrigins: ['https://app.example'] });
+    const reply = await http(httpUrl(server), {
+      method: 'OPTIONS',
+      headers: { Origin: 'https://app.example', 'Access-Control-Request-Method': 'POST' },
+    });
     expect(reply.status).toBe(204);
-    expect(reply.headers['access-control-allow-origin']).toBe('*');
+    expect(reply.headers['access-control-allow-origin']).toBe('https://app.example');
     expect(String(reply.headers['access-control-allow-headers']).toLowerCase()).toContain('x-client-id');
     expect(String(reply.headers['access-control-allow-headers']).toLowerCase()).toContain('content-type');
   });

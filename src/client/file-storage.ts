@@ -3,52 +3,132 @@
  * main entry so browser bundlers never see `node:fs`.
  */
 import { readFileSync, renameSync, writeFileSync } from 'node:fs';
+import { lock } from 'proper-lockfile';
 import { MapOutbox, type SyncStorage } from './storage.js';
 
 /** Key of the outbox inside the file (clientId → { ops, batches }). */
 const OUTBOX = '#outbox';
 
+export interface FileStorageOptions {
+  /**
+   * Milliseconds after which the lock of a holder that stopped refreshing it (a crashed or
+   * killed process) counts as stale and is taken over. The holder refreshes it every
+   * `stale / 2` ms. proper-lockfile's minimum is 2000. @default 3000
+   */
+  stale?: number;
+}
+
+const message = (err: unknown) => String((err as Error)?.message ?? err);
+
 /**
- * A JSON file holding clientId, cursors and the outbox. Read once at creation (a missing or
- * unreadable file starts empty). Every write goes through a temporary file and a rename, so a
- * crash never leaves half a file. Outbox changes are written synchronously, before the
- * operation is sent (so a process that exits right after `send()` keeps it); cursor changes are
- * coalesced to one write per tick.
+ * A JSON file holding clientId, cursors and the outbox, held by ONE live client at a time.
  *
- * A write that fails (missing folder, read-only directory, full disk) never throws: it goes to
- * the handler the client installs (`failures$`, kind `storage`) and the data stays in memory;
- * the next change tries the whole file again.
+ * - **Exclusive.** The client that uses it takes the file's lock (`<path>.lock`, a directory,
+ *   through `proper-lockfile`) before it loads the outbox; `close()` and a normal process exit
+ *   release it. A lock whose holder died (SIGKILL, crash, power loss) is stale after `stale` ms
+ *   and taken over, so a restart recovers the outbox; `loaded` waits for that (≤ `stale` + 1 s).
+ *   A second live client on the same file (another process, or another client in this one)
+ *   gets a `storage` failure saying the file is in use, never loads or writes that file, and
+ *   works from memory with its own random identity (nothing of it survives its process).
+ * - **Atomic.** Every write goes through a temporary file and a rename, so a crash never leaves
+ *   half a file. Outbox changes are written synchronously, before the operation is sent (so a
+ *   process that exits right after `send()` keeps it); cursor changes are coalesced to one write
+ *   per tick.
+ * - **Failures are reported, never thrown** (`failures$`/`onFailure`, kind `storage`): a write
+ *   that fails (missing folder, read-only directory, full disk) keeps the data in memory and the
+ *   next change tries the whole file again; a file that cannot be parsed (truncated JSON) is
+ *   renamed to `<path>.corrupt-<ms since epoch>` (kept for inspection) and the client starts
+ *   fresh: a new identity, an empty outbox.
  */
-export function fileStorage(path: string): SyncStorage {
-  let data: Record<string, unknown> = {};
-  try {
-    data = JSON.parse(readFileSync(path, 'utf8'));
-    if (!data || typeof data !== 'object') data = {};
-  } catch {
-    data = {};
-  }
-  let onError: (err: unknown) => void = () => {};
+export function fileStorage(path: string, options: FileStorageOptions = {}): SyncStorage {
+  const stale = Math.max(options.stale ?? 3000, 2000);
+  let handler: ((err: unknown) => void) | null = null;
+  /** Failures seen before the client installed its handler. */
+  const early: unknown[] = [];
+  const fail = (err: unknown) => {
+    if (!handler) return void early.push(err);
+    try {
+      handler(err);
+    } catch {
+      // A failing handler must not turn a storage failure into a crash.
+    }
+  };
+
+  /**
+   * The file's content; `{}` when missing. Only the lock holder (`owner`) reports a bad file
+   * and moves a corrupt one aside: the file of another live client is not ours to touch.
+   */
+  const read = (owner: boolean): Record<string, unknown> => {
+    let text: string;
+    try {
+      text = readFileSync(path, 'utf8');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException)?.code !== 'ENOENT' && owner) fail(err);
+      return {};
+    }
+    try {
+      const d = JSON.parse(text) as unknown;
+      if (d && typeof d === 'object' && !Array.isArray(d)) return d as Record<string, unknown>;
+      throw new Error('not a JSON object');
+    } catch (err) {
+      if (!owner) return {};
+      const aside = `${path}.corrupt-${Date.now()}`;
+      try {
+        renameSync(path, aside);
+        fail(new Error(`state file ${path} is corrupt (${message(err)}); kept as ${aside}; starting fresh`));
+      } catch (err2) {
+        fail(
+          new Error(
+            `state file ${path} is corrupt (${message(err)}) and could not be kept aside: ${message(err2)}`,
+          ),
+        );
+      }
+      return {};
+    }
+  };
+
+  /**
+   * `waiting`: not (yet) holding the lock, nothing is written; `owner`: holding it;
+   * `elsewhere`: another live client holds it, memory only; `lost`: the lock was taken from us.
+   */
+  let mode: 'waiting' | 'owner' | 'elsewhere' | 'lost' = 'waiting';
+  // Read once, unlocked (writes are atomic renames), for the identity `createSyncClient` reads
+  // synchronously; read again once the lock is held.
+  let data: Record<string, unknown> = read(false);
+  /** Keys set before the lock was held: they win over the file's on the second read. */
+  const local = new Map<string, string>();
   let dirty = false;
   const flush = () => {
+    if (mode !== 'owner') return;
     dirty = false;
     try {
       const tmp = `${path}.${process.pid}.tmp`;
       writeFileSync(tmp, JSON.stringify({ ...data, [OUTBOX]: outbox.toJSON() }));
       renameSync(tmp, path);
     } catch (err) {
-      try {
-        onError(err);
-      } catch {
-        // A failing handler must not turn a storage failure into a crash.
-      }
+      fail(err);
     }
   };
-  const outbox = MapOutbox.fromJSON(data[OUTBOX], flush);
+  const outbox = MapOutbox.fromJSON(data[OUTBOX], () => {
+    dirty = true;
+    flush();
+  });
   delete data[OUTBOX];
+  /** Replace what is in memory with `raw` (outbox in place: the client holds that object). */
+  const adopt = (raw: Record<string, unknown>) => {
+    const fresh = MapOutbox.fromJSON(raw[OUTBOX]);
+    outbox.data.clear();
+    for (const [k, v] of fresh.data) outbox.data.set(k, v);
+    data = { ...raw };
+    delete data[OUTBOX];
+    for (const [k, v] of local) data[k] = v;
+  };
+
   return {
     get: (k) => (typeof data[k] === 'string' ? (data[k] as string) : null),
     set: (k, v) => {
       data[k] = v;
+      if (mode === 'waiting') local.set(k, v);
       if (!dirty) {
         dirty = true;
         queueMicrotask(() => {
@@ -57,8 +137,72 @@ export function fileStorage(path: string): SyncStorage {
       }
     },
     outbox,
-    onError: (handler) => {
-      onError = handler;
+    locks: {
+      async claim() {
+        if (mode !== 'waiting') return () => {};
+        let release: () => Promise<void>;
+        try {
+          // Only a held lock is waited for (long enough to see a dead holder's go stale); any
+          // other error (a missing folder) is final at once.
+          const deadline = Date.now() + stale + 1000;
+          for (;;) {
+            try {
+              release = await lock(path, {
+                stale,
+                realpath: false,
+                onCompromised: (err) => {
+                  mode = 'lost';
+                  fail(
+                    new Error(`lost the lock of ${path} (${message(err)}); this client goes on from memory`),
+                  );
+                },
+              });
+              break;
+            } catch (err) {
+              if ((err as NodeJS.ErrnoException)?.code !== 'ELOCKED' || Date.now() >= deadline) throw err;
+              await new Promise((resolve) => setTimeout(resolve, 250));
+            }
+          }
+        } catch (err) {
+          if ((err as NodeJS.ErrnoException)?.code === 'ELOCKED') {
+            mode = 'elsewhere';
+            adopt(Object.fromEntries(local));
+            fail(
+              new Error(
+                `state file ${path} is in use by another live client (lock ${path}.lock); this client works from memory with its own identity`,
+              ),
+            );
+            return null;
+          }
+          // No lock possible (a missing folder, a read-only one): reported; the file is used
+          // unlocked, its writes then fail and are reported in turn.
+          fail(err);
+          mode = 'owner';
+          adopt(read(true));
+          local.clear();
+          if (dirty) flush();
+          return () => {};
+        }
+        mode = 'owner';
+        adopt(read(true));
+        local.clear();
+        if (dirty) flush();
+        return async () => {
+          if (mode !== 'owner') return;
+          if (dirty) flush();
+          mode = 'waiting';
+          try {
+            await release();
+          } catch (err) {
+            fail(err);
+          }
+        };
+      },
+      watch: () => () => {},
+    },
+    onError: (h) => {
+      handler = h;
+      for (const err of early.splice(0)) fail(err);
     },
   };
 }

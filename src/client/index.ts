@@ -105,7 +105,8 @@ export interface SyncClientOptions {
   /**
    * Keeps clientId, cursors and the outbox across reloads: `memoryStorage()` (nothing survives
    * the process), `webStorage()` (per tab, outbox in IndexedDB), `fileStorage(path)` from
-   * `syncwire/storage/file` (Node). @default memoryStorage()
+   * `syncwire/storage/file` (Node; one live client per file: a second one reports a `storage`
+   * failure and works from memory). @default memoryStorage()
    */
   storage?: SyncStorage;
   /** Prefix of the storage keys, for several clients in one storage. @default 'syncwire' */
@@ -207,7 +208,11 @@ type EventMap = {
 };
 
 export interface SyncClient<Op = unknown, Result = unknown> {
-  /** Send one operation; resolves with its own result, or rejects with a `SyncError`. */
+  /**
+   * Send one operation; resolves with its own result, or rejects with a `SyncError`. An
+   * operation `JSON.stringify` cannot turn into JSON (`undefined`, a circular reference, a
+   * BigInt, a throwing `toJSON`) is rejected at once with `bad_request` and never queued.
+   */
   send(op: Op): Promise<Result>;
   /** Outgoing operations as a subject; rejections are reported on `rejected$`. */
   readonly send$: Subject<Op>;
@@ -252,8 +257,10 @@ export interface SyncClient<Op = unknown, Result = unknown> {
   readonly pending$: Observable<number>;
   /**
    * Resolves, with the number of operations restored, once the client knows its identity and
-   * has loaded its stored outbox (at once for memory and file storage; after IndexedDB and Web
-   * Locks answer in a browser). Operations sent before are queued after the restored ones.
+   * has loaded its stored outbox (at once for memory storage; for `fileStorage` once its file
+   * lock is taken, up to `stale` + 1 s after a crashed holder or when another live client holds
+   * it; after IndexedDB and Web Locks answer in a browser). Operations sent before are queued
+   * after the restored ones.
    */
   readonly loaded: Promise<number>;
   on<K extends keyof EventMap>(event: K, handler: (value: EventMap[K]) => void): () => void;
@@ -292,6 +299,19 @@ interface Waiter {
   /** A SUB that only polls while on HTTP (its failure waits for the next poll). */
   poll?: boolean;
   kind: QueueItem['kind'];
+}
+
+/**
+ * Why `op` cannot travel in a SYN, or `null`: `JSON.stringify` throws (a circular reference, a
+ * BigInt, a `toJSON` that throws) or yields nothing (`undefined`, a function, a symbol).
+ */
+function unserializable(op: unknown): string | null {
+  try {
+    if (JSON.stringify(op) === undefined) return `an operation must be JSON; got ${typeof op}`;
+    return null;
+  } catch (err) {
+    return `an operation must be JSON: ${String((err as Error)?.message ?? err)}`;
+  }
 }
 
 /** Defaults, in one place. */
@@ -468,7 +488,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       front,
     );
   };
-  let releaseLock: (() => void) | null = null;
+  let releaseLock: (() => void | Promise<void>) | null = null;
   let stopWatching: (() => void) | null = null;
   const adopted = new Set<SyncClient<Op, Result>>();
 
@@ -971,7 +991,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     };
     if (!locks) return load();
     const claim = async () => {
-      let release: (() => void) | null = null;
+      let release: (() => void | Promise<void>) | null = null;
       try {
         release = await locks.claim(clientId);
         if (!release && options.clientId === undefined) {
@@ -984,7 +1004,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       } catch (err) {
         storageFailed(err);
       }
-      if (closed) release?.();
+      if (closed) void Promise.resolve(release?.()).catch(storageFailed);
       else releaseLock = release;
       return load();
     };
@@ -999,6 +1019,10 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       if (waiters.size >= maxQueue) {
         return reject(new SyncError('queue_full', `the outbox holds ${maxQueue} operations`));
       }
+      // An operation travels as JSON (and is stored as JSON): one that cannot be turned into it
+      // is refused here, before it can enter the outbox and jam every later one.
+      const bad = unserializable(op);
+      if (bad) return reject(new SyncError('bad_request', bad));
       const key = nextKey++;
       const n = nextOp++;
       entries.set(key, { key: `${instance}:o${n}`, at: Date.now(), n, op, restored: false });
@@ -1104,7 +1128,11 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       for (const a of subActors.values()) a.send({ type: 'UNSUBSCRIBE' });
       stopWatching?.();
       await Promise.all([...adopted].map((c) => c.close()));
-      releaseLock?.();
+      try {
+        await releaseLock?.();
+      } catch (err) {
+        storageFailed(err);
+      }
       stateSubject.next('closed');
       pending$.next(0);
       for (const s of [

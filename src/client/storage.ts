@@ -52,13 +52,18 @@ export interface SyncOutbox {
   remove(clientId: string, keys: string[]): void | Promise<void>;
 }
 
-/** Cross-tab coordination (Web Locks); absent on platforms without `navigator.locks`. */
+/**
+ * Exclusive use of a storage by one live client: per clientId in a browser (Web Locks; absent
+ * without `navigator.locks`), per file for `fileStorage` (proper-lockfile).
+ */
 export interface SyncLocks {
   /**
-   * Take the exclusive lock of `clientId` for this instance's life. Resolves with its release
-   * function, or `null` when another live instance holds it (a duplicated tab).
+   * Take the exclusive lock of `clientId` (the browser) or of the whole storage (a file) for
+   * this instance's life. Resolves with its release function (the client awaits it in
+   * `close()`), or `null` when another live instance holds it (a duplicated tab, a second
+   * process on the same file).
    */
-  claim(clientId: string): Promise<(() => void) | null>;
+  claim(clientId: string): Promise<(() => void | Promise<void>) | null>;
   /**
    * Watch for orphaned outboxes: `adopt(clientId)` runs, holding that clientId's lock, for each
    * clientId of this app whose owner went away leaving operations; the lock is released when the
@@ -72,7 +77,7 @@ export interface SyncStorage {
   set(key: string, value: string): void;
   /** The durable outbox. @default none: the client keeps its outbox in memory only */
   outbox?: SyncOutbox;
-  /** Per-clientId locks and orphan adoption (browser storage only). @default none */
+  /** Exclusive use and orphan adoption (web and file storages). @default none */
   locks?: SyncLocks;
   /** The client installs its failure handler here (kind `storage` on `failures$`). */
   onError?(handler: (err: unknown) => void): void;

@@ -6,15 +6,7 @@
  */
 import { fromCallback, fromPromise } from 'xstate';
 import type { ConnectionEvent, HttpInput, HttpOutcome, SocketCommand } from '../../machines/connection.js';
-import {
-  HTTP_STATUS_OF,
-  NAK_CODES,
-  type NakCode,
-  nak,
-  parseServerFrame,
-  type ServerEnvelope,
-  validateServerEnvelope,
-} from '../protocol/index.js';
+import { parseServerFrame, type ServerEnvelope, validateServerEnvelope } from '../protocol/index.js';
 
 /** The part of the WebSocket API syncwire uses; the browser's and `ws`'s both fit. */
 export interface WebSocketLike {
@@ -188,11 +180,6 @@ export function parseRetryAfter(value: string | null, now = Date.now()): number 
   return Number.isFinite(at) ? Math.max(0, Math.min(at - now, 3_600_000)) : undefined;
 }
 
-const statusCode = (status: number): NakCode => {
-  for (const code of NAK_CODES) if (HTTP_STATUS_OF[code] === status) return code;
-  return 'bad_request';
-};
-
 /** The HTTP actor: one POST of one envelope, normalised into an `HttpOutcome`. */
 export function httpActor(config: TransportConfig, cursor: TransportCursor, getClientId: () => string) {
   return fromPromise<HttpOutcome, HttpInput>(async ({ input, signal }) => {
@@ -232,16 +219,12 @@ export function httpActor(config: TransportConfig, cursor: TransportCursor, getC
       if (!Array.isArray(body)) return { kind: 'retry', status, reason: 'HTTP 200 without a JSON array' };
       return { kind: 'reply', status, frames };
     }
-    // 4xx: the request itself was refused. Use the server's NAK when it sent one.
+    // 4xx: only the server's NAK refuses the request (PROTOCOL §4: a NAK replaces the response;
+    // nothing was applied). A status without one (a 404 or 405 from a misrouted proxy, an HTML
+    // error page) is no word from syncwire: the request may have been applied, so it is retried
+    // with the same id, like a 5xx, and dedupe makes the retry safe.
     const refusal = frames.find((f) => f.type === 'NAK');
-    return {
-      kind: 'reply',
-      status,
-      frames: [
-        refusal && refusal.type === 'NAK'
-          ? { ...refusal, id: envelope.id }
-          : nak(envelope.id, statusCode(status), `HTTP ${status}`),
-      ],
-    };
+    if (!refusal) return { kind: 'retry', status, reason: `HTTP ${status} without a syncwire NAK body` };
+    return { kind: 'reply', status, frames: [{ ...refusal, id: envelope.id }] };
   });
 }

@@ -65,6 +65,11 @@ export const CloseCodes = {
   /** Too many unparseable frames in a row. */
   badFrames: 4400,
   /**
+   * This socket was the oldest of more than `maxSocketsPerClient` open for its clientId and
+   * was closed to make room for the newest (the one a live client is using).
+   */
+  tooManySockets: 4409,
+  /**
    * The socket fell too far behind: more than the server's `maxBufferedBytes` waiting to be
    * sent. The client reconnects and replays from its cursors, so nothing is lost.
    */
@@ -227,6 +232,11 @@ export type ParseResult<T> =
 export interface ParseOptions {
   /** Largest accepted frame, in bytes (UTF-8). @default 1048576 */
   maxBytes?: number;
+  /**
+   * Most operations in one `SYN`; a longer one is refused with `too_large` (and its id).
+   * @default Infinity (no limit; the server passes its `maxBatch`)
+   */
+  maxBatch?: number;
 }
 
 const isObject = (v: unknown): v is Record<string, unknown> =>
@@ -265,12 +275,27 @@ const fail = (code: NakCode, message: string, id: string | null = null) =>
   ({ ok: false, code, message, id }) as const;
 
 /**
- * Parse and validate a frame a server received from a client.
- * Every way a frame can be wrong comes back as `{ ok: false, code, message, id }`.
+ * Parse and validate a frame a server received from a client. Never throws, whatever the
+ * input: every way a frame can be wrong comes back as `{ ok: false, code, message, id }`
+ * (`too_large` over `maxBytes` or with more than `maxBatch` operations, else `bad_request`).
  */
 export function parseClientFrame(
   frame: string | Uint8Array,
   opts: ParseOptions = {},
+): ParseResult<RequestEnvelope> {
+  // Whatever the input, a typed result: anything that throws below (a RangeError from a
+  // value nested too deeply to stringify, a decoder failure) is a bad frame like any other.
+  try {
+    return parseClientFrameUnsafe(frame, opts);
+  } catch (err) {
+    const message = err instanceof RangeError ? 'frame nests too deeply' : 'frame could not be read';
+    return fail('bad_request', message);
+  }
+}
+
+function parseClientFrameUnsafe(
+  frame: string | Uint8Array,
+  opts: ParseOptions,
 ): ParseResult<RequestEnvelope> {
   const max = opts.maxBytes ?? DEFAULT_MAX_PAYLOAD_BYTES;
   const size = typeof frame === 'string' && frame.length > max ? frame.length : byteLength(frame, max);
@@ -285,12 +310,18 @@ export function parseClientFrame(
   const { id, type, payload } = raw;
   if (!validId(id)) return fail('bad_request', `id must be a string of 1–${MAX_ID_LENGTH} characters`);
   if (typeof type !== 'string' || !(MESSAGE_TYPES as readonly string[]).includes(type)) {
-    return fail('bad_request', `unknown type ${JSON.stringify(type)?.slice(0, 40)}`, id);
+    // Only a string is quoted back: stringifying an arbitrary value (400,000 nested arrays)
+    // would throw RangeError.
+    const shown = typeof type === 'string' ? JSON.stringify(type.slice(0, 40)) : typeof type;
+    return fail('bad_request', `unknown type ${shown}`, id);
   }
   switch (type) {
     case 'SYN':
       if (!Array.isArray(payload) || payload.length === 0) {
         return fail('bad_request', 'SYN payload must be a non-empty array', id);
+      }
+      if (opts.maxBatch !== undefined && payload.length > opts.maxBatch) {
+        return fail('too_large', `SYN of ${payload.length} operations exceeds ${opts.maxBatch}`, id);
       }
       return { ok: true, envelope: { id, type, payload } };
     case 'PNG':
@@ -349,15 +380,20 @@ export function parseServerFrame(
   frame: string | Uint8Array,
   opts: ParseOptions = {},
 ): ParseResult<ServerEnvelope> {
-  const max = opts.maxBytes ?? 64 * DEFAULT_MAX_PAYLOAD_BYTES;
-  if (byteLength(frame, max) > max) return fail('too_large', 'frame too large');
-  let raw: unknown;
   try {
-    raw = JSON.parse(decode(frame));
+    const max = opts.maxBytes ?? 64 * DEFAULT_MAX_PAYLOAD_BYTES;
+    if (byteLength(frame, max) > max) return fail('too_large', 'frame too large');
+    let raw: unknown;
+    try {
+      raw = JSON.parse(decode(frame));
+    } catch {
+      return fail('bad_request', 'frame is not JSON');
+    }
+    return validateServerEnvelope(raw);
   } catch {
-    return fail('bad_request', 'frame is not JSON');
+    // Never throws, whatever the input (see parseClientFrame).
+    return fail('bad_request', 'frame could not be read');
   }
-  return validateServerEnvelope(raw);
 }
 
 /** Validate an already-decoded server envelope (the HTTP transport gets arrays of them). */
@@ -422,7 +458,7 @@ export function validateServerEnvelope(raw: unknown): ParseResult<ServerEnvelope
     default:
       return fail(
         'bad_request',
-        `unexpected type from server: ${String(type).slice(0, 20)}`,
+        `unexpected type from server: ${typeof type === 'string' ? type.slice(0, 20) : typeof type}`,
         validId(id) ? id : null,
       );
   }

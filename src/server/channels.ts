@@ -23,8 +23,11 @@ export interface ChannelPeer {
   readonly clientId: string;
   /** Who the peer is, as `authenticate` said; re-asked of `authorize` by `server.recheck()`. */
   readonly principal: unknown;
-  /** The key the per-principal channel cap and `server.unsubscribe({ principal })` count by. */
-  readonly principalKey: string;
+  /**
+   * The key the per-principal channel cap and `server.unsubscribe({ principal })` count by:
+   * `p:<principalKey>`, or `c:<clientId>` for the anonymous principal.
+   */
+  readonly subscriberKey: string;
   /** The peer's subscriptions by channel; owned by `Channels`. */
   readonly subs: Map<string, Subscription>;
   /** False once the socket is closing: nothing more is sent. */
@@ -250,7 +253,7 @@ export class Channels {
       if (old) {
         old.cancel();
         this.remove(old);
-      } else this.count(peer.principalKey, 1);
+      } else this.count(peer.subscriberKey, 1);
       const sub = new Subscription(name, peer, this);
       peer.subs.set(name, sub);
       let set = this.index.get(name);
@@ -298,8 +301,8 @@ export class Channels {
   }
 
   /** Live subscriptions of sockets whose principal has this key, in this process. */
-  countOf(principalKey: string): number {
-    return this.perPrincipal.get(principalKey) ?? 0;
+  countOf(subscriberKey: string): number {
+    return this.perPrincipal.get(subscriberKey) ?? 0;
   }
 
   /** Whether any socket of this process is subscribed to `channel` (housekeeping keeps it). */
@@ -376,7 +379,7 @@ export class Channels {
     sub.cancel();
     if (peer.subs.get(sub.channel) === sub) {
       peer.subs.delete(sub.channel);
-      this.count(peer.principalKey, -1);
+      this.count(peer.subscriberKey, -1);
     }
     this.remove(sub);
   }

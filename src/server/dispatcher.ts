@@ -265,7 +265,7 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
         conn,
         names.filter((n) => entries[n]),
       );
-      let used = channels.countOf(conn.principalKey);
+      let used = channels.countOf(conn.subscriberKey);
       for (const name of Object.keys(allowed)) {
         if (conn.subs.has(name)) continue;
         if (used >= o.maxChannelsPerPrincipal) {
@@ -304,7 +304,7 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
 
   function matches(m: RevokeMatch, peer: ChannelPeer): boolean {
     if (m.clientId !== undefined && peer.clientId !== m.clientId) return false;
-    if (m.principalKey !== undefined && peer.principalKey !== m.principalKey) return false;
+    if (m.principalKey !== undefined && peer.subscriberKey !== m.principalKey) return false;
     return true;
   }
 

@@ -1,7 +1,9 @@
 /**
  * The HTTP transport of the reference server (PROTOCOL "HTTP"): one `POST` per request
- * envelope on the sync path, answered with every envelope it produced, CORS for browsers,
- * bodies bounded in bytes (413). What an envelope means is the dispatcher's business
+ * envelope on the sync path, answered with every envelope it produced. Requests from a
+ * foreign `Origin` are refused (403) before anything else; CORS headers come from the `cors`
+ * package; bodies are bounded in bytes (413) and in time (408), and held against the byte
+ * budget before they are parsed (429). What an envelope means is the dispatcher's business
  * (dispatcher.ts).
  *
  * `handleHttp(req, res)` only needs `node:http`'s request and response, so it can later be
@@ -12,6 +14,7 @@
  */
 
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import cors, { type CorsOptions } from 'cors';
 import {
   encode,
   HTTP_STATUS_OF,
@@ -21,13 +24,19 @@ import {
   type ServerEnvelope,
 } from '../protocol/index.js';
 import { type Dispatcher, validClientId } from './dispatcher.js';
+import { type AllowedOrigins, type Budget, leadingId, originAllowed } from './limits.js';
 
-const CORS_HEADERS = {
-  'Access-Control-Allow-Origin': '*',
-  'Access-Control-Allow-Methods': 'POST, OPTIONS',
-  'Access-Control-Allow-Headers': 'X-Client-Id, Content-Type, Authorization',
-  'Access-Control-Expose-Headers': 'Retry-After',
-  'Access-Control-Max-Age': '86400',
+/**
+ * CORS for the HTTP transport, before the server's `cors` option is laid over it. Only
+ * requests whose `Origin` passed `allowedOrigins` reach CORS, so reflecting the origin
+ * (`origin: true`) grants no origin more than `allowedOrigins` does.
+ */
+export const DEFAULT_CORS: CorsOptions = {
+  origin: true,
+  methods: ['POST', 'OPTIONS'],
+  allowedHeaders: ['X-Client-Id', 'Content-Type', 'Authorization'],
+  exposedHeaders: ['Retry-After'],
+  maxAge: 86400,
 };
 
 export interface HttpTransportOptions<P> {
@@ -35,6 +44,16 @@ export interface HttpTransportOptions<P> {
   path: string;
   /** Largest body accepted, in bytes; a larger one answers 413. */
   maxPayloadBytes: number;
+  /** Most operations in one `SYN` (413 `too_large` beyond). */
+  maxBatch: number;
+  /** Which `Origin`s may send requests; others are answered 403. */
+  allowedOrigins: AllowedOrigins;
+  /** CORS options laid over `DEFAULT_CORS`; `false` sends no CORS headers. */
+  cors: CorsOptions | false;
+  /** Request bytes held per client and in all; a body past them answers 429. */
+  budget: Budget;
+  /** Milliseconds a body may take to arrive once the handler reads it; then 408. */
+  bodyTimeoutMs: number;
   dispatcher: Dispatcher<P>;
   /** Whether the server is closing: requests answer 503 with `Retry-After: 1`. */
   closing(): boolean;
@@ -51,8 +70,22 @@ export type HttpHandler = (req: IncomingMessage, res: ServerResponse) => boolean
 /** Build the HTTP side; attach the returned handler to the http server's `request` event. */
 export function createHttpHandler<P>(o: HttpTransportOptions<P>): HttpHandler {
   const { onError } = o;
+  const corsHeaders = o.cors === false ? undefined : cors({ ...DEFAULT_CORS, ...o.cors });
+
+  /** Set the CORS headers (or answer a preflight); resolves `true` when the response ended. */
+  const applyCors = (req: IncomingMessage, res: ServerResponse) =>
+    new Promise<boolean>((resolve, reject) => {
+      if (!corsHeaders) return resolve(false);
+      res.once('finish', () => resolve(true));
+      corsHeaders(req as never, res as never, (err?: unknown) => (err ? reject(err) : resolve(false)));
+    });
 
   async function request(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    // Before anything else: a foreign page's request carries the victim's cookies (CSRF).
+    if (!originAllowed(req, o.allowedOrigins)) {
+      return reply(res, 403, [nak(null, 'forbidden', 'origin not allowed')]);
+    }
+    if (await applyCors(req, res)) return; // a preflight, answered by `cors`
     if (req.method === 'OPTIONS') return reply(res, 204);
     if (req.method !== 'POST') return reply(res, 405, undefined, { Allow: 'POST, OPTIONS' });
     if (o.closing())
@@ -69,18 +102,33 @@ export function createHttpHandler<P>(o: HttpTransportOptions<P>): HttpHandler {
     if (Number(req.headers['content-length'] ?? 0) > o.maxPayloadBytes) return tooLarge();
     const auth = await o.dispatcher.authenticate(req, clientId);
     if (!auth.ok) return reply(res, auth.status, [auth.nak]);
-    const body = await readBody(req, o.maxPayloadBytes);
+    const body = await readBody(req, o.maxPayloadBytes, o.bodyTimeoutMs);
     if (body === 'aborted') return;
     if (body === 'too_large') return tooLarge();
-    const parsed = parseClientFrame(body, { maxBytes: o.maxPayloadBytes });
-    if (!parsed.ok)
-      return reply(res, HTTP_STATUS_OF[parsed.code], [nak(parsed.id, parsed.code, parsed.message)]);
+    if (body === 'timeout') {
+      return reply(res, 408, [nak(null, 'bad_request', `body not received within ${o.bodyTimeoutMs} ms`)], {
+        Connection: 'close',
+      });
+    }
+    // Before parsing: see limits.ts.
+    if (!o.budget.take(clientId, body.byteLength)) {
+      return reply(res, 429, [nak(leadingId(body), 'rate_limited', 'too many request bytes waiting')], {
+        'Retry-After': '1',
+      });
+    }
     const out: ServerEnvelope[] = [];
-    await o.dispatcher.dispatch(parsed.envelope, {
-      clientId,
-      principal: auth.principal,
-      send: (env) => out.push(env),
-    });
+    try {
+      const parsed = parseClientFrame(body, { maxBytes: o.maxPayloadBytes, maxBatch: o.maxBatch });
+      if (!parsed.ok)
+        return reply(res, HTTP_STATUS_OF[parsed.code], [nak(parsed.id, parsed.code, parsed.message)]);
+      await o.dispatcher.dispatch(parsed.envelope, {
+        clientId,
+        principal: auth.principal,
+        send: (env) => out.push(env),
+      });
+    } finally {
+      o.budget.release(clientId, body.byteLength);
+    }
     // Closed meanwhile (e.g. a batch left unprocessed): "retry later" keeps the batch alive.
     if (o.closing())
       return reply(res, 503, [nak(null, 'server_error', 'server is closing')], { 'Retry-After': '1' });
@@ -99,8 +147,8 @@ export function createHttpHandler<P>(o: HttpTransportOptions<P>): HttpHandler {
 }
 
 /**
- * Answer with `status`, the CORS headers, `Cache-Control: no-store` and `body` as JSON, plus
- * `headers`. Does nothing once headers were sent.
+ * Answer with `status`, `Cache-Control: no-store` and `body` as JSON, plus `headers` (CORS
+ * headers were set on `res` before, when they apply). Does nothing once headers were sent.
  */
 export function reply(
   res: ServerResponse,
@@ -111,7 +159,6 @@ export function reply(
   if (res.headersSent) return;
   const text = body ? encode(body) : '';
   res.writeHead(status, {
-    ...CORS_HEADERS,
     'Cache-Control': 'no-store',
     ...(body
       ? { 'Content-Type': 'application/json', 'Content-Length': String(Buffer.byteLength(text)) }
@@ -131,26 +178,42 @@ export function requestUrl(req: IncomingMessage): URL | undefined {
 }
 
 /**
- * The body; `'too_large'` as soon as it grows past `max` (the rest is not read); `'aborted'`
- * when the client went away, which is not worth reporting.
+ * The body; `'too_large'` as soon as it grows past `max` (the rest is not read); `'timeout'`
+ * when it has not all arrived within `timeoutMs` (a slow-body client holds nothing longer);
+ * `'aborted'` when the client went away, which is not worth reporting.
  */
-function readBody(req: IncomingMessage, max: number): Promise<Buffer | 'too_large' | 'aborted'> {
+function readBody(
+  req: IncomingMessage,
+  max: number,
+  timeoutMs: number,
+): Promise<Buffer | 'too_large' | 'timeout' | 'aborted'> {
   return new Promise((resolve) => {
     const chunks: Buffer[] = [];
     let size = 0;
+    const stop = (result: 'too_large' | 'timeout') => {
+      req.off('data', onData);
+      req.pause();
+      resolve(result);
+    };
+    const timer = setTimeout(() => stop('timeout'), timeoutMs);
     const onData = (chunk: Buffer) => {
       size += chunk.length;
       if (size > max) {
-        req.off('data', onData);
-        req.pause();
-        resolve('too_large');
+        clearTimeout(timer);
+        stop('too_large');
         return;
       }
       chunks.push(chunk);
     };
     req.on('data', onData);
-    req.once('end', () => resolve(Buffer.concat(chunks)));
+    req.once('end', () => {
+      clearTimeout(timer);
+      resolve(Buffer.concat(chunks));
+    });
     req.once('error', () => resolve('aborted'));
-    req.once('close', () => resolve('aborted')); // no-op once 'end' resolved it
+    req.once('close', () => {
+      clearTimeout(timer);
+      resolve('aborted'); // no-op once 'end' resolved it
+    });
   });
 }

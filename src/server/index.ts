@@ -13,6 +13,7 @@
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { Duplex } from 'node:stream';
+import type { CorsOptions } from 'cors';
 import { DEFAULT_MAX_PAYLOAD_BYTES, randomId } from '../protocol/index.js';
 import { memoryStore } from '../stores/memory.js';
 import { type DedupeStore, type HistoryStore, isDedupeStore } from '../stores/types.js';
@@ -21,8 +22,10 @@ import { Dedupe } from './dedupe.js';
 import { makeDispatcher, type RevokeMatch } from './dispatcher.js';
 import { createHttpHandler, reply } from './http.js';
 import { Bindings, defaultPrincipalKey } from './identity.js';
+import { type AllowedOrigins, Budget } from './limits.js';
 import { createWsTransport, rejectUpgrade } from './ws.js';
 
+export type { CorsOptions } from 'cors';
 export { type MemoryStoreOptions, memoryStore } from '../stores/memory.js';
 export type {
   ChannelHead,
@@ -34,6 +37,7 @@ export type {
   StoredMessage,
 } from '../stores/types.js';
 export { defaultPrincipalKey } from './identity.js';
+export type { AllowedOrigins } from './limits.js';
 
 /** What `onSync` is given besides the operations. */
 export interface SyncContext<P = unknown> {
@@ -213,6 +217,83 @@ export interface SyncServerOptions<P = unknown> {
    */
   maxChannelsPerPrincipal?: number;
   /**
+   * Which browser pages may use this server: the `Origin` of every upgrade and HTTP request
+   * is checked before `authenticate`, and a refused one is answered `403` (README "Origins
+   * and CSWSH"). Requests without `Origin` (non-browser clients) are accepted; so are
+   * same-host ones (the `Origin`'s `host:port` equals the `Host` header). A list adds exact
+   * origins (`'https://app.example.org'`; `'*'` accepts all); a function decides alone for
+   * every request with an `Origin` (throwing refuses). Behind a proxy that rewrites `Host`,
+   * list the public origin.
+   * @default 'same-host'
+   */
+  allowedOrigins?: AllowedOrigins;
+  /**
+   * CORS for the HTTP transport, as options of the `cors` package laid over the defaults
+   * (reflect the request's origin, which already passed `allowedOrigins`; methods POST,
+   * OPTIONS; headers X-Client-Id, Content-Type, Authorization; exposed Retry-After; max age
+   * 86400 s). Pass `{ credentials: true }` for cross-origin cookie auth over HTTP; `false`
+   * sends no CORS headers (same-origin pages only).
+   * @default {}
+   */
+  cors?: CorsOptions | false;
+  /**
+   * Most operations in one `SYN`; a longer one is answered `NAK too_large` (HTTP 413) before
+   * `onSync` runs. Keep it at or above the clients' `maxBatch` (100 by default).
+   * @default 1000
+   */
+  maxBatch?: number;
+  /**
+   * Request bytes (frames and HTTP bodies, as received) held for one clientId at once, from
+   * arrival until answered, across its sockets and HTTP. A frame past it is answered
+   * `NAK rate_limited` (HTTP 429) without being parsed. At least `maxPayloadBytes`.
+   * @default 2 × maxPayloadBytes (2 MiB)
+   */
+  maxQueuedBytesPerClient?: number;
+  /**
+   * Request bytes held for all clients together; past it, requests are answered
+   * `NAK rate_limited` (HTTP 429) without being parsed. Parsed JSON can take ~21× its bytes
+   * on the heap (`[{},{},…]`), so requests waiting take at most ~21 × this.
+   * @default 16777216 (16 MiB)
+   */
+  maxQueuedBytes?: number;
+  /**
+   * Open sockets per clientId. A new socket beyond closes the oldest with
+   * `CloseCodes.tooManySockets` (4409): the newest is the one a live client uses.
+   * @default 4
+   */
+  maxSocketsPerClient?: number;
+  /**
+   * Open sockets per principal (counted under `principalKey`; the anonymous principal `null`,
+   * everybody without `authenticate`, is not counted). An upgrade beyond is answered `429`
+   * with `Retry-After`; the client goes on over HTTP meanwhile.
+   * @default 64
+   */
+  maxSocketsPerPrincipal?: number;
+  /**
+   * Milliseconds between WebSocket protocol-level pings to every socket. A socket that sent
+   * no pong and no frame since the previous ping is terminated, freeing it and its
+   * subscriptions: a dead peer (no FIN or RST ever arrived) is freed within 2 × this of its
+   * last sign of life (plus timer latency). The
+   * pings also keep idle proxies and load balancers from cutting a healthy connection whose
+   * page is throttled (browsers answer pings without running page code). Keep it under the
+   * shortest idle timeout on the path (e.g. nginx `proxy_read_timeout`, 60 s by default).
+   * @default 25000
+   */
+  pingIntervalMs?: number;
+  /**
+   * Milliseconds an HTTP request's headers may take to arrive (`server.headersTimeout`;
+   * answered 408 and closed). Only on a server this one creates; set it on your own `server`.
+   * @default 10000
+   */
+  headersTimeoutMs?: number;
+  /**
+   * Milliseconds a whole HTTP request may take to arrive: `server.requestTimeout` on a server
+   * this one creates, and on any server the deadline for reading a sync request's body once
+   * its headers are in (answered 408, connection closed). At least `headersTimeoutMs`.
+   * @default 30000
+   */
+  requestTimeoutMs?: number;
+  /**
    * Where internal failures and hook exceptions are reported.
    * @default logs to console.error
    */
@@ -230,6 +311,8 @@ export interface SyncServerStats {
   dedupeBytes: number;
   /** Channels with at least one live socket subscription. */
   channels: number;
+  /** Request bytes received and not yet answered (bounded by `maxQueuedBytes`). */
+  queuedBytes: number;
 }
 
 export interface SyncServer {
@@ -296,6 +379,15 @@ const DEFAULTS = {
   maxBadFrames: 100,
   maxQueuedPerClient: 100,
   maxChannelsPerPrincipal: 1000,
+  allowedOrigins: 'same-host',
+  cors: {},
+  maxBatch: 1000,
+  maxQueuedBytes: 16 * 1024 * 1024,
+  maxSocketsPerClient: 4,
+  maxSocketsPerPrincipal: 64,
+  pingIntervalMs: 25_000,
+  headersTimeoutMs: 10_000,
+  requestTimeoutMs: 30_000,
 } as const;
 
 const POSITIVE_OPTIONS = [
@@ -309,6 +401,13 @@ const POSITIVE_OPTIONS = [
   'maxBadFrames',
   'maxQueuedPerClient',
   'maxChannelsPerPrincipal',
+  'maxBatch',
+  'maxQueuedBytes',
+  'maxSocketsPerClient',
+  'maxSocketsPerPrincipal',
+  'pingIntervalMs',
+  'headersTimeoutMs',
+  'requestTimeoutMs',
 ] as const;
 
 /** How often expired dedupe entries are dropped and the store trimmed, at most. */
@@ -335,6 +434,12 @@ export async function createSyncServer<P = unknown>(options: SyncServerOptions<P
     if (!(Number.isFinite(o[key]) && o[key] > 0))
       throw new RangeError(`createSyncServer: ${key} must be > 0`);
   }
+  const maxQueuedBytesPerClient = o.maxQueuedBytesPerClient ?? 2 * o.maxPayloadBytes;
+  if (!(Number.isFinite(maxQueuedBytesPerClient) && maxQueuedBytesPerClient >= o.maxPayloadBytes))
+    throw new RangeError('createSyncServer: maxQueuedBytesPerClient must be ≥ maxPayloadBytes');
+  if (o.requestTimeoutMs < o.headersTimeoutMs)
+    throw new RangeError('createSyncServer: requestTimeoutMs must be ≥ headersTimeoutMs');
+  const budget = new Budget({ perClient: maxQueuedBytesPerClient, total: o.maxQueuedBytes });
   const store = o.store ?? memoryStore();
   const onError = (err: unknown, where: string) => {
     try {
@@ -344,7 +449,15 @@ export async function createSyncServer<P = unknown>(options: SyncServerOptions<P
     }
   };
   const ownServer = !o.server;
-  const httpServer = o.server ?? createServer();
+  // Node checks these deadlines on a timer (30 s by default), so it runs often enough for
+  // the bounds to hold within about a quarter of the shorter one.
+  const httpServer =
+    o.server ??
+    createServer({
+      headersTimeout: o.headersTimeoutMs,
+      requestTimeout: o.requestTimeoutMs,
+      connectionsCheckingInterval: Math.max(50, Math.min(1000, Math.floor(o.headersTimeoutMs / 4))),
+    });
   const dedupeStore = o.dedupeStore ?? (isDedupeStore(store) ? store : undefined);
   const dedupe = new Dedupe({
     windowMs: o.dedupeWindowMs,
@@ -379,7 +492,7 @@ export async function createSyncServer<P = unknown>(options: SyncServerOptions<P
    * The key channel subscriptions are counted and matched by: the principal's key, or the
    * clientId for the anonymous principal (no `authenticate`), so each client counts alone.
    */
-  const principalKey = (principal: P, clientId: string): string => {
+  const subscriberKey = (principal: P, clientId: string): string => {
     if (principal === null || principal === undefined) return `c:${clientId}`;
     try {
       return `p:${(o.principalKey ?? defaultPrincipalKey)(principal)}`;
@@ -389,11 +502,18 @@ export async function createSyncServer<P = unknown>(options: SyncServerOptions<P
     }
   };
   const ws = createWsTransport<P>({
-    principalKey,
+    subscriberKey,
     path: o.path,
     maxPayloadBytes: o.maxPayloadBytes,
     maxBufferedBytes: o.maxBufferedBytes,
     maxBadFrames: o.maxBadFrames,
+    maxBatch: o.maxBatch,
+    allowedOrigins: o.allowedOrigins,
+    budget,
+    pingIntervalMs: o.pingIntervalMs,
+    maxSocketsPerClient: o.maxSocketsPerClient,
+    maxSocketsPerPrincipal: o.maxSocketsPerPrincipal,
+    principalKey: o.principalKey ?? defaultPrincipalKey,
     dispatcher,
     channels,
     closing: isClosing,
@@ -402,6 +522,11 @@ export async function createSyncServer<P = unknown>(options: SyncServerOptions<P
   const handleHttp = createHttpHandler<P>({
     path: o.path,
     maxPayloadBytes: o.maxPayloadBytes,
+    maxBatch: o.maxBatch,
+    allowedOrigins: o.allowedOrigins,
+    cors: o.cors,
+    budget,
+    bodyTimeoutMs: o.requestTimeoutMs,
     dispatcher,
     closing: isClosing,
     onError,
@@ -450,7 +575,7 @@ export async function createSyncServer<P = unknown>(options: SyncServerOptions<P
     return here;
   };
   const keyOf = (principal: unknown): string | undefined =>
-    principal === undefined ? undefined : principalKey(principal as P, '');
+    principal === undefined ? undefined : subscriberKey(principal as P, '');
 
   // ---- lifecycle ---------------------------------------------------------------------
 
@@ -514,6 +639,7 @@ export async function createSyncServer<P = unknown>(options: SyncServerOptions<P
         dedupeEntries: dedupe.size,
         dedupeBytes: dedupe.sizeBytes,
         channels: channels.size,
+        queuedBytes: budget.total,
       };
     },
     subscriptionsOf: (clientId) => ws.subscriptionsOf(clientId),

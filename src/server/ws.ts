@@ -1,7 +1,9 @@
 /**
- * The WebSocket transport of the reference server, on `ws`: the upgrade (path, clientId,
- * `authenticate`), one `SocketConn` per socket (frame parsing, bad-frame counting, the send
- * buffer bound and drain waits for slow consumers), and closing every socket at shutdown.
+ * The WebSocket transport of the reference server, on `ws`: the upgrade (path, `Origin`,
+ * clientId, `authenticate`, sockets per clientId and per principal), one `SocketConn` per
+ * socket (the byte budget checked before a frame is parsed, frame parsing, bad-frame
+ * counting, the send buffer bound and drain waits for slow consumers), protocol-level pings
+ * that reap dead peers, and closing every socket at shutdown.
  * What a frame means is the dispatcher's business (dispatcher.ts).
  *
  * Nothing a client sends may escape into the event loop: every entry point here catches,
@@ -23,6 +25,7 @@ import {
 import type { Channels, Subscription } from './channels.js';
 import { type Dispatcher, type LivePeer, type Peer, validClientId } from './dispatcher.js';
 import { requestUrl } from './http.js';
+import { type AllowedOrigins, type Budget, leadingId, originAllowed } from './limits.js';
 
 /** How long `close()` waits for clients to answer the close handshake before cutting them. */
 const CLOSE_GRACE_MS = 1000;
@@ -45,10 +48,30 @@ export interface WsTransportOptions<P> {
   maxBufferedBytes: number;
   /** Consecutive unparseable frames after which a socket is closed. */
   maxBadFrames: number;
+  /** Most operations in one `SYN` (`NAK too_large` beyond). */
+  maxBatch: number;
+  /** Which `Origin`s may upgrade; others are answered 403. */
+  allowedOrigins: AllowedOrigins;
+  /** Request bytes held per client and in all; a frame past them gets `NAK rate_limited`. */
+  budget: Budget;
+  /**
+   * Milliseconds between protocol-level pings; a socket that showed no sign of life (pong or
+   * frame) since the previous ping is terminated. A dead peer is freed within 2 × this.
+   */
+  pingIntervalMs: number;
+  /** Open sockets per clientId; a new one beyond closes the oldest (4409). */
+  maxSocketsPerClient: number;
+  /** Open sockets per principal key; an upgrade beyond is answered 429. */
+  maxSocketsPerPrincipal: number;
+  /** The key sockets are counted under per principal (the server's `principalKey`). */
+  principalKey(principal: P): string;
   dispatcher: Dispatcher<P>;
   channels: Channels;
-  /** The key a socket's principal is counted and matched by (`principalKey` option). */
-  principalKey(principal: P, clientId: string): string;
+  /**
+   * The key a socket's channel subscriptions are counted (per-principal channel cap) and
+   * revoked by: `p:<principalKey>`, or `c:<clientId>` for the anonymous principal.
+   */
+  subscriberKey(principal: P, clientId: string): string;
   /** Whether the server is closing: upgrades are refused with 503. */
   closing(): boolean;
   onError(err: unknown, where: string): void;
@@ -87,6 +110,8 @@ interface ConnContext<P> {
 class SocketConn<P> implements LivePeer, Peer<P> {
   readonly subs = new Map<string, Subscription>();
   badFrames = 0;
+  /** A pong or a frame arrived since the last ping. */
+  alive = true;
   private tail: Promise<unknown> = Promise.resolve();
   private ended = false;
 
@@ -95,7 +120,10 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     readonly ws: WebSocket,
     readonly clientId: string,
     readonly principal: P,
-    readonly principalKey: string,
+    /** The principal key this socket counts under, if any. */
+    readonly principalKey: string | undefined,
+    /** The key its channel subscriptions are counted and revoked by (`subscriberKey`). */
+    readonly subscriberKey: string,
   ) {}
 
   get conn(): SocketConn<P> {
@@ -157,21 +185,34 @@ class SocketConn<P> implements LivePeer, Peer<P> {
 
   onMessage(data: RawData): void {
     const { o } = this.ctx;
+    this.alive = true;
     const frame = Array.isArray(data)
       ? Buffer.concat(data)
       : Buffer.isBuffer(data)
         ? data
         : Buffer.from(data);
+    const size = frame.byteLength;
+    // Before parsing: the bytes held for this client and for the server bound the heap that
+    // parsed requests waiting for their turn can take (limits.ts).
+    if (size <= o.maxPayloadBytes && !o.budget.take(this.clientId, size)) {
+      this.send(nak(leadingId(frame), 'rate_limited', 'too many request bytes waiting; retry later'));
+      return;
+    }
+    const held = size <= o.maxPayloadBytes ? size : 0;
     // Binary frames go through the same parser as text: UTF-8 JSON either way.
-    const parsed = parseClientFrame(frame, { maxBytes: o.maxPayloadBytes });
+    const parsed = parseClientFrame(frame, { maxBytes: o.maxPayloadBytes, maxBatch: o.maxBatch });
     if (!parsed.ok) {
-      const id = parsed.code === 'too_large' ? salvageId(frame) : parsed.id;
+      o.budget.release(this.clientId, held);
+      // The id of a frame refused as too large, so the client knows which batch failed: read
+      // from its first bytes only, since parsing up to 4 × maxPayloadBytes of JSON (~21× that
+      // on the heap) is the work the refusal saves.
+      const id = parsed.code === 'too_large' && parsed.id === null ? leadingId(frame) : parsed.id;
       this.send(nak(id, parsed.code, parsed.message));
       if (++this.badFrames >= o.maxBadFrames) this.close(CloseCodes.badFrames, 'too many bad frames');
       return;
     }
     this.badFrames = 0;
-    void o.dispatcher.dispatch(parsed.envelope, this);
+    void o.dispatcher.dispatch(parsed.envelope, this).finally(() => o.budget.release(this.clientId, held));
   }
 
   onClose(): void {
@@ -193,6 +234,30 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
   const conns = new Set<SocketConn<P>>();
   const ctx: ConnContext<P> = { o, conns };
 
+  // Liveness: one protocol-level ping per socket per interval (browsers answer pings without
+  // running page code, so a throttled tab answers too, and the traffic keeps idle proxies
+  // from cutting the connection). A socket with no pong and no frame since the previous
+  // ping is a dead peer: terminated, which frees it and its subscriptions.
+  const pinger = setInterval(() => {
+    for (const c of conns) {
+      if (!c.alive) {
+        c.ws.terminate();
+        continue;
+      }
+      c.alive = false;
+      try {
+        c.ws.ping();
+      } catch {
+        c.ws.terminate();
+      }
+    }
+  }, o.pingIntervalMs);
+  pinger.unref();
+
+  /** Sockets of one clientId, and of one principal key, oldest first. */
+  const ofClient = (clientId: string) => [...conns].filter((c) => c.clientId === clientId);
+  const ofPrincipal = (key: string) => [...conns].filter((c) => c.principalKey === key);
+
   function handleUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): boolean {
     const url = requestUrl(req);
     if (url?.pathname !== o.path) return false;
@@ -207,6 +272,10 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
 
   async function upgrade(req: IncomingMessage, socket: Duplex, head: Buffer, url: URL): Promise<void> {
     if (o.closing()) return rejectUpgrade(socket, 503);
+    // Before authenticate: a foreign page's upgrade carries the victim's cookies (CSWSH).
+    if (!originAllowed(req, o.allowedOrigins)) {
+      return rejectUpgrade(socket, 403, nak(null, 'forbidden', 'origin not allowed'));
+    }
     const clientId = url.searchParams.get('clientId');
     if (!validClientId(clientId)) {
       return rejectUpgrade(
@@ -221,16 +290,41 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
       socket.destroy();
       return;
     }
+    let key: string | undefined;
+    try {
+      // The anonymous principal (no authenticate) is everybody: not a principal to count.
+      key =
+        auth.principal === null || auth.principal === undefined ? undefined : o.principalKey(auth.principal);
+    } catch (err) {
+      onError(err, 'principalKey');
+      key = undefined;
+    }
+    if (key !== undefined && ofPrincipal(key).length >= o.maxSocketsPerPrincipal) {
+      return rejectUpgrade(socket, 429, nak(null, 'rate_limited', 'too many sockets for this principal'), {
+        'Retry-After': '5',
+      });
+    }
     wss.handleUpgrade(req, socket, head, (ws) => {
       socket.off('error', ignore);
+      // The newest socket of a clientId is the one its client uses; older ones are most
+      // likely dead peers not reaped yet, so they make room.
+      const mine = ofClient(clientId);
+      for (const old of mine.slice(0, Math.max(0, mine.length - o.maxSocketsPerClient + 1))) {
+        old.close(CloseCodes.tooManySockets, 'too many sockets for this clientId');
+        old.onClose();
+      }
       const conn = new SocketConn(
         ctx,
         ws,
         clientId,
         auth.principal,
-        o.principalKey(auth.principal, clientId),
+        key,
+        o.subscriberKey(auth.principal, clientId),
       );
       conns.add(conn);
+      ws.on('pong', () => {
+        conn.alive = true;
+      });
       ws.on('message', (data) => {
         try {
           conn.onMessage(data);
@@ -247,6 +341,7 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
   }
 
   async function close(): Promise<void> {
+    clearInterval(pinger);
     const all = [...conns];
     const closed = all.map((c) => new Promise<void>((resolve) => c.ws.once('close', () => resolve())));
     for (const c of all) c.close(CloseCodes.goingAway, 'server closing');
@@ -283,7 +378,7 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
       let n = 0;
       for (const c of [...conns]) {
         if (m.clientId !== undefined && c.clientId !== m.clientId) continue;
-        if (m.principalKey !== undefined && c.principalKey !== m.principalKey) continue;
+        if (m.principalKey !== undefined && c.subscriberKey !== m.principalKey) continue;
         c.close(CloseCodes.disconnected, 'disconnected by the server');
         n++;
       }
@@ -293,28 +388,22 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
   };
 }
 
-/** The id of a frame refused as too large, so the client knows which batch failed. */
-function salvageId(frame: Buffer): string | null {
-  try {
-    const raw = JSON.parse(frame.toString('utf8')) as unknown;
-    if (typeof raw === 'object' && raw !== null && 'id' in raw) {
-      const id = (raw as { id: unknown }).id;
-      if (validClientId(id)) return id;
-    }
-  } catch {
-    // Not JSON either: nothing to salvage.
-  }
-  return null;
-}
-
 /** Answer an upgrade with a plain HTTP status (and a NAK body) and close the socket. */
-export function rejectUpgrade(socket: Duplex, status: number, body?: NakEnvelope): void {
+export function rejectUpgrade(
+  socket: Duplex,
+  status: number,
+  body?: NakEnvelope,
+  headers: Record<string, string> = {},
+): void {
   if (socket.destroyed) return;
   const text = body ? encode([body]) : '';
   socket.once('finish', () => socket.destroy());
   socket.end(
     `HTTP/1.1 ${status} ${STATUS_CODES[status] ?? ''}\r\n` +
       'Connection: close\r\n' +
+      Object.entries(headers)
+        .map(([k, v]) => `${k}: ${v}\r\n`)
+        .join('') +
       'Content-Type: application/json\r\n' +
       `Content-Length: ${Buffer.byteLength(text)}\r\n\r\n${text}`,
   );
