@@ -239,7 +239,7 @@ describe('jitter: 200 clients dropped at once by a server restart', () => {
           clientId: `c${i}`,
           clock: recordingClock(`c${i}`, () => self?.actor),
           timeout: T,
-          maxBackoff: 30_000,
+          maxBackoff: 4000, // bounded, so a client that met many failures still comes back soon
           WebSocket: RecordingWebSocket,
           fetch: recordingFetch,
           channels: { room: {} },
