@@ -41,7 +41,8 @@ async function tokenServer(valid: Set<string>, onRefuse: () => void = () => {}) 
       const ok = token !== null && valid.has(token);
       seen.push({ via: req.method === 'GET' ? 'ws' : 'http', token, ok });
       if (!ok) onRefuse();
-      return ok ? { token } : null;
+      // One user whose token rotates: the principal (and so the clientId binding) stays the same.
+      return ok ? { id: 'user-1', token } : null;
     },
   });
   const { port } = server.address();
