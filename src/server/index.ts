@@ -95,6 +95,16 @@ export interface SyncServerOptions<P = unknown> {
    */
   server?: Server;
   /**
+   * Whether to answer HTTP requests for `path` from a `request` listener of its own on the http
+   * server. Set `false` when an application framework owns the server's requests (Express,
+   * Fastify, a router of your own) and mount `middleware` / `handleRequest` in it instead:
+   * Express and Fastify answer every request they see, so a second listener would answer
+   * twice (or, without mounting, the framework answers `POST /sync` with 404 first). The
+   * WebSocket upgrade is always handled on the server (frameworks leave upgrades alone).
+   * @default true
+   */
+  handleHttp?: boolean;
+  /**
    * The one path both transports answer on.
    * @default '/sync'
    */
@@ -320,6 +330,23 @@ export interface SyncServer {
   close(): Promise<void>;
   /** The http server in use, created or given. */
   readonly httpServer: Server;
+  /**
+   * The HTTP transport as a plain handler: answers a request for `path` and returns `true`, or
+   * returns `false` without touching `req`/`res` (route it elsewhere). Give it the raw node
+   * objects, before any body parser read the body (Fastify: `req.raw`, `reply.raw`).
+   */
+  handleRequest(req: IncomingMessage, res: ServerResponse): boolean;
+  /**
+   * The HTTP transport as connect/Express middleware: answers `path`, else calls `next()`.
+   * Mount it before any body parser: `app.use(server.middleware)`.
+   */
+  middleware(req: IncomingMessage, res: ServerResponse, next: (err?: unknown) => void): void;
+  /**
+   * The WebSocket side as an `upgrade` handler: takes a request for `path` and returns `true`,
+   * or returns `false` untouched. Attached to the http server already; exposed for servers that
+   * route upgrades themselves.
+   */
+  handleUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): boolean;
 }
 
 const DEFAULTS = {
@@ -485,7 +512,8 @@ export async function createSyncServer<P = unknown>(options: SyncServerOptions<P
   const onUpgrade = (req: IncomingMessage, socket: Duplex, head: Buffer) => {
     if (!ws.handleUpgrade(req, socket, head) && ownServer) rejectUpgrade(socket, 404);
   };
-  httpServer.on('request', onRequest);
+  const attachHttp = o.handleHttp !== false;
+  if (attachHttp) httpServer.on('request', onRequest);
   httpServer.on('upgrade', onUpgrade);
 
   if (ownServer) {
@@ -520,6 +548,11 @@ export async function createSyncServer<P = unknown>(options: SyncServerOptions<P
 
   return {
     httpServer,
+    handleRequest: (req, res) => handleHttp(req, res),
+    middleware(req, res, next) {
+      if (!handleHttp(req, res)) next();
+    },
+    handleUpgrade: (req, socket, head) => ws.handleUpgrade(req, socket, head),
     address() {
       const info = httpServer.address() as AddressInfo | string | null;
       if (!info || typeof info === 'string')
