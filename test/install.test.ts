@@ -94,7 +94,9 @@ describe('install', () => {
     const readme = readFileSync(join(root, 'README.md'), 'utf8');
     const blocks = [...readme.matchAll(/```ts\n([\s\S]*?)```/g)].map((m) => m[1]!);
     expect(blocks.length).toBeGreaterThanOrEqual(8);
-    expect(blocks.some((b) => b.includes("from 'ws'") && /createSyncClient\(\{\s*url:[^}]*WebSocket/.test(b))).toBe(true);
+    expect(
+      blocks.some((b) => b.includes("from 'ws'") && /createSyncClient\(\{\s*url:[^}]*WebSocket/.test(b)),
+    ).toBe(true);
     // Inside the checkout, so `syncwire` resolves to this package by self-reference (its
     // exports map and dist/ types, as an installed copy would) and `ws` to @types/ws.
     const dir = join(root, 'test-artifacts', 'readme-snippets');
