@@ -200,7 +200,7 @@ describe('jitter: 200 clients dropped at once by a server restart', () => {
       Array<{ start: number; end?: number; retryAfter: boolean; status?: number }>
     >();
     const recordingFetch: typeof fetch = async (url, init) => {
-      const id = String((init?.headers as Record<string, string>)['x-client-id']);
+      const id = String((init?.headers as Record<string, string> | undefined)?.['x-client-id']);
       const rec: { start: number; end?: number; retryAfter: boolean; status?: number } = {
         start: performance.now(),
         retryAfter: false,
