@@ -85,6 +85,12 @@ describe('redial backoff while connections die young', () => {
     const windowEnd = performance.now() + 8000;
     await until(() => performance.now() >= windowEnd, 9000, '8 s window');
     const n = dials.length;
+    console.log(
+      `crash loop, 8 s: ${n} dials, attempts ${dials.map((d) => d.attempt).join(',')}, gaps ${dials
+        .slice(1)
+        .map((d, i) => Math.round(d.at - dials[i]!.at))
+        .join(',')} ms`,
+    );
     // Backoff T/2·2^k capped at 1.5 s, plus 150 ms of life: at most 11 dials fit in 8 s.
     expect(n, `dials in 8 s: ${n}`).toBeGreaterThanOrEqual(5);
     expect(n, `dials in 8 s: ${n}`).toBeLessThanOrEqual(11);
