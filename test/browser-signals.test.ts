@@ -42,7 +42,6 @@ describe.skipIf(!HAVE_CHROMIUM && !IN_CI)('browser signals in Chromium', () => {
 
   beforeAll(async () => {
     if (!HAVE_CHROMIUM) throw new Error(`CI=true and no Chromium at ${CHROMIUM}`);
-    sync = await createSyncServer({ port: 0, onSync: (ops) => ops.map(() => ({})) });
     const { build } = await import('esbuild');
     const out = await build({
       stdin: {
@@ -67,6 +66,12 @@ describe.skipIf(!HAVE_CHROMIUM && !IN_CI)('browser signals in Chromium', () => {
     });
     await new Promise<void>((r) => pages.listen(0, '127.0.0.1', r));
     pageUrl = `http://127.0.0.1:${(pages.address() as AddressInfo).port}/`;
+    // The page is on another port than the sync server: a cross-origin page it must allow.
+    sync = await createSyncServer({
+      port: 0,
+      onSync: (ops) => ops.map(() => ({})),
+      allowedOrigins: [new URL(pageUrl).origin],
+    });
     browser = await chromium.launch({
       executablePath: CHROMIUM,
       args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking'],
