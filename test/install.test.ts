@@ -12,7 +12,7 @@
 import { execFileSync } from 'node:child_process';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 const root = join(import.meta.dirname, '..');
@@ -71,6 +71,7 @@ describe('install', () => {
     execFileSync('tar', ['-xzf', tarball, '-C', join(nm, 'syncwire'), '--strip-components=1']);
     // Dependencies and the peers the stores need, from this checkout (offline).
     for (const dep of [...Object.keys(pkg.dependencies), 'better-sqlite3', 'ioredis']) {
+      mkdirSync(dirname(join(nm, dep)), { recursive: true }); // scoped names: @types/…
       symlinkSync(join(root, 'node_modules', dep), join(nm, dep), 'dir');
     }
     const entries = Object.keys(pkg.exports).filter((e) => e !== './package.json');
@@ -117,6 +118,12 @@ declare global {
   function userFromCookie(req: IncomingMessage): { id: string } | null;
   function canRead(user: unknown, channel: string): boolean;
   function render(payload: unknown): void;
+  function replaceView(data: unknown): void;
+  var db: {
+    get(id: number): Promise<Record<string, unknown>>;
+    putSync(change: unknown): void;
+    allItems(): unknown[];
+  };
   function refetchEverything(channel: string): void;
   var client: SyncClient;
   var url: string;
