@@ -63,7 +63,9 @@ export interface InFlight {
  */
 export type HttpOutcome =
   | { kind: 'reply'; frames: ServerEnvelope[]; status: number }
-  | { kind: 'retry'; reason: string; status?: number; retryAfterMs?: number };
+  | { kind: 'retry'; reason: string; status?: number; retryAfterMs?: number }
+  /** Refused with 401 twice in a row (the second time after the credentials were resolved again). */
+  | { kind: 'unauthorized'; reason: string };
 
 /** Failure kinds reported once per socket failure (telemetry). */
 export type FailureKind =
@@ -76,7 +78,9 @@ export type FailureKind =
   | 'http_error'
   | 'bad_frame'
   /** The client's storage could not be read or written (reported by the client, not the chart). */
-  | 'storage';
+  | 'storage'
+  /** Refused (401) twice in a row, the second time with freshly resolved credentials: the client stops. */
+  | 'unauthorized';
 
 export interface ConnectionInput {
   clientId: string;
@@ -112,6 +116,15 @@ export interface ConnectionContext extends Required<Omit<ConnectionInput, 'rando
   dialAttempt: number;
   httpAttempt: number;
   retryAfterMs: number | null;
+  /**
+   * The open socket is on probation: the `HEALTHY` timer (`healthyAfter`, 2T) is running. It
+   * ends with `HEALTHY` (then `dialAttempt` resets) or with any failure (then it does not).
+   */
+  probation: boolean;
+  /** What the platform last said about the network (`NETWORK_ONLINE` / `NETWORK_OFFLINE`). */
+  online: boolean;
+  /** The last dial (or HTTP request) was refused with 401 and the next one re-resolves the credentials. */
+  authRetry: boolean;
 }
 
 export type ConnectionEvent =
@@ -122,7 +135,14 @@ export type ConnectionEvent =
   | { type: 'WS.OPEN' }
   | { type: 'WS.DOWN'; code: number; reason: string; wasOpen: boolean }
   | { type: 'FRAME'; frame: ServerEnvelope }
-  | { type: 'BAD_FRAME'; reason: string };
+  | { type: 'BAD_FRAME'; reason: string }
+  /** Raised by the chart itself `healthyAfter` after a socket opened, unless it failed since. */
+  | { type: 'HEALTHY' }
+  /** The platform's network signals (`online` / `offline` events, or `client.network`). */
+  | { type: 'NETWORK_ONLINE' }
+  | { type: 'NETWORK_OFFLINE' }
+  /** The page became visible again (`visibilitychange`), or `client.network.visible()`. */
+  | { type: 'VISIBLE' };
 
 export type SettledEvent =
   | {
@@ -193,17 +213,32 @@ export const connectionMachine = setup({
     ackTimeout: ({ context }) => context.timeout,
     /** T more, after the ACK, for the response (2T in all). */
     synTimeout: ({ context }) => context.timeout,
-    /** Redial backoff: T/2 · 2^attempt, capped, with jitter in [50 %, 100 %]. */
+    /**
+     * Redial backoff: min(maxBackoff, T/2 · 2^attempt) · jitter, jitter uniform in [0.5, 1]: the
+     * upper bound is min(maxBackoff, T/2 · 2^attempt). `dialAttempt` resets only when a socket
+     * stayed healthy for `healthyAfter`, so sockets that die young keep the backoff growing.
+     */
     redialBackoff: ({ context }) =>
       Math.min(context.maxBackoff, (context.timeout / 2) * 2 ** context.dialAttempt) *
       (0.5 + context.random() / 2),
-    /** HTTP retry: the server's Retry-After when it gave one, else T/4 · 2^attempt with jitter. */
+    /**
+     * HTTP retry: min(maxBackoff, T/4 · 2^attempt) · jitter in [0.5, 1]; when the server gave a
+     * Retry-After, that · jitter in [1, 1.5] (never earlier than asked, spread so that the
+     * clients one overloaded server answered together do not come back together).
+     */
     httpBackoff: ({ context }) =>
-      context.retryAfterMs ??
-      Math.min(context.maxBackoff, (context.timeout / 4) * 2 ** context.httpAttempt) *
-        (0.5 + context.random() / 2),
-    /** Polling period while degraded; a sick socket is re-pinged on the same beat. */
-    pollInterval: ({ context }) => context.pollInterval,
+      context.retryAfterMs !== null
+        ? context.retryAfterMs * (1 + context.random() / 2)
+        : Math.min(context.maxBackoff, (context.timeout / 4) * 2 ** context.httpAttempt) *
+          (0.5 + context.random() / 2),
+    /**
+     * Polling beat while degraded (a sick socket is re-pinged on the same beat):
+     * pollInterval · jitter in [0.5, 1], so the clients one restart dropped together do not poll
+     * in lockstep. Upper bound: pollInterval.
+     */
+    pollInterval: ({ context }) => context.pollInterval * (0.5 + context.random() / 2),
+    /** 2T: how long a socket must stay open with nothing failing before it counts healthy. */
+    healthyAfter: ({ context }) => 2 * context.timeout,
     /** 2T for an HTTP request to be answered (one sync, request to response); then it is retried. */
     httpTimeout: ({ context }) => 2 * context.timeout,
   },
@@ -233,6 +268,15 @@ export const connectionMachine = setup({
       return f?.type === 'ACK' || f?.type === 'SYN';
     },
     httpRetry: ({ event }) => (event as unknown as { output: HttpOutcome }).output.kind === 'retry',
+    httpUnauthorized: ({ event }) =>
+      (event as unknown as { output: HttpOutcome }).output.kind === 'unauthorized',
+    /** A dial refused with 401 (the upgrade's status), the first time: re-resolve and redial at once. */
+    dialRefusedFirst: ({ context, event }) =>
+      event.type === 'WS.DOWN' && !event.wasOpen && event.code === 401 && !context.authRetry,
+    /** A dial refused with 401 again, right after the credentials were resolved afresh. */
+    dialRefusedAgain: ({ context, event }) =>
+      event.type === 'WS.DOWN' && !event.wasOpen && event.code === 401 && context.authRetry,
+    isOffline: ({ context }) => !context.online,
   },
   actions: {
     enqueue: assign({
@@ -295,7 +339,33 @@ export const connectionMachine = setup({
       enqueue.assign({ counter: context.counter + 1, pingId: id });
       enqueue.sendTo('socket', { type: 'SEND', frame: { id, type: 'PNG' } });
     }),
-    pingAcked: assign({ pingId: null, missedPings: 0, dialAttempt: 0 }),
+    pingAcked: assign({ pingId: null, missedPings: 0 }),
+    /** A sick socket that answered a ping again starts a new probation (unless one is running). */
+    restartProbationIfIdle: enqueueActions(({ context, enqueue }) => {
+      if (context.probation) return;
+      enqueue.raise({ type: 'HEALTHY' }, { id: 'healthy', delay: 'healthyAfter' });
+      enqueue.assign({ probation: true });
+    }),
+    endProbation: enqueueActions(({ context, enqueue }) => {
+      if (!context.probation) return;
+      enqueue.cancel('healthy');
+      enqueue.assign({ probation: false });
+    }),
+    /** The socket stayed healthy for `healthyAfter`: the redial backoff starts over. */
+    markHealthy: assign({ probation: false, dialAttempt: 0 }),
+    setOnline: assign({ online: true }),
+    setOffline: assign({ online: false }),
+    markAuthRetry: assign({ authRetry: true }),
+    failUnauthorized: emit(({ event }) => ({
+      type: 'failure' as const,
+      kind: 'unauthorized' as const,
+      code: 401,
+      reason:
+        event.type === 'WS.DOWN'
+          ? 'upgrade refused with 401 twice'
+          : ((event as unknown as { output?: HttpOutcome }).output as { reason?: string } | undefined)
+              ?.reason,
+    })),
     pingMissed: assign({ pingId: null, missedPings: ({ context }) => context.missedPings + 1 }),
     /** Settle the request in flight with the response or NAK in the event. */
     settleInflight: enqueueActions(({ context, event, enqueue }) => {
@@ -306,15 +376,25 @@ export const connectionMachine = setup({
       enqueue.emit(settledFor(inflight, f));
     }),
     dial: sendTo('socket', { type: 'DIAL' }),
-    drop: enqueueActions(({ enqueue }) => {
+    drop: enqueueActions(({ context, enqueue }) => {
       enqueue.sendTo('socket', { type: 'DROP' });
-      enqueue.assign({ socketOpen: false, pingId: null });
+      if (context.probation) enqueue.cancel('healthy');
+      enqueue.assign({ socketOpen: false, pingId: null, probation: false });
     }),
-    socketOpened: assign({ socketOpen: true, missedPings: 0, pingId: null }),
-    socketDown: assign({
-      socketOpen: false,
-      pingId: null,
-      dialAttempt: ({ context }) => context.dialAttempt + 1,
+    socketOpened: enqueueActions(({ enqueue }) => {
+      enqueue.assign({ socketOpen: true, missedPings: 0, pingId: null, authRetry: false });
+      enqueue.cancel('healthy');
+      enqueue.raise({ type: 'HEALTHY' }, { id: 'healthy', delay: 'healthyAfter' });
+      enqueue.assign({ probation: true });
+    }),
+    socketDown: enqueueActions(({ context, enqueue }) => {
+      if (context.probation) enqueue.cancel('healthy');
+      enqueue.assign({
+        socketOpen: false,
+        pingId: null,
+        probation: false,
+        dialAttempt: context.dialAttempt + 1,
+      });
     }),
     socketReady: emit({ type: 'socketReady' as const }),
     poll: emit({ type: 'poll' as const }),
@@ -401,6 +481,9 @@ export const connectionMachine = setup({
     dialAttempt: 0,
     httpAttempt: 0,
     retryAfterMs: null,
+    probation: false,
+    online: true,
+    authRetry: false,
   }),
   invoke: { id: 'socket', src: 'socket', input: ({ context }) => ({ clientId: context.clientId }) },
   initial: 'connecting',
@@ -409,13 +492,25 @@ export const connectionMachine = setup({
     FRAME: { actions: 'onFrame' },
     BAD_FRAME: { actions: 'onBadFrame' },
     CLOSE: '.closed',
+    HEALTHY: { actions: 'markHealthy' },
+    NETWORK_ONLINE: { actions: 'setOnline' },
+    NETWORK_OFFLINE: { actions: 'setOffline' },
   },
   states: {
     connecting: {
       entry: 'dial',
       on: {
         'WS.OPEN': { target: 'open', actions: ['socketOpened', 'socketReady'] },
-        'WS.DOWN': { target: 'degraded', actions: ['socketDown', 'failClose'] },
+        'WS.DOWN': [
+          {
+            guard: 'dialRefusedFirst',
+            target: '#connection.degraded.socket.dialling',
+            actions: ['socketDown', 'failClose', 'markAuthRetry'],
+          },
+          { target: 'degraded', actions: ['socketDown', 'failClose'] },
+        ],
+        // Offline: stop dialling until the network is back.
+        NETWORK_OFFLINE: { target: 'degraded', actions: ['drop', 'setOffline'] },
       },
       after: { connectTimeout: { target: 'degraded', actions: ['drop', 'failDialTimeout'] } },
     },
@@ -430,7 +525,11 @@ export const connectionMachine = setup({
       },
       states: {
         idle: {
-          on: { FRAME: { guard: 'isAckOrReply', target: 'idle', reenter: true } },
+          on: {
+            FRAME: { guard: 'isAckOrReply', target: 'idle', reenter: true },
+            // The page came back to the foreground: check the socket now, not at the next keepalive.
+            VISIBLE: { target: 'pinging', actions: 'sendPing' },
+          },
           after: { keepalive: { target: 'pinging', actions: 'sendPing' } },
         },
         pinging: {
@@ -464,7 +563,8 @@ export const connectionMachine = setup({
     },
     degraded: {
       type: 'parallel',
-      entry: 'markInflightHttp',
+      // A socket that failed in any way is no longer on probation.
+      entry: ['markInflightHttp', 'endProbation'],
       on: {
         // A late response on the socket still settles the batch (the server deduped the HTTP copy).
         FRAME: [{ guard: 'isReplyForInflight', actions: 'settleInflight' }, { actions: 'onFrame' }],
@@ -491,6 +591,7 @@ export const connectionMachine = setup({
                   },
                 }),
                 onDone: [
+                  { guard: 'httpUnauthorized', target: '#connection.unauthorized' },
                   { guard: 'httpRetry', target: 'retryWait', actions: 'httpFailed' },
                   { target: 'settling', actions: 'applyHttpReply' },
                 ],
@@ -531,6 +632,7 @@ export const connectionMachine = setup({
               on: {
                 // This handler replaces the root's for the event, so it enqueues too.
                 SEND: { guard: 'canRePing', target: 'rePinging', actions: ['enqueue', 'sendPing'] },
+                VISIBLE: { guard: 'canRePing', target: 'rePinging', actions: 'sendPing' },
                 'WS.DOWN': { target: 'down', actions: ['socketDown', 'failClose'] },
               },
               after: { pollInterval: { guard: 'canRePing', target: 'rePinging', actions: 'sendPing' } },
@@ -540,21 +642,40 @@ export const connectionMachine = setup({
                 FRAME: {
                   guard: 'isAckForPing',
                   target: '#connection.open',
-                  actions: ['pingAcked', 'socketReady'],
+                  actions: ['pingAcked', 'restartProbationIfIdle', 'socketReady'],
                 },
                 'WS.DOWN': { target: 'down', actions: ['socketDown', 'failClose'] },
               },
               after: { pingTimeout: { target: 'sick', actions: ['pingMissed', 'failPingTimeout'] } },
             },
-            /** No socket: wait out the backoff, then dial again. */
+            /** No socket: wait out the backoff, then dial again; the network coming back skips it. */
             down: {
+              always: { guard: 'isOffline', target: 'offline' },
+              on: {
+                NETWORK_ONLINE: { target: 'dialling', actions: 'setOnline' },
+                NETWORK_OFFLINE: { target: 'offline', actions: 'setOffline' },
+              },
               after: { redialBackoff: 'dialling' },
+            },
+            /** The platform says there is no network: no dialling until it says there is. */
+            offline: {
+              on: { NETWORK_ONLINE: { target: 'dialling', actions: 'setOnline' } },
             },
             dialling: {
               entry: 'dial',
               on: {
                 'WS.OPEN': { target: 'rePinging', actions: ['socketOpened', 'sendPing'] },
-                'WS.DOWN': { target: 'down', actions: ['socketDown', 'failClose'] },
+                'WS.DOWN': [
+                  { guard: 'dialRefusedAgain', target: '#connection.unauthorized' },
+                  {
+                    guard: 'dialRefusedFirst',
+                    target: 'dialling',
+                    reenter: true,
+                    actions: ['socketDown', 'failClose', 'markAuthRetry'],
+                  },
+                  { target: 'down', actions: ['socketDown', 'failClose'] },
+                ],
+                NETWORK_OFFLINE: { target: 'offline', actions: ['drop', 'setOffline'] },
               },
               after: {
                 connectTimeout: { target: 'down', actions: ['drop', 'socketDown', 'failDialTimeout'] },
@@ -565,6 +686,12 @@ export const connectionMachine = setup({
       },
     },
     closed: { type: 'final', entry: 'drop' },
+    /**
+     * Refused twice in a row (401), the second time with credentials resolved afresh: the
+     * client stops rather than redial forever; `state$` reports `closed`, pending sends reject
+     * with `SyncError('unauthorized')`.
+     */
+    unauthorized: { type: 'final', entry: ['drop', 'failUnauthorized'] },
   },
 });
 
@@ -593,6 +720,7 @@ export type ConnectionSnapshot = SnapshotFrom<ConnectionMachine>;
 /** The flat name `state$` reports for a snapshot; deeper detail stays in the snapshot. */
 export function flatState(snapshot: { value: unknown; status?: string }): ConnectionState {
   const v = snapshot.value;
+  if (v === 'unauthorized') return 'closed';
   if (typeof v === 'string') return v as ConnectionState;
   if (v && typeof v === 'object') {
     if ('open' in v) return 'open';

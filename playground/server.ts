@@ -31,7 +31,7 @@ export interface PlaygroundOptions {
   host?: string;
   /** Folder of the SQLite file (`playground.db`). @default './.data' */
   dataDir?: string;
-  /** The timeout T the page gives its clients, in ms; `?T=` in the page overrides it. @default 15000 */
+  /** The timeout T the page gives its clients, in ms; `?T=` in the page overrides it. @default 2000 (the playground shows faults within seconds; the client's own default is 15000) */
   timeout?: number;
   /** Build the pages with Vite before serving (skip only when visualizer/dist is fresh). @default true */
   build?: boolean;
@@ -104,7 +104,7 @@ function listen(server: Server, port: number, host: string): Promise<number> {
 export async function startPlayground(options: PlaygroundOptions = {}): Promise<Playground> {
   const host = options.host ?? '127.0.0.1';
   const log = options.log ?? ((line: string) => console.log(line));
-  const timeout = options.timeout ?? 15_000;
+  const timeout = options.timeout ?? 2000;
   const dataDir = resolve(options.dataDir ?? '.data');
   mkdirSync(dataDir, { recursive: true });
   const dbFile = join(dataDir, 'playground.db');

@@ -4,7 +4,7 @@
  * TypeScript sources, so a fresh clone needs only `npm install`.
  *
  * Environment: PORT (pages, relay; default 4300), SYNC_PORT (sync server; default 4301),
- * HOST (default 127.0.0.1), DATA_DIR (default ./.data), T (timeout in ms; default 15000).
+ * HOST (default 127.0.0.1), DATA_DIR (default ./.data), T (timeout in ms; default 2000, so that faults show within seconds; production clients default to 15000).
  */
 import { register } from 'tsx/esm/api';
 
@@ -17,7 +17,7 @@ const options = {
   syncPort: num(process.env.SYNC_PORT, 4301),
   host: process.env.HOST || '127.0.0.1',
   dataDir: process.env.DATA_DIR || '.data',
-  timeout: num(process.env.T, 15_000),
+  timeout: num(process.env.T, 2000),
 };
 
 let pg;

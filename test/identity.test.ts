@@ -62,7 +62,7 @@ const authenticate = (req: IncomingMessage): User | null => {
 /** Every result says who it was applied for and which op it was: nothing can be mistaken. */
 function recorder() {
   const applied: { by: string; op: unknown }[] = [];
-  const onSync: SyncServerOptions<User>['onSync'] = (ops, ctx) =>
+  const onSync: SyncServerOptions<unknown, unknown, User>['onSync'] = (ops, ctx) =>
     ops.map((op) => {
       applied.push({ by: ctx.principal.id, op });
       return { by: ctx.principal.id, op };
@@ -76,7 +76,7 @@ function recorder() {
  */
 interface Setup {
   name: string;
-  start(opts: Partial<SyncServerOptions<User>>): Promise<[SyncServer, SyncServer]>;
+  start(opts: Partial<SyncServerOptions<unknown, unknown, User>>): Promise<[SyncServer, SyncServer]>;
 }
 
 const setups: Setup[] = [

@@ -56,7 +56,18 @@ function eventsFor(s: ConnectionSnapshot): Ev[] {
     for (const type of node.transitions.keys()) types.add(type);
   }
   const dialling = has(s, 'connecting') || has(s, { degraded: { socket: 'dialling' } } as never);
+  const down = has(s, { degraded: { socket: 'down' } } as never);
   const out: Ev[] = [];
+  // Offline, the walk only brings the socket down or the network back (or closes): every other
+  // event behaves as online, and exploring them all twice would double the graph for nothing.
+  if (!ctx.online) {
+    for (const type of types) {
+      if (type === 'NETWORK_ONLINE' || type === 'CLOSE') out.push({ type });
+      else if (type === 'WS.DOWN' && ctx.socketOpen)
+        out.push({ type, code: 1006, reason: '', wasOpen: true });
+    }
+    return out;
+  }
   for (const type of types) {
     if (type.startsWith('xstate.after.')) {
       out.push({ type });
@@ -74,6 +85,20 @@ function eventsFor(s: ConnectionSnapshot): Ev[] {
         break;
       case 'WS.DOWN':
         if (ctx.socketOpen || dialling) out.push({ type, code: 1006, reason: '', wasOpen: ctx.socketOpen });
+        // An upgrade refused with 401 (how `ws` reports it; the transport turns it into the code).
+        if (dialling && !ctx.socketOpen) out.push({ type, code: 401, reason: '', wasOpen: false });
+        break;
+      case 'HEALTHY':
+        if (ctx.probation) out.push({ type });
+        break;
+      case 'NETWORK_OFFLINE':
+        if (dialling || down || has(s, { open: 'idle' } as never)) out.push({ type });
+        break;
+      case 'NETWORK_ONLINE':
+        if (down) out.push({ type });
+        break;
+      case 'VISIBLE':
+        out.push({ type });
         break;
       case 'BAD_FRAME':
         if (ctx.socketOpen) out.push({ type, reason: 'bad_request: frame is not JSON' });
@@ -112,6 +137,7 @@ function eventsFor(s: ConnectionSnapshot): Ev[] {
         });
         out.push({ type, output: { kind: 'reply', status: 200, frames: [ack] } });
         out.push({ type, output: { kind: 'retry', status: 503, reason: 'HTTP 503', retryAfterMs: 2000 } });
+        out.push({ type, output: { kind: 'unauthorized', reason: 'HTTP 401 twice' } });
         break;
       }
       case 'xstate.error.actor.http':
@@ -137,6 +163,9 @@ const summary = (c: ConnectionContext) => ({
   dialAttempt: Math.min(c.dialAttempt, 1),
   httpAttempt: Math.min(c.httpAttempt, 1),
   retryAfterMs: c.retryAfterMs,
+  probation: c.probation,
+  online: c.online,
+  authRetry: c.authRetry,
 });
 
 const serializeState = (s: ConnectionSnapshot) =>
@@ -150,6 +179,9 @@ const serializeState = (s: ConnectionSnapshot) =>
     s.context.socketOpen,
     Math.min(s.context.dialAttempt, 1),
     Math.min(s.context.httpAttempt, 1),
+    s.context.probation,
+    s.context.online,
+    s.context.authRetry,
   ]);
 
 const serializeEvent = (e: Ev) => {
@@ -157,6 +189,7 @@ const serializeEvent = (e: Ev) => {
   if (type === 'SEND') return 'SEND';
   return JSON.stringify([
     type,
+    rest.code ?? '',
     rest.frame
       ? [(rest.frame as Ev).type, (rest.frame as { id: string }).id === 'stale:1']
       : (rest.output ?? rest.error ?? ''),
@@ -173,13 +206,17 @@ function expectedDelay(name: string, c: ConnectionContext): number {
     case 'synTimeout':
       return c.timeout;
     case 'pollInterval':
-      return c.pollInterval;
+      return c.pollInterval * (0.5 + c.random() / 2);
     case 'httpTimeout':
       return 2 * c.timeout;
     case 'redialBackoff':
-      return Math.min(c.maxBackoff, (c.timeout / 2) * 2 ** c.dialAttempt);
+      return Math.min(c.maxBackoff, (c.timeout / 2) * 2 ** c.dialAttempt) * (0.5 + c.random() / 2);
     case 'httpBackoff':
-      return c.retryAfterMs ?? Math.min(c.maxBackoff, (c.timeout / 4) * 2 ** c.httpAttempt);
+      return c.retryAfterMs !== null
+        ? c.retryAfterMs * (1 + c.random() / 2)
+        : Math.min(c.maxBackoff, (c.timeout / 4) * 2 ** c.httpAttempt) * (0.5 + c.random() / 2);
+    case 'healthyAfter':
+      return 2 * c.timeout;
     default:
       throw new Error(`unknown delay ${name}`);
   }
@@ -268,7 +305,12 @@ async function exec(h: Harness, e: Ev, model: ConnectionSnapshot, before: Connec
         rec.error = error;
       },
     );
-  } else if (e.type === 'CLOSE') await h.client.close();
+  } else if (e.type === 'HEALTHY') {
+    expect(h.clock.fire('HEALTHY'), 'healthyAfter delay').toBe(expectedDelay('healthyAfter', before.context));
+  } else if (e.type === 'NETWORK_ONLINE') h.client.network.online();
+  else if (e.type === 'NETWORK_OFFLINE') h.client.network.offline();
+  else if (e.type === 'VISIBLE') h.client.network.visible();
+  else if (e.type === 'CLOSE') await h.client.close();
   else if (e.type === 'WS.OPEN') ws().open();
   else if (e.type === 'WS.DOWN') ws().drop(e.code as number);
   else if (e.type === 'BAD_FRAME') ws().receive('this is not json');
@@ -279,7 +321,12 @@ async function exec(h: Harness, e: Ev, model: ConnectionSnapshot, before: Connec
     const out = e.output as { kind: string; frames?: unknown[]; retryAfterMs?: number };
     if (out.kind === 'reply')
       h.fetch.reply(out.frames!.map((f) => translate(f, model.context, before.context)));
-    else h.fetch.status(503, { 'retry-after': String((out.retryAfterMs ?? 0) / 1000) });
+    else if (out.kind === 'unauthorized') {
+      // Refused, the credentials resolved again and the request retried at once, refused again.
+      h.fetch.status(401);
+      await flush();
+      h.fetch.status(401);
+    } else h.fetch.status(503, { 'retry-after': String((out.retryAfterMs ?? 0) / 1000) });
   } else if (e.type === 'xstate.error.actor.http') h.fetch.networkError();
   else throw new Error(`no executor for ${e.type}`);
   await flush();

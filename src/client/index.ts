@@ -41,13 +41,14 @@ import {
 import { ChannelCursors, type SnapshotEvent, type SubscribeOptions } from './channels.js';
 import { MapOutbox, memoryStorage, type OutboxEntry, type SyncOutbox, type SyncStorage } from './storage.js';
 import {
-  deriveHttpUrl,
   type FaultSwitches,
   httpActor,
+  type Resolvable,
   socketActor,
   type WebSocketConstructor,
   type WebSocketLike,
 } from './transports.js';
+import { validateOptions } from './validate.js';
 
 export type { ConnectionState, FailureKind } from '../../machines/connection.js';
 export { connectionMachine, flatState, STATE_NAMES } from '../../machines/connection.js';
@@ -73,16 +74,20 @@ export {
   type WebStorageOptions,
   webStorage,
 } from './storage.js';
-export type { FaultSwitches, WebSocketConstructor, WebSocketLike } from './transports.js';
+export type { FaultSwitches, Resolvable, WebSocketConstructor, WebSocketLike } from './transports.js';
+
+/** A network or page signal, as browsers report them (see `SyncClient.network`). */
+export type NetworkSignal = 'online' | 'offline' | 'visible';
 
 export interface SyncClientOptions {
   /**
    * WebSocket endpoint, e.g. `wss://example.org/sync`. Several URLs (server processes) are
-   * tried in turn on each redial.
+   * tried in turn on each redial. May be a function (sync or async), called for each dial and
+   * each HTTP request.
    */
-  url: string | string[];
-  /** HTTP endpoint for the fallback. @default `url` with ws→http, wss→https */
-  httpUrl?: string | string[];
+  url: Resolvable<string | string[]>;
+  /** HTTP endpoint for the fallback (a value or a function, like `url`). @default `url` with ws→http, wss→https */
+  httpUrl?: Resolvable<string | string[]>;
   /** T, in milliseconds: every timeout of the statechart derives from it. @default 15000 */
   timeout?: number;
   /** Operations per SYN. @default 100 */
@@ -115,10 +120,29 @@ export interface SyncClientOptions {
   WebSocket?: WebSocketConstructor;
   /** fetch implementation. @default globalThis.fetch */
   fetch?: typeof fetch;
-  /** Extra query parameters on the socket URL (e.g. a token). @default {} */
-  params?: Record<string, string>;
-  /** Extra headers on HTTP requests. @default {} */
-  headers?: Record<string, string>;
+  /**
+   * Extra query parameters on the socket URL (e.g. a token), or a function returning them
+   * (sync or async), called for each dial: how an expiring token is refreshed. After a dial
+   * refused with 401 it is called again and the client redials at once; a second 401 in a row
+   * stops the client (`failures$` kind `unauthorized`, pending sends reject with
+   * `SyncError('unauthorized')`). Browsers do not expose the status of a refused upgrade, so
+   * there the HTTP side's 401 is what detects it. @default {}
+   */
+  params?: Resolvable<Record<string, string>>;
+  /** Extra headers on HTTP requests, or a function returning them, called for each request (same 401 rule). @default {} */
+  headers?: Resolvable<Record<string, string>>;
+  /**
+   * Listen to the browser's `online`/`offline` (window) and `visibilitychange` (document)
+   * events and feed them to the chart (`NETWORK_ONLINE`, `NETWORK_OFFLINE`, `VISIBLE`).
+   * `false` leaves them alone; feed the same signals with `client.network` or `signals`.
+   * @default true where `window` and `document` exist
+   */
+  browserSignals?: boolean;
+  /**
+   * Signals from elsewhere (React Native's NetInfo / AppState, Node): any subscribable of
+   * `'online' | 'offline' | 'visible'`, e.g. an RxJS Observable. @default none
+   */
+  signals?: { subscribe(next: (signal: NetworkSignal) => void): { unsubscribe(): void } };
   /** XState inspection observer (see `syncwire/inspect`). @default none */
   inspect?: Observer<InspectionEvent> | ((event: InspectionEvent) => void);
   /** Telemetry hook: called with every `failures$` event (send them to Sentry). @default none */
@@ -289,6 +313,12 @@ export interface SyncClient<Op = unknown, Result = unknown> {
   readonly actor: ConnectionActor;
   /** Fault switches and a socket killer, for the playground and chaos testing. */
   readonly debug: { faults: FaultSwitches; killSocket(): boolean };
+  /**
+   * Feed the platform's signals by hand (React Native, Node, tests): `online()` redials at
+   * once, skipping the backoff; `offline()` stops dialling until `online()`; `visible()` checks
+   * the socket at once with a `PNG`.
+   */
+  readonly network: { online(): void; offline(): void; visible(): void };
 }
 
 interface Waiter {
@@ -326,18 +356,12 @@ const DEFAULTS = {
 export function createSyncClient<Op = unknown, Result = unknown>(
   options: SyncClientOptions,
 ): SyncClient<Op, Result> {
+  validateOptions(options);
   const timeout = options.timeout ?? DEFAULTS.timeout;
   const maxBatch = options.maxBatch ?? DEFAULTS.maxBatch;
   const maxQueue = options.maxQueue ?? DEFAULTS.maxQueue;
   const storage = options.storage ?? memoryStorage();
   const storageKey = options.storageKey ?? DEFAULTS.storageKey;
-  const urls = Array.isArray(options.url) ? options.url : [options.url];
-  if (urls.length === 0) throw new TypeError('syncwire: url is required');
-  const httpUrls = options.httpUrl
-    ? Array.isArray(options.httpUrl)
-      ? options.httpUrl
-      : urls.map(() => options.httpUrl as string)
-    : urls.map(deriveHttpUrl);
   const WS = options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
   if (!WS)
     throw new TypeError('syncwire: no WebSocket implementation; pass options.WebSocket (e.g. from "ws")');
@@ -355,8 +379,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   const faults: FaultSwitches = { dropAcks: false, blackhole: false, blockHttp: false };
   let liveSocket: WebSocketLike | null = null;
   const transport = {
-    urls,
-    httpUrls,
+    urls: options.url,
+    httpUrls: options.httpUrl,
     WebSocket: WS,
     fetch: fetchImpl,
     params: options.params ?? {},
@@ -607,6 +631,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   }
   const steps: Step[] = [];
   let ready = false;
+  /** Network signals that arrived before the actor started (identity or outbox loading). */
+  const earlySignals: NetworkSignal[] = [];
   let pumping = false;
   const pump = () => {
     if (pumping || !ready) return;
@@ -853,6 +879,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       }
       case 'failure': {
         const f: Failure = { kind: e.kind, state: stateSubject.value, at: Date.now() };
+        if (e.kind === 'unauthorized')
+          queueMicrotask(() => shutdown(new SyncError('unauthorized', e.reason ?? 'refused with 401 twice')));
         if (e.code !== undefined) f.code = e.code;
         if (e.reason !== undefined) f.reason = e.reason;
         reportFailure(f);
@@ -933,6 +961,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     });
     actor.on('*', onEmitted);
     actor.start();
+    for (const sig of earlySignals.splice(0)) actor.send(signalEvent(sig));
   };
 
   const adopt = async (orphanId: string) => {
@@ -1012,6 +1041,96 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   };
   const initResult = init();
   const loaded = Promise.resolve(initResult);
+
+  // The platform's signals: the browser's events unless disabled, and any `signals` source.
+  const signal = (sig: NetworkSignal) => {
+    if (closed) return;
+    if (!ready) earlySignals.push(sig);
+    else actor.send(signalEvent(sig));
+  };
+  const teardown: Array<() => void> = [];
+  const g = globalThis as {
+    window?: {
+      addEventListener(t: string, f: () => void): void;
+      removeEventListener(t: string, f: () => void): void;
+    };
+    document?: {
+      visibilityState?: string;
+      addEventListener(t: string, f: () => void): void;
+      removeEventListener(t: string, f: () => void): void;
+    };
+    navigator?: { onLine?: boolean };
+  };
+  if (options.browserSignals !== false && g.window?.addEventListener && g.document?.addEventListener) {
+    const win = g.window;
+    const doc = g.document;
+    const onOnline = () => signal('online');
+    const onOffline = () => signal('offline');
+    const onVisibility = () => {
+      if (doc.visibilityState === 'visible') signal('visible');
+    };
+    win.addEventListener('online', onOnline);
+    win.addEventListener('offline', onOffline);
+    doc.addEventListener('visibilitychange', onVisibility);
+    teardown.push(() => {
+      win.removeEventListener('online', onOnline);
+      win.removeEventListener('offline', onOffline);
+      doc.removeEventListener('visibilitychange', onVisibility);
+    });
+    if (g.navigator?.onLine === false) signal('offline');
+  }
+  if (options.signals) {
+    const sub = options.signals.subscribe(signal);
+    teardown.push(() => sub.unsubscribe());
+  }
+
+  /**
+   * Stop for good: reject every pending promise with `err` (`closed`, or `unauthorized` when
+   * the chart gave up after two 401s), complete the streams. Operations stay in the durable
+   * outbox either way.
+   */
+  const shutdown = async (err: SyncError): Promise<void> => {
+    if (closed) return;
+    // Operations accepted this tick are written to the outbox before the client goes.
+    flushBurst();
+    // Applied batches still waiting for their channel messages settle with their results.
+    releaseHeld(true);
+    closed = true;
+    cancelRetry();
+    for (const t of teardown) t();
+    // An actor not started yet (identity or outbox still loading) is never started.
+    if (ready && actor.getSnapshot().status === 'active') actor.send({ type: 'CLOSE' });
+    // The promises end here; the operations stay in the durable outbox, and the next client
+    // on the same storage sends them (their outcomes then arrive on its `restored$`).
+    for (const w of waiters.values()) w.reject(err);
+    waiters.clear();
+    // Children of the connection actor: they end with it; their state says unsubscribed.
+    for (const a of subActors.values()) a.send({ type: 'UNSUBSCRIBE' });
+    stopWatching?.();
+    await Promise.all([...adopted].map((c) => c.close()));
+    try {
+      await releaseLock?.();
+    } catch (lockErr) {
+      storageFailed(lockErr);
+    }
+    stateSubject.next('closed');
+    pending$.next(0);
+    for (const s of [
+      ...Object.values(lists),
+      messages$,
+      failures$,
+      resets$,
+      refused$,
+      snapshots$,
+      rejected$,
+      restored$,
+      send$,
+      pending$,
+    ])
+      s.complete();
+    stateSubject.complete();
+    subscriptionsSubject.complete();
+  };
 
   const send = (op: Op): Promise<Result> =>
     new Promise<Result>((resolve, reject) => {
@@ -1110,46 +1229,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       return pending$.value;
     },
     async close() {
-      if (closed) return;
-      // Operations accepted this tick are written to the outbox before the client goes.
-      flushBurst();
-      // Applied batches still waiting for their channel messages settle with their results.
-      releaseHeld(true);
-      closed = true;
-      cancelRetry();
-      // An actor not started yet (identity or outbox still loading) is never started.
-      if (ready) actor.send({ type: 'CLOSE' });
-      // The promises end here; the operations stay in the durable outbox, and the next client
-      // on the same storage sends them (their outcomes then arrive on its `restored$`).
-      const err = new SyncError('closed', 'the client was closed before this settled');
-      for (const w of waiters.values()) w.reject(err);
-      waiters.clear();
-      // Children of the connection actor: they end with it; their state says unsubscribed.
-      for (const a of subActors.values()) a.send({ type: 'UNSUBSCRIBE' });
-      stopWatching?.();
-      await Promise.all([...adopted].map((c) => c.close()));
-      try {
-        await releaseLock?.();
-      } catch (err) {
-        storageFailed(err);
-      }
-      stateSubject.next('closed');
-      pending$.next(0);
-      for (const s of [
-        ...Object.values(lists),
-        messages$,
-        failures$,
-        resets$,
-        refused$,
-        snapshots$,
-        rejected$,
-        restored$,
-        send$,
-        pending$,
-      ])
-        s.complete();
-      stateSubject.complete();
-      subscriptionsSubject.complete();
+      await shutdown(new SyncError('closed', 'the client was closed before this settled'));
     },
     get actor() {
       return actor;
@@ -1165,5 +1245,17 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         return true;
       },
     },
+    network: {
+      online: () => signal('online'),
+      offline: () => signal('offline'),
+      visible: () => signal('visible'),
+    },
   };
+}
+
+/** The chart's event for a platform signal. */
+function signalEvent(sig: NetworkSignal): { type: 'NETWORK_ONLINE' | 'NETWORK_OFFLINE' | 'VISIBLE' } {
+  if (sig === 'online') return { type: 'NETWORK_ONLINE' };
+  if (sig === 'offline') return { type: 'NETWORK_OFFLINE' };
+  return { type: 'VISIBLE' };
 }

@@ -8,17 +8,40 @@ import { fromCallback, fromPromise } from 'xstate';
 import type { ConnectionEvent, HttpInput, HttpOutcome, SocketCommand } from '../../machines/connection.js';
 import { parseServerFrame, type ServerEnvelope, validateServerEnvelope } from '../protocol/index.js';
 
+/**
+ * An event handler property, checked bivariantly (as DOM handlers are) so that the browser's
+ * `WebSocket` and `ws`'s (whose handlers take their own `Event` classes) both fit.
+ */
+type Handler<E> = { bivarianceHack(ev: E): void }['bivarianceHack'];
+
 /** The part of the WebSocket API syncwire uses; the browser's and `ws`'s both fit. */
 export interface WebSocketLike {
   readonly readyState: number;
   send(data: string): void;
   close(code?: number, reason?: string): void;
-  onopen: ((ev: unknown) => void) | null;
-  onclose: ((ev: { code: number; reason: string }) => void) | null;
-  onerror: ((ev: unknown) => void) | null;
-  onmessage: ((ev: { data: unknown }) => void) | null;
+  onopen: Handler<unknown> | null;
+  onclose: Handler<{ code: number; reason: string }> | null;
+  onerror: Handler<unknown> | null;
+  onmessage: Handler<{ data: unknown }> | null;
 }
-export type WebSocketConstructor = new (url: string) => WebSocketLike;
+/**
+ * A WebSocket class: the browser's, or `ws`'s `WebSocket` in Node. Declared with the
+ * `protocols` parameter and a structural instance type so that both typecheck as written
+ * (`createSyncClient({ url, WebSocket })` with `import { WebSocket } from 'ws'`).
+ */
+export type WebSocketConstructor = new (url: string, ...rest: any[]) => WebSocketLike;
+
+/**
+ * A value, or a function returning it (or a promise of it), called again for each dial and
+ * each HTTP request: how a token that expires is refreshed (graphql-ws `connectionParams`,
+ * centrifuge-js `getToken`, Ably `authCallback`).
+ */
+export type Resolvable<T> = T | (() => T | Promise<T>);
+
+/** Resolve a `Resolvable`: synchronously when it is a plain value or a sync function. */
+export function resolveValue<T>(v: Resolvable<T>): T | Promise<T> {
+  return typeof v === 'function' ? (v as () => T | Promise<T>)() : v;
+}
 
 /**
  * Faults a developer can switch on in one client, to see what syncwire does about them
@@ -34,15 +57,15 @@ export interface FaultSwitches {
 }
 
 export interface TransportConfig {
-  /** WebSocket URLs, tried in turn on each dial (failover). */
-  urls: string[];
-  /** HTTP URL for each WebSocket URL (same index). */
-  httpUrls: string[];
+  /** WebSocket URLs, tried in turn on each dial (failover); resolved again for each dial. */
+  urls: Resolvable<string | string[]>;
+  /** HTTP URL for each WebSocket URL (same index); `undefined`: derived from `urls`. */
+  httpUrls?: Resolvable<string | string[]>;
   WebSocket: WebSocketConstructor;
   fetch: typeof fetch;
-  /** Extra query parameters for the socket and headers for HTTP (authentication). */
-  params: Record<string, string>;
-  headers: Record<string, string>;
+  /** Extra query parameters for the socket and headers for HTTP (authentication), resolved per use. */
+  params: Resolvable<Record<string, string>>;
+  headers: Resolvable<Record<string, string>>;
   faults: FaultSwitches;
   /** Called with the live socket whenever one is dialled (for `killSocket()`). */
   onSocket?: (ws: WebSocketLike | null) => void;
@@ -70,11 +93,54 @@ export function deriveHttpUrl(wsUrl: string): string {
 
 const OPEN = 1;
 
+const asList = (v: string | string[]): string[] => (Array.isArray(v) ? v : [v]);
+
+/** Everything a dial needs, resolved: sync when every part is a plain value. */
+function resolveDial(config: TransportConfig):
+  | { urls: string[]; params: Record<string, string> }
+  | Promise<{
+      urls: string[];
+      params: Record<string, string>;
+    }> {
+  const urls = resolveValue(config.urls);
+  const params = resolveValue(config.params);
+  if (urls instanceof Promise || params instanceof Promise) {
+    return Promise.all([urls, params]).then(([u, p]) => ({ urls: asList(u), params: p ?? {} }));
+  }
+  return { urls: asList(urls), params: params ?? {} };
+}
+
+/** The HTTP URL for the cursor's index, and the headers, resolved for one request. */
+async function resolveHttp(
+  config: TransportConfig,
+  cursor: TransportCursor,
+): Promise<{ url: string; headers: Record<string, string> }> {
+  const [urls, headers] = await Promise.all([
+    resolveValue(config.httpUrls ?? config.urls),
+    resolveValue(config.headers),
+  ]);
+  const list = asList(urls);
+  if (list.length === 0) throw new TypeError('syncwire: url resolved to no URL');
+  const one = list[cursor.index % list.length]!;
+  return { url: config.httpUrls ? one : deriveHttpUrl(one), headers: headers ?? {} };
+}
+
+/** `ws` reports a refused upgrade as an error "Unexpected server response: 401"; browsers say nothing. */
+function upgradeStatus(ev: unknown): number | undefined {
+  const e = ev as { message?: unknown; error?: { message?: unknown } } | null;
+  const text = String(e?.message ?? e?.error?.message ?? '');
+  const m = /Unexpected server response: (\d{3})/.exec(text);
+  return m ? Number(m[1]) : undefined;
+}
+
 /** The socket actor: DIAL opens a new socket (dropping any old one), SEND writes, DROP closes. */
 export function socketActor(config: TransportConfig, cursor: TransportCursor) {
   return fromCallback<SocketCommand, { clientId: string }>(({ sendBack, receive, input }) => {
     let ws: WebSocketLike | null = null;
     let dials = 0;
+    /** Bumped by every DIAL and DROP: an async credential lookup that lost the race is dropped. */
+    let generation = 0;
+    let stopped = false;
 
     const detach = (sock: WebSocketLike | null) => {
       if (!sock) return;
@@ -90,14 +156,45 @@ export function socketActor(config: TransportConfig, cursor: TransportCursor) {
       }
     };
 
+    const failDial = (err: unknown) =>
+      sendBack({
+        type: 'WS.DOWN',
+        code: 1006,
+        reason: String(err),
+        wasOpen: false,
+      } satisfies ConnectionEvent);
+
     const dial = () => {
       detach(ws);
+      ws = null;
+      const mine = ++generation;
+      let resolved: ReturnType<typeof resolveDial>;
+      try {
+        resolved = resolveDial(config);
+      } catch (err) {
+        failDial(err);
+        return;
+      }
+      if (resolved instanceof Promise) {
+        resolved.then(
+          (r) => {
+            if (mine === generation && !stopped) open(r);
+          },
+          (err) => {
+            if (mine === generation && !stopped) failDial(err);
+          },
+        );
+      } else open(resolved);
+    };
+
+    const open = ({ urls, params }: { urls: string[]; params: Record<string, string> }) => {
+      if (urls.length === 0) return failDial(new TypeError('syncwire: url resolved to no URL'));
       // Failover: each dial after the first moves to the next URL, round robin.
-      if (dials++ > 0 && config.urls.length > 1) cursor.index = (cursor.index + 1) % config.urls.length;
-      const url = wsUrlWithParams(config.urls[cursor.index]!, input.clientId, config.params);
+      if (dials++ > 0 && urls.length > 1) cursor.index = (cursor.index + 1) % urls.length;
+      cursor.index %= urls.length;
       let sock: WebSocketLike;
       try {
-        sock = new config.WebSocket(url);
+        sock = new config.WebSocket(wsUrlWithParams(urls[cursor.index]!, input.clientId, params));
       } catch (err) {
         ws = null;
         sendBack({
@@ -112,6 +209,7 @@ export function socketActor(config: TransportConfig, cursor: TransportCursor) {
       config.onSocket?.(sock);
       let wasOpen = false;
       let down = false;
+      let refusedWith: number | undefined;
       sock.onopen = () => {
         wasOpen = true;
         sendBack({ type: 'WS.OPEN' } satisfies ConnectionEvent);
@@ -140,15 +238,18 @@ export function socketActor(config: TransportConfig, cursor: TransportCursor) {
         config.onSocket?.(null);
         sendBack({ type: 'WS.DOWN', code, reason, wasOpen } satisfies ConnectionEvent);
       };
-      sock.onclose = (ev) => onDown(ev.code, ev.reason);
-      sock.onerror = () => {
+      // A refused upgrade (Node's `ws` only) is reported with its HTTP status as the code.
+      sock.onclose = (ev) => onDown(!wasOpen && refusedWith !== undefined ? refusedWith : ev.code, ev.reason);
+      sock.onerror = (ev) => {
         // A browser gives no detail on errors; the close that follows carries the code.
+        refusedWith = upgradeStatus(ev) ?? refusedWith;
       };
     };
 
     receive((cmd) => {
       if (cmd.type === 'DIAL') dial();
       else if (cmd.type === 'DROP') {
+        generation++;
         const sock = ws;
         ws = null;
         config.onSocket?.(null);
@@ -164,6 +265,7 @@ export function socketActor(config: TransportConfig, cursor: TransportCursor) {
       }
     });
     return () => {
+      stopped = true;
       const sock = ws;
       ws = null;
       detach(sock);
@@ -185,13 +287,27 @@ export function httpActor(config: TransportConfig, cursor: TransportCursor, getC
   return fromPromise<HttpOutcome, HttpInput>(async ({ input, signal }) => {
     if (config.faults.blockHttp) throw new Error('network: http blocked (fault switch)');
     const { envelope } = input;
-    // A network error rejects: the chart's onError edge retries it with backoff.
-    const res = await config.fetch(config.httpUrls[cursor.index]!, {
-      method: 'POST',
-      headers: { 'content-type': 'application/json', 'x-client-id': getClientId(), ...config.headers },
-      body: JSON.stringify(envelope),
-      signal,
-    });
+    // A network error rejects: the chart's onError edge retries it with backoff. The URL and
+    // headers are resolved for each request; a 401 resolves them once more and retries at
+    // once (a token refresh), and a second 401 is final.
+    const post = async () => {
+      const { url, headers } = await resolveHttp(config, cursor);
+      return config.fetch(url, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json', 'x-client-id': getClientId(), ...headers },
+        body: JSON.stringify(envelope),
+        signal,
+      });
+    };
+    let res = await post();
+    if (res.status === 401) {
+      await res.body?.cancel().catch(() => {});
+      res = await post();
+      if (res.status === 401) {
+        await res.body?.cancel().catch(() => {});
+        return { kind: 'unauthorized', reason: 'HTTP 401 twice, the second time with fresh credentials' };
+      }
+    }
     const { status } = res;
     if (status === 429 || status === 408 || status >= 500) {
       await res.body?.cancel().catch(() => {});

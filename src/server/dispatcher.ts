@@ -53,7 +53,7 @@ export type AuthResult<P> = { ok: true; principal: P } | { ok: false; status: nu
 
 export interface DispatcherOptions<P> {
   /** The user's hooks, called as methods of this object (the server passes its options). */
-  hooks: Pick<SyncServerOptions<P>, 'onSync' | 'authenticate' | 'authorize' | 'snapshot'>;
+  hooks: Pick<SyncServerOptions<unknown, unknown, P>, 'onSync' | 'authenticate' | 'authorize' | 'snapshot'>;
   store: HistoryStore;
   dedupe: Dedupe;
   /** clientId → principal bindings (identity.ts). */

@@ -39,8 +39,14 @@ export type {
 export { defaultPrincipalKey } from './identity.js';
 export type { AllowedOrigins } from './limits.js';
 
+/**
+ * Payload type per channel name, for typed `publish`: e.g.
+ * `{ [K: \`board-${number}\`]: { changes: Change[] } }`. The default lets any name carry anything.
+ */
+export type ChannelMap = Record<string, unknown>;
+
 /** What `onSync` is given besides the operations. */
-export interface SyncContext<P = unknown> {
+export interface SyncContext<P = unknown, Channels extends ChannelMap = ChannelMap> {
   /** The client that sent the batch. */
   clientId: string;
   /** What `authenticate` returned for the request or socket; `null` without that hook. */
@@ -53,7 +59,11 @@ export interface SyncContext<P = unknown> {
    * call it in one synchronous step. `{ except: clientId }` sends the author a payload-less
    * echo instead (the consistency guarantee is then lost for that client).
    */
-  publish(channel: string, payload: unknown, opts?: PublishOptions): Promise<PublishResult>;
+  publish<K extends keyof Channels & string>(
+    channel: K,
+    payload: Channels[K],
+    opts?: PublishOptions,
+  ): Promise<PublishResult>;
 }
 
 export interface PublishOptions {
@@ -76,7 +86,18 @@ export interface PublishResult {
   epoch: string;
 }
 
-export interface SyncServerOptions<P = unknown> {
+/**
+ * Options of `createSyncServer`. Type parameters: `Op` (one operation of a `SYN`), `Result`
+ * (its result), `P` (the principal `authenticate` returns), `Channels` (payload per channel
+ * name). All default to `unknown`/any name; inferred from `onSync` and `authenticate` when
+ * they are annotated. (Before 0.2 the only parameter was `P`: write `<unknown, unknown, P>`.)
+ */
+export interface SyncServerOptions<
+  Op = unknown,
+  Result = unknown,
+  P = unknown,
+  Channels extends ChannelMap = ChannelMap,
+> {
   /**
    * Port to listen on; `0` picks a free one (read it back with `address()`). Ignored with
    * `server`.
@@ -95,6 +116,16 @@ export interface SyncServerOptions<P = unknown> {
    */
   server?: Server;
   /**
+   * Whether to answer HTTP requests for `path` from a `request` listener of its own on the http
+   * server. Set `false` when an application framework owns the server's requests (Express,
+   * Fastify, a router of your own) and mount `middleware` / `handleRequest` in it instead:
+   * Express and Fastify answer every request they see, so a second listener would answer
+   * twice (or, without mounting, the framework answers `POST /sync` with 404 first). The
+   * WebSocket upgrade is always handled on the server (frameworks leave upgrades alone).
+   * @default true
+   */
+  handleHttp?: boolean;
+  /**
    * The one path both transports answer on.
    * @default '/sync'
    */
@@ -105,7 +136,7 @@ export interface SyncServerOptions<P = unknown> {
    * batch counts as not applied); throw a `SyncError` with a NAK code (e.g. `forbidden`,
    * `rate_limited`) to refuse the batch with that code and message instead.
    */
-  onSync(ops: unknown[], ctx: SyncContext<P>): unknown[] | Promise<unknown[]>;
+  onSync(ops: Op[], ctx: SyncContext<P, Channels>): Result[] | Promise<Result[]>;
   /**
    * Who is asking, from the upgrade or the HTTP request (cookie, header, `token` query
    * parameter). Called on every upgrade and every HTTP request. `null`/`undefined` refuses
@@ -315,14 +346,18 @@ export interface SyncServerStats {
   queuedBytes: number;
 }
 
-export interface SyncServer {
+export interface SyncServer<Channels extends ChannelMap = ChannelMap> {
   /** Where the server listens, as bound (port 0 resolved). */
   address(): { host: string; port: number };
   /**
    * Append to a channel's history; every socket subscribed to it gets the `MSG`. Resolves
    * once stored, with the message's seq and the channel's epoch. The payload must be JSON.
    */
-  publish(channel: string, payload: unknown, opts?: PublishOptions): Promise<PublishResult>;
+  publish<K extends keyof Channels & string>(
+    channel: K,
+    payload: Channels[K],
+    opts?: PublishOptions,
+  ): Promise<PublishResult>;
   /** Counts that show memory stays bounded. */
   stats(): SyncServerStats;
   /**
@@ -363,6 +398,23 @@ export interface SyncServer {
   close(): Promise<void>;
   /** The http server in use, created or given. */
   readonly httpServer: Server;
+  /**
+   * The HTTP transport as a plain handler: answers a request for `path` and returns `true`, or
+   * returns `false` without touching `req`/`res` (route it elsewhere). Give it the raw node
+   * objects, before any body parser read the body (Fastify: `req.raw`, `reply.raw`).
+   */
+  handleRequest(req: IncomingMessage, res: ServerResponse): boolean;
+  /**
+   * The HTTP transport as connect/Express middleware: answers `path`, else calls `next()`.
+   * Mount it before any body parser: `app.use(server.middleware)`.
+   */
+  middleware(req: IncomingMessage, res: ServerResponse, next: (err?: unknown) => void): void;
+  /**
+   * The WebSocket side as an `upgrade` handler: takes a request for `path` and returns `true`,
+   * or returns `false` untouched. Attached to the http server already; exposed for servers that
+   * route upgrades themselves.
+   */
+  handleUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): boolean;
 }
 
 const DEFAULTS = {
@@ -424,11 +476,16 @@ const defaultOnError = (error: unknown, where: string) => {
 };
 
 /** Start a server; resolves once it listens (or at once, attached to a given `server`). */
-export async function createSyncServer<P = unknown>(options: SyncServerOptions<P>): Promise<SyncServer> {
+export async function createSyncServer<
+  Op = unknown,
+  Result = unknown,
+  P = unknown,
+  Channels extends ChannelMap = ChannelMap,
+>(options: SyncServerOptions<Op, Result, P, Channels>): Promise<SyncServer<Channels>> {
   const o = {
     ...DEFAULTS,
     ...Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined)),
-  } as typeof DEFAULTS & SyncServerOptions<P>;
+  } as typeof DEFAULTS & SyncServerOptions<unknown, unknown, P>;
   if (typeof o.onSync !== 'function') throw new TypeError('createSyncServer: onSync is required');
   for (const key of POSITIVE_OPTIONS) {
     if (!(Number.isFinite(o[key]) && o[key] > 0))
@@ -587,7 +644,8 @@ export async function createSyncServer<P = unknown>(options: SyncServerOptions<P
   const onUpgrade = (req: IncomingMessage, socket: Duplex, head: Buffer) => {
     if (!ws.handleUpgrade(req, socket, head) && ownServer) rejectUpgrade(socket, 404);
   };
-  httpServer.on('request', onRequest);
+  const attachHttp = o.handleHttp !== false;
+  if (attachHttp) httpServer.on('request', onRequest);
   httpServer.on('upgrade', onUpgrade);
 
   if (ownServer) {
@@ -623,6 +681,11 @@ export async function createSyncServer<P = unknown>(options: SyncServerOptions<P
 
   return {
     httpServer,
+    handleRequest: (req, res) => handleHttp(req, res),
+    middleware(req, res, next) {
+      if (!handleHttp(req, res)) next();
+    },
+    handleUpgrade: (req, socket, head) => ws.handleUpgrade(req, socket, head),
     address() {
       const info = httpServer.address() as AddressInfo | string | null;
       if (!info || typeof info === 'string')

@@ -289,8 +289,10 @@ export function harness() {
 
   return {
     errors,
-    async start<P = unknown>(opts: Partial<SyncServerOptions<P>> = {}): Promise<SyncServer> {
-      const server = await createSyncServer<P>({
+    async start<P = unknown>(
+      opts: Partial<SyncServerOptions<unknown, unknown, P>> = {},
+    ): Promise<SyncServer> {
+      const server = await createSyncServer<unknown, unknown, P>({
         onSync: (ops) => ops.map((op) => ({ ok: op })),
         onError: (error, where) => errors.push({ error, where }),
         ...opts,

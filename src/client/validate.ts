@@ -1,0 +1,94 @@
+/**
+ * Validation of `createSyncClient` options: a wrong value throws at construction, naming the
+ * option and the range it must be in, instead of being accepted silently and misbehaving
+ * later (`timeout: -5` fires every timer at once; `maxBatch: 0` never sends).
+ */
+import type { SyncClientOptions } from './index.js';
+
+/** Upper bound for every duration option: the largest delay `setTimeout` honours (2^31 − 1 ms). */
+export const MAX_DELAY_MS = 2_147_483_647;
+
+function integerIn(name: string, value: unknown, min: number, max: number): void {
+  if (value === undefined) return;
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < min || value > max) {
+    throw new RangeError(
+      `syncwire: option ${name} must be an integer in [${min}, ${max}], got ${JSON.stringify(value) ?? String(value)}`,
+    );
+  }
+}
+
+function durationIn(name: string, value: unknown, min: number): void {
+  if (value === undefined) return;
+  if (typeof value !== 'number' || !Number.isFinite(value) || value < min || value > MAX_DELAY_MS) {
+    throw new RangeError(
+      `syncwire: option ${name} must be a number of milliseconds in [${min}, ${MAX_DELAY_MS}], got ${
+        JSON.stringify(value) ?? String(value)
+      }`,
+    );
+  }
+}
+
+function isResolvable(v: unknown, ok: (x: unknown) => boolean): boolean {
+  return typeof v === 'function' || ok(v);
+}
+
+const isRecordOfStrings = (v: unknown) =>
+  !!v && typeof v === 'object' && !Array.isArray(v) && Object.values(v).every((x) => typeof x === 'string');
+
+const isUrlList = (v: unknown) =>
+  (typeof v === 'string' && v.length > 0) ||
+  (Array.isArray(v) && v.length > 0 && v.every((x) => typeof x === 'string' && x.length > 0));
+
+/**
+ * Throws `RangeError` for a number out of range, `TypeError` for a value of the wrong kind.
+ * Ranges: `timeout` [1, 2^31−1] ms; `pollInterval` [1, 2^31−1] ms; `maxBackoff` [1, 2^31−1] ms;
+ * `maxBatch` integer [1, 100 000]; `maxQueue` integer [1, 2^31−1].
+ */
+export function validateOptions(o: SyncClientOptions): void {
+  if (!o || typeof o !== 'object') throw new TypeError('syncwire: options object is required');
+  if (!isResolvable(o.url, isUrlList)) {
+    throw new TypeError(
+      'syncwire: option url must be a non-empty string, a non-empty array of strings, or a function',
+    );
+  }
+  if (typeof o.url !== 'function') {
+    for (const u of Array.isArray(o.url) ? o.url : [o.url]) {
+      let parsed: URL;
+      try {
+        parsed = new URL(u);
+      } catch {
+        throw new TypeError(`syncwire: option url ${JSON.stringify(u)} is not an absolute URL`);
+      }
+      if (!/^(wss?|https?):$/.test(parsed.protocol)) {
+        throw new TypeError(`syncwire: option url ${JSON.stringify(u)} must use ws:, wss:, http: or https:`);
+      }
+    }
+  }
+  if (o.httpUrl !== undefined && !isResolvable(o.httpUrl, isUrlList)) {
+    throw new TypeError(
+      'syncwire: option httpUrl must be a non-empty string, array of strings, or a function',
+    );
+  }
+  durationIn('timeout', o.timeout, 1);
+  durationIn('pollInterval', o.pollInterval, 1);
+  durationIn('maxBackoff', o.maxBackoff, 1);
+  integerIn('maxBatch', o.maxBatch, 1, 100_000);
+  integerIn('maxQueue', o.maxQueue, 1, 2 ** 31 - 1);
+  if (o.params !== undefined && !isResolvable(o.params, isRecordOfStrings)) {
+    throw new TypeError('syncwire: option params must be a record of strings or a function returning one');
+  }
+  if (o.headers !== undefined && !isResolvable(o.headers, isRecordOfStrings)) {
+    throw new TypeError('syncwire: option headers must be a record of strings or a function returning one');
+  }
+  if (o.clientId !== undefined && (typeof o.clientId !== 'string' || o.clientId.length === 0)) {
+    throw new TypeError('syncwire: option clientId must be a non-empty string');
+  }
+  if (o.storageKey !== undefined && (typeof o.storageKey !== 'string' || o.storageKey.length === 0)) {
+    throw new TypeError('syncwire: option storageKey must be a non-empty string');
+  }
+  for (const name of ['random', 'onFailure', 'fetch', 'WebSocket'] as const) {
+    if (o[name] !== undefined && typeof o[name] !== 'function') {
+      throw new TypeError(`syncwire: option ${name} must be a function`);
+    }
+  }
+}
