@@ -190,6 +190,8 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
     try {
       results = await hooks.onSync(syn.payload, ctx);
     } catch (err) {
+      // A NAK here says the batch was not completed, not that nothing of it was applied:
+      // what onSync did (and published) before throwing stays (SyncServerOptions.onSync).
       if (err instanceof SyncError && isNakCode(err.code)) return nak(syn.id, err.code, err.message);
       onError(err, 'onSync');
       return nak(syn.id, 'server_error', 'the server failed to apply the batch');

@@ -132,9 +132,17 @@ export interface SyncServerOptions<
   path?: string;
   /**
    * Apply a batch of operations. Return one result per operation, in order. Throwing, or
-   * returning anything but an array of `ops.length` results, answers `NAK server_error` (the
-   * batch counts as not applied); throw a `SyncError` with a NAK code (e.g. `forbidden`,
-   * `rate_limited`) to refuse the batch with that code and message instead.
+   * returning anything but an array of `ops.length` results, answers `NAK server_error`;
+   * throw a `SyncError` with a NAK code (e.g. `forbidden`, `rate_limited`) to refuse the
+   * batch with that code and message instead. A NAK means the server did not complete the
+   * batch (every `send()` of it rejects), not that nothing was applied: the server cannot
+   * undo what this hook did before throwing (an op applied and published before the throw
+   * stays applied, and its change reaches subscribers). So make it all-or-nothing (one
+   * database transaction, publishing inside it), or return a per-operation error result
+   * (e.g. `{ errors: [...] }`, fed to the client's `errors$`) for an operation that fails
+   * instead of throwing; throw only when nothing was applied (PROTOCOL §2 `NAK`, README
+   * "A throwing `onSync` is not a rollback"). On `server.close()` a running call is awaited
+   * up to `closeTimeoutMs` and may still publish.
    */
   onSync(ops: Op[], ctx: SyncContext<P, Channels>): Result[] | Promise<Result[]>;
   /**
