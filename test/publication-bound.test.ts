@@ -160,6 +160,28 @@ describe('read-your-writes wait: bounded by what the server answers', () => {
     expect(badFrames()).toEqual([]);
   });
 
+  it('a re-SUB answer that does not name the channel ends the wait (no SUB loop), bad_frame reported', async () => {
+    await openSubscribed();
+    liar.onFrame = (env, reply) => {
+      if (env.type === 'SYN') {
+        reply({ id: env.id, type: 'ACK' });
+        reply(answer(env, [{ channel: 'list', seq: 3, epoch: 'e1' }]));
+        return;
+      }
+      if (env.type === 'SUB') {
+        reply({ id: env.id, type: 'ACK' });
+        reply({ id: env.id, type: 'SYN', payload: [{ channels: {} }] });
+        return;
+      }
+      honest(env).forEach(reply);
+    };
+    const subsBefore = liar.received.filter((e) => e.type === 'SUB').length;
+    await expect(c.send({ n: 1 })).resolves.toEqual({ ok: { n: 1 } });
+    expect(badFrames().some((r) => r.includes('does not name the channel'))).toBe(true);
+    // One re-SUB asked, not a loop of them.
+    expect(liar.received.filter((e) => e.type === 'SUB').length - subsBefore).toBe(1);
+  });
+
   it('a re-SUB refused (NAK forbidden) while waiting: the send resolves with its result', async () => {
     await openSubscribed();
     liar.onFrame = (env, reply) => {

@@ -525,17 +525,22 @@ export function createSyncClient<Op = unknown, Result = unknown>(
    * is one the server does not have: its head is below it, in another epoch, or its replay
    * skipped it. Stop waiting for it and report a `bad_frame` failure.
    */
-  const checkHeld = (answered: Record<string, ChannelState> | undefined, unsettled: Set<string>) => {
-    if (!answered) return;
+  const checkHeld = (
+    requested: string[],
+    answered: Record<string, ChannelState> | undefined,
+    unsettled: Set<string>,
+  ) => {
+    const asked = new Set(requested);
     for (const h of held) {
       for (const p of h.published) {
-        const e = answered[p.channel];
-        if (!e || e.more || unsettled.has(p.channel) || !waiting(h, p)) continue;
-        if (channels.snapshotting(p.channel)) continue;
+        if (!asked.has(p.channel) || unsettled.has(p.channel) || !waiting(h, p)) continue;
+        const e = answered?.[p.channel];
+        if (e?.more || channels.snapshotting(p.channel)) continue;
         h.gaveUp.add(p);
         const at = channels.position(p.channel);
-        const why =
-          e.epoch !== p.epoch
+        const why = !e
+          ? 'its SUB answer does not name the channel'
+          : e.epoch !== p.epoch
             ? `the channel is in epoch ${e.epoch}`
             : e.seq < p.seq
               ? `its head is ${e.seq}`
@@ -729,7 +734,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
           held$.delete(name);
           for (const m of buffered) if (!snap || (m.epoch === snap.epoch && m.seq > snap.seq)) deliver(m);
         }
-        checkHeld(body.channels, new Set(resub));
+        checkHeld(w.channels, body.channels, new Set(resub));
         if (resub.length > 0) resubscribe(resub, true);
       }
       w?.resolve(body);
