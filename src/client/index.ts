@@ -419,6 +419,11 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     published: Publication[];
     /** Each channel's reset count when the response arrived: a reset since releases it. */
     resetsAt: Map<string, number>;
+    /**
+     * Publications no longer waited for: the server's own answers showed it does not have
+     * them, or the channel's SUB was refused (docs/consistency.md "bound of the wait").
+     */
+    gaveUp: Set<Publication>;
   }> = [];
   const resetCount = new Map<string, number>();
   const rejected$ = new Subject<{ op: Op; error: SyncError }>();
@@ -600,12 +605,15 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     return at.epoch === p.epoch && at.seq !== undefined && at.seq >= p.seq;
   };
 
+  /** Whether a held batch still waits for this publication. */
+  const waiting = (h: (typeof held)[number], p: Publication) => !h.gaveUp.has(p) && !reached(p, h.resetsAt);
+
   /** Settle held batches, oldest first, as far as their publications were delivered. */
   const releaseHeld = (force = false) => {
     let released = false;
     while (held.length > 0) {
       const h = held[0]!;
-      if (!force && !h.published.every((p) => reached(p, h.resetsAt))) break;
+      if (!force && h.published.some((p) => waiting(h, p))) break;
       held.shift();
       released = true;
       h.results.forEach((result, i) => {
@@ -614,12 +622,62 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       });
     }
     if (released) setPending();
-    // Still waiting and not on the socket: poll at once rather than after pollInterval.
-    if (held.length > 0 && !pollQueued && channels.names.length > 0) {
-      const s = stateSubject.value;
-      if (s === 'degraded' || s === 'rePinging' || s === 'connecting')
-        resubscribe(channels.names, false, true);
+    if (held.length === 0 || pollQueued || closed) return;
+    const s = stateSubject.value;
+    if (s === 'degraded' || s === 'rePinging' || s === 'connecting') {
+      // Still waiting and not on the socket: poll at once rather than after pollInterval.
+      if (channels.names.length > 0) resubscribe(channels.names, false, true);
+      return;
     }
+    // On the socket the MSG normally came before the response. A cursor still behind asks
+    // the server again (a re-SUB from the cursor replays what is missing), so that the wait
+    // ends on the server's answer, not never (docs/consistency.md "bound of the wait").
+    const behind = new Set<string>();
+    for (const h of held)
+      for (const p of h.published)
+        if (waiting(h, p) && !channels.snapshotting(p.channel)) behind.add(p.channel);
+    if (behind.size > 0) resubscribe([...behind], false, true);
+  };
+
+  /**
+   * A SUB was answered: a publication a held batch waits for, on a channel this answer
+   * settled (no `more`, no re-SUB pending, no reset), that the cursor has still not reached
+   * is one the server does not have: its head is below it, in another epoch, or its replay
+   * skipped it. Stop waiting for it and report a `bad_frame` failure.
+   */
+  const checkHeld = (
+    requested: string[],
+    answered: Record<string, ChannelState> | undefined,
+    unsettled: Set<string>,
+  ) => {
+    const asked = new Set(requested);
+    for (const h of held) {
+      for (const p of h.published) {
+        if (!asked.has(p.channel) || unsettled.has(p.channel) || !waiting(h, p)) continue;
+        const e = answered?.[p.channel];
+        if (e?.more || channels.snapshotting(p.channel)) continue;
+        h.gaveUp.add(p);
+        const at = channels.position(p.channel);
+        const why = !e
+          ? 'its SUB answer does not name the channel'
+          : e.epoch !== p.epoch
+            ? `the channel is in epoch ${e.epoch}`
+            : e.seq < p.seq
+              ? `its head is ${e.seq}`
+              : `its replay stopped at ${at?.seq ?? 'nothing'}`;
+        reportFailure({
+          kind: 'bad_frame',
+          state: stateSubject.value,
+          at: Date.now(),
+          reason: `the server named publication ${p.channel}#${p.seq} (epoch ${p.epoch}) it does not have: ${why}`,
+        });
+      }
+    }
+  };
+  /** A SUB naming these channels was refused: their held publications are not waited for. */
+  const giveUpOn = (names: string[]) => {
+    const set = new Set(names);
+    for (const h of held) for (const p of h.published) if (set.has(p.channel)) h.gaveUp.add(p);
   };
 
   // Everything reaches the machine through this lane, in order: an outbox write (which may be
@@ -739,7 +797,10 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       if ('error' in e) {
         const err = new SyncError(e.error.code, e.error.message, { id: e.id });
         for (const w of ws) {
-          if (w?.channels) channels.subFailed(w.channels);
+          if (w?.channels) {
+            channels.subFailed(w.channels);
+            giveUpOn(w.channels);
+          }
           // A server that refuses a SUB whole (protocol before rule 7's per-channel entries):
           // a one-channel SUB's refusal is that channel's.
           if (w?.kind === 'SUB' && w.channels?.length === 1 && e.error.code === 'forbidden')
@@ -757,6 +818,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
           w?.reject(err);
         }
         restoredError(err);
+        releaseHeld();
         return;
       }
       if (e.request === 'SYN') {
@@ -787,6 +849,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
           }),
           published,
           resetsAt: new Map(published.map((p) => [p.channel, resetCount.get(p.channel) ?? 0])),
+          gaveUp: new Set(),
         });
         releaseHeld();
         return;
@@ -831,6 +894,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         for (const name of Object.keys(granted))
           if (channels.has(name) && !(resetNames.has(name) && resub.includes(name)))
             tell(name, { type: 'GRANTED' });
+        checkHeld(w.channels, body.channels, new Set(resub));
         if (resub.length > 0) resubscribe(resub, true, false, 'CATCH_UP');
       }
       w?.resolve(body);

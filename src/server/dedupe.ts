@@ -123,6 +123,10 @@ export class Dedupe {
   private readonly queues = new Map<string, { tail: Promise<unknown>; size: number }>();
   private readonly now: () => number;
   private closed = false;
+  /** Set by `stop()`: batches not started yet are answered `server_error` and not run. */
+  private stopping = false;
+  /** Batches whose processing started (onSync running, or its response being stored). */
+  private readonly running = new Set<Promise<unknown>>();
 
   constructor(private readonly opts: DedupeOptions) {
     this.now = opts.now ?? Date.now;
@@ -169,9 +173,15 @@ export class Dedupe {
       return Promise.resolve(nak(syn.id, 'rate_limited', 'too many batches queued for this client'));
     }
     const shared = this.opts.store;
-    const promise = this.enqueue(clientId, () =>
-      shared ? this.runShared(shared, key, fp, syn, process) : process(),
-    ).then(
+    const promise = this.enqueue(clientId, () => {
+      // Queued behind others when the server began to close: left for the client to resend.
+      if (this.stopping) return Promise.resolve(nak(syn.id, 'server_error', 'server is shutting down'));
+      const started = shared ? this.runShared(shared, key, fp, syn, process) : process();
+      this.running.add(started);
+      const forget = () => this.running.delete(started);
+      started.then(forget, forget);
+      return started;
+    }).then(
       (response) => {
         this.inflight.delete(key);
         if (!shared) this.remember(key, fp, response);
@@ -199,8 +209,42 @@ export class Dedupe {
     }
   }
 
+  /**
+   * Start no new batch: those still queued (and any that arrive) are answered `server_error`
+   * without running, and not remembered, so the client resends them to the next server.
+   * Batches already running go on; `drain` waits for them.
+   */
+  stop(): void {
+    this.stopping = true;
+  }
+
+  /**
+   * Resolves once every batch that had started when called has finished, its response
+   * stored in the dedupe store, or after `timeoutMs`, whichever comes first; `true` when all
+   * finished in time.
+   */
+  async drain(timeoutMs: number): Promise<boolean> {
+    if (this.running.size === 0) return true;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timedOut = new Promise<false>((resolve) => {
+      timer = setTimeout(() => resolve(false), timeoutMs);
+    });
+    const all = Promise.allSettled([...this.running]).then(() => true as const);
+    try {
+      return await Promise.race([all, timedOut]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /** Batches running now (started and not finished). */
+  get runningCount(): number {
+    return this.running.size;
+  }
+
   /** Stop polling shared stores; batches still queued are answered `server_error`. */
   close(): void {
+    this.stopping = true;
     this.closed = true;
     this.done.clear();
     this.full.clear();
@@ -224,7 +268,8 @@ export class Dedupe {
   }
 
   private remember(key: string, fp: string, response: SynResponse): void {
-    if (this.closed) return;
+    // While closing, this memory is about to go: a shutdown NAK must not be kept as an answer.
+    if (this.closed || this.stopping) return;
     const old = this.done.get(key);
     if (old) this.drop(key, old);
     const size = responseBytes(response);
@@ -290,7 +335,7 @@ export class Dedupe {
     const deadline = this.now() + this.opts.windowMs;
     const limits: DedupeLimits = { maxEntries: this.opts.maxEntries, maxBytes: this.opts.maxBytes };
     for (;;) {
-      if (this.closed) return nak(syn.id, 'server_error', 'server is shutting down');
+      if (this.closed || this.stopping) return nak(syn.id, 'server_error', 'server is shutting down');
       let claim: DedupeClaim;
       try {
         claim = await store.claim(key, this.opts.windowMs);
@@ -304,6 +349,11 @@ export class Dedupe {
         return answer(syn.id, stored.f, stored.r, fp);
       }
       if (claim.status === 'new') {
+        if (this.stopping) {
+          // The server began to close while the claim was being taken: do not start now.
+          await store.release?.(key).catch((e: unknown) => this.opts.onError(e, 'store.release'));
+          return nak(syn.id, 'server_error', 'server is shutting down');
+        }
         let response: SynResponse;
         try {
           response = await process();

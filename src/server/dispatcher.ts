@@ -61,8 +61,13 @@ export interface DispatcherOptions<P> {
   /** A principal's stable key (the server's `principalKey` option). */
   principalKey(principal: P): string;
   channels: Channels;
-  /** Whether the server is closing: publishes are refused, queued batches answered `server_error`. */
+  /** Whether the server is closing: batches not started yet are answered `server_error`. */
   closing(): boolean;
+  /**
+   * Whether publishes are refused: once the store is about to close. Batches still running
+   * in `onSync` while the server drains (`closeTimeoutMs`) may publish. @default `closing`
+   */
+  publishClosed?(): boolean;
   onError(err: unknown, where: string): void;
   /** Most live channel subscriptions per principal key in this process (PROTOCOL rule 7). */
   maxChannelsPerPrincipal: number;
@@ -154,7 +159,7 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
     payload: unknown,
     opts: PublishOptions = {},
   ): Promise<PublishResult> {
-    if (o.closing()) throw new SyncError('closed', 'server is closed');
+    if ((o.publishClosed ?? o.closing)()) throw new SyncError('closed', 'server is closed');
     if (!isValidChannel(channel)) throw new SyncError('bad_request', 'bad channel name');
     // Checked here, once: a payload that cannot be encoded would otherwise fail every
     // delivery and every replay of it, and its subscribers would never get past its seq.
@@ -205,6 +210,8 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
     try {
       results = await hooks.onSync(syn.payload, ctx);
     } catch (err) {
+      // A NAK here says the batch was not completed, not that nothing of it was applied:
+      // what onSync did (and published) before throwing stays (SyncServerOptions.onSync).
       if (err instanceof SyncError && isNakCode(err.code)) return nak(syn.id, err.code, err.message);
       onError(err, 'onSync');
       return nak(syn.id, 'server_error', 'the server failed to apply the batch');

@@ -132,9 +132,17 @@ export interface SyncServerOptions<
   path?: string;
   /**
    * Apply a batch of operations. Return one result per operation, in order. Throwing, or
-   * returning anything but an array of `ops.length` results, answers `NAK server_error` (the
-   * batch counts as not applied); throw a `SyncError` with a NAK code (e.g. `forbidden`,
-   * `rate_limited`) to refuse the batch with that code and message instead.
+   * returning anything but an array of `ops.length` results, answers `NAK server_error`;
+   * throw a `SyncError` with a NAK code (e.g. `forbidden`, `rate_limited`) to refuse the
+   * batch with that code and message instead. A NAK means the server did not complete the
+   * batch (every `send()` of it rejects), not that nothing was applied: the server cannot
+   * undo what this hook did before throwing (an op applied and published before the throw
+   * stays applied, and its change reaches subscribers). So make it all-or-nothing (one
+   * database transaction, publishing inside it), or return a per-operation error result
+   * (e.g. `{ errors: [...] }`, fed to the client's `errors$`) for an operation that fails
+   * instead of throwing; throw only when nothing was applied (PROTOCOL §2 `NAK`, README
+   * "A throwing `onSync` is not a rollback"). On `server.close()` a running call is awaited
+   * up to `closeTimeoutMs` and may still publish.
    */
   onSync(ops: Op[], ctx: SyncContext<P, Channels>): Result[] | Promise<Result[]>;
   /**
@@ -325,6 +333,15 @@ export interface SyncServerOptions<
    */
   requestTimeoutMs?: number;
   /**
+   * Milliseconds `close()` waits for batches already running in `onSync` to finish and for
+   * their responses to be stored in the dedupe store (so a client's retry on the restarted
+   * server is answered from it, not applied again). Batches still queued, not started, are
+   * not run: the client resends them. Past this bound the store is closed anyway and a batch
+   * still running is in the crash window of docs/multi-process.md. `0` does not wait.
+   * @default 10000
+   */
+  closeTimeoutMs?: number;
+  /**
    * Where internal failures and hook exceptions are reported.
    * @default logs to console.error
    */
@@ -440,6 +457,7 @@ const DEFAULTS = {
   pingIntervalMs: 25_000,
   headersTimeoutMs: 10_000,
   requestTimeoutMs: 30_000,
+  closeTimeoutMs: 10_000,
 } as const;
 
 const POSITIVE_OPTIONS = [
@@ -494,6 +512,8 @@ export async function createSyncServer<
   const maxQueuedBytesPerClient = o.maxQueuedBytesPerClient ?? 2 * o.maxPayloadBytes;
   if (!(Number.isFinite(maxQueuedBytesPerClient) && maxQueuedBytesPerClient >= o.maxPayloadBytes))
     throw new RangeError('createSyncServer: maxQueuedBytesPerClient must be ≥ maxPayloadBytes');
+  if (!(Number.isFinite(o.closeTimeoutMs) && o.closeTimeoutMs >= 0))
+    throw new RangeError('createSyncServer: closeTimeoutMs must be ≥ 0');
   if (o.requestTimeoutMs < o.headersTimeoutMs)
     throw new RangeError('createSyncServer: requestTimeoutMs must be ≥ headersTimeoutMs');
   const budget = new Budget({ perClient: maxQueuedBytesPerClient, total: o.maxQueuedBytes });
@@ -533,6 +553,8 @@ export async function createSyncServer<
   const channels = new Channels({ store, replayLimit: o.replayLimit, onError });
   let closing: Promise<void> | undefined;
   const isClosing = () => closing !== undefined;
+  /** Set once running batches drained (or `closeTimeoutMs` passed): publishes are refused. */
+  let storeClosing = false;
 
   const dispatcher = makeDispatcher<P>({
     hooks: o,
@@ -542,6 +564,7 @@ export async function createSyncServer<
     principalKey: o.principalKey ?? defaultPrincipalKey,
     channels,
     closing: isClosing,
+    publishClosed: () => storeClosing,
     onError,
     maxChannelsPerPrincipal: o.maxChannelsPerPrincipal,
   });
@@ -668,14 +691,28 @@ export async function createSyncServer<
     stopControl?.();
     httpServer.off('request', onRequest);
     httpServer.off('upgrade', onUpgrade);
+    // No new batch starts; queued ones are left for their clients to resend (their answers
+    // go nowhere: the sockets and connections close below).
+    dedupe.stop();
+    await ws.close();
+    let done: Promise<void> | undefined;
+    if (ownServer) {
+      done = new Promise<void>((resolve) => httpServer.close(() => resolve()));
+      httpServer.closeAllConnections();
+    }
+    // Batches already in onSync finish (they may still publish) and their responses reach
+    // the dedupe store before it closes, so a retry elsewhere is answered, not re-applied.
+    const running = dedupe.runningCount;
+    if (!(await dedupe.drain(o.closeTimeoutMs))) {
+      onError(
+        new Error(`${running} batch(es) still running after closeTimeoutMs (${o.closeTimeoutMs} ms)`),
+        'close',
+      );
+    }
+    storeClosing = true;
     channels.close();
     dedupe.close();
-    await ws.close();
-    if (ownServer) {
-      const done = new Promise<void>((resolve) => httpServer.close(() => resolve()));
-      httpServer.closeAllConnections();
-      await done;
-    }
+    await done;
     await store.close().catch((err: unknown) => onError(err, 'store.close'));
   }
 
