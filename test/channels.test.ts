@@ -50,6 +50,25 @@ const subsSent = (rg: Rig, from = 0, via?: 'ws' | 'http') =>
     .map((t) => Object.keys((t.frame.payload as { channels: object }).channels).sort());
 
 describe('refusals affect only the channel refused', () => {
+  it('a subscribe() with a cursor the server would refuse rejects bad_request and registers nothing: the next reconnect still serves the other channels', async () => {
+    r = await rig();
+    const c = r.client();
+    const rec = record(c);
+    await c.subscribe('board-1');
+    for (const opts of [{ since: -1 }, { rewind: 1.5 }, { epoch: 7 }, { snapshot: 'yes' }]) {
+      await expect(c.subscribe('board-x', opts as never)).rejects.toMatchObject({ code: 'bad_request' });
+    }
+    expect(Object.keys(c.cursors())).toEqual(['board-1']);
+    expect(() => r!.client({ channels: { 'board-y': { since: -1 } } })).toThrow(TypeError);
+    const mark = r.proxy.traffic.length;
+    expect(c.debug.killSocket()).toBe(true);
+    await until(() => subsSent(r!, mark).length > 0 && c.state === 'open', 5000, 're-SUB after the drop');
+    expect(subsSent(r, mark).every((names) => !names.includes('board-x'))).toBe(true);
+    await r.server.publish('board-1', { n: 1 });
+    await until(() => rec.seqs('board-1').length === 1, 5000, 'board-1 message after the drop');
+    expect(rec.seqs('board-1')).toEqual([1]);
+  });
+
   it('one refused channel does not silence the others: board-1 keeps receiving after board-2 is revoked and the socket drops', async () => {
     const allowed = new Set(['board-1', 'board-2', 'board-3']);
     r = await rig({ authorize: (_p, channel) => allowed.has(channel) });

@@ -30,6 +30,7 @@ import {
 } from '../../machines/subscription.js';
 import {
   type ChannelState,
+  cursorProblem,
   isChannelRefusal,
   isValidChannel,
   type MsgEnvelope,
@@ -1220,6 +1221,9 @@ export function createSyncClient<Op = unknown, Result = unknown>(
 
   for (const [name, opts] of Object.entries(options.channels ?? {})) {
     if (!isValidChannel(name)) throw new TypeError(`syncwire: bad channel name ${JSON.stringify(name)}`);
+    const problem =
+      opts && typeof opts === 'object' ? cursorProblem(opts as Record<string, unknown>) : 'must be an object';
+    if (problem) throw new TypeError(`syncwire: channels.${name}: ${problem}`);
     channels.add(name, opts);
     subActor(name).send({ type: 'SUBSCRIBE' });
   }
@@ -1265,6 +1269,13 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     async subscribe(channel, opts = {}) {
       if (closed) throw new SyncError('closed', 'the client is closed');
       if (!isValidChannel(channel)) throw new SyncError('bad_request', `bad channel name`);
+      // Checked before the channel is registered: a cursor the server refuses would otherwise
+      // ride along in every later re-SUB and poll, and take the other channels down with it.
+      const problem =
+        opts && typeof opts === 'object'
+          ? cursorProblem(opts as Record<string, unknown>)
+          : 'options must be an object';
+      if (problem) throw new SyncError('bad_request', `${problem} (subscribe ${channel})`);
       channels.add(channel, opts);
       subActor(channel).send({ type: 'SUBSCRIBE' });
       const body = (await requestSub([channel], false)) as { channels?: Record<string, unknown> };

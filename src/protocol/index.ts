@@ -259,6 +259,22 @@ function hasControlChar(s: string): boolean {
 
 const isSeq = (v: unknown): v is number => typeof v === 'number' && Number.isSafeInteger(v) && v >= 0;
 
+/**
+ * What is wrong with one channel's cursor (`{ since?, epoch?, rewind?, snapshot? }`), or
+ * `undefined` when nothing is. One rule for the server's SUB parser and the client's
+ * `subscribe()`/`channels` option, so a client never registers a cursor the server refuses
+ * (PROTOCOL §2, SUB): `since` and `rewind` integers ≥ 0, `epoch` a string of at most
+ * 128 characters, `snapshot` a boolean.
+ */
+export function cursorProblem(c: Record<string, unknown>): string | undefined {
+  if (c.since !== undefined && !isSeq(c.since)) return 'since must be an integer ≥ 0';
+  if (c.rewind !== undefined && !isSeq(c.rewind)) return 'rewind must be an integer ≥ 0';
+  if (c.epoch !== undefined && (typeof c.epoch !== 'string' || c.epoch.length > MAX_ID_LENGTH))
+    return 'epoch must be a string';
+  if (c.snapshot !== undefined && typeof c.snapshot !== 'boolean') return 'snapshot must be a boolean';
+  return undefined;
+}
+
 function byteLength(frame: string | Uint8Array, max: number): number {
   if (typeof frame !== 'string') return frame.byteLength;
   // Fast path: a string can never be more bytes than 3 × its UTF-16 length, so one that
@@ -336,26 +352,13 @@ function parseClientFrameUnsafe(
       for (const [name, c] of entries) {
         if (!isValidChannel(name)) return fail('bad_request', 'bad channel name', id);
         if (!isObject(c)) return fail('bad_request', `cursor of ${name} must be an object`, id);
+        const problem = cursorProblem(c);
+        if (problem) return fail('bad_request', `${problem} of ${name}`, id);
         const cursor: ChannelCursor = {};
-        if (c.since !== undefined) {
-          if (!isSeq(c.since)) return fail('bad_request', `since of ${name} must be an integer ≥ 0`, id);
-          cursor.since = c.since;
-        }
-        if (c.rewind !== undefined) {
-          if (!isSeq(c.rewind)) return fail('bad_request', `rewind of ${name} must be an integer ≥ 0`, id);
-          cursor.rewind = c.rewind;
-        }
-        if (c.epoch !== undefined) {
-          if (typeof c.epoch !== 'string' || c.epoch.length > MAX_ID_LENGTH) {
-            return fail('bad_request', `epoch of ${name} must be a string`, id);
-          }
-          cursor.epoch = c.epoch;
-        }
-        if (c.snapshot !== undefined) {
-          if (typeof c.snapshot !== 'boolean')
-            return fail('bad_request', `snapshot of ${name} must be a boolean`, id);
-          if (c.snapshot) cursor.snapshot = true;
-        }
+        if (c.since !== undefined) cursor.since = c.since as number;
+        if (c.rewind !== undefined) cursor.rewind = c.rewind as number;
+        if (c.epoch !== undefined) cursor.epoch = c.epoch as string;
+        if (c.snapshot === true) cursor.snapshot = true;
         channels[name] = cursor;
       }
       return { ok: true, envelope: { id, type, payload: { channels } } };
