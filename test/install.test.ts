@@ -108,6 +108,7 @@ describe('install', () => {
       `// The application's own names, which the README's snippets use without defining.
 import type { IncomingMessage } from 'node:http';
 import type { SyncClient } from 'syncwire';
+import type { SyncServer } from 'syncwire/server';
 declare global {
   var Sentry: { captureMessage(message: string, context?: unknown): void };
   function applyChanges(changes: unknown[]): void;
@@ -126,6 +127,10 @@ declare global {
   };
   function refetchEverything(channel: string): void;
   var client: SyncClient;
+  var server: SyncServer;
+  var user: { id: string };
+  var clientId: string;
+  function hideBoard(channel: string, code: string): void;
   var url: string;
   function onSync(ops: unknown[]): unknown[];
 }
