@@ -178,7 +178,8 @@ export type ConnectionEmitted =
 
 /** Commands the machine sends to its `socket` actor. */
 export type SocketCommand =
-  | { type: 'DIAL' }
+  /** Open a socket; `refresh`: the last dial was refused with 401, resolve credentials with `refresh: true`. */
+  | { type: 'DIAL'; refresh?: boolean }
   | { type: 'DROP' }
   | { type: 'SEND'; frame: { id: string; type: string; payload?: unknown } };
 
@@ -375,7 +376,7 @@ export const connectionMachine = setup({
       enqueue.assign({ inflight: null, httpAttempt: 0, retryAfterMs: null });
       enqueue.emit(settledFor(inflight, f));
     }),
-    dial: sendTo('socket', { type: 'DIAL' }),
+    dial: sendTo('socket', ({ context }) => ({ type: 'DIAL' as const, refresh: context.authRetry })),
     drop: enqueueActions(({ context, enqueue }) => {
       enqueue.sendTo('socket', { type: 'DROP' });
       if (context.probation) enqueue.cancel('healthy');

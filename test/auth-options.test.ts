@@ -14,7 +14,13 @@
 import type { IncomingMessage } from 'node:http';
 import { afterEach, describe, expect, it } from 'vitest';
 import { WebSocket } from 'ws';
-import { createSyncClient, type Failure, type SyncClient, SyncError } from '../src/client/index.js';
+import {
+  createSyncClient,
+  type Failure,
+  type ResolveContext,
+  type SyncClient,
+  SyncError,
+} from '../src/client/index.js';
 import { createSyncServer, type SyncServer } from '../src/server/index.js';
 import { next, reach, until } from './helpers/harness.js';
 import { freePort } from './helpers/nginx.js';
@@ -191,6 +197,146 @@ describe('credentials as functions', () => {
   });
 });
 
+/**
+ * An app-side token cache, as apps write them (Firebase `getIdToken(forceRefresh)`,
+ * centrifuge-js `getToken`): it hands out the cached token until told to refresh.
+ */
+function tokenCache(mint: () => string) {
+  let cached: string | null = null;
+  const contexts: ResolveContext[] = [];
+  return {
+    contexts,
+    async getToken({ forceRefresh }: { forceRefresh: boolean }) {
+      if (cached === null || forceRefresh) cached = mint();
+      return cached;
+    },
+  };
+}
+
+describe('refresh after a 401 (the functions are told to bypass their cache)', () => {
+  it('ws: a cached token refreshed only when told to: after a 401 the client recovers instead of closing', async () => {
+    const valid = new Set(['t1']);
+    const srv = await tokenServer(valid);
+    let minted = 0;
+    const auth = tokenCache(() => `t${++minted}`);
+    const c = createSyncClient({
+      url: srv.url,
+      timeout: T,
+      WebSocket,
+      params: async (ctx) => {
+        auth.contexts.push(ctx);
+        return { token: await auth.getToken({ forceRefresh: ctx.refresh }) };
+      },
+    });
+    clients.push(c);
+    const failures: Failure[] = [];
+    c.failures$.subscribe((f) => failures.push(f));
+    await reach(c, 'open');
+    expect(await c.send('a')).toEqual({ ok: 'a' });
+    // The server revokes t1 and will accept the next token the app mints; the socket dies.
+    valid.clear();
+    valid.add('t2');
+    c.debug.killSocket();
+    await until(() => srv.seen.some((s) => s.via === 'ws' && s.token === 't2' && s.ok), 5000, 'dial with t2');
+    await reach(c, 'open');
+    expect(await c.send('b')).toEqual({ ok: 'b' });
+    expect(c.state).toBe('open');
+    expect(failures.some((f) => f.kind === 'unauthorized')).toBe(false);
+    expect(srv.seen.filter((s) => s.via === 'ws').map((s) => [s.token, s.ok])).toEqual([
+      ['t1', true],
+      ['t1', false],
+      ['t2', true],
+    ]);
+    // Told exactly once to refresh: on the dial right after the 401.
+    expect(auth.contexts.map((x) => [x.transport, x.refresh])).toEqual([
+      ['ws', false],
+      ['ws', false],
+      ['ws', true],
+    ]);
+  });
+
+  it('http: a cached token refreshed only when told to: the 401 retry carries the fresh one; op applied once', async () => {
+    const valid = new Set(['t2']);
+    const srv = await tokenServer(valid);
+    const dead = `ws://127.0.0.1:${await freePort()}/sync`;
+    let minted = 0;
+    const auth = tokenCache(() => `t${++minted}`);
+    const c = createSyncClient({
+      url: dead,
+      httpUrl: srv.httpUrl,
+      timeout: T,
+      WebSocket,
+      headers: async (ctx) => {
+        auth.contexts.push(ctx);
+        return { authorization: `Bearer ${await auth.getToken({ forceRefresh: ctx.refresh })}` };
+      },
+    });
+    clients.push(c);
+    expect(await c.send('h')).toEqual({ ok: 'h' });
+    expect(srv.seen.filter((s) => s.via === 'http').map((s) => [s.token, s.ok])).toEqual([
+      ['t1', false],
+      ['t2', true],
+    ]);
+    expect(auth.contexts.slice(0, 2).map((x) => [x.transport, x.refresh])).toEqual([
+      ['http', false],
+      ['http', true],
+    ]);
+  });
+});
+
+describe('what a params/headers/url function returns is checked at each call', () => {
+  it('params returning a nested object: a dial_error naming params, nothing dialled; fixed values connect', async () => {
+    const srv = await tokenServer(new Set(['ok']));
+    let bad = true;
+    const c = createSyncClient({
+      url: srv.url,
+      timeout: T,
+      maxBackoff: 50,
+      WebSocket,
+      params: async () => (bad ? ({ token: { nested: 1 } } as never) : { token: 'ok' }),
+    });
+    clients.push(c);
+    const f = await next(c.failures$, (x) => x.kind === 'dial_error');
+    expect(f.reason).toMatch(/option params resolved to .*not a record of strings/);
+    expect(srv.seen.filter((s) => s.via === 'ws')).toEqual([]);
+    bad = false;
+    await reach(c, 'open');
+    expect(await c.send('p')).toEqual({ ok: 'p' });
+  });
+
+  it('headers returning a string: an http_error naming headers, retried; fixed values deliver the op once', async () => {
+    const srv = await tokenServer(new Set(['ok']));
+    const dead = `ws://127.0.0.1:${await freePort()}/sync`;
+    let bad = true;
+    const c = createSyncClient({
+      url: dead,
+      httpUrl: srv.httpUrl,
+      timeout: T,
+      maxBackoff: 50,
+      WebSocket,
+      headers: () => (bad ? ('garbage' as never) : { authorization: 'Bearer ok' }),
+    });
+    clients.push(c);
+    const sent = c.send('q');
+    const f = await next(c.failures$, (x) => x.kind === 'http_error' && /headers/.test(x.reason ?? ''));
+    expect(f.reason).toMatch(/option headers resolved to "garbage"/);
+    expect(srv.seen.filter((s) => s.via === 'http')).toEqual([]);
+    bad = false;
+    expect(await sent).toEqual({ ok: 'q' });
+  });
+
+  it('url returning garbage: a dial_error naming url; the client keeps running', async () => {
+    const srv = await tokenServer(new Set(['k']));
+    let value: unknown = 'not a url';
+    const c = createSyncClient({ url: async () => value as string, timeout: T, maxBackoff: 50, WebSocket });
+    clients.push(c);
+    const f = await next(c.failures$, (x) => x.kind === 'dial_error');
+    expect(f.reason).toMatch(/option url "not a url" is not an absolute URL/);
+    value = `${srv.url}?token=k`;
+    await reach(c, 'open');
+  });
+});
+
 describe('option validation', () => {
   const base = { url: 'ws://127.0.0.1:1/sync', WebSocket };
   it.each([
@@ -216,10 +362,24 @@ describe('option validation', () => {
     ['params', { token: 5 }],
     ['headers', 'x'],
     ['clientId', ''],
+    ['channels', ['a', 'b']],
+    ['channels', 'room'],
+    ['channels', null],
+    ['httpUrl', 'not a url'],
+    ['httpUrl', ['http://127.0.0.1:1/sync', 'relative/path']],
+    ['httpUrl', 'ftp://x/sync'],
   ])('%s: %j throws a TypeError naming the option', (name, value) => {
     const make = () => createSyncClient({ ...base, [name]: value } as never);
     expect(make).toThrow(TypeError);
     expect(make).toThrow(new RegExp(`option ${name}`));
+  });
+
+  it.each([
+    ['timeout', Number.NaN, 'got NaN'],
+    ['timeout', Number.POSITIVE_INFINITY, 'got Infinity'],
+    ['maxQueue', Number.NEGATIVE_INFINITY, 'got -Infinity'],
+  ])('%s: %s prints the value it got, not null', (name, value, shown) => {
+    expect(() => createSyncClient({ ...base, [name]: value })).toThrow(shown);
   });
 
   it('accepts the documented edge values', () => {

@@ -75,7 +75,13 @@ export {
   type WebStorageOptions,
   webStorage,
 } from './storage.js';
-export type { FaultSwitches, Resolvable, WebSocketConstructor, WebSocketLike } from './transports.js';
+export type {
+  FaultSwitches,
+  Resolvable,
+  ResolveContext,
+  WebSocketConstructor,
+  WebSocketLike,
+} from './transports.js';
 
 /** A network or page signal, as browsers report them (see `SyncClient.network`). */
 export type NetworkSignal = 'online' | 'offline' | 'visible';
@@ -84,7 +90,9 @@ export interface SyncClientOptions {
   /**
    * WebSocket endpoint, e.g. `wss://example.org/sync`. Several URLs (server processes) are
    * tried in turn on each redial. May be a function (sync or async), called for each dial and
-   * each HTTP request.
+   * each HTTP request with a `ResolveContext` (`{ transport, refresh }`); what it returns is
+   * checked like a plain value, and a bad value (not an absolute ws/http URL) fails that dial or
+   * request (`failures$`), which is retried with backoff.
    */
   url: Resolvable<string | string[]>;
   /** HTTP endpoint for the fallback (a value or a function, like `url`). @default `url` with ws→http, wss→https */
@@ -123,14 +131,22 @@ export interface SyncClientOptions {
   fetch?: typeof fetch;
   /**
    * Extra query parameters on the socket URL (e.g. a token), or a function returning them
-   * (sync or async), called for each dial: how an expiring token is refreshed. After a dial
-   * refused with 401 it is called again and the client redials at once; a second 401 in a row
+   * (sync or async), called for each dial with `{ transport: 'ws', refresh }`: how an expiring
+   * token is refreshed. After a dial refused with 401 it is called again with `refresh: true`
+   * (the previous credentials were refused: bypass any token cache, as with centrifuge-js
+   * `getToken` / Ably `authCallback`) and the client redials at once; a second 401 in a row
    * stops the client (`failures$` kind `unauthorized`, pending sends reject with
    * `SyncError('unauthorized')`). Browsers do not expose the status of a refused upgrade, so
-   * there the HTTP side's 401 is what detects it. @default {}
+   * there the HTTP side's 401 is what detects it. A function's result must be a record of
+   * strings (`undefined`/`null`: none); anything else fails that dial (`failures$` kind
+   * `dial_error`) and is retried with backoff. @default {}
    */
   params?: Resolvable<Record<string, string>>;
-  /** Extra headers on HTTP requests, or a function returning them, called for each request (same 401 rule). @default {} */
+  /**
+   * Extra headers on HTTP requests, or a function returning them, called for each request
+   * with `{ transport: 'http', refresh }` (same 401 rule: the one retry after a 401 has
+   * `refresh: true`; same result check, a bad result is an `http_error`). @default {}
+   */
   headers?: Resolvable<Record<string, string>>;
   /**
    * Listen to the browser's `online`/`offline` (window) and `visibilitychange` (document)

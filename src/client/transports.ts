@@ -32,15 +32,83 @@ export interface WebSocketLike {
 export type WebSocketConstructor = new (url: string, ...rest: any[]) => WebSocketLike;
 
 /**
- * A value, or a function returning it (or a promise of it), called again for each dial and
- * each HTTP request: how a token that expires is refreshed (graphql-ws `connectionParams`,
- * centrifuge-js `getToken`, Ably `authCallback`).
+ * What a credential or URL function is told when it is called (the first argument of a
+ * `Resolvable` function). Modelled on centrifuge-js `getToken(ctx)` and Ably's
+ * `authCallback(tokenParams)`: the function learns which transport asks, and whether the
+ * credentials it gave last were just refused.
  */
-export type Resolvable<T> = T | (() => T | Promise<T>);
+export interface ResolveContext {
+  /** `'ws'`: resolving for a socket dial (`url`, `params`); `'http'`: for one HTTP request (`url`/`httpUrl`, `headers`). */
+  transport: 'ws' | 'http';
+  /**
+   * `true` when the server refused the previous credentials with 401 and this call is the
+   * one refresh before the client gives up (a second 401 stops it with `unauthorized`): a
+   * token cache must be bypassed (`getToken({ forceRefresh: true })`). `false` on every
+   * ordinary dial and request.
+   */
+  refresh: boolean;
+}
+
+/**
+ * A value, or a function returning it (or a promise of it), called again for each dial and
+ * each HTTP request with a `ResolveContext`: how a token that expires is refreshed
+ * (graphql-ws `connectionParams`, centrifuge-js `getToken`, Ably `authCallback`). A function
+ * that takes no argument fits too.
+ */
+export type Resolvable<T> = T | ((ctx: ResolveContext) => T | Promise<T>);
 
 /** Resolve a `Resolvable`: synchronously when it is a plain value or a sync function. */
-export function resolveValue<T>(v: Resolvable<T>): T | Promise<T> {
-  return typeof v === 'function' ? (v as () => T | Promise<T>)() : v;
+export function resolveValue<T>(v: Resolvable<T>, ctx: ResolveContext): T | Promise<T> {
+  return typeof v === 'function' ? (v as (ctx: ResolveContext) => T | Promise<T>)(ctx) : v;
+}
+
+const isPlainRecordOfStrings = (v: unknown): v is Record<string, string> =>
+  !!v &&
+  typeof v === 'object' &&
+  !Array.isArray(v) &&
+  Object.values(v as object).every((x) => typeof x === 'string');
+
+/**
+ * Check what a `params` or `headers` function returned (`undefined`/`null` mean none):
+ * anything but a record of strings throws a `TypeError`, which the transport treats as a
+ * failed dial or request (reported on `failures$`, retried with backoff).
+ */
+export function checkRecord(name: 'params' | 'headers', v: unknown): Record<string, string> {
+  if (v === undefined || v === null) return {};
+  if (!isPlainRecordOfStrings(v)) {
+    throw new TypeError(`syncwire: option ${name} resolved to ${describe(v)}, not a record of strings`);
+  }
+  return v;
+}
+
+/** Check what a `url`/`httpUrl` function returned: a non-empty list of absolute ws/http URLs, else a `TypeError`. */
+export function checkUrls(name: 'url' | 'httpUrl', v: unknown): string[] {
+  const list: unknown[] = Array.isArray(v) ? v : [v];
+  if (list.length === 0) throw new TypeError(`syncwire: option ${name} resolved to no URL`);
+  for (const u of list) checkUrl(name, u);
+  return list as string[];
+}
+
+/** Throw a `TypeError` naming the option unless `u` is an absolute ws:, wss:, http: or https: URL. */
+export function checkUrl(name: 'url' | 'httpUrl', u: unknown): void {
+  let parsed: URL;
+  try {
+    if (typeof u !== 'string' || u.length === 0) throw new TypeError();
+    parsed = new URL(u);
+  } catch {
+    throw new TypeError(`syncwire: option ${name} ${describe(u)} is not an absolute URL`);
+  }
+  if (!/^(wss?|https?):$/.test(parsed.protocol)) {
+    throw new TypeError(`syncwire: option ${name} ${describe(u)} must use ws:, wss:, http: or https:`);
+  }
+}
+
+function describe(v: unknown): string {
+  try {
+    return (JSON.stringify(v) ?? String(v)).slice(0, 100);
+  } catch {
+    return String(v).slice(0, 100);
+  }
 }
 
 /**
@@ -93,36 +161,42 @@ export function deriveHttpUrl(wsUrl: string): string {
 
 const OPEN = 1;
 
-const asList = (v: string | string[]): string[] => (Array.isArray(v) ? v : [v]);
-
-/** Everything a dial needs, resolved: sync when every part is a plain value. */
-function resolveDial(config: TransportConfig):
+/** Everything a dial needs, resolved and checked: sync when every part is a plain value. */
+function resolveDial(
+  config: TransportConfig,
+  refresh: boolean,
+):
   | { urls: string[]; params: Record<string, string> }
   | Promise<{
       urls: string[];
       params: Record<string, string>;
     }> {
-  const urls = resolveValue(config.urls);
-  const params = resolveValue(config.params);
+  const ctx: ResolveContext = { transport: 'ws', refresh };
+  const urls = resolveValue(config.urls, ctx);
+  const params = resolveValue(config.params, ctx);
   if (urls instanceof Promise || params instanceof Promise) {
-    return Promise.all([urls, params]).then(([u, p]) => ({ urls: asList(u), params: p ?? {} }));
+    return Promise.all([urls, params]).then(([u, p]) => ({
+      urls: checkUrls('url', u),
+      params: checkRecord('params', p),
+    }));
   }
-  return { urls: asList(urls), params: params ?? {} };
+  return { urls: checkUrls('url', urls), params: checkRecord('params', params) };
 }
 
-/** The HTTP URL for the cursor's index, and the headers, resolved for one request. */
+/** The HTTP URL for the cursor's index, and the headers, resolved and checked for one request. */
 async function resolveHttp(
   config: TransportConfig,
   cursor: TransportCursor,
+  refresh: boolean,
 ): Promise<{ url: string; headers: Record<string, string> }> {
+  const ctx: ResolveContext = { transport: 'http', refresh };
   const [urls, headers] = await Promise.all([
-    resolveValue(config.httpUrls ?? config.urls),
-    resolveValue(config.headers),
+    resolveValue(config.httpUrls ?? config.urls, ctx),
+    resolveValue(config.headers, ctx),
   ]);
-  const list = asList(urls);
-  if (list.length === 0) throw new TypeError('syncwire: url resolved to no URL');
+  const list = checkUrls(config.httpUrls ? 'httpUrl' : 'url', urls);
   const one = list[cursor.index % list.length]!;
-  return { url: config.httpUrls ? one : deriveHttpUrl(one), headers: headers ?? {} };
+  return { url: config.httpUrls ? one : deriveHttpUrl(one), headers: checkRecord('headers', headers) };
 }
 
 /** `ws` reports a refused upgrade as an error "Unexpected server response: 401"; browsers say nothing. */
@@ -164,13 +238,13 @@ export function socketActor(config: TransportConfig, cursor: TransportCursor) {
         wasOpen: false,
       } satisfies ConnectionEvent);
 
-    const dial = () => {
+    const dial = (refresh: boolean) => {
       detach(ws);
       ws = null;
       const mine = ++generation;
       let resolved: ReturnType<typeof resolveDial>;
       try {
-        resolved = resolveDial(config);
+        resolved = resolveDial(config, refresh);
       } catch (err) {
         failDial(err);
         return;
@@ -188,7 +262,6 @@ export function socketActor(config: TransportConfig, cursor: TransportCursor) {
     };
 
     const open = ({ urls, params }: { urls: string[]; params: Record<string, string> }) => {
-      if (urls.length === 0) return failDial(new TypeError('syncwire: url resolved to no URL'));
       // Failover: each dial after the first moves to the next URL, round robin.
       if (dials++ > 0 && urls.length > 1) cursor.index = (cursor.index + 1) % urls.length;
       cursor.index %= urls.length;
@@ -247,7 +320,7 @@ export function socketActor(config: TransportConfig, cursor: TransportCursor) {
     };
 
     receive((cmd) => {
-      if (cmd.type === 'DIAL') dial();
+      if (cmd.type === 'DIAL') dial(cmd.refresh === true);
       else if (cmd.type === 'DROP') {
         generation++;
         const sock = ws;
@@ -289,9 +362,9 @@ export function httpActor(config: TransportConfig, cursor: TransportCursor, getC
     const { envelope } = input;
     // A network error rejects: the chart's onError edge retries it with backoff. The URL and
     // headers are resolved for each request; a 401 resolves them once more and retries at
-    // once (a token refresh), and a second 401 is final.
-    const post = async () => {
-      const { url, headers } = await resolveHttp(config, cursor);
+    // once with `refresh: true` (the app bypasses its token cache), and a second 401 is final.
+    const post = async (refresh: boolean) => {
+      const { url, headers } = await resolveHttp(config, cursor, refresh);
       return config.fetch(url, {
         method: 'POST',
         headers: { 'content-type': 'application/json', 'x-client-id': getClientId(), ...headers },
@@ -299,10 +372,10 @@ export function httpActor(config: TransportConfig, cursor: TransportCursor, getC
         signal,
       });
     };
-    let res = await post();
+    let res = await post(false);
     if (res.status === 401) {
       await res.body?.cancel().catch(() => {});
-      res = await post();
+      res = await post(true);
       if (res.status === 401) {
         await res.body?.cancel().catch(() => {});
         return { kind: 'unauthorized', reason: 'HTTP 401 twice, the second time with fresh credentials' };

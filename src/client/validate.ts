@@ -4,15 +4,26 @@
  * later (`timeout: -5` fires every timer at once; `maxBatch: 0` never sends).
  */
 import type { SyncClientOptions } from './index.js';
+import { checkUrl } from './transports.js';
 
 /** Upper bound for every duration option: the largest delay `setTimeout` honours (2^31 − 1 ms). */
 export const MAX_DELAY_MS = 2_147_483_647;
+
+/** A value for an error message: JSON where it says something, `String()` for NaN, ±Infinity, undefined. */
+function show(value: unknown): string {
+  if (typeof value === 'number' && !Number.isFinite(value)) return String(value);
+  try {
+    return JSON.stringify(value) ?? String(value);
+  } catch {
+    return String(value);
+  }
+}
 
 function integerIn(name: string, value: unknown, min: number, max: number): void {
   if (value === undefined) return;
   if (typeof value !== 'number' || !Number.isInteger(value) || value < min || value > max) {
     throw new RangeError(
-      `syncwire: option ${name} must be an integer in [${min}, ${max}], got ${JSON.stringify(value) ?? String(value)}`,
+      `syncwire: option ${name} must be an integer in [${min}, ${max}], got ${show(value)}`,
     );
   }
 }
@@ -21,9 +32,7 @@ function durationIn(name: string, value: unknown, min: number): void {
   if (value === undefined) return;
   if (typeof value !== 'number' || !Number.isFinite(value) || value < min || value > MAX_DELAY_MS) {
     throw new RangeError(
-      `syncwire: option ${name} must be a number of milliseconds in [${min}, ${MAX_DELAY_MS}], got ${
-        JSON.stringify(value) ?? String(value)
-      }`,
+      `syncwire: option ${name} must be a number of milliseconds in [${min}, ${MAX_DELAY_MS}], got ${show(value)}`,
     );
   }
 }
@@ -51,22 +60,27 @@ export function validateOptions(o: SyncClientOptions): void {
       'syncwire: option url must be a non-empty string, a non-empty array of strings, or a function',
     );
   }
-  if (typeof o.url !== 'function') {
-    for (const u of Array.isArray(o.url) ? o.url : [o.url]) {
-      let parsed: URL;
-      try {
-        parsed = new URL(u);
-      } catch {
-        throw new TypeError(`syncwire: option url ${JSON.stringify(u)} is not an absolute URL`);
-      }
-      if (!/^(wss?|https?):$/.test(parsed.protocol)) {
-        throw new TypeError(`syncwire: option url ${JSON.stringify(u)} must use ws:, wss:, http: or https:`);
-      }
-    }
-  }
+  // The same check runs on what a url/httpUrl function returns, at each dial and request.
+  if (typeof o.url !== 'function') for (const u of Array.isArray(o.url) ? o.url : [o.url]) checkUrl('url', u);
   if (o.httpUrl !== undefined && !isResolvable(o.httpUrl, isUrlList)) {
     throw new TypeError(
       'syncwire: option httpUrl must be a non-empty string, array of strings, or a function',
+    );
+  }
+  if (o.httpUrl !== undefined && typeof o.httpUrl !== 'function') {
+    for (const u of Array.isArray(o.httpUrl) ? o.httpUrl : [o.httpUrl]) checkUrl('httpUrl', u);
+  }
+  if (
+    o.channels !== undefined &&
+    (!o.channels ||
+      typeof o.channels !== 'object' ||
+      Array.isArray(o.channels) ||
+      (Object.getPrototypeOf(o.channels) !== Object.prototype && Object.getPrototypeOf(o.channels) !== null))
+  ) {
+    throw new TypeError(
+      `syncwire: option channels must be a plain object { [channel]: { since? } }, got ${
+        Array.isArray(o.channels) ? 'an array' : show(o.channels)
+      }`,
     );
   }
   durationIn('timeout', o.timeout, 1);
