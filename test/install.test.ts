@@ -114,7 +114,7 @@ declare global {
   function applyChanges(changes: unknown[]): void;
   function handleErrors(errors: unknown[]): void;
   function showConnectionBadge(state: string): void;
-  var auth: { getToken(): Promise<string>; signIn(): void };
+  var auth: { getToken(o?: { forceRefresh?: boolean }): Promise<string>; signIn(): void };
   function applyToDatabase(ops: unknown[]): Promise<Array<{ changes: unknown[] }>>;
   function userFromCookie(req: IncomingMessage): { id: string } | null;
   function canRead(user: unknown, channel: string): boolean;

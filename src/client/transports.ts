@@ -41,10 +41,11 @@ export interface ResolveContext {
   /** `'ws'`: resolving for a socket dial (`url`, `params`); `'http'`: for one HTTP request (`url`/`httpUrl`, `headers`). */
   transport: 'ws' | 'http';
   /**
-   * `true` when the server refused the previous credentials with 401 and this call is the
-   * one refresh before the client gives up (a second 401 stops it with `unauthorized`): a
-   * token cache must be bypassed (`getToken({ forceRefresh: true })`). `false` on every
-   * ordinary dial and request.
+   * `true` when the server refused the previous credentials with 401: a token cache must be
+   * bypassed (`getToken({ forceRefresh: true })`), since a second 401 in a row stops the
+   * client with `unauthorized`. HTTP: the one retry right after a 401. Socket: the dial right
+   * after a refused upgrade, and any redial after it until a socket opens. `false` on every
+   * other dial and request.
    */
   refresh: boolean;
 }
