@@ -363,6 +363,7 @@ describe('option validation', () => {
     ['headers', 'x'],
     ['clientId', ''],
     ['channels', ['a', 'b']],
+    ['channels', [{}, {}]],
     ['channels', 'room'],
     ['channels', null],
     ['httpUrl', 'not a url'],
