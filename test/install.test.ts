@@ -133,10 +133,6 @@ declare global {
   function hideBoard(channel: string, code: string): void;
   var url: string;
   function onSync(ops: unknown[]): unknown[];
-  function hideBoard(channel: string, code: string): void;
-  var server: SyncServer;
-  var user: { id: string };
-  var clientId: string;
 }
 export {};
 `,
