@@ -124,6 +124,40 @@ describe('refusals affect only the channel refused', () => {
     await until(() => rec.seqs('public').length === 1, 5000, 'public message');
   });
 
+  it('concurrent subscribe() of a, b, c with b refused: b rejects forbidden, a and c resolve, and no SUB naming no channel goes on the wire', async () => {
+    r = await rig({ authorize: (_p, channel) => channel !== 'b' });
+    const c = r.client();
+    const rec = record(c);
+    // Issued before the socket is open: its first SUB names a, b and c, and b's own SUB
+    // still waits in the outbox when that answer refuses b.
+    const results = await Promise.allSettled(['a', 'b', 'c'].map((ch) => c.subscribe(ch)));
+    expect(results.map((x) => x.status)).toEqual(['fulfilled', 'rejected', 'fulfilled']);
+    expect((results[1] as PromiseRejectedResult).reason).toMatchObject({
+      name: 'SyncError',
+      code: 'forbidden',
+    });
+    expect(c.subscriptionState('b')).toBe('refused');
+    expect(rec.refused.map((e) => [e.channel, e.code])).toEqual([['b', 'forbidden']]);
+    const subs = subsSent(r);
+    expect(subs.some((names) => names.length === 0)).toBe(false);
+    expect(subs.filter((names) => names.includes('b'))).toHaveLength(1);
+    const naks = r.proxy.traffic.filter((t) => t.dir === 'down' && t.frame.type === 'NAK');
+    expect(naks).toEqual([]);
+  });
+
+  it('subscribe() then unsubscribe() of the same channel before the SUB goes out: subscribe rejects closed and no empty SUB is sent', async () => {
+    r = await rig();
+    const c = r.client();
+    const sub = c.subscribe('x');
+    const uns = c.unsubscribe('x');
+    await expect(sub).rejects.toMatchObject({ name: 'SyncError', code: 'closed' });
+    await expect(uns).resolves.toBeUndefined();
+    expect(subsSent(r).some((names) => names.length === 0)).toBe(false);
+    expect(r.proxy.traffic.filter((t) => t.dir === 'down' && t.frame.type === 'NAK')).toEqual([]);
+    expect(c.subscriptionState('x')).toBe('unsubscribed');
+    await expect(c.subscribe('y')).resolves.toMatchObject({ seq: 0 });
+  });
+
   it('the per-principal cap refuses the channels beyond it with too_many_channels', async () => {
     r = await rig({ maxChannelsPerPrincipal: 2 });
     const c = r.client();

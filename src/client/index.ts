@@ -307,7 +307,10 @@ export interface SyncClient<Op = unknown, Result = unknown> {
   on<K extends keyof EventMap>(event: K, handler: (value: EventMap[K]) => void): () => void;
   /**
    * Follow a channel. Resolves with its state once the replay was delivered; rejects with a
-   * `SyncError` whose code is the refusal's (`forbidden`, `too_many_channels`, …) or `closed`.
+   * `SyncError` whose code is the refusal's (`forbidden`, `too_many_channels`, …) or `closed`
+   * (the client was closed, or the channel was unsubscribed — by `unsubscribe()` or the
+   * server — before its SUB was answered). A refusal that arrived while this SUB waited in the
+   * outbox settles it without sending it.
    */
   subscribe(channel: string, opts?: SubscribeOptions): Promise<ChannelState>;
   /** Stop following a channel. Always settles: at once when closed or not subscribed. */
@@ -477,8 +480,14 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   const tell = (channel: string, event: Parameters<SubscriptionActor['send']>[0]) => {
     subActors.get(channel)?.send(event);
   };
+  /**
+   * The last refusal of each channel not subscribed again since: what a SUB still waiting in
+   * the outbox is answered with locally when none of its channels is wanted any more.
+   */
+  const refusals = new Map<string, { code: RefusedEvent['code']; message: string }>();
   const refuse = (channel: string, code: RefusedEvent['code'], message: string, revoked: boolean) => {
     if (!channels.has(channel)) return;
+    refusals.set(channel, { code, message });
     channels.remove(channel);
     // As unsubscribe(): messages held for its snapshot go, and sends waiting on it settle.
     held$.delete(channel);
@@ -767,7 +776,22 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   const requestSub = (names: string[], front: boolean, poll = false): Promise<unknown> =>
     new Promise((resolve, reject) => {
       if (names.length === 0) return resolve({ channels: {} });
-      const payload = channels.subPayload(names);
+      const cursors = channels.subPayload(names);
+      // Serialized when it goes on the wire: a channel refused or unsubscribed meanwhile is
+      // left out, and a SUB left with none is not sent at all (the server would NAK it) but
+      // answered locally with what the client knows of each channel (its refusal, if any).
+      const payload = {
+        toJSON: cursors.toJSON,
+        localReply: () => {
+          if (names.some((name) => channels.has(name))) return undefined;
+          const answer: Record<string, unknown> = Object.create(null);
+          for (const name of names) {
+            const r = refusals.get(name);
+            if (r) answer[name] = { error: { code: r.code, message: r.message } };
+          }
+          return [{ channels: answer }];
+        },
+      };
       const key = nextKey++;
       if (poll) pollQueued = true;
       enqueue(
@@ -1293,11 +1317,21 @@ export function createSyncClient<Op = unknown, Result = unknown>(
           : 'options must be an object';
       if (problem) throw new SyncError('bad_request', `${problem} (subscribe ${channel})`);
       channels.add(channel, opts);
+      refusals.delete(channel);
       subActor(channel).send({ type: 'SUBSCRIBE' });
       const body = (await requestSub([channel], false)) as { channels?: Record<string, unknown> };
-      const entry = body.channels?.[channel];
-      if (!entry) throw new SyncError('bad_response', `SUB response names no ${channel}`);
-      if (isChannelRefusal(entry)) throw new SyncError(entry.error.code, entry.error.message);
+      const entry =
+        body.channels && Object.hasOwn(body.channels, channel) ? body.channels[channel] : undefined;
+      if (!entry) {
+        if (!channels.has(channel))
+          throw new SyncError('closed', `unsubscribed from ${channel} before its SUB was answered`);
+        throw new SyncError('bad_response', `SUB response names no ${channel}`);
+      }
+      if (isChannelRefusal(entry)) {
+        // `unsubscribed`: the server ended it (server.unsubscribe) before this SUB went out.
+        const code = (entry.error.code as string) === 'unsubscribed' ? 'closed' : entry.error.code;
+        throw new SyncError(code, entry.error.message);
+      }
       return entry as ChannelState;
     },
     async unsubscribe(channel) {

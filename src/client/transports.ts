@@ -208,6 +208,24 @@ function upgradeStatus(ev: unknown): number | undefined {
   return m ? Number(m[1]) : undefined;
 }
 
+/**
+ * A request payload may carry a local answer (`localReply`): when it returns one at the
+ * moment the request would go on the wire, the request is not sent and the transport answers
+ * it with a `SYN` of that payload instead. The client uses it for a `SUB` whose every channel
+ * was refused or unsubscribed while it waited in the outbox: the server would NAK a SUB that
+ * names no channel (PROTOCOL §3), and the client already knows each channel's outcome.
+ */
+export interface LocalReply {
+  localReply(): unknown[] | undefined;
+}
+
+/** The local answer of a request, as the `SYN` the server would have sent; `undefined` to send it. */
+export function localReplyOf(frame: { id: string; payload?: unknown }): ServerEnvelope | undefined {
+  const p = frame.payload as Partial<LocalReply> | undefined;
+  const payload = typeof p?.localReply === 'function' ? p.localReply() : undefined;
+  return payload ? ({ id: frame.id, type: 'SYN', payload } as ServerEnvelope) : undefined;
+}
+
 /** The socket actor: DIAL opens a new socket (dropping any old one), SEND writes, DROP closes. */
 export function socketActor(config: TransportConfig, cursor: TransportCursor) {
   return fromCallback<SocketCommand, { clientId: string }>(({ sendBack, receive, input }) => {
@@ -329,7 +347,9 @@ export function socketActor(config: TransportConfig, cursor: TransportCursor) {
         config.onSocket?.(null);
         detach(sock);
       } else if (cmd.type === 'SEND') {
-        if (ws && ws.readyState === OPEN && !config.faults.blackhole) {
+        const local = localReplyOf(cmd.frame);
+        if (local) sendBack({ type: 'FRAME', frame: local });
+        else if (ws && ws.readyState === OPEN && !config.faults.blackhole) {
           try {
             ws.send(JSON.stringify(cmd.frame));
           } catch {
@@ -359,8 +379,11 @@ export function parseRetryAfter(value: string | null, now = Date.now()): number 
 /** The HTTP actor: one POST of one envelope, normalised into an `HttpOutcome`. */
 export function httpActor(config: TransportConfig, cursor: TransportCursor, getClientId: () => string) {
   return fromPromise<HttpOutcome, HttpInput>(async ({ input, signal }) => {
-    if (config.faults.blockHttp) throw new Error('network: http blocked (fault switch)');
     const { envelope } = input;
+    // Answered without the network (see `LocalReply`).
+    const local = localReplyOf(envelope);
+    if (local) return { kind: 'reply', frames: [local], status: 200 };
+    if (config.faults.blockHttp) throw new Error('network: http blocked (fault switch)');
     // A network error rejects: the chart's onError edge retries it with backoff. The URL and
     // headers are resolved for each request; a 401 resolves them once more and retries at
     // once with `refresh: true` (the app bypasses its token cache), and a second 401 is final.
