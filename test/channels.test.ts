@@ -15,7 +15,7 @@ import type { HistoryStore, SyncServer } from '../src/server/index.js';
 import { memoryStore } from '../src/stores/memory.js';
 import { sqliteStore } from '../src/stores/sqlite.js';
 import { next, type Rig, reach, rig, until } from './helpers/harness.js';
-import { harness, is } from './helpers/raw.js';
+import { harness, httpUrl, is, post } from './helpers/raw.js';
 
 let r: Rig | undefined;
 const dirs: string[] = [];
@@ -168,6 +168,82 @@ describe('refusals affect only the channel refused', () => {
     await c.unsubscribe('a');
     await expect(c.subscribe('c')).resolves.toMatchObject({ seq: 0 });
     expect(c.subscriptionState('c')).toBe('subscribed');
+  });
+});
+
+describe('channel names that are keys of Object.prototype are channels like any', () => {
+  // Every name isValidChannel accepts works: `__proto__` on a plain object sets the prototype
+  // instead of a key, `toString` reads Object.prototype when absent.
+  const NAMES = ['__proto__', 'constructor', 'prototype', 'toString', 'hasOwnProperty'];
+  /** `{ name: {} }` for each name, as own keys (an object literal `{ __proto__: … }` would not be). */
+  const subPayload = (cursor = '{}') =>
+    JSON.parse(`{"channels":{${NAMES.map((n) => `"${n}":${cursor}`).join(',')}}}`);
+
+  it('raw socket: a SUB naming them is answered for each, and each one receives its MSGs', async () => {
+    const server = await h.start({ authorize: (_p, channel) => channel !== 'toString' });
+    const sock = await h.socket(server);
+    const frames = await sock.request({ id: 's1', type: 'SUB', payload: subPayload() });
+    const syn = frames.at(-1);
+    expect(syn.type).toBe('SYN');
+    const answer = syn.payload[0].channels;
+    expect(Object.keys(answer)).toEqual(NAMES);
+    for (const n of NAMES) {
+      if (n === 'toString')
+        expect(answer[n]).toEqual({ error: { code: 'forbidden', message: expect.any(String) } });
+      else expect(answer[n]).toMatchObject({ seq: 0, recovered: true });
+    }
+    expect(server.stats().channels).toBe(NAMES.length - 1);
+    for (const n of NAMES) await server.publish(n, n);
+    sock.send({ id: 'p1', type: 'PNG' });
+    const rest = await sock.until(is.ack('p1'));
+    expect(rest.filter((f) => f.type === 'MSG').map((f) => [f.channel, f.seq])).toEqual(
+      NAMES.filter((n) => n !== 'toString').map((n) => [n, 1]),
+    );
+  });
+
+  it('HTTP: a SUB naming them is answered for each with its replay', async () => {
+    const server = await h.start();
+    for (const n of NAMES) await server.publish(n, n);
+    const reply = await post(httpUrl(server), 'c-http-proto', {
+      id: 'h1',
+      type: 'SUB',
+      payload: subPayload('{"since":0}'),
+    });
+    expect(reply.status).toBe(200);
+    const frames = reply.body as Array<{
+      type: string;
+      channel?: string;
+      payload?: Array<{ channels: object }>;
+    }>;
+    const syn = frames.find((f) => f.type === 'SYN');
+    expect(Object.keys(syn?.payload?.[0]?.channels ?? {})).toEqual(NAMES);
+    expect(frames.filter((f) => f.type === 'MSG').map((f) => f.channel)).toEqual(NAMES);
+  });
+
+  it('client: subscribe() to each resolves, the state is subscribed, MSGs arrive, cursors and subscriptions$ name them', async () => {
+    r = await rig();
+    const c = r.client();
+    const rec = record(c);
+    let states: Record<string, string> = {};
+    c.subscriptions$.subscribe((x) => {
+      states = x;
+    });
+    for (const n of NAMES) await expect(c.subscribe(n)).resolves.toMatchObject({ seq: 0, recovered: true });
+    for (const n of NAMES) expect(c.subscriptionState(n)).toBe('subscribed');
+    expect(Object.keys(states).sort()).toEqual([...NAMES].sort());
+    for (const n of NAMES) await r.server.publish(n, n);
+    await until(() => rec.msgs.length === NAMES.length, 5000, 'one MSG per channel');
+    expect(rec.msgs.map((m) => m.channel).sort()).toEqual([...NAMES].sort());
+    const cursors = c.cursors();
+    for (const n of NAMES) expect(Object.hasOwn(cursors, n) && cursors[n]?.seq).toBe(1);
+    // A reconnect re-SUBs every one of them from its cursor: nothing is delivered twice.
+    const from = r.proxy.traffic.length;
+    r.proxy.kill();
+    await until(() => subsSent(r!, from).some((names) => names.length === NAMES.length), 5000, 're-SUB');
+    for (const n of NAMES) await r.server.publish(n, `${n}-2`);
+    await until(() => rec.msgs.length === 2 * NAMES.length, 5000, 'second MSG per channel');
+    for (const n of NAMES) expect(rec.seqs(n)).toEqual([1, 2]);
+    expect(rec.refused).toEqual([]);
   });
 });
 

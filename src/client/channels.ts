@@ -3,7 +3,13 @@
  * delivered in order. Decides for each incoming MSG whether to deliver it, drop it as a
  * duplicate, or ask for a re-SUB because of a gap; turns SUB responses into resets.
  */
-import type { ChannelCursor, ChannelState, MsgEnvelope } from '../protocol/index.js';
+import {
+  type ChannelCursor,
+  type ChannelState,
+  channelRecord,
+  entryOf,
+  type MsgEnvelope,
+} from '../protocol/index.js';
 import type { SyncStorage } from './storage.js';
 
 interface Cursor {
@@ -69,14 +75,14 @@ export class ChannelCursors {
 
   /** Current cursor for the visualizer and `client.cursors()`. */
   snapshot(): Record<string, { epoch?: string; seq?: number }> {
-    const out: Record<string, { epoch?: string; seq?: number }> = {};
+    const out = channelRecord<{ epoch?: string; seq?: number }>();
     for (const [k, c] of this.cursors) out[k] = { epoch: c.epoch, seq: c.seq };
     return out;
   }
 
   /** Start tracking a channel. A stored cursor is resumed unless the options say otherwise. */
   add(channel: string, opts: SubscribeOptions = {}): void {
-    const stored = this.loadStored()[channel];
+    const stored = entryOf(this.loadStored(), channel);
     const c: Cursor = { subsInFlight: 0, jumped: false, wantsSnapshot: false, snapshotPending: false };
     if (opts.snapshot) {
       c.wantsSnapshot = true;
@@ -120,7 +126,7 @@ export class ChannelCursors {
   }
 
   private cursorsOf(channels: string[]): Record<string, ChannelCursor> {
-    const out: Record<string, ChannelCursor> = {};
+    const out = channelRecord<ChannelCursor>();
     for (const name of channels) {
       const c = this.cursors.get(name);
       if (!c) continue;
@@ -187,7 +193,7 @@ export class ChannelCursors {
       const c = this.cursors.get(name);
       if (!c) continue;
       c.subsInFlight = Math.max(0, c.subsInFlight - 1);
-      const e = entries?.[name];
+      const e = entryOf(entries, name);
       if (!e) continue;
       c.rewind = undefined;
       if (c.snapshotPending) {
@@ -270,7 +276,7 @@ export class ChannelCursors {
     this.dirty = true;
     queueMicrotask(() => {
       this.dirty = false;
-      const out: Record<string, { epoch?: string; seq?: number }> = {};
+      const out = channelRecord<{ epoch?: string; seq?: number }>();
       for (const [k, c] of this.cursors) if (c.seq !== undefined) out[k] = { epoch: c.epoch, seq: c.seq };
       this.storage.set(this.storageKey, JSON.stringify(out));
     });

@@ -30,7 +30,9 @@ import {
 } from '../../machines/subscription.js';
 import {
   type ChannelState,
+  channelRecord,
   cursorProblem,
+  entryOf,
   isChannelRefusal,
   isValidChannel,
   type MsgEnvelope,
@@ -455,7 +457,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   const subActors = new Map<string, SubscriptionActor>();
   const subscriptionsSubject = new BehaviorSubject<Record<string, SubscriptionState>>({});
   const publishSubscriptions = () => {
-    const out: Record<string, SubscriptionState> = {};
+    const out = channelRecord<SubscriptionState>();
     for (const [name, a] of subActors) {
       const v = a.getSnapshot().value as SubscriptionState;
       if (v !== 'unsubscribed') out[name] = v;
@@ -463,7 +465,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     const prev = subscriptionsSubject.value;
     const same =
       Object.keys(prev).length === Object.keys(out).length &&
-      Object.entries(out).every(([k, v]) => prev[k] === v);
+      Object.entries(out).every(([k, v]) => entryOf(prev, k) === v);
     if (!same) subscriptionsSubject.next(out);
   };
   const subActor = (channel: string): SubscriptionActor => {
@@ -680,7 +682,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     for (const h of held) {
       for (const p of h.published) {
         if (!asked.has(p.channel) || unsettled.has(p.channel) || !waiting(h, p)) continue;
-        const e = answered?.[p.channel];
+        const e = entryOf(answered, p.channel);
         if (e?.more || channels.snapshotting(p.channel)) continue;
         h.gaveUp.add(p);
         const at = channels.position(p.channel);
@@ -784,7 +786,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         toJSON: cursors.toJSON,
         localReply: () => {
           if (names.some((name) => channels.has(name))) return undefined;
-          const answer: Record<string, unknown> = Object.create(null);
+          const answer = channelRecord<unknown>();
           for (const name of names) {
             const r = refusals.get(name);
             if (r) answer[name] = { error: { code: r.code, message: r.message } };
@@ -900,10 +902,10 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       const body = (e.payload[0] ?? {}) as { channels?: Record<string, ChannelState> };
       if (e.request === 'SUB' && w?.channels) {
         // Each channel on its own (PROTOCOL §3 rule 7): refusals end that channel only.
-        const granted: Record<string, ChannelState> = {};
-        const answer = (body.channels ?? {}) as Record<string, unknown>;
+        const granted = channelRecord<ChannelState>();
+        const answer = body.channels as Record<string, unknown> | undefined;
         for (const name of w.channels) {
-          const entry = answer[name];
+          const entry = entryOf(answer, name);
           if (isChannelRefusal(entry)) refuse(name, entry.error.code, entry.error.message, false);
           else if (entry) granted[name] = entry as ChannelState;
         }
@@ -1320,8 +1322,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       refusals.delete(channel);
       subActor(channel).send({ type: 'SUBSCRIBE' });
       const body = (await requestSub([channel], false)) as { channels?: Record<string, unknown> };
-      const entry =
-        body.channels && Object.hasOwn(body.channels, channel) ? body.channels[channel] : undefined;
+      const entry = entryOf(body.channels, channel);
       if (!entry) {
         if (!channels.has(channel))
           throw new SyncError('closed', `unsubscribed from ${channel} before its SUB was answered`);

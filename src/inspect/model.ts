@@ -180,7 +180,8 @@ export class InspectModel {
         timeline: [],
         counters: emptyCounters(),
         timeout: undefined,
-        subscriptions: {},
+        // Keyed by channel name: no prototype, so `__proto__` or `toString` is a channel like any.
+        subscriptions: Object.create(null),
       };
       this.sessions.set(rootId, s);
     }
@@ -284,7 +285,9 @@ export class InspectModel {
           const child = this.children.get(e.sessionId);
           if (child?.name.startsWith(SUBSCRIPTION_PREFIX) && typeof e.snapshot.value === 'string') {
             const channel = child.name.slice(SUBSCRIPTION_PREFIX.length);
-            const prev = s.subscriptions[channel]?.state ?? 'unsubscribed';
+            const prev =
+              (Object.hasOwn(s.subscriptions, channel) ? s.subscriptions[channel]?.state : undefined) ??
+              'unsubscribed';
             const error = (e.snapshot.context as { error?: { code?: string } | null } | undefined)?.error
               ?.code;
             s.subscriptions[channel] = { state: e.snapshot.value, ...(error ? { error } : {}) };

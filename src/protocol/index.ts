@@ -245,6 +245,18 @@ const isObject = (v: unknown): v is Record<string, unknown> =>
 const validId = (v: unknown): v is string =>
   typeof v === 'string' && v.length > 0 && v.length <= MAX_ID_LENGTH;
 
+/**
+ * A record keyed by channel names, without a prototype: every name `isValidChannel` accepts
+ * (`__proto__`, `constructor`, `toString`, …) is an ordinary key. On a plain object,
+ * `o['__proto__'] = x` sets the prototype instead of a key and `o.toString` reads
+ * `Object.prototype` when the channel is absent. `JSON.stringify` writes it as any object.
+ */
+export const channelRecord = <T>(): Record<string, T> => Object.create(null) as Record<string, T>;
+
+/** A channel's own entry in a record (from the wire or not), `undefined` when it has none. */
+export const entryOf = <T>(r: Record<string, T> | null | undefined, channel: string): T | undefined =>
+  r != null && Object.hasOwn(r, channel) ? r[channel] : undefined;
+
 /** A channel name: 1–200 characters, no control characters. */
 export const isValidChannel = (v: unknown): v is string =>
   typeof v === 'string' && v.length > 0 && v.length <= 200 && !hasControlChar(v);
@@ -346,7 +358,7 @@ function parseClientFrameUnsafe(
       if (!isObject(payload) || !isObject(payload.channels)) {
         return fail('bad_request', 'SUB payload must be { channels: { name: cursor } }', id);
       }
-      const channels: Record<string, ChannelCursor> = {};
+      const channels = channelRecord<ChannelCursor>();
       const entries = Object.entries(payload.channels);
       if (entries.length === 0) return fail('bad_request', 'SUB names no channel', id);
       for (const [name, c] of entries) {

@@ -15,7 +15,13 @@
  * payload, marked `echo: true`, at its seq like everybody else (docs/consistency.md).
  */
 
-import type { ChannelCursor, ChannelSnapshot, ChannelState, MsgEnvelope } from '../protocol/index.js';
+import {
+  type ChannelCursor,
+  type ChannelSnapshot,
+  type ChannelState,
+  channelRecord,
+  type MsgEnvelope,
+} from '../protocol/index.js';
 import type { ChannelHead, HistoryStore, StoredMessage } from '../stores/types.js';
 
 /** The socket side of a subscription, as the channel layer needs it. */
@@ -290,7 +296,7 @@ export class Channels {
       for (const sub of subs) this.drop(peer, sub);
       throw err;
     }
-    const states: Record<string, ChannelState> = {};
+    const states = channelRecord<ChannelState>();
     for (const [i, sub] of subs.entries()) {
       const state: ChannelState = { epoch: sub.epoch, seq: sub.last, recovered: recovered[i]! };
       const snap = snapshots[i];
@@ -339,7 +345,7 @@ export class Channels {
     snapshot?: SnapshotReader,
   ): Promise<{ messages: MsgEnvelope[]; states: Record<string, ChannelState> }> {
     const messages: MsgEnvelope[] = [];
-    const states: Record<string, ChannelState> = {};
+    const states = channelRecord<ChannelState>();
     for (const [name, cursor] of Object.entries(cursors)) {
       const head = await this.store.head(name);
       let snap: ChannelSnapshot | undefined;

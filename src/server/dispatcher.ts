@@ -14,7 +14,9 @@ import {
   type ChannelCursor,
   type ChannelEntry,
   type ChannelRefusal,
+  channelRecord,
   encode,
+  entryOf,
   HTTP_STATUS_OF,
   isValidChannel,
   MAX_ID_LENGTH,
@@ -259,8 +261,8 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
   async function subscribe(env: SubEnvelope, peer: Peer<P>): Promise<void> {
     const cursors = env.payload.channels;
     const names = Object.keys(cursors);
-    const entries: Record<string, ChannelEntry> = {};
-    const allowed: Record<string, ChannelCursor> = {};
+    const entries = channelRecord<ChannelEntry>();
+    const allowed = channelRecord<ChannelCursor>();
     for (const name of names) {
       const refused = await refusal(peer.principal, name);
       if (refused) entries[name] = refused;
@@ -270,7 +272,7 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
     if (conn) {
       channels.unsubscribe(
         conn,
-        names.filter((n) => entries[n]),
+        names.filter((n) => entryOf(entries, n)),
       );
       let used = channels.countOf(conn.subscriberKey);
       for (const name of Object.keys(allowed)) {
@@ -300,7 +302,7 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
         }
       }
       // Entries in the order the SUB named them.
-      const ordered: Record<string, ChannelEntry> = {};
+      const ordered = channelRecord<ChannelEntry>();
       for (const name of names) ordered[name] = entries[name]!;
       peer.send({ id: env.id, type: 'SYN', payload: [{ channels: ordered }] });
     } catch (err) {
