@@ -257,7 +257,11 @@ export const channelRecord = <T>(): Record<string, T> => Object.create(null) as 
 export const entryOf = <T>(r: Record<string, T> | null | undefined, channel: string): T | undefined =>
   r != null && Object.hasOwn(r, channel) ? r[channel] : undefined;
 
-/** A channel name: 1–200 characters, no control characters. */
+/**
+ * A channel name: 1–200 UTF-16 code units (`length`), no control character (U+0000–U+001F,
+ * U+007F). Any other string is a name, `__proto__` included (keep names in `channelRecord`s).
+ * The rule of docs/PROTOCOL.md §2 "Channel names", on both sides.
+ */
 export const isValidChannel = (v: unknown): v is string =>
   typeof v === 'string' && v.length > 0 && v.length <= 200 && !hasControlChar(v);
 
