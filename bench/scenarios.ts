@@ -287,6 +287,8 @@ export async function throughputAt(
 // ---- latency ----------------------------------------------------------------------------
 
 export interface LatencyResult {
+  /** Acknowledged operations per second with one in flight: n / wall time of the measured phase. */
+  opsPerSec: number;
   p50us: number;
   p99us: number;
   n: number;
@@ -301,14 +303,17 @@ export const percentile = (sorted: number[], p: number): number => {
   return sorted[k]!;
 };
 
-/** One operation in flight: `n` sequential round trips after `warmup` of them. */
+/**
+ * One operation in flight: `n` sequential round trips after `warmup` of them. Gives the
+ * acked ops/s at 1 in flight, the p50/p99 of each round trip, and CPU per operation.
+ */
 export async function latency(system: System, n: number, warmup = Math.min(2000, n)): Promise<LatencyResult> {
   return withServer(system, {}, async (srv) => {
     const d = await DRIVERS[system](srv.port);
     try {
       for (let i = 0; i < warmup; i++) await d.one(i);
       const samples: number[] = [];
-      const { clientCpuUs, serverCpuUs } = await cpuPerOp(srv, n, async () => {
+      const { ms, clientCpuUs, serverCpuUs } = await cpuPerOp(srv, n, async () => {
         for (let i = 0; i < n; i++) {
           const t0 = performance.now();
           await d.one(warmup + i);
@@ -316,9 +321,100 @@ export async function latency(system: System, n: number, warmup = Math.min(2000,
         }
       });
       samples.sort((a, b) => a - b);
-      return { p50us: percentile(samples, 50), p99us: percentile(samples, 99), n, clientCpuUs, serverCpuUs };
+      return {
+        opsPerSec: (n / ms) * 1000,
+        p50us: percentile(samples, 50),
+        p99us: percentile(samples, 99),
+        n,
+        clientCpuUs,
+        serverCpuUs,
+      };
     } finally {
       await d.close();
+    }
+  });
+}
+
+// ---- time to connect many clients -------------------------------------------------------
+
+export interface ConnectResult {
+  /** From the first dial to the last client's first acknowledged round trip, ms. */
+  ms: number;
+  /** Clients that opened and had their one operation acknowledged with its own result. */
+  ready: number;
+  clients: number;
+  parallel: number;
+}
+
+/** Open one client, send one operation, wait for its acknowledgement (checked by id). */
+async function openAndRoundTrip(system: System, port: number, i: number): Promise<Closer> {
+  const op = makeOp(i);
+  const check = (r: Result) => {
+    if (!r || r.id !== op.id || r.ok !== true)
+      throw new AckMismatch(`ack for ${op.id} was ${JSON.stringify(r)}`);
+  };
+  switch (system) {
+    case 'syncwire': {
+      const c = swClient(port);
+      await swOpen(c);
+      check(await c.send(op));
+      return c;
+    }
+    case 'socketio': {
+      const s = sioClient(port, { reconnection: false });
+      await sioOpen(s);
+      check(
+        await new Promise<Result>((resolve) => {
+          s.emit('op', op, resolve);
+        }),
+      );
+      return { close: () => void s.disconnect() };
+    }
+    case 'ws': {
+      const ws = await wsOpen(port);
+      check(
+        await new Promise<Result>((resolve, reject) => {
+          const timer = setTimeout(() => reject(new Error('ws: no ack')), 10_000);
+          ws.once('message', (data) => {
+            clearTimeout(timer);
+            resolve(JSON.parse(String(data)) as Result);
+          });
+          ws.send(JSON.stringify(op));
+        }),
+      );
+      return { close: () => wsClose(ws) };
+    }
+  }
+}
+
+/**
+ * Time to connect `n` clients: each one is dialled, waits until open (syncwire: state
+ * `open`, after its handshake; socket.io: `connect`; ws: `open`) and has one operation
+ * acknowledged. At most `parallel` are in progress at once (a sliding window: the listen
+ * backlog is finite, and a refused SYN would measure the kernel's retry timer). After
+ * a warm-up of 20 clients opened and closed, so lazily loaded code is already in.
+ */
+export async function connectTime(system: System, n: number, parallel = 100): Promise<ConnectResult> {
+  return withServer(system, {}, async (srv) => {
+    const warm = await openMany(system, srv.port, 20);
+    await Promise.all(warm.map((c) => c.close()));
+    await waitConnections(srv, 0);
+    const open: Closer[] = [];
+    try {
+      let next = 0;
+      const t0 = performance.now();
+      const lane = async () => {
+        while (next < n) {
+          const i = next++;
+          open.push(await openAndRoundTrip(system, srv.port, i));
+        }
+      };
+      await Promise.all(Array.from({ length: Math.min(parallel, n) }, lane));
+      const ms = performance.now() - t0;
+      await waitConnections(srv, n);
+      return { ms, ready: open.length, clients: n, parallel };
+    } finally {
+      await Promise.all(open.map((c) => c.close()));
     }
   });
 }
@@ -416,6 +512,11 @@ export interface ReplayResult {
   duplicated: number;
   /** The system said it recovered the session / cursor (not a reset). */
   recovered: boolean;
+  /**
+   * Server heap + external growth during the replay, bytes: the peak of 1 ms samples minus
+   * the baseline after GC taken once the missed messages were stored (bench/servers/common.ts).
+   */
+  serverPeakBytes: number;
 }
 
 /** Tally received message indexes `from … from + n - 1`; done when all arrived. */
@@ -478,6 +579,7 @@ async function swReplay(n: number): Promise<ReplayResult> {
 
     await srv.call('publish', { channel: 'bench', n, from: 1, filler: MSG_FILLER }, 120_000);
 
+    await srv.call('watchStart');
     const tally = new Tally(1, n);
     const t0 = performance.now();
     const second = swClient(srv.port, { storage });
@@ -485,6 +587,7 @@ async function swReplay(n: number): Promise<ReplayResult> {
     const state = await second.subscribe('bench');
     await waitFor(() => tally.complete, 60_000, 'replayed messages');
     const ms = performance.now() - t0;
+    const heap = await srv.call<{ baseline: number; peak: number }>('watchStop');
     await new Promise((resolve) => setTimeout(resolve, 50));
     await second.close();
     return {
@@ -494,6 +597,7 @@ async function swReplay(n: number): Promise<ReplayResult> {
       lost: n - tally.got,
       duplicated: tally.dup + tally.stray,
       recovered: state.recovered,
+      serverPeakBytes: heap.peak - heap.baseline,
     };
   });
 }
@@ -518,12 +622,14 @@ async function sioReplay(n: number): Promise<ReplayResult> {
     await down;
     await srv.call('publish', { n, from: 1, filler: MSG_FILLER, whenEmpty: true }, 120_000);
 
+    await srv.call('watchStart');
     tally = new Tally(1, n);
     const t0 = performance.now();
     socket.connect();
     await sioOpen(socket);
     await waitFor(() => tally.complete, 60_000, 'recovered messages');
     const ms = performance.now() - t0;
+    const heap = await srv.call<{ baseline: number; peak: number }>('watchStop');
     await new Promise((resolve) => setTimeout(resolve, 50));
     const recovered = socket.recovered;
     socket.disconnect();
@@ -534,6 +640,7 @@ async function sioReplay(n: number): Promise<ReplayResult> {
       lost: n - tally.got,
       duplicated: tally.dup + tally.stray,
       recovered,
+      serverPeakBytes: heap.peak - heap.baseline,
     };
   });
 }

@@ -8,6 +8,7 @@ import { describe, expect, it } from 'vitest';
 import { bundleSizes } from '../bench/bundle.js';
 import { SYSTEMS } from '../bench/proc.js';
 import {
+  connectTime,
   latency,
   memoryPerConnection,
   opBytes,
@@ -28,10 +29,24 @@ describe('bench smoke', () => {
       expect(r.acked).toBe(200);
     });
 
-    it(`latency, ${system}: sequential round trips complete`, async () => {
+    it(`1 in flight, ${system}: sequential round trips complete`, async () => {
       const r = await latency(system, 50, 10);
       expect(r.n).toBe(50);
       expect(r.p99us).toBeGreaterThanOrEqual(r.p50us);
+      expect(r.opsPerSec).toBeGreaterThan(0);
+      expect(r.clientCpuUs).toBeGreaterThan(0);
+    });
+
+    it(`throughput at 64 in flight, ${system}: every operation acknowledged`, async () => {
+      const r = await throughputAt(system, 200, 64, 50);
+      expect({ acked: r.acked, window: r.window }).toEqual({ acked: 200, window: 64 });
+    });
+
+    it(`connect, ${system}: every client opens and has its one operation acknowledged`, async () => {
+      // Each client's ack is checked against its own operation's id (a mismatch throws), and
+      // the server process must count all of them before the measure returns.
+      const r = await connectTime(system, 60, 20);
+      expect({ ready: r.ready, clients: r.clients }).toEqual({ ready: 60, clients: 60 });
     });
 
     it(`memory, ${system}: the server sees every idle connection`, async () => {
@@ -42,11 +57,6 @@ describe('bench smoke', () => {
     });
   }
 
-  it('throughput, syncwire held to 64 in flight: every operation acknowledged', async () => {
-    const r = await throughputAt('syncwire', 200, 64, 50);
-    expect(r.acked).toBe(200);
-  });
-
   it('replay, syncwire: 500 missed messages, none lost, none duplicated, cursor recovered', async () => {
     const r = await replay('syncwire', 500);
     expect({ lost: r.lost, duplicated: r.duplicated, recovered: r.recovered }).toEqual({
@@ -54,10 +64,21 @@ describe('bench smoke', () => {
       duplicated: 0,
       recovered: true,
     });
+    // The server's heap was watched during the replay (a number, not a failed probe).
+    expect(Number.isFinite(r.serverPeakBytes)).toBe(true);
   });
 
-  it('replay, socket.io connectionStateRecovery: 200 missed messages recovered', async () => {
-    const r = await replay('socketio', 200);
+  it('replay, syncwire: 2,500 missed messages (more than one replayLimit page) arrive whole', async () => {
+    const r = await replay('syncwire', 2500);
+    expect({ lost: r.lost, duplicated: r.duplicated, recovered: r.recovered }).toEqual({
+      lost: 0,
+      duplicated: 0,
+      recovered: true,
+    });
+  });
+
+  it('replay at equal counts, socket.io connectionStateRecovery: 500 missed messages recovered', async () => {
+    const r = await replay('socketio', 500);
     expect({ lost: r.lost, duplicated: r.duplicated, recovered: r.recovered }).toEqual({
       lost: 0,
       duplicated: 0,

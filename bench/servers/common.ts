@@ -38,8 +38,34 @@ export async function until(cond: () => boolean, ms = 30_000, what = 'condition'
  * are built in; each server adds `connections`, `publish`, … .
  */
 export function serve(port: number, handlers: Record<string, Handler>, close: () => Promise<void>): void {
+  let watch: { timer: ReturnType<typeof setInterval>; baseline: number; peak: number } | undefined;
+  const sample = () => {
+    const m = process.memoryUsage();
+    if (watch) watch.peak = Math.max(watch.peak, m.heapUsed + m.external);
+  };
   const all: Record<string, Handler> = {
     memory: () => memory(),
+    /**
+     * Start watching this process's heap: after forced GC, the baseline is heapUsed +
+     * external (bytes); then a sample every millisecond keeps the peak. Garbage not yet
+     * collected counts too, so the peak is an upper bound of what was live.
+     */
+    async watchStart() {
+      if (watch) clearInterval(watch.timer);
+      const m = await memory();
+      const baseline = m.heapUsed + m.external;
+      watch = { timer: setInterval(sample, 1), baseline, peak: baseline };
+      return baseline;
+    },
+    /** Stop watching; `{ baseline, peak }` in bytes (heapUsed + external). */
+    watchStop() {
+      if (!watch) throw new Error('bench server: watchStop without watchStart');
+      sample();
+      clearInterval(watch.timer);
+      const { baseline, peak } = watch;
+      watch = undefined;
+      return { baseline, peak };
+    },
     /** CPU time this process has used, user + system, in µs (for CPU per operation). */
     cpu: () => {
       const u = process.cpuUsage();
