@@ -9,7 +9,7 @@ import { performance } from 'node:perf_hooks';
 import { filter, firstValueFrom, timeout as rxTimeout } from 'rxjs';
 import { type Socket as SioSocket, io as sioConnect } from 'socket.io-client';
 import { WebSocket } from 'ws';
-import { createSyncClient, memoryStorage, type SyncClient } from '../src/client/index.js';
+import { createSyncClient, type SyncClient } from '../src/client/index.js';
 import { type ServerProc, type System, startServer } from './proc.js';
 
 /** ~200 bytes of JSON per operation (checked by `opBytes`), the same for every contender. */
@@ -561,45 +561,86 @@ function waitFor(cond: () => boolean, ms: number, what: string): Promise<void> {
 }
 
 /**
- * syncwire: a client subscribes and receives one message (so it has a cursor), closes; the
- * server publishes `n` while nobody is connected; a new client with the same storage (same
- * clientId and stored cursor) subscribes again. Timed from creating that client to the last
- * of the `n` replayed messages, then a short grace period to catch duplicates.
+ * syncwire, the same drop as socket.io's: a client subscribes and receives one message (so
+ * it has a cursor), then its WebSocket is terminated under it (what a network drop looks
+ * like). Its redials are held at a gate (the `url` function, called for each dial, waits)
+ * while the server, once it has seen the disconnect, publishes `n`. Then the gate opens and
+ * the client reconnects and resubscribes by itself from its cursor. Timed from the dial
+ * passing the gate to the last of the `n` (handshake included), then a short grace period
+ * to catch duplicates. Recovered = no `resets$` event (the cursor was honoured).
  */
 async function swReplay(n: number): Promise<ReplayResult> {
   return withServer('syncwire', {}, async (srv) => {
-    const storage = memoryStorage();
-    const first = swClient(srv.port, { storage });
-    const warm = new Tally(0, 1);
-    first.messages$.subscribe((m) => warm.add((m.payload as { i: number }).i));
-    await first.subscribe('bench');
-    await srv.call('publish', { channel: 'bench', n: 1, from: 0, filler: MSG_FILLER });
-    await waitFor(() => warm.complete, 10_000, 'the first message');
-    await first.close();
+    let socket: WebSocket | undefined;
+    class Tapped extends WebSocket {
+      constructor(...args: ConstructorParameters<typeof WebSocket>) {
+        super(...args);
+        socket = this;
+      }
+    }
+    let gate: Promise<void> = Promise.resolve();
+    let openGate = () => {};
+    let timing = false;
+    let t0 = Number.NaN;
+    const client = createSyncClient<Op, Result>({
+      url: async () => {
+        await gate;
+        if (timing && Number.isNaN(t0)) t0 = performance.now();
+        return swUrl(srv.port);
+      },
+      WebSocket: Tapped as never,
+    });
+    let resets = 0;
+    client.resets$.subscribe(() => resets++);
+    let tally = new Tally(0, 1);
+    client.messages$.subscribe((m) => tally.add((m.payload as { i: number }).i));
+    try {
+      await client.subscribe('bench');
+      await srv.call('publish', { channel: 'bench', n: 1, from: 0, filler: MSG_FILLER });
+      await waitFor(() => tally.complete, 10_000, 'the first message');
 
-    await srv.call('publish', { channel: 'bench', n, from: 1, filler: MSG_FILLER }, 120_000);
+      gate = new Promise<void>((resolve) => {
+        openGate = resolve;
+      });
+      if (!socket) throw new Error('syncwire: no socket to drop');
+      socket.terminate();
+      await waitServer(srv, 'connections', 0);
+      await srv.call('publish', { channel: 'bench', n, from: 1, filler: MSG_FILLER }, 120_000);
 
-    await srv.call('watchStart');
-    const tally = new Tally(1, n);
-    const t0 = performance.now();
-    const second = swClient(srv.port, { storage });
-    second.messages$.subscribe((m) => tally.add((m.payload as { i: number }).i));
-    const state = await second.subscribe('bench');
-    await waitFor(() => tally.complete, 60_000, 'replayed messages');
-    const ms = performance.now() - t0;
-    const heap = await srv.call<{ baseline: number; peak: number }>('watchStop');
-    await new Promise((resolve) => setTimeout(resolve, 50));
-    await second.close();
-    return {
-      messages: n,
-      ms,
-      perMsgUs: (ms * 1000) / n,
-      lost: n - tally.got,
-      duplicated: tally.dup + tally.stray,
-      recovered: state.recovered,
-      serverPeakBytes: heap.peak - heap.baseline,
-    };
+      await srv.call('watchStart');
+      tally = new Tally(1, n);
+      timing = true;
+      openGate();
+      await waitFor(() => tally.complete, 60_000, 'replayed messages');
+      if (Number.isNaN(t0)) throw new Error('syncwire: the replay arrived without a redial through the gate');
+      const ms = performance.now() - t0;
+      const heap = await srv.call<{ baseline: number; peak: number }>('watchStop');
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      return {
+        messages: n,
+        ms,
+        perMsgUs: (ms * 1000) / n,
+        lost: n - tally.got,
+        duplicated: tally.dup + tally.stray,
+        recovered: resets === 0,
+        serverPeakBytes: heap.peak - heap.baseline,
+      };
+    } finally {
+      openGate();
+      await client.close();
+    }
   });
+}
+
+/** Poll a server counter until it equals `value` (bounded). */
+async function waitServer(srv: ServerProc, cmd: string, value: number, ms = 10_000): Promise<void> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const k = await srv.call<number>(cmd);
+    if (k === value) return;
+    if (Date.now() > deadline) throw new Error(`${srv.system}: ${cmd} is ${k}, expected ${value}`);
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
 }
 
 /**
