@@ -276,6 +276,36 @@ describe('every promise settles', () => {
 });
 
 describe('revocation', () => {
+  it('a SUB naming more channels than the cap is refused whole before any authorize call or store look-up (socket and HTTP)', async () => {
+    let asked = 0;
+    const store = memoryStore();
+    const server = await h.start({
+      store,
+      maxChannelsPerPrincipal: 5,
+      authorize: () => {
+        asked++;
+        return true;
+      },
+    });
+    const many = Object.fromEntries(Array.from({ length: 6 }, (_, i) => [`c-${i}`, {}]));
+    const sock = await h.socket(server);
+    const frames = await sock.request({ id: 's1', type: 'SUB', payload: { channels: many } });
+    expect(frames.at(-1)).toMatchObject({ type: 'NAK', id: 's1', error: { code: 'too_many_channels' } });
+    const reply = await post(httpUrl(server), 'c-http', {
+      id: 's2',
+      type: 'SUB',
+      payload: { channels: many },
+    });
+    expect(reply.body.at(-1)).toMatchObject({ type: 'NAK', id: 's2', error: { code: 'too_many_channels' } });
+    expect(asked).toBe(0);
+    expect(await store.channelCount?.()).toBe(0);
+    // At the cap it is served, and the socket is still usable.
+    const five = Object.fromEntries(Array.from({ length: 5 }, (_, i) => [`c-${i}`, {}]));
+    const ok = await sock.request({ id: 's3', type: 'SUB', payload: { channels: five } });
+    expect(Object.keys(ok.at(-1).payload[0].channels)).toHaveLength(5);
+    expect(asked).toBe(5);
+  });
+
   it('a refused re-SUB ends the live subscription (raw socket)', async () => {
     const allowed = new Set(['doc']);
     const server = await h.start({ authorize: (_p, channel) => allowed.has(channel) });

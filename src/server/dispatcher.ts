@@ -261,6 +261,19 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
   async function subscribe(env: SubEnvelope, peer: Peer<P>): Promise<void> {
     const cursors = env.payload.channels;
     const names = Object.keys(cursors);
+    // More channels in one SUB than a principal may hold at all is refused whole, before any
+    // `authorize` call or store look-up: each look-up costs the store an entry and the event
+    // loop time, so the count is checked before the work it protects.
+    if (names.length > o.maxChannelsPerPrincipal) {
+      peer.send(
+        nak(
+          env.id,
+          'too_many_channels',
+          `a SUB may name at most ${o.maxChannelsPerPrincipal} channels (it named ${names.length})`,
+        ),
+      );
+      return;
+    }
     const entries = channelRecord<ChannelEntry>();
     const allowed = channelRecord<ChannelCursor>();
     for (const name of names) {
