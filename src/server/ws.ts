@@ -105,19 +105,47 @@ export interface WsTransport {
 interface ConnContext<P> {
   readonly o: WsTransportOptions<P>;
   readonly conns: Set<SocketConn<P>>;
+  /** Open sockets per clientId, and per principal key, oldest first (no scan per upgrade). */
+  readonly byClient: Map<string, Set<SocketConn<P>>>;
+  readonly byPrincipal: Map<string, Set<SocketConn<P>>>;
 }
 
+function indexAdd<K, V>(index: Map<K, Set<V>>, key: K, v: V): void {
+  let set = index.get(key);
+  if (!set) {
+    set = new Set();
+    index.set(key, set);
+  }
+  set.add(v);
+}
+
+function indexDelete<K, V>(index: Map<K, Set<V>>, key: K, v: V): void {
+  const set = index.get(key);
+  if (!set) return;
+  set.delete(v);
+  if (set.size === 0) index.delete(key);
+}
+
+/** The settled promise every socket's serial lane starts from (one for all: idle memory). */
+const SETTLED: Promise<unknown> = Promise.resolve();
+
 class SocketConn<P> implements LivePeer, Peer<P> {
-  readonly subs = new Map<string, Subscription>();
+  private subsMap: Map<string, Subscription> | undefined;
   badFrames = 0;
   /** A pong or a frame arrived since the last ping. */
   alive = true;
-  private tail: Promise<unknown> = Promise.resolve();
+  private tail: Promise<unknown> = SETTLED;
   private ended = false;
+  /** The TCP socket is corked: frames sent are held until `flush` (one write for them all). */
+  private corked = false;
+  /** `flush` bound once per socket, for `setImmediate`. */
+  private readonly flushLater = () => this.flush();
 
   constructor(
     private readonly ctx: ConnContext<P>,
     readonly ws: WebSocket,
+    /** The upgraded TCP socket `ws` writes to; corked to coalesce frames into one write. */
+    private readonly sock: Duplex,
     readonly clientId: string,
     readonly principal: P,
     /** The principal key this socket counts under, if any. */
@@ -130,6 +158,12 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     return this;
   }
 
+  /** The socket's subscriptions by channel (made on first use: most sockets have none). */
+  get subs(): Map<string, Subscription> {
+    this.subsMap ??= new Map();
+    return this.subsMap;
+  }
+
   get open(): boolean {
     return !this.ended && this.ws.readyState === WebSocket.OPEN;
   }
@@ -138,8 +172,21 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     this.sendText(encode(env));
   }
 
+  /**
+   * Send one encoded frame. Frames sent in the same turn of the event loop leave in one TCP
+   * write: the first corks the socket and `flush` (at the end of the request that sent it, or
+   * in this turn's check phase at the latest) uncorks it. So an `ACK` and the response
+   * that follows it in the same turn are one write and one read for the client, and a replay
+   * page is one write instead of one per `MSG`. Nothing waits for I/O: a response that needs
+   * the store or the app's I/O goes in a later write, after the `ACK` has left.
+   */
   sendText(text: string): void {
     if (!this.open) return;
+    if (!this.corked) {
+      this.corked = true;
+      this.sock.cork();
+      setImmediate(this.flushLater);
+    }
     this.ws.send(text);
     if (this.ws.bufferedAmount > this.ctx.o.maxBufferedBytes)
       this.close(CloseCodes.slowConsumer, 'slow consumer');
@@ -162,6 +209,13 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     })();
   }
 
+  /** Write out what is corked (no-op when nothing is). */
+  flush(): void {
+    if (!this.corked) return;
+    this.corked = false;
+    this.sock.uncork();
+  }
+
   fail(reason: string): void {
     this.close(INTERNAL_ERROR, reason);
   }
@@ -174,8 +228,9 @@ class SocketConn<P> implements LivePeer, Peer<P> {
 
   close(code: number, reason: string): void {
     if (this.ended) return;
+    this.flush();
     this.ended = true;
-    this.ctx.o.channels.dropPeer(this);
+    if (this.subsMap) this.ctx.o.channels.dropPeer(this);
     try {
       this.ws.close(code, reason);
     } catch {
@@ -212,13 +267,20 @@ class SocketConn<P> implements LivePeer, Peer<P> {
       return;
     }
     this.badFrames = 0;
-    void o.dispatcher.dispatch(parsed.envelope, this).finally(() => o.budget.release(this.clientId, held));
+    void o.dispatcher.dispatch(parsed.envelope, this).finally(() => {
+      o.budget.release(this.clientId, held);
+      this.flush();
+    });
   }
 
   onClose(): void {
+    this.flush();
     this.ended = true;
-    this.ctx.conns.delete(this);
-    this.ctx.o.channels.dropPeer(this);
+    const { ctx } = this;
+    ctx.conns.delete(this);
+    indexDelete(ctx.byClient, this.clientId, this);
+    if (this.principalKey !== undefined) indexDelete(ctx.byPrincipal, this.principalKey, this);
+    if (this.subsMap) ctx.o.channels.dropPeer(this);
   }
 }
 
@@ -232,7 +294,7 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
     clientTracking: false,
   });
   const conns = new Set<SocketConn<P>>();
-  const ctx: ConnContext<P> = { o, conns };
+  const ctx: ConnContext<P> = { o, conns, byClient: new Map(), byPrincipal: new Map() };
 
   // Liveness: one protocol-level ping per socket per interval (browsers answer pings without
   // running page code, so a throttled tab answers too, and the traffic keeps idle proxies
@@ -255,8 +317,8 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
   pinger.unref();
 
   /** Sockets of one clientId, and of one principal key, oldest first. */
-  const ofClient = (clientId: string) => [...conns].filter((c) => c.clientId === clientId);
-  const ofPrincipal = (key: string) => [...conns].filter((c) => c.principalKey === key);
+  const ofClient = (clientId: string) => [...(ctx.byClient.get(clientId) ?? [])];
+  const principalCount = (key: string) => ctx.byPrincipal.get(key)?.size ?? 0;
 
   function handleUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): boolean {
     const url = requestUrl(req);
@@ -299,7 +361,7 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
       onError(err, 'principalKey');
       key = undefined;
     }
-    if (key !== undefined && ofPrincipal(key).length >= o.maxSocketsPerPrincipal) {
+    if (key !== undefined && principalCount(key) >= o.maxSocketsPerPrincipal) {
       return rejectUpgrade(socket, 429, nak(null, 'rate_limited', 'too many sockets for this principal'), {
         'Retry-After': '5',
       });
@@ -316,12 +378,15 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
       const conn = new SocketConn(
         ctx,
         ws,
+        socket,
         clientId,
         auth.principal,
         key,
         o.subscriberKey(auth.principal, clientId),
       );
       conns.add(conn);
+      indexAdd(ctx.byClient, clientId, conn);
+      if (key !== undefined) indexAdd(ctx.byPrincipal, key, conn);
       ws.on('pong', () => {
         conn.alive = true;
       });
