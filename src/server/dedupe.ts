@@ -21,7 +21,7 @@
  */
 
 import { createHash } from 'node:crypto';
-import { type NakEnvelope, nak, type SynEnvelope } from '../protocol/index.js';
+import { encode, type NakEnvelope, nak, type SynEnvelope } from '../protocol/index.js';
 import type { DedupeClaim, DedupeLimits, DedupeStore } from '../stores/types.js';
 
 export type SynResponse = SynEnvelope | NakEnvelope;
@@ -60,6 +60,9 @@ export interface StoredAnswer {
 /** Bytes an entry costs besides its response (key, fingerprint, bookkeeping), an estimate. */
 const ENTRY_OVERHEAD = 160;
 
+/** Characters of fingerprint text gathered before they are hashed (bounds that string). */
+const FP_CHUNK = 64 * 1024;
+
 const CLOSE_ARRAY = Symbol('close array');
 const CLOSE_OBJECT = Symbol('close object');
 class MemberName {
@@ -74,19 +77,24 @@ class MemberName {
  */
 export function fingerprint(payload: unknown): string {
   const hash = createHash('sha256');
+  // The text is gathered in a string and handed to the hash in chunks of about
+  // `FP_CHUNK` characters: one `update` per token crossed into C++ for every token and was
+  // most of the cost of a small operation. The digest is that of the same text, so
+  // fingerprints are unchanged (shared stores keep matching across versions).
+  let text = '';
   const stack: unknown[] = [payload];
   while (stack.length > 0) {
     const v = stack.pop();
     if (typeof v === 'symbol') {
-      hash.update(v === CLOSE_ARRAY ? '],' : '},');
+      text += v === CLOSE_ARRAY ? '],' : '},';
     } else if (v instanceof MemberName) {
-      hash.update(`${JSON.stringify(v.name)}:`);
+      text += `${JSON.stringify(v.name)}:`;
     } else if (Array.isArray(v)) {
-      hash.update('[');
+      text += '[';
       stack.push(CLOSE_ARRAY);
       for (let i = v.length - 1; i >= 0; i--) stack.push(v[i]);
     } else if (typeof v === 'object' && v !== null) {
-      hash.update('{');
+      text += '{';
       stack.push(CLOSE_OBJECT);
       const entries = Object.entries(v);
       for (let i = entries.length - 1; i >= 0; i--) {
@@ -94,9 +102,14 @@ export function fingerprint(payload: unknown): string {
         stack.push(new MemberName(entries[i]![0]));
       }
     } else {
-      hash.update(`${JSON.stringify(v) ?? 'null'},`);
+      text += `${JSON.stringify(v) ?? 'null'},`;
+    }
+    if (text.length >= FP_CHUNK) {
+      hash.update(text);
+      text = '';
     }
   }
+  hash.update(text);
   return hash.digest('base64url');
 }
 
@@ -381,7 +394,7 @@ export class Dedupe {
 /** UTF-8 bytes of a response's JSON. */
 function responseBytes(response: SynResponse): number {
   try {
-    return Buffer.byteLength(JSON.stringify(response));
+    return Buffer.byteLength(encode(response));
   } catch {
     // Too deep to encode here: not kept (the transport encodes it on its own terms).
     return Number.POSITIVE_INFINITY;

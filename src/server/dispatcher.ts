@@ -16,6 +16,7 @@ import {
   type ChannelRefusal,
   channelRecord,
   encode,
+  encodeOnce,
   entryOf,
   HTTP_STATUS_OF,
   isValidChannel,
@@ -232,7 +233,8 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
     const published = (await Promise.all(publications)).filter((p): p is Publication => p !== undefined);
     if (published.length > 0) response.published = published;
     try {
-      JSON.stringify(response);
+      // Checked here; the text is kept for the dedupe memory's size and for sending.
+      encodeOnce(response);
     } catch (err) {
       onError(err, 'onSync results');
       return nak(syn.id, 'server_error', 'the server returned results that are not JSON');
