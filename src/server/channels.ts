@@ -24,6 +24,9 @@ import {
 } from '../protocol/index.js';
 import type { ChannelHead, HistoryStore, StoredMessage } from '../stores/types.js';
 
+/** Let the event loop run other sockets' I/O before going on (between replay pages). */
+const yieldTurn = () => new Promise<void>((resolve) => setImmediate(resolve));
+
 /** The socket side of a subscription, as the channel layer needs it. */
 export interface ChannelPeer {
   readonly clientId: string;
@@ -40,8 +43,13 @@ export interface ChannelPeer {
   readonly open: boolean;
   /** Send a frame already encoded. */
   sendText(text: string): void;
-  /** A promise when history must wait for the socket's send buffer to drain. */
-  drained(): Promise<void> | undefined;
+  /** Send a replayed frame already encoded (counted against the server's replay budget). */
+  sendReplay(text: string): void;
+  /**
+   * `undefined` when the next replayed message may be sent now, else a promise to wait for
+   * before asking again (the socket's send buffer or the server's replay budget is full).
+   */
+  replayReady(): Promise<void> | undefined;
   /** Give up on the socket after an internal failure; the client reconnects and replays. */
   fail(reason: string): void;
   /** Run `task` after every task queued before it (a socket's SUBs, UNSs and revocations). */
@@ -166,14 +174,20 @@ export class Subscription {
       if (this.closed) return;
       for (const m of page) {
         if (m.seq <= this.last) continue;
-        this.deliver(m, true);
-        const wait = this.peer.drained();
-        if (wait) {
+        // Backpressure before each message: a socket that does not read holds at most the
+        // page in hand plus its high-water mark (PROTOCOL §3, "Replay flow control").
+        for (let wait = this.peer.replayReady(); wait; wait = this.peer.replayReady()) {
           await wait;
           if (this.closed) return;
         }
+        this.deliver(m, true);
       }
-      if (page.length >= this.owner.replayLimit) continue;
+      if (page.length >= this.owner.replayLimit) {
+        // Yield between pages: one socket's long replay must not hold the event loop.
+        await yieldTurn();
+        if (this.closed) return;
+        continue;
+      }
       emptyReads = page.length === 0 ? emptyReads + 1 : 0;
       this.flushPending();
       if (this.overflow) continue;
@@ -213,9 +227,9 @@ export class Subscription {
     this.last = m.seq;
     this.epoch = m.epoch;
     if (!this.peer.open) return;
-    this.peer.sendText(
-      text ? text() : JSON.stringify(msgEnvelope(m, replay, variantFor(m, this.peer.clientId))),
-    );
+    const frame = text ? text() : JSON.stringify(msgEnvelope(m, replay, variantFor(m, this.peer.clientId)));
+    if (replay) this.peer.sendReplay(frame);
+    else this.peer.sendText(frame);
   }
 }
 

@@ -238,6 +238,27 @@ export interface SyncServerOptions<
    */
   maxBufferedBytes?: number;
   /**
+   * Replay flow control (PROTOCOL §3): a socket's catch-up sends its next `MSG` only while the
+   * socket's send buffer holds less than this many bytes, so a client that stops reading
+   * during a replay costs the server at most one history page (`replayLimit` messages) plus
+   * about this. At least 65536 (the writable high-water mark Node signals `drain` from).
+   * @default 262144 (256 KiB)
+   */
+  replayHighWaterBytes?: number;
+  /**
+   * Replay bytes sent to sockets and not yet handed to the kernel, all sockets of this process
+   * together. While it is reached, every replay waits (first come, first served) until bytes
+   * drain or the sockets holding them are closed; live messages are not held back.
+   * @default 67108864 (64 MiB)
+   */
+  maxReplayBufferedBytes?: number;
+  /**
+   * A replaying socket whose send buffer stays at `replayHighWaterBytes` this long is closed
+   * with `CloseCodes.slowConsumer` (4429); the client redials and resumes from its cursor.
+   * @default 30000
+   */
+  replayDrainTimeoutMs?: number;
+  /**
    * Consecutive unparseable frames after which a socket is closed with `CloseCodes.badFrames`.
    * @default 100
    */
@@ -361,6 +382,11 @@ export interface SyncServerStats {
   channels: number;
   /** Request bytes received and not yet answered (bounded by `maxQueuedBytes`). */
   queuedBytes: number;
+  /**
+   * Replay bytes sent to sockets and not yet handed to the kernel (bounded by
+   * `maxReplayBufferedBytes` plus one message per replaying socket).
+   */
+  replayBufferedBytes: number;
 }
 
 export interface SyncServer<Channels extends ChannelMap = ChannelMap> {
@@ -445,6 +471,9 @@ const DEFAULTS = {
   maxPayloadBytes: DEFAULT_MAX_PAYLOAD_BYTES,
   replayLimit: 1000,
   maxBufferedBytes: 8 * 1024 * 1024,
+  replayHighWaterBytes: 256 * 1024,
+  maxReplayBufferedBytes: 64 * 1024 * 1024,
+  replayDrainTimeoutMs: 30_000,
   maxBadFrames: 100,
   maxQueuedPerClient: 100,
   maxChannelsPerPrincipal: 1000,
@@ -468,6 +497,9 @@ const POSITIVE_OPTIONS = [
   'maxPayloadBytes',
   'replayLimit',
   'maxBufferedBytes',
+  'replayHighWaterBytes',
+  'maxReplayBufferedBytes',
+  'replayDrainTimeoutMs',
   'maxBadFrames',
   'maxQueuedPerClient',
   'maxChannelsPerPrincipal',
@@ -514,6 +546,8 @@ export async function createSyncServer<
     throw new RangeError('createSyncServer: maxQueuedBytesPerClient must be ≥ maxPayloadBytes');
   if (!(Number.isFinite(o.closeTimeoutMs) && o.closeTimeoutMs >= 0))
     throw new RangeError('createSyncServer: closeTimeoutMs must be ≥ 0');
+  if (o.replayHighWaterBytes < 65_536)
+    throw new RangeError('createSyncServer: replayHighWaterBytes must be ≥ 65536');
   if (o.requestTimeoutMs < o.headersTimeoutMs)
     throw new RangeError('createSyncServer: requestTimeoutMs must be ≥ headersTimeoutMs');
   const budget = new Budget({ perClient: maxQueuedBytesPerClient, total: o.maxQueuedBytes });
@@ -586,6 +620,9 @@ export async function createSyncServer<
     path: o.path,
     maxPayloadBytes: o.maxPayloadBytes,
     maxBufferedBytes: o.maxBufferedBytes,
+    replayHighWaterBytes: o.replayHighWaterBytes,
+    maxReplayBufferedBytes: o.maxReplayBufferedBytes,
+    replayDrainTimeoutMs: o.replayDrainTimeoutMs,
     maxBadFrames: o.maxBadFrames,
     maxBatch: o.maxBatch,
     allowedOrigins: o.allowedOrigins,
@@ -740,6 +777,7 @@ export async function createSyncServer<
         dedupeBytes: dedupe.sizeBytes,
         channels: channels.size,
         queuedBytes: budget.total,
+        replayBufferedBytes: ws.replayBufferedBytes,
       };
     },
     subscriptionsOf: (clientId) => ws.subscriptionsOf(clientId),

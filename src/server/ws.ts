@@ -29,10 +29,6 @@ import { type AllowedOrigins, type Budget, leadingId, originAllowed } from './li
 
 /** How long `close()` waits for clients to answer the close handshake before cutting them. */
 const CLOSE_GRACE_MS = 1000;
-/** How often a replay checks whether a socket's send buffer has drained. */
-const DRAIN_POLL_MS = 5;
-/** How long a replay waits for a socket's send buffer to drain before giving up on it. */
-const DRAIN_GRACE_MS = 30_000;
 
 /** Standard close code for "the server hit an unexpected condition"; the client redials. */
 const INTERNAL_ERROR = 1011;
@@ -46,6 +42,15 @@ export interface WsTransportOptions<P> {
   maxPayloadBytes: number;
   /** Send-buffer bytes above which a socket is closed as a slow consumer. */
   maxBufferedBytes: number;
+  /**
+   * Replay backpressure (PROTOCOL §3, "Replay flow control"): a replay sends its next
+   * message only while the socket's send buffer holds less than this many bytes.
+   */
+  replayHighWaterBytes: number;
+  /** Replay bytes not yet handed to the kernel, all sockets together, before replays wait. */
+  maxReplayBufferedBytes: number;
+  /** A replaying socket whose send buffer does not drain within this is closed (4429). */
+  replayDrainTimeoutMs: number;
   /** Consecutive unparseable frames after which a socket is closed. */
   maxBadFrames: number;
   /** Most operations in one `SYN` (`NAK too_large` beyond). */
@@ -85,6 +90,8 @@ export interface WsTransport {
   handleUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): boolean;
   /** Open sockets. */
   readonly size: number;
+  /** Replay bytes sent and not yet handed to the kernel, all sockets together. */
+  readonly replayBufferedBytes: number;
   /** clientIds of the open sockets. */
   clientIds(): Iterable<string>;
   /** Channels the open sockets of `clientId` are live-subscribed to, sorted. */
@@ -108,6 +115,39 @@ interface ConnContext<P> {
   /** Open sockets per clientId, and per principal key, oldest first (no scan per upgrade). */
   readonly byClient: Map<string, Set<SocketConn<P>>>;
   readonly byPrincipal: Map<string, Set<SocketConn<P>>>;
+  readonly replay: ReplayBudget;
+}
+
+/**
+ * The server-wide bound on replay bytes buffered: each socket counts the bytes of the replay
+ * frames it sent that were not yet handed to the kernel (`ws.send`'s callback says when they
+ * were); while the sum is at `max`, replays wait here, first come first served, and are woken
+ * as bytes drain or sockets close.
+ */
+class ReplayBudget {
+  total = 0;
+  private waiters: Array<() => void> = [];
+
+  constructor(readonly max: number) {}
+
+  get full(): boolean {
+    return this.total >= this.max;
+  }
+
+  add(bytes: number): void {
+    this.total += bytes;
+  }
+
+  release(bytes: number): void {
+    if (bytes <= 0) return;
+    this.total -= bytes;
+    while (this.waiters.length > 0 && !this.full) this.waiters.shift()!();
+  }
+
+  /** Resolves when the budget has room (re-check: another waiter may have taken it). */
+  room(): Promise<void> {
+    return new Promise((resolve) => this.waiters.push(resolve));
+  }
 }
 
 function indexAdd<K, V>(index: Map<K, Set<V>>, key: K, v: V): void {
@@ -140,6 +180,8 @@ class SocketConn<P> implements LivePeer, Peer<P> {
   private corked = false;
   /** `flush` bound once per socket, for `setImmediate`. */
   private readonly flushLater = () => this.flush();
+  /** Replay bytes this socket sent that are not yet handed to the kernel (`ReplayBudget`). */
+  private replayHeld = 0;
 
   constructor(
     private readonly ctx: ConnContext<P>,
@@ -193,20 +235,68 @@ class SocketConn<P> implements LivePeer, Peer<P> {
   }
 
   /**
-   * Replays wait here so history never fills the send buffer past half the bound; live
-   * sends are what trip the bound. A socket that does not drain within the grace period
-   * is a slow consumer too.
+   * Send one replayed frame, counted against the server-wide replay budget until `ws` has
+   * handed it to the kernel (its send callback).
    */
-  drained(): Promise<void> | undefined {
-    const { maxBufferedBytes } = this.ctx.o;
-    if (!this.open || this.ws.bufferedAmount <= maxBufferedBytes / 2) return undefined;
-    return (async () => {
-      const deadline = Date.now() + DRAIN_GRACE_MS;
-      while (this.open && this.ws.bufferedAmount > maxBufferedBytes / 2) {
-        if (Date.now() > deadline) return this.close(CloseCodes.slowConsumer, 'slow consumer');
-        await new Promise((resolve) => setTimeout(resolve, DRAIN_POLL_MS));
-      }
-    })();
+  sendReplay(text: string): void {
+    if (!this.open) return;
+    // Bytes of the frame as `ws` buffers it (UTF-8; `length` is a lower bound, close enough
+    // for a budget and much cheaper than counting).
+    const bytes = text.length;
+    this.replayHeld += bytes;
+    this.ctx.replay.add(bytes);
+    if (!this.corked) {
+      this.corked = true;
+      this.sock.cork();
+      setImmediate(this.flushLater);
+    }
+    this.ws.send(text, () => this.releaseReplay(bytes));
+  }
+
+  private releaseReplay(bytes: number): void {
+    // Released all at once when the socket ended (a later callback must not count twice).
+    const n = Math.min(bytes, this.replayHeld);
+    this.replayHeld -= n;
+    this.ctx.replay.release(n);
+  }
+
+  /**
+   * Replay flow control (PROTOCOL §3, "Replay flow control"): `undefined` when the next
+   * replayed message may be sent at once, else a promise that settles when it is worth
+   * asking again. A socket whose send buffer is at `replayHighWaterBytes` waits for it to
+   * drain, at most `replayDrainTimeoutMs`, after which it is closed as a slow consumer (4429);
+   * a socket with room waits while the server-wide replay budget is full, without a
+   * deadline (the sockets holding the budget drain or are closed by theirs).
+   */
+  replayReady(): Promise<void> | undefined {
+    if (!this.open) return undefined;
+    const { o, replay } = this.ctx;
+    if (this.ws.bufferedAmount >= o.replayHighWaterBytes) return this.drain(o.replayDrainTimeoutMs);
+    if (replay.full) return replay.room();
+    return undefined;
+  }
+
+  /** Resolves once the send buffer drained or the socket ended; closes it after `ms`. */
+  private drain(ms: number): Promise<void> {
+    this.flush();
+    // No `drain` owed (written out meanwhile): ask again after other I/O had its turn.
+    if (!this.sock.writableNeedDrain) return new Promise((resolve) => setImmediate(resolve));
+    return new Promise<void>((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        this.sock.off('drain', done);
+        this.sock.off('close', done);
+        resolve();
+      };
+      const timer = setTimeout(() => {
+        this.close(CloseCodes.slowConsumer, 'slow consumer: replay not read');
+        done();
+      }, ms);
+      // `drain` comes once the buffer is empty: it was over the writable high-water mark
+      // (`replayHighWaterBytes` is at least 64 KiB), so Node owes that event.
+      this.sock.once('drain', done);
+      this.sock.once('close', done);
+    });
   }
 
   /** Write out what is corked (no-op when nothing is). */
@@ -230,6 +320,7 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     if (this.ended) return;
     this.flush();
     this.ended = true;
+    this.releaseReplay(this.replayHeld);
     if (this.subsMap) this.ctx.o.channels.dropPeer(this);
     try {
       this.ws.close(code, reason);
@@ -276,6 +367,7 @@ class SocketConn<P> implements LivePeer, Peer<P> {
   onClose(): void {
     this.flush();
     this.ended = true;
+    this.releaseReplay(this.replayHeld);
     const { ctx } = this;
     ctx.conns.delete(this);
     indexDelete(ctx.byClient, this.clientId, this);
@@ -294,7 +386,13 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
     clientTracking: false,
   });
   const conns = new Set<SocketConn<P>>();
-  const ctx: ConnContext<P> = { o, conns, byClient: new Map(), byPrincipal: new Map() };
+  const ctx: ConnContext<P> = {
+    o,
+    conns,
+    byClient: new Map(),
+    byPrincipal: new Map(),
+    replay: new ReplayBudget(o.maxReplayBufferedBytes),
+  };
 
   // Liveness: one protocol-level ping per socket per interval (browsers answer pings without
   // running page code, so a throttled tab answers too, and the traffic keeps idle proxies
@@ -426,6 +524,9 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
     handleUpgrade,
     get size() {
       return conns.size;
+    },
+    get replayBufferedBytes() {
+      return ctx.replay.total;
     },
     *clientIds() {
       for (const c of conns) yield c.clientId;
