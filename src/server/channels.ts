@@ -24,6 +24,9 @@ import {
 } from '../protocol/index.js';
 import type { ChannelHead, HistoryStore, StoredMessage } from '../stores/types.js';
 
+/** Smallest history page read again after a replay had to wait for its socket. */
+const MIN_REPLAY_PAGE = 64;
+
 /** Let the event loop run other sockets' I/O before going on (between replay pages). */
 const yieldTurn = () => new Promise<void>((resolve) => setImmediate(resolve));
 
@@ -168,27 +171,35 @@ export class Subscription {
    */
   async pump(): Promise<void> {
     let emptyReads = 0;
+    const { replayLimit } = this.owner;
+    let limit = replayLimit;
     while (!this.closed) {
       this.overflow = false;
-      const page = await this.owner.store.read(this.channel, this.last, this.owner.replayLimit);
+      let page: StoredMessage[] | undefined = await this.owner.store.read(this.channel, this.last, limit);
       if (this.closed) return;
-      for (const m of page) {
-        if (m.seq <= this.last) continue;
-        // Backpressure before each message: a socket that does not read holds at most the
-        // page in hand plus its high-water mark (PROTOCOL §3, "Replay flow control").
-        for (let wait = this.peer.replayReady(); wait; wait = this.peer.replayReady()) {
-          await wait;
+      const { sent, wait } = this.sendPage(page);
+      const read = page.length;
+      page = undefined; // not kept across the waits below
+      if (wait) {
+        // The socket must drain (or the server's replay budget has no room): wait without
+        // holding the rest of the page, which is read again after, in a page twice the size
+        // of what the socket took (PROTOCOL §3, "Replay flow control").
+        limit = Math.min(replayLimit, Math.max(MIN_REPLAY_PAGE, 2 * sent));
+        for (let w: Promise<void> | undefined = wait; w; w = this.peer.replayReady()) {
+          await w;
           if (this.closed) return;
         }
-        this.deliver(m, true);
+        continue;
       }
-      if (page.length >= this.owner.replayLimit) {
+      const full = read >= limit;
+      limit = replayLimit;
+      if (full) {
         // Yield between pages: one socket's long replay must not hold the event loop.
         await yieldTurn();
         if (this.closed) return;
         continue;
       }
-      emptyReads = page.length === 0 ? emptyReads + 1 : 0;
+      emptyReads = read === 0 ? emptyReads + 1 : 0;
       this.flushPending();
       if (this.overflow) continue;
       const next = this.pending[0];
@@ -203,6 +214,22 @@ export class Subscription {
         this.flushPending();
       }
     }
+  }
+
+  /**
+   * Send a history page while the socket has room; stop at the first message it has none for
+   * and return what to wait for (the caller drops the page meanwhile).
+   */
+  private sendPage(page: StoredMessage[]): { sent: number; wait?: Promise<void> } {
+    let sent = 0;
+    for (const m of page) {
+      if (m.seq <= this.last) continue;
+      const wait = this.peer.replayReady();
+      if (wait) return { sent, wait };
+      this.deliver(m, true);
+      sent++;
+    }
+    return { sent };
   }
 
   cancel(): void {
