@@ -111,10 +111,11 @@ export interface WsTransport {
 /** What a `SocketConn` shares with its transport. */
 interface ConnContext<P> {
   readonly o: WsTransportOptions<P>;
-  readonly conns: Set<SocketConn<P>>;
+  /** Open sockets by their `ws` (the shared event listeners find their socket here). */
+  readonly conns: Map<WebSocket, SocketConn<P>>;
   /** Open sockets per clientId, and per principal key, oldest first (no scan per upgrade). */
-  readonly byClient: Map<string, Set<SocketConn<P>>>;
-  readonly byPrincipal: Map<string, Set<SocketConn<P>>>;
+  readonly byClient: Map<string, Slot<SocketConn<P>>>;
+  readonly byPrincipal: Map<string, Slot<SocketConn<P>>>;
   readonly replay: ReplayBudget;
 }
 
@@ -150,21 +151,35 @@ class ReplayBudget {
   }
 }
 
-function indexAdd<K, V>(index: Map<K, Set<V>>, key: K, v: V): void {
-  let set = index.get(key);
-  if (!set) {
-    set = new Set();
-    index.set(key, set);
-  }
-  set.add(v);
+/**
+ * Open sockets under one key, oldest first: the socket itself when it is the only one (the
+ * usual case; no collection per idle connection), else an array.
+ */
+type Slot<V> = V | V[];
+
+function indexAdd<K, V extends object>(index: Map<K, Slot<V>>, key: K, v: V): void {
+  const slot = index.get(key);
+  if (slot === undefined) index.set(key, v);
+  else if (Array.isArray(slot)) slot.push(v);
+  else index.set(key, [slot, v]);
 }
 
-function indexDelete<K, V>(index: Map<K, Set<V>>, key: K, v: V): void {
-  const set = index.get(key);
-  if (!set) return;
-  set.delete(v);
-  if (set.size === 0) index.delete(key);
+function indexDelete<K, V extends object>(index: Map<K, Slot<V>>, key: K, v: V): void {
+  const slot = index.get(key);
+  if (slot === v) index.delete(key);
+  else if (Array.isArray(slot)) {
+    const rest = slot.filter((x) => x !== v);
+    if (rest.length === 0) index.delete(key);
+    else index.set(key, rest.length === 1 ? rest[0]! : rest);
+  }
 }
+
+function slotItems<V extends object>(slot: Slot<V> | undefined): V[] {
+  return slot === undefined ? [] : Array.isArray(slot) ? [...slot] : [slot];
+}
+
+/** `setImmediate` callback: write out what a socket corked (no closure per socket). */
+const flushConn = (conn: { flush(): void }) => conn.flush();
 
 /** The settled promise every socket's serial lane starts from (one for all: idle memory). */
 const SETTLED: Promise<unknown> = Promise.resolve();
@@ -178,8 +193,6 @@ class SocketConn<P> implements LivePeer, Peer<P> {
   private ended = false;
   /** The TCP socket is corked: frames sent are held until `flush` (one write for them all). */
   private corked = false;
-  /** `flush` bound once per socket, for `setImmediate`. */
-  private readonly flushLater = () => this.flush();
   /** Replay bytes this socket sent that are not yet handed to the kernel (`ReplayBudget`). */
   private replayHeld = 0;
 
@@ -192,9 +205,17 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     readonly principal: P,
     /** The principal key this socket counts under, if any. */
     readonly principalKey: string | undefined,
-    /** The key its channel subscriptions are counted and revoked by (`subscriberKey`). */
-    readonly subscriberKey: string,
   ) {}
+
+  private subKey: string | undefined;
+  /**
+   * The key its channel subscriptions are counted and revoked by (`subscriberKey`), made on
+   * first use: most sockets never subscribe, and the string is memory per idle connection.
+   */
+  get subscriberKey(): string {
+    this.subKey ??= this.ctx.o.subscriberKey(this.principal, this.clientId);
+    return this.subKey;
+  }
 
   get conn(): SocketConn<P> {
     return this;
@@ -227,7 +248,7 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     if (!this.corked) {
       this.corked = true;
       this.sock.cork();
-      setImmediate(this.flushLater);
+      setImmediate(flushConn, this);
     }
     this.ws.send(text);
     if (this.ws.bufferedAmount > this.ctx.o.maxBufferedBytes)
@@ -248,7 +269,7 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     if (!this.corked) {
       this.corked = true;
       this.sock.cork();
-      setImmediate(this.flushLater);
+      setImmediate(flushConn, this);
     }
     this.ws.send(text, () => this.releaseReplay(bytes));
   }
@@ -369,7 +390,7 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     this.ended = true;
     this.releaseReplay(this.replayHeld);
     const { ctx } = this;
-    ctx.conns.delete(this);
+    if (ctx.conns.get(this.ws) === this) ctx.conns.delete(this.ws);
     indexDelete(ctx.byClient, this.clientId, this);
     if (this.principalKey !== undefined) indexDelete(ctx.byPrincipal, this.principalKey, this);
     if (this.subsMap) ctx.o.channels.dropPeer(this);
@@ -385,7 +406,7 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
     perMessageDeflate: false,
     clientTracking: false,
   });
-  const conns = new Set<SocketConn<P>>();
+  const conns = new Map<WebSocket, SocketConn<P>>();
   const ctx: ConnContext<P> = {
     o,
     conns,
@@ -399,7 +420,7 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
   // from cutting the connection). A socket with no pong and no frame since the previous
   // ping is a dead peer: terminated, which frees it and its subscriptions.
   const pinger = setInterval(() => {
-    for (const c of conns) {
+    for (const c of conns.values()) {
       if (!c.alive) {
         c.ws.terminate();
         continue;
@@ -414,9 +435,24 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
   }, o.pingIntervalMs);
   pinger.unref();
 
+  function onPong(this: WebSocket): void {
+    const conn = conns.get(this);
+    if (conn) conn.alive = true;
+  }
+  function onWsMessage(this: WebSocket, data: RawData): void {
+    try {
+      conns.get(this)?.onMessage(data);
+    } catch (err) {
+      onError(err, 'message');
+    }
+  }
+  function onWsClose(this: WebSocket): void {
+    conns.get(this)?.onClose();
+  }
+
   /** Sockets of one clientId, and of one principal key, oldest first. */
-  const ofClient = (clientId: string) => [...(ctx.byClient.get(clientId) ?? [])];
-  const principalCount = (key: string) => ctx.byPrincipal.get(key)?.size ?? 0;
+  const ofClient = (clientId: string) => slotItems(ctx.byClient.get(clientId));
+  const principalCount = (key: string) => slotItems(ctx.byPrincipal.get(key)).length;
 
   function handleUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): boolean {
     const url = requestUrl(req);
@@ -473,39 +509,25 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
         old.close(CloseCodes.tooManySockets, 'too many sockets for this clientId');
         old.onClose();
       }
-      const conn = new SocketConn(
-        ctx,
-        ws,
-        socket,
-        clientId,
-        auth.principal,
-        key,
-        o.subscriberKey(auth.principal, clientId),
-      );
-      conns.add(conn);
+      const conn = new SocketConn(ctx, ws, socket, clientId, auth.principal, key);
+      conns.set(ws, conn);
       indexAdd(ctx.byClient, clientId, conn);
       if (key !== undefined) indexAdd(ctx.byPrincipal, key, conn);
-      ws.on('pong', () => {
-        conn.alive = true;
-      });
-      ws.on('message', (data) => {
-        try {
-          conn.onMessage(data);
-        } catch (err) {
-          onError(err, 'message');
-        }
-      });
+      // One listener function per event for all sockets (`this` is the socket): closures per
+      // socket were a good part of an idle connection's memory.
+      ws.on('pong', onPong);
+      ws.on('message', onWsMessage);
       // Protocol errors of the client's making (frames over 4 × maxPayloadBytes, bad UTF-8,
       // resets): ws closes the socket itself (1009 for size). Not reported: a misbehaving
       // client must not be able to flood the server's logs.
       ws.on('error', ignore);
-      ws.on('close', () => conn.onClose());
+      ws.on('close', onWsClose);
     });
   }
 
   async function close(): Promise<void> {
     clearInterval(pinger);
-    const all = [...conns];
+    const all = [...conns.values()];
     const closed = all.map((c) => new Promise<void>((resolve) => c.ws.once('close', () => resolve())));
     for (const c of all) c.close(CloseCodes.goingAway, 'server closing');
     let timer: NodeJS.Timeout | undefined;
@@ -529,11 +551,11 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
       return ctx.replay.total;
     },
     *clientIds() {
-      for (const c of conns) yield c.clientId;
+      for (const c of conns.values()) yield c.clientId;
     },
     subscriptionsOf(clientId) {
       const out = new Set<string>();
-      for (const c of conns) {
+      for (const c of conns.values()) {
         if (c.clientId !== clientId || !c.open) continue;
         for (const [name, sub] of c.subs) if (!sub.closed) out.add(name);
       }
@@ -542,7 +564,7 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
     disconnect(m) {
       if (m.clientId === undefined && m.principalKey === undefined) return 0;
       let n = 0;
-      for (const c of [...conns]) {
+      for (const c of [...conns.values()]) {
         if (m.clientId !== undefined && c.clientId !== m.clientId) continue;
         if (m.principalKey !== undefined && c.subscriberKey !== m.principalKey) continue;
         c.close(CloseCodes.disconnected, 'disconnected by the server');
