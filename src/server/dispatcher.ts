@@ -230,8 +230,10 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
     }
     const response: SynResponse = { id: syn.id, type: 'SYN', payload: results };
     // Publications onSync started, also those it did not await; failed ones are left out.
-    const published = (await Promise.all(publications)).filter((p): p is Publication => p !== undefined);
-    if (published.length > 0) response.published = published;
+    if (publications.length > 0) {
+      const published = (await Promise.all(publications)).filter((p): p is Publication => p !== undefined);
+      if (published.length > 0) response.published = published;
+    }
     try {
       // Checked here; the text is kept for the dedupe memory's size and for sending.
       encodeOnce(response);
@@ -405,7 +407,8 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
           return;
         case 'SYN': {
           // Refreshes the binding (so it outlives the dedupe entries) and re-checks it.
-          const refused = await bind(peer.clientId, peer.principal);
+          // (Without `authenticate` there is nothing to bind: no promise, no turn of the loop.)
+          const refused = hooks.authenticate ? await bind(peer.clientId, peer.principal) : null;
           if (refused) return peer.send({ ...refused.nak, id: env.id });
           const owner = ownerKey(peer.principal);
           peer.send(await dedupe.run(owner, peer.clientId, env, () => applySyn(env, peer)));
