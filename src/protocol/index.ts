@@ -65,6 +65,17 @@ export const CloseCodes = {
   /** Too many unparseable frames in a row. */
   badFrames: 4400,
   /**
+   * No first frame arrived within the server's `firstFrameTimeoutMs` of the upgrade: a
+   * socket that never identifies itself is not kept. The client redials as after any close.
+   */
+  handshakeTimeout: 4408,
+  /**
+   * The client kept sending frames after `maxBadFrames` of them in a row were refused
+   * `NAK rate_limited` for passing the server's frame rate (`maxFramesPerSecond` per socket,
+   * `maxFramesPerSecondPerPrincipal` per principal). The client redials with backoff.
+   */
+  frameRate: 4420,
+  /**
    * This socket was the oldest of more than `maxSocketsPerClient` open for its clientId and
    * was closed to make room for the newest (the one a live client is using).
    */
@@ -299,6 +310,115 @@ function byteLength(frame: string | Uint8Array, max: number): number {
   return new TextEncoder().encode(frame).byteLength;
 }
 
+const QUOTE = 0x22;
+const BACKSLASH = 0x5c;
+const COMMA = 0x2c;
+const COLON = 0x3a;
+const OPEN_ARRAY = 0x5b;
+const CLOSE_ARRAY = 0x5d;
+const OPEN_OBJECT = 0x7b;
+const CLOSE_OBJECT = 0x7d;
+/** `payload` as UTF-8 / UTF-16 code units, without its quotes. */
+const PAYLOAD_KEY = [0x70, 0x61, 0x79, 0x6c, 0x6f, 0x61, 0x64];
+
+/**
+ * Whether an array that is the value of a `payload` member of the top-level object holds
+ * more than `limit` elements, found by one pass over the frame's code units that allocates
+ * nothing (structure and strings only; values are not validated). Stops as soon as it knows.
+ * A key written with escapes (`"p\u0061yload"`) is decoded before it is compared, so it
+ * cannot slip past. Malformed input answers `false`: JSON.parse then says what is wrong.
+ * Duplicate `payload` keys: any one over the limit refuses the frame (no client sends them).
+ */
+function payloadOver(frame: string | Uint8Array, limit: number): boolean {
+  const text = typeof frame === 'string';
+  const n = frame.length;
+  const at = text ? (i: number) => (frame as string).charCodeAt(i) : (i: number) => (frame as Uint8Array)[i]!;
+  let depth = 0;
+  /** Depth of the payload array being counted, 0 when none. */
+  let counting = 0;
+  let count = 0;
+  /** The last string at depth 1 was the key `payload` and a `:` may follow. */
+  let keyIsPayload = false;
+  let afterColon = false;
+  for (let i = 0; i < n; i++) {
+    const c = at(i);
+    if (c === QUOTE) {
+      const start = i + 1;
+      let escaped = false;
+      i++;
+      while (i < n) {
+        const d = at(i);
+        if (d === BACKSLASH) {
+          escaped = true;
+          i += 2;
+          continue;
+        }
+        if (d === QUOTE) break;
+        i++;
+      }
+      if (i >= n) return false;
+      if (counting !== 0 && depth === counting && count === 0) count = 1;
+      if (depth === 1 && !afterColon) keyIsPayload = isPayloadKey(frame, start, i, escaped, at);
+      afterColon = false;
+      continue;
+    }
+    if (c === COLON) {
+      afterColon = depth === 1 && keyIsPayload;
+      keyIsPayload = false;
+      continue;
+    }
+    if (c === OPEN_ARRAY || c === OPEN_OBJECT) {
+      depth++;
+      if (c === OPEN_ARRAY && afterColon && depth === 2) {
+        counting = depth;
+        count = 0;
+      } else if (counting !== 0 && depth === counting + 1 && count === 0) count = 1;
+      afterColon = false;
+      continue;
+    }
+    if (c === CLOSE_ARRAY || c === CLOSE_OBJECT) {
+      if (depth === counting) counting = 0;
+      depth--;
+      if (depth < 0) return false;
+      continue;
+    }
+    if (c === COMMA) {
+      if (counting !== 0 && depth === counting && ++count > limit) return true;
+      afterColon = false;
+      continue;
+    }
+    // Whitespace, or a scalar's characters (digits, true, false, null).
+    if (counting !== 0 && depth === counting && count === 0 && c > 0x20) count = 1;
+    if (c > 0x20) afterColon = false;
+  }
+  return false;
+}
+
+function isPayloadKey(
+  frame: string | Uint8Array,
+  start: number,
+  end: number,
+  escaped: boolean,
+  at: (i: number) => number,
+): boolean {
+  if (!escaped) {
+    if (end - start !== PAYLOAD_KEY.length) return false;
+    for (let k = 0; k < PAYLOAD_KEY.length; k++) if (at(start + k) !== PAYLOAD_KEY[k]) return false;
+    return true;
+  }
+  // Rare (no client escapes plain letters): decode the key alone, bounded in length.
+  if (end - start > 64) return false;
+  const raw =
+    typeof frame === 'string'
+      ? frame.slice(start, end)
+      : new TextDecoder().decode(frame.subarray(start, end));
+  try {
+    return JSON.parse(`"${raw}"`) === 'payload';
+  } catch {
+    return false;
+  }
+}
+
 function decode(frame: string | Uint8Array): string {
   return typeof frame === 'string' ? frame : new TextDecoder().decode(frame);
 }
@@ -332,6 +452,14 @@ function parseClientFrameUnsafe(
   const max = opts.maxBytes ?? DEFAULT_MAX_PAYLOAD_BYTES;
   const size = typeof frame === 'string' && frame.length > max ? frame.length : byteLength(frame, max);
   if (size > max) return fail('too_large', `frame of ${size} bytes exceeds ${max}`);
+  // Before JSON.parse: parsing costs about one allocation per value (~60–200 ms and ~21× the
+  // bytes for 1 MiB of `[{},{},…]`), so a payload with more elements than maxBatch is
+  // refused from a scan that allocates nothing. n elements take at least 2n − 1 bytes, so
+  // frames too short to hold more than maxBatch skip the scan.
+  const maxBatch = opts.maxBatch;
+  if (maxBatch !== undefined && frame.length > 2 * maxBatch + 1 && payloadOver(frame, maxBatch)) {
+    return fail('too_large', `SYN of more than ${maxBatch} operations`);
+  }
   let raw: unknown;
   try {
     raw = JSON.parse(decode(frame));

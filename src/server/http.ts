@@ -24,7 +24,14 @@ import {
   type ServerEnvelope,
 } from '../protocol/index.js';
 import { type Dispatcher, validClientId } from './dispatcher.js';
-import { type AllowedOrigins, type Budget, leadingId, originAllowed } from './limits.js';
+import {
+  type AllowedHosts,
+  type AllowedOrigins,
+  type Budget,
+  hostAllowed,
+  leadingId,
+  originAllowed,
+} from './limits.js';
 
 /**
  * CORS for the HTTP transport, before the server's `cors` option is laid over it. Only
@@ -48,6 +55,10 @@ export interface HttpTransportOptions<P> {
   maxBatch: number;
   /** Which `Origin`s may send requests; others are answered 403. */
   allowedOrigins: AllowedOrigins;
+  /** Which `Host` headers may send requests; others are answered 403 (DNS rebinding). */
+  allowedHosts: AllowedHosts;
+  /** The server's own `host` option, allowed by `allowedHosts: 'auto'`. */
+  ownHost: string | undefined;
   /** CORS options laid over `DEFAULT_CORS`; `false` sends no CORS headers. */
   cors: CorsOptions | false;
   /** Request bytes held per client and in all; a body past them answers 429. */
@@ -81,7 +92,11 @@ export function createHttpHandler<P>(o: HttpTransportOptions<P>): HttpHandler {
     });
 
   async function request(req: IncomingMessage, res: ServerResponse): Promise<void> {
-    // Before anything else: a foreign page's request carries the victim's cookies (CSRF).
+    // Before anything else: a Host this server does not answer to (DNS rebinding), then a
+    // foreign page's request, which carries the victim's cookies (CSRF).
+    if (!hostAllowed(req, o.allowedHosts, o.ownHost)) {
+      return reply(res, 403, [nak(null, 'forbidden', 'host not allowed')]);
+    }
     if (!originAllowed(req, o.allowedOrigins)) {
       return reply(res, 403, [nak(null, 'forbidden', 'origin not allowed')]);
     }
@@ -119,8 +134,12 @@ export function createHttpHandler<P>(o: HttpTransportOptions<P>): HttpHandler {
     const out: ServerEnvelope[] = [];
     try {
       const parsed = parseClientFrame(body, { maxBytes: o.maxPayloadBytes, maxBatch: o.maxBatch });
-      if (!parsed.ok)
-        return reply(res, HTTP_STATUS_OF[parsed.code], [nak(parsed.id, parsed.code, parsed.message)]);
+      if (!parsed.ok) {
+        // A batch refused before parsing (too many operations) has no parsed id: read it
+        // from the first bytes, as the socket side does.
+        const id = parsed.code === 'too_large' && parsed.id === null ? leadingId(body) : parsed.id;
+        return reply(res, HTTP_STATUS_OF[parsed.code], [nak(id, parsed.code, parsed.message)]);
+      }
       await o.dispatcher.dispatch(parsed.envelope, {
         clientId,
         principal: auth.principal,

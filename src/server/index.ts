@@ -22,7 +22,7 @@ import { Dedupe } from './dedupe.js';
 import { makeDispatcher, type RevokeMatch } from './dispatcher.js';
 import { createHttpHandler, reply } from './http.js';
 import { Bindings, defaultPrincipalKey } from './identity.js';
-import { type AllowedOrigins, Budget } from './limits.js';
+import { type AllowedHosts, type AllowedOrigins, Budget } from './limits.js';
 import { createWsTransport, rejectUpgrade } from './ws.js';
 
 export type { CorsOptions } from 'cors';
@@ -37,7 +37,7 @@ export type {
   StoredMessage,
 } from '../stores/types.js';
 export { defaultPrincipalKey } from './identity.js';
-export type { AllowedOrigins } from './limits.js';
+export type { AllowedHosts, AllowedOrigins } from './limits.js';
 
 /**
  * Payload type per channel name, for typed `publish`: e.g.
@@ -333,6 +333,54 @@ export interface SyncServerOptions<
    */
   requestTimeoutMs?: number;
   /**
+   * Milliseconds a TCP connection to a server this one creates has to send a complete
+   * request (or upgrade) head; then it is destroyed. Node's `headersTimeout` only starts at
+   * the first byte, so a connection that never sent one was held forever. On a `server` of
+   * your own this is yours to do.
+   * @default 10000
+   */
+  handshakeTimeoutMs?: number;
+  /**
+   * Milliseconds an upgraded WebSocket has to send its first frame; then it is closed with
+   * `CloseCodes.handshakeTimeout` (4408) and destroyed. A reference client sends its first
+   * frame at the latest one keepalive (T, default 15 000) after the socket opened (at once
+   * when it has channels or operations), so keep this above the clients' `timeout`.
+   * @default 60000 (4 × the default T)
+   */
+  firstFrameTimeoutMs?: number;
+  /**
+   * Frames per second one socket may send, sustained (a token bucket refilled at this rate;
+   * every frame counts: `SYN`, `PNG`, `SUB`, `UNS`, unparseable ones, and WebSocket ping and
+   * pong control frames). A frame over it is answered `NAK rate_limited` (a ping: no pong)
+   * and not parsed; after `maxBadFrames` refusals in a row the socket is closed with
+   * `CloseCodes.frameRate` (4420). A reference client has one request in flight, so it sends
+   * about one frame per round trip plus a `PNG` per T: 10 000 leaves loopback benchmarks
+   * (≈2 000–5 000 round trips per second) alone. Lower it for a public server.
+   * @default 10000
+   */
+  maxFramesPerSecond?: number;
+  /**
+   * Frames one socket may send at once above `maxFramesPerSecond` (the bucket's size).
+   * @default maxFramesPerSecond
+   */
+  maxFrameBurst?: number;
+  /**
+   * Frames per second the sockets of one principal (by `principalKey`) may send together,
+   * with a burst of one second's worth; over it, as `maxFramesPerSecond`. The anonymous
+   * principal (no `authenticate`) is not counted: each of its sockets has only its own rate.
+   * @default 20000
+   */
+  maxFramesPerSecondPerPrincipal?: number;
+  /**
+   * Which `Host` headers the server answers (`AllowedHosts`); a request or upgrade naming
+   * another is answered `403` before the `Origin` check. The default, `'auto'`, allows
+   * `localhost`, `*.localhost`, IP literals and the `host` option: a server reached by a
+   * domain name must list it (`['sync.example.org']`, `'.example.org'` for subdomains) or
+   * pass `'all'`. This is what refuses a DNS-rebinding page (README "Origins").
+   * @default 'auto'
+   */
+  allowedHosts?: AllowedHosts;
+  /**
    * Milliseconds `close()` waits for batches already running in `onSync` to finish and for
    * their responses to be stored in the dedupe store (so a client's retry on the restarted
    * server is answered from it, not applied again). Batches still queued, not started, are
@@ -456,6 +504,11 @@ const DEFAULTS = {
   maxSocketsPerPrincipal: 64,
   pingIntervalMs: 25_000,
   headersTimeoutMs: 10_000,
+  handshakeTimeoutMs: 10_000,
+  firstFrameTimeoutMs: 60_000,
+  maxFramesPerSecond: 10_000,
+  maxFramesPerSecondPerPrincipal: 20_000,
+  allowedHosts: 'auto',
   requestTimeoutMs: 30_000,
   closeTimeoutMs: 10_000,
 } as const;
@@ -478,6 +531,10 @@ const POSITIVE_OPTIONS = [
   'pingIntervalMs',
   'headersTimeoutMs',
   'requestTimeoutMs',
+  'handshakeTimeoutMs',
+  'firstFrameTimeoutMs',
+  'maxFramesPerSecond',
+  'maxFramesPerSecondPerPrincipal',
 ] as const;
 
 /** How often expired dedupe entries are dropped and the store trimmed, at most. */
@@ -514,6 +571,9 @@ export async function createSyncServer<
     throw new RangeError('createSyncServer: maxQueuedBytesPerClient must be ≥ maxPayloadBytes');
   if (!(Number.isFinite(o.closeTimeoutMs) && o.closeTimeoutMs >= 0))
     throw new RangeError('createSyncServer: closeTimeoutMs must be ≥ 0');
+  const maxFrameBurst = o.maxFrameBurst ?? o.maxFramesPerSecond;
+  if (!(Number.isFinite(maxFrameBurst) && maxFrameBurst >= 1))
+    throw new RangeError('createSyncServer: maxFrameBurst must be ≥ 1');
   if (o.requestTimeoutMs < o.headersTimeoutMs)
     throw new RangeError('createSyncServer: requestTimeoutMs must be ≥ headersTimeoutMs');
   const budget = new Budget({ perClient: maxQueuedBytesPerClient, total: o.maxQueuedBytes });
@@ -589,6 +649,12 @@ export async function createSyncServer<
     maxBadFrames: o.maxBadFrames,
     maxBatch: o.maxBatch,
     allowedOrigins: o.allowedOrigins,
+    allowedHosts: o.allowedHosts,
+    ownHost: ownServer ? o.host : undefined,
+    maxFramesPerSecond: o.maxFramesPerSecond,
+    maxFrameBurst,
+    maxFramesPerSecondPerPrincipal: o.maxFramesPerSecondPerPrincipal,
+    firstFrameTimeoutMs: o.firstFrameTimeoutMs,
     budget,
     pingIntervalMs: o.pingIntervalMs,
     maxSocketsPerClient: o.maxSocketsPerClient,
@@ -604,6 +670,8 @@ export async function createSyncServer<
     maxPayloadBytes: o.maxPayloadBytes,
     maxBatch: o.maxBatch,
     allowedOrigins: o.allowedOrigins,
+    allowedHosts: o.allowedHosts,
+    ownHost: ownServer ? o.host : undefined,
     cors: o.cors,
     budget,
     bodyTimeoutMs: o.requestTimeoutMs,
@@ -670,6 +738,33 @@ export async function createSyncServer<
   const attachHttp = o.handleHttp !== false;
   if (attachHttp) httpServer.on('request', onRequest);
   httpServer.on('upgrade', onUpgrade);
+  // A TCP connection that never sends a request head is destroyed after handshakeTimeoutMs:
+  // Node's headersTimeout starts at the first byte, so a silent one was held forever. Its
+  // first request or upgrade (any path) clears the deadline; after that Node's own timeouts
+  // (headers, request, keep-alive) apply. Only on a server of our own (a TLS server's
+  // `connection` sockets are not its requests' sockets).
+  const identified = (req: IncomingMessage) => {
+    const t = handshakeTimers.get(req.socket);
+    if (t !== undefined) {
+      clearTimeout(t);
+      handshakeTimers.delete(req.socket);
+    }
+  };
+  const handshakeTimers = new WeakMap<object, NodeJS.Timeout>();
+  const onConnection = (socket: Duplex) => {
+    const t = setTimeout(() => {
+      handshakeTimers.delete(socket);
+      socket.destroy();
+    }, o.handshakeTimeoutMs);
+    t.unref();
+    handshakeTimers.set(socket, t);
+    socket.once('close', () => clearTimeout(t));
+  };
+  if (ownServer) {
+    httpServer.on('connection', onConnection);
+    httpServer.prependListener('request', identified);
+    httpServer.prependListener('upgrade', identified);
+  }
 
   if (ownServer) {
     await new Promise<void>((resolve, reject) => {
@@ -691,6 +786,9 @@ export async function createSyncServer<
     stopControl?.();
     httpServer.off('request', onRequest);
     httpServer.off('upgrade', onUpgrade);
+    httpServer.off('connection', onConnection);
+    httpServer.off('request', identified);
+    httpServer.off('upgrade', identified);
     // No new batch starts; queued ones are left for their clients to resend (their answers
     // go nowhere: the sockets and connections close below).
     dedupe.stop();

@@ -25,7 +25,15 @@ import {
 import type { Channels, Subscription } from './channels.js';
 import { type Dispatcher, type LivePeer, type Peer, validClientId } from './dispatcher.js';
 import { requestUrl } from './http.js';
-import { type AllowedOrigins, type Budget, leadingId, originAllowed } from './limits.js';
+import {
+  type AllowedHosts,
+  type AllowedOrigins,
+  type Budget,
+  FrameBucket,
+  hostAllowed,
+  leadingId,
+  originAllowed,
+} from './limits.js';
 
 /** How long `close()` waits for clients to answer the close handshake before cutting them. */
 const CLOSE_GRACE_MS = 1000;
@@ -52,6 +60,18 @@ export interface WsTransportOptions<P> {
   maxBatch: number;
   /** Which `Origin`s may upgrade; others are answered 403. */
   allowedOrigins: AllowedOrigins;
+  /** Which `Host` headers may upgrade; others are answered 403 (DNS rebinding). */
+  allowedHosts: AllowedHosts;
+  /** The server's own `host` option, allowed by `allowedHosts: 'auto'`. */
+  ownHost: string | undefined;
+  /** Frames per second one socket may send (token bucket refill); `NAK rate_limited` beyond. */
+  maxFramesPerSecond: number;
+  /** Frames one socket may send at once above its rate (token bucket size). */
+  maxFrameBurst: number;
+  /** Frames per second the sockets of one principal may send together (bucket size: the same). */
+  maxFramesPerSecondPerPrincipal: number;
+  /** Milliseconds an upgraded socket has to send its first frame; then closed with 4408. */
+  firstFrameTimeoutMs: number;
   /** Request bytes held per client and in all; a frame past them gets `NAK rate_limited`. */
   budget: Budget;
   /**
@@ -105,15 +125,22 @@ export interface WsTransport {
 interface ConnContext<P> {
   readonly o: WsTransportOptions<P>;
   readonly conns: Set<SocketConn<P>>;
+  /** Frame buckets of the principals with open sockets, by principal key. */
+  readonly principalBuckets: Map<string, FrameBucket>;
 }
 
 class SocketConn<P> implements LivePeer, Peer<P> {
   readonly subs = new Map<string, Subscription>();
   badFrames = 0;
+  /** Frames refused in a row for passing the frame rate. */
+  private refused = 0;
   /** A pong or a frame arrived since the last ping. */
   alive = true;
   private tail: Promise<unknown> = Promise.resolve();
   private ended = false;
+  /** Pending until the first frame arrives (`firstFrameTimeoutMs`). */
+  private deadline: NodeJS.Timeout | undefined;
+  private readonly bucket: FrameBucket;
 
   constructor(
     private readonly ctx: ConnContext<P>,
@@ -124,7 +151,43 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     readonly principalKey: string | undefined,
     /** The key its channel subscriptions are counted and revoked by (`subscriberKey`). */
     readonly subscriberKey: string,
-  ) {}
+    /** The frame bucket shared by the principal's sockets, if it is counted. */
+    private readonly principalBucket: FrameBucket | undefined,
+  ) {
+    const { o } = ctx;
+    this.bucket = new FrameBucket(o.maxFramesPerSecond, o.maxFrameBurst, Date.now());
+    this.deadline = setTimeout(
+      () => this.cut(CloseCodes.handshakeTimeout, 'no frame within firstFrameTimeoutMs'),
+      o.firstFrameTimeoutMs,
+    );
+    this.deadline.unref();
+  }
+
+  /**
+   * Count one frame (message, ping or pong) against the socket's and the principal's frame
+   * rate. `false`: refused; after `maxBadFrames` refusals in a row the socket is cut (4420).
+   * O(1), allocates nothing.
+   */
+  admit(): boolean {
+    const now = Date.now();
+    if (this.bucket.take(now) && (this.principalBucket === undefined || this.principalBucket.take(now))) {
+      this.refused = 0;
+      return true;
+    }
+    if (++this.refused >= this.ctx.o.maxBadFrames) this.cut(CloseCodes.frameRate, 'too many frames');
+    return false;
+  }
+
+  /**
+   * Close with `code` and stop reading: a flooding or silent peer gets the close frame but
+   * no more of its bytes are read, and the socket is destroyed after `CLOSE_GRACE_MS`.
+   */
+  private cut(code: number, reason: string): void {
+    if (this.ended) return;
+    this.close(code, reason);
+    this.ws.pause();
+    setTimeout(() => this.ws.terminate(), CLOSE_GRACE_MS).unref();
+  }
 
   get conn(): SocketConn<P> {
     return this;
@@ -184,13 +247,24 @@ class SocketConn<P> implements LivePeer, Peer<P> {
   }
 
   onMessage(data: RawData): void {
+    if (this.ended) return;
     const { o } = this.ctx;
     this.alive = true;
+    if (this.deadline !== undefined) {
+      clearTimeout(this.deadline);
+      this.deadline = undefined;
+    }
     const frame = Array.isArray(data)
       ? Buffer.concat(data)
       : Buffer.isBuffer(data)
         ? data
         : Buffer.from(data);
+    // Before anything else, frames are counted: a flood of small frames (PNGs) costs the
+    // server a parse and an answer each, and starved everybody else (issue 12).
+    if (!this.admit()) {
+      if (!this.ended) this.send(nak(leadingId(frame), 'rate_limited', 'too many frames; slow down'));
+      return;
+    }
     const size = frame.byteLength;
     // Before parsing: the bytes held for this client and for the server bound the heap that
     // parsed requests waiting for their turn can take (limits.ts).
@@ -217,7 +291,13 @@ class SocketConn<P> implements LivePeer, Peer<P> {
 
   onClose(): void {
     this.ended = true;
-    this.ctx.conns.delete(this);
+    if (this.deadline !== undefined) {
+      clearTimeout(this.deadline);
+      this.deadline = undefined;
+    }
+    if (this.ctx.conns.delete(this) && this.principalKey !== undefined && this.principalBucket) {
+      if (--this.principalBucket.users === 0) this.ctx.principalBuckets.delete(this.principalKey);
+    }
     this.ctx.o.channels.dropPeer(this);
   }
 }
@@ -230,9 +310,12 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
     maxPayload: 4 * o.maxPayloadBytes,
     perMessageDeflate: false,
     clientTracking: false,
+    // Pings from the client are frames too: answered only within the frame rate (below).
+    autoPong: false,
   });
   const conns = new Set<SocketConn<P>>();
-  const ctx: ConnContext<P> = { o, conns };
+  const principalBuckets = new Map<string, FrameBucket>();
+  const ctx: ConnContext<P> = { o, conns, principalBuckets };
 
   // Liveness: one protocol-level ping per socket per interval (browsers answer pings without
   // running page code, so a throttled tab answers too, and the traffic keeps idle proxies
@@ -272,6 +355,10 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
 
   async function upgrade(req: IncomingMessage, socket: Duplex, head: Buffer, url: URL): Promise<void> {
     if (o.closing()) return rejectUpgrade(socket, 503);
+    // A Host this server does not answer to: a DNS-rebinding page (README "Origins").
+    if (!hostAllowed(req, o.allowedHosts, o.ownHost)) {
+      return rejectUpgrade(socket, 403, nak(null, 'forbidden', 'host not allowed'));
+    }
     // Before authenticate: a foreign page's upgrade carries the victim's cookies (CSWSH).
     if (!originAllowed(req, o.allowedOrigins)) {
       return rejectUpgrade(socket, 403, nak(null, 'forbidden', 'origin not allowed'));
@@ -313,6 +400,16 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
         old.close(CloseCodes.tooManySockets, 'too many sockets for this clientId');
         old.onClose();
       }
+      let shared: FrameBucket | undefined;
+      if (key !== undefined) {
+        shared = principalBuckets.get(key);
+        if (!shared) {
+          const rate = o.maxFramesPerSecondPerPrincipal;
+          shared = new FrameBucket(rate, rate, Date.now());
+          principalBuckets.set(key, shared);
+        }
+        shared.users++;
+      }
       const conn = new SocketConn(
         ctx,
         ws,
@@ -320,10 +417,16 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
         auth.principal,
         key,
         o.subscriberKey(auth.principal, clientId),
+        shared,
       );
       conns.add(conn);
       ws.on('pong', () => {
         conn.alive = true;
+        conn.admit();
+      });
+      ws.on('ping', (data) => {
+        conn.alive = true;
+        if (conn.admit() && ws.readyState === WebSocket.OPEN) ws.pong(data);
       });
       ws.on('message', (data) => {
         try {
