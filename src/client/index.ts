@@ -145,9 +145,14 @@ export interface SyncClientOptions {
    */
   params?: Resolvable<Record<string, string>>;
   /**
-   * Extra headers on HTTP requests, or a function returning them, called for each request
-   * with `{ transport: 'http', refresh }` (same 401 rule: the one retry after a 401 has
-   * `refresh: true`; same result check, a bad result is an `http_error`). @default {}
+   * Extra headers on HTTP requests and on the socket's upgrade, or a function returning
+   * them, called for each HTTP request with `{ transport: 'http', refresh }` and for each
+   * dial with `{ transport: 'ws', refresh }` (same 401 rule: the one retry after a 401 has
+   * `refresh: true`; same result check, a bad result is an `http_error` / `dial_error`).
+   * On the upgrade they reach the server only where the WebSocket implementation takes
+   * headers: Node's `ws` does (its third constructor argument); browsers' WebSocket cannot
+   * set headers at all, and Node's built-in (undici) one ignores them, so there the socket
+   * needs `params`. @default {}
    */
   headers?: Resolvable<Record<string, string>>;
   /**

@@ -163,25 +163,30 @@ export function deriveHttpUrl(wsUrl: string): string {
 const OPEN = 1;
 
 /** Everything a dial needs, resolved and checked: sync when every part is a plain value. */
-function resolveDial(
-  config: TransportConfig,
-  refresh: boolean,
-):
-  | { urls: string[]; params: Record<string, string> }
-  | Promise<{
-      urls: string[];
-      params: Record<string, string>;
-    }> {
+function resolveDial(config: TransportConfig, refresh: boolean): Dial | Promise<Dial> {
   const ctx: ResolveContext = { transport: 'ws', refresh };
   const urls = resolveValue(config.urls, ctx);
   const params = resolveValue(config.params, ctx);
-  if (urls instanceof Promise || params instanceof Promise) {
-    return Promise.all([urls, params]).then(([u, p]) => ({
+  const headers = resolveValue(config.headers, ctx);
+  if (urls instanceof Promise || params instanceof Promise || headers instanceof Promise) {
+    return Promise.all([urls, params, headers]).then(([u, p, h]) => ({
       urls: checkUrls('url', u),
       params: checkRecord('params', p),
+      headers: checkRecord('headers', h),
     }));
   }
-  return { urls: checkUrls('url', urls), params: checkRecord('params', params) };
+  return {
+    urls: checkUrls('url', urls),
+    params: checkRecord('params', params),
+    headers: checkRecord('headers', headers),
+  };
+}
+
+/** A dial's resolved parts: URLs, query parameters, and upgrade headers (honoured by `ws`). */
+interface Dial {
+  urls: string[];
+  params: Record<string, string>;
+  headers: Record<string, string>;
 }
 
 /** The HTTP URL for the cursor's index, and the headers, resolved and checked for one request. */
@@ -280,13 +285,19 @@ export function socketActor(config: TransportConfig, cursor: TransportCursor) {
       } else open(resolved);
     };
 
-    const open = ({ urls, params }: { urls: string[]; params: Record<string, string> }) => {
+    const open = ({ urls, params, headers }: Dial) => {
       // Failover: each dial after the first moves to the next URL, round robin.
       if (dials++ > 0 && urls.length > 1) cursor.index = (cursor.index + 1) % urls.length;
       cursor.index %= urls.length;
       let sock: WebSocketLike;
       try {
-        sock = new config.WebSocket(wsUrlWithParams(urls[cursor.index]!, input.clientId, params));
+        const url = wsUrlWithParams(urls[cursor.index]!, input.clientId, params);
+        // Headers on the upgrade: Node's `ws` takes them as its third argument (browsers'
+        // WebSocket has no such argument and ignores it, so there `params` is the way).
+        sock =
+          Object.keys(headers).length === 0
+            ? new config.WebSocket(url)
+            : new config.WebSocket(url, undefined, { headers });
       } catch (err) {
         ws = null;
         sendBack({
