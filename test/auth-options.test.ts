@@ -168,7 +168,7 @@ describe('credentials as functions', () => {
       timeout: T,
       WebSocket,
       // Counted per HTTP request: dials resolve headers too (transport 'ws'), for the upgrade.
-      headers: async (ctx) =>
+      headers: async (ctx): Promise<Record<string, string>> =>
         ctx.transport === 'http' ? { authorization: `Bearer ${tokens[Math.min(calls++, 1)]}` } : {},
     });
     clients.push(c);
@@ -268,7 +268,7 @@ describe('refresh after a 401 (the functions are told to bypass their cache)', (
       httpUrl: srv.httpUrl,
       timeout: T,
       WebSocket,
-      headers: async (ctx) => {
+      headers: async (ctx): Promise<Record<string, string>> => {
         // Dials (to a dead socket URL) resolve headers too, with transport 'ws': not counted.
         if (ctx.transport !== 'http') return {};
         auth.contexts.push(ctx);

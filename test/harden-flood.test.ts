@@ -146,7 +146,8 @@ describe('a SYN over maxBatch is refused before it is parsed', () => {
           if (escapedKey) text = text.replace('"payload"', '"p\\u0061yload"');
           const r = parseClientFrame(binary ? Buffer.from(text) : text, { maxBatch });
           if (payload.length === 0) expect(r).toMatchObject({ ok: false, code: 'bad_request' });
-          else if (payload.length > maxBatch) expect(r).toMatchObject({ ok: false, code: 'too_large' });
+          else if (payload.length > maxBatch)
+            expect(r).toMatchObject({ ok: false, code: 'too_large', id: 'x' });
           else expect(r.ok).toBe(true);
         },
       ),
@@ -159,6 +160,20 @@ describe('a SYN over maxBatch is refused before it is parsed', () => {
     expect(parseClientFrame(inner, { maxBatch: 5 }).ok).toBe(true);
     const other = `{"id":"x","type":"PNG","extra":[${Array(50).fill('"a,b"').join(',')}]}`;
     expect(parseClientFrame(other, { maxBatch: 5 }).ok).toBe(true);
+    // The refusal names the request when its id comes first (as clients write it), else null.
+    const many = Array(50).fill(1).join(',');
+    expect(
+      parseClientFrame(`{"type":"SYN","id":"y\\u0031","payload":[${many}]}`, { maxBatch: 5 }),
+    ).toMatchObject({
+      ok: false,
+      code: 'too_large',
+      id: 'y1',
+    });
+    expect(parseClientFrame(`{"type":"SYN","payload":[${many}],"id":"z"}`, { maxBatch: 5 })).toMatchObject({
+      ok: false,
+      code: 'too_large',
+      id: null,
+    });
   });
 });
 

@@ -320,6 +320,31 @@ const OPEN_OBJECT = 0x7b;
 const CLOSE_OBJECT = 0x7d;
 /** `payload` as UTF-8 / UTF-16 code units, without its quotes. */
 const PAYLOAD_KEY = [0x70, 0x61, 0x79, 0x6c, 0x6f, 0x61, 0x64];
+/** `id`, the same way. */
+const ID_KEY = [0x69, 0x64];
+
+/**
+ * Where the last `payloadOver` scan saw the string value of the top-level `id` member (code
+ * unit offsets inside the quotes; -1 when it saw none before it stopped). Module state rather
+ * than a returned object, so the scan allocates nothing.
+ */
+let idStart = -1;
+let idEnd = -1;
+
+/** The top-level `id` the last scan saw, when it is a valid id; else `null`. */
+function scannedId(frame: string | Uint8Array): string | null {
+  if (idStart < 0 || idEnd - idStart > 6 * MAX_ID_LENGTH) return null;
+  const raw =
+    typeof frame === 'string'
+      ? frame.slice(idStart, idEnd)
+      : new TextDecoder().decode(frame.subarray(idStart, idEnd));
+  try {
+    const id: unknown = JSON.parse(`"${raw}"`);
+    return validId(id) ? id : null;
+  } catch {
+    return null;
+  }
+}
 
 /**
  * Whether an array that is the value of a `payload` member of the top-level object holds
@@ -328,6 +353,8 @@ const PAYLOAD_KEY = [0x70, 0x61, 0x79, 0x6c, 0x6f, 0x61, 0x64];
  * A key written with escapes (`"p\u0061yload"`) is decoded before it is compared, so it
  * cannot slip past. Malformed input answers `false`: JSON.parse then says what is wrong.
  * Duplicate `payload` keys: any one over the limit refuses the frame (no client sends them).
+ * Remembers the top-level `id`'s string when it comes before the point the scan stops (every
+ * client writes `id` first), so the refusal can name the request.
  */
 function payloadOver(frame: string | Uint8Array, limit: number): boolean {
   const text = typeof frame === 'string';
@@ -340,6 +367,11 @@ function payloadOver(frame: string | Uint8Array, limit: number): boolean {
   /** The last string at depth 1 was the key `payload` and a `:` may follow. */
   let keyIsPayload = false;
   let afterColon = false;
+  /** The same for the key `id`, whose string value is remembered (`idStart`/`idEnd`). */
+  let keyIsId = false;
+  let afterIdColon = false;
+  idStart = -1;
+  idEnd = -1;
   for (let i = 0; i < n; i++) {
     const c = at(i);
     if (c === QUOTE) {
@@ -358,13 +390,22 @@ function payloadOver(frame: string | Uint8Array, limit: number): boolean {
       }
       if (i >= n) return false;
       if (counting !== 0 && depth === counting && count === 0) count = 1;
-      if (depth === 1 && !afterColon) keyIsPayload = isPayloadKey(frame, start, i, escaped, at);
+      if (depth === 1 && afterIdColon) {
+        idStart = start;
+        idEnd = i;
+      } else if (depth === 1 && !afterColon) {
+        keyIsPayload = isKey(PAYLOAD_KEY, frame, start, i, escaped, at);
+        keyIsId = !keyIsPayload && isKey(ID_KEY, frame, start, i, escaped, at);
+      }
       afterColon = false;
+      afterIdColon = false;
       continue;
     }
     if (c === COLON) {
       afterColon = depth === 1 && keyIsPayload;
+      afterIdColon = depth === 1 && keyIsId;
       keyIsPayload = false;
+      keyIsId = false;
       continue;
     }
     if (c === OPEN_ARRAY || c === OPEN_OBJECT) {
@@ -374,6 +415,7 @@ function payloadOver(frame: string | Uint8Array, limit: number): boolean {
         count = 0;
       } else if (counting !== 0 && depth === counting + 1 && count === 0) count = 1;
       afterColon = false;
+      afterIdColon = false;
       continue;
     }
     if (c === CLOSE_ARRAY || c === CLOSE_OBJECT) {
@@ -385,16 +427,21 @@ function payloadOver(frame: string | Uint8Array, limit: number): boolean {
     if (c === COMMA) {
       if (counting !== 0 && depth === counting && ++count > limit) return true;
       afterColon = false;
+      afterIdColon = false;
       continue;
     }
     // Whitespace, or a scalar's characters (digits, true, false, null).
     if (counting !== 0 && depth === counting && count === 0 && c > 0x20) count = 1;
-    if (c > 0x20) afterColon = false;
+    if (c > 0x20) {
+      afterColon = false;
+      afterIdColon = false;
+    }
   }
   return false;
 }
 
-function isPayloadKey(
+function isKey(
+  key: readonly number[],
   frame: string | Uint8Array,
   start: number,
   end: number,
@@ -402,8 +449,8 @@ function isPayloadKey(
   at: (i: number) => number,
 ): boolean {
   if (!escaped) {
-    if (end - start !== PAYLOAD_KEY.length) return false;
-    for (let k = 0; k < PAYLOAD_KEY.length; k++) if (at(start + k) !== PAYLOAD_KEY[k]) return false;
+    if (end - start !== key.length) return false;
+    for (let k = 0; k < key.length; k++) if (at(start + k) !== key[k]) return false;
     return true;
   }
   // Rare (no client escapes plain letters): decode the key alone, bounded in length.
@@ -413,7 +460,7 @@ function isPayloadKey(
       ? frame.slice(start, end)
       : new TextDecoder().decode(frame.subarray(start, end));
   try {
-    return JSON.parse(`"${raw}"`) === 'payload';
+    return JSON.parse(`"${raw}"`) === String.fromCharCode(...key);
   } catch {
     return false;
   }
@@ -458,7 +505,7 @@ function parseClientFrameUnsafe(
   // frames too short to hold more than maxBatch skip the scan.
   const maxBatch = opts.maxBatch;
   if (maxBatch !== undefined && frame.length > 2 * maxBatch + 1 && payloadOver(frame, maxBatch)) {
-    return fail('too_large', `SYN of more than ${maxBatch} operations`);
+    return fail('too_large', `SYN of more than ${maxBatch} operations`, scannedId(frame));
   }
   let raw: unknown;
   try {
