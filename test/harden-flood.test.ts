@@ -250,6 +250,8 @@ describe('hosts and schemes (DNS rebinding)', () => {
     expect(await upgradeStatus(url, { Host: 'xapps.example' })).toBe(403);
     const open = await h.start({ allowedHosts: 'all' });
     expect(await upgradeStatus(wsUrl(open, 'o'), { Host: 'anything.example' })).toBe(101);
+    // A single name instead of a list is a mistake caught at once, not a list of its letters.
+    await expect(h.start({ allowedHosts: 'sync.example.org' as never })).rejects.toThrow(TypeError);
   });
 
   it("'same-host' compares the scheme: an https page to a plain server is refused unless a proxy says https", async () => {

@@ -571,6 +571,16 @@ export async function createSyncServer<
     throw new RangeError('createSyncServer: maxQueuedBytesPerClient must be ≥ maxPayloadBytes');
   if (!(Number.isFinite(o.closeTimeoutMs) && o.closeTimeoutMs >= 0))
     throw new RangeError('createSyncServer: closeTimeoutMs must be ≥ 0');
+  const hosts: unknown = o.allowedHosts;
+  if (
+    !(
+      hosts === 'auto' ||
+      hosts === 'all' ||
+      hosts === true ||
+      (Array.isArray(hosts) && hosts.every((h: unknown) => typeof h === 'string' && h.length > 0))
+    )
+  )
+    throw new TypeError("createSyncServer: allowedHosts must be 'auto', 'all', true or a list of host names");
   const maxFrameBurst = o.maxFrameBurst ?? o.maxFramesPerSecond;
   if (!(Number.isFinite(maxFrameBurst) && maxFrameBurst >= 1))
     throw new RangeError('createSyncServer: maxFrameBurst must be ≥ 1');
