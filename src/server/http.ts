@@ -95,7 +95,9 @@ export function createHttpHandler<P>(o: HttpTransportOptions<P>): HttpHandler {
     // Before anything else: a Host this server does not answer to (DNS rebinding), then a
     // foreign page's request, which carries the victim's cookies (CSRF).
     if (!hostAllowed(req, o.allowedHosts, o.ownHost)) {
-      return reply(res, 403, [nak(null, 'forbidden', 'host not allowed')]);
+      return reply(res, 403, [
+        nak(null, 'forbidden', 'host not allowed (list it in the server option allowedHosts)'),
+      ]);
     }
     if (!originAllowed(req, o.allowedOrigins)) {
       return reply(res, 403, [nak(null, 'forbidden', 'origin not allowed')]);

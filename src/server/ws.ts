@@ -357,7 +357,11 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
     if (o.closing()) return rejectUpgrade(socket, 503);
     // A Host this server does not answer to: a DNS-rebinding page (README "Origins").
     if (!hostAllowed(req, o.allowedHosts, o.ownHost)) {
-      return rejectUpgrade(socket, 403, nak(null, 'forbidden', 'host not allowed'));
+      return rejectUpgrade(
+        socket,
+        403,
+        nak(null, 'forbidden', 'host not allowed (list it in the server option allowedHosts)'),
+      );
     }
     // Before authenticate: a foreign page's upgrade carries the victim's cookies (CSWSH).
     if (!originAllowed(req, o.allowedOrigins)) {
