@@ -42,7 +42,8 @@ export type ConnectionState = (typeof STATE_NAMES)[number];
  * recognises it. `key` of a batch is its first key; `keys` are the keys of its operations.
  */
 export type QueueItem =
-  | { key: number; kind: 'op'; op: unknown }
+  /** `json`: the operation as JSON, made once by `send()` and written as it is (optional). */
+  | { key: number; kind: 'op'; op: unknown; json?: string }
   | { key: number; kind: 'SUB' | 'UNS'; payload: unknown }
   | { key: number; kind: 'batch'; id: string; ops: unknown[]; keys: number[] };
 
@@ -55,6 +56,11 @@ export interface InFlight {
   keys: number[];
   /** Transport it was last sent on. */
   via: 'ws' | 'http';
+  /**
+   * `payload` already as JSON, when every operation it carries came with its `json`: the
+   * transports write it as it is instead of serializing the operations again.
+   */
+  json?: string;
 }
 
 /**
@@ -179,9 +185,15 @@ export type ConnectionEmitted =
 /** Commands the machine sends to its `socket` actor. */
 export type SocketCommand =
   /** Open a socket; `refresh`: the last dial was refused with 401, resolve credentials with `refresh: true`. */
-  | { type: 'DIAL'; refresh?: boolean }
-  | { type: 'DROP' }
-  | { type: 'SEND'; frame: { id: string; type: string; payload?: unknown } };
+  { type: 'DIAL'; refresh?: boolean } | { type: 'DROP' } | { type: 'SEND'; frame: OutgoingFrame };
+
+/** A request as the transports get it: `json`, when present, is `payload` as JSON already. */
+export interface OutgoingFrame {
+  id: string;
+  type: string;
+  payload?: unknown;
+  json?: string;
+}
 
 const frameOf = (e: ConnectionEvent) => (e.type === 'FRAME' ? e.frame : undefined);
 
@@ -189,7 +201,7 @@ const frameOf = (e: ConnectionEvent) => (e.type === 'FRAME' ? e.frame : undefine
 const socketPlaceholder = fromCallback<SocketCommand, { clientId: string }>(() => () => {});
 /** What the `http` actor is given: the request to POST. */
 export interface HttpInput {
-  envelope: { id: string; type: string; payload?: unknown };
+  envelope: OutgoingFrame;
 }
 const httpPlaceholder = fromPromise<HttpOutcome, HttpInput>(async () => {
   throw new Error('syncwire: no http actor was provided');
@@ -312,17 +324,22 @@ export const connectionMachine = setup({
       }
       const ops: unknown[] = [];
       const keys: number[] = [];
+      let json: string | undefined = '[';
       let i = 0;
       for (; i < context.queue.length && ops.length < context.maxBatch; i++) {
         const item = context.queue[i]!;
         if (item.kind !== 'op') break;
         ops.push(item.op);
         keys.push(item.key);
+        if (json !== undefined)
+          json = item.json === undefined ? undefined : `${json}${i > 0 ? ',' : ''}${item.json}`;
       }
+      const inflight: InFlight = { id, type: 'SYN', payload: ops, keys, via: 'ws' };
+      if (json !== undefined) inflight.json = `${json}]`;
       enqueue.assign({
         counter: context.counter + 1,
         queue: context.queue.slice(i),
-        inflight: { id, type: 'SYN', payload: ops, keys, via: 'ws' },
+        inflight,
       });
       enqueue.emit({ type: 'batched', id, keys });
     }),
@@ -330,7 +347,9 @@ export const connectionMachine = setup({
       const f = context.inflight;
       if (!f) return;
       enqueue.assign({ inflight: { ...f, via: 'ws' } });
-      enqueue.sendTo('socket', { type: 'SEND', frame: { id: f.id, type: f.type, payload: f.payload } });
+      const frame: OutgoingFrame = { id: f.id, type: f.type, payload: f.payload };
+      if (f.json !== undefined) frame.json = f.json;
+      enqueue.sendTo('socket', { type: 'SEND', frame });
     }),
     markInflightHttp: assign({
       inflight: ({ context }) => (context.inflight ? { ...context.inflight, via: 'http' as const } : null),
@@ -584,13 +603,12 @@ export const connectionMachine = setup({
               invoke: {
                 id: 'http',
                 src: 'http',
-                input: ({ context }) => ({
-                  envelope: {
-                    id: context.inflight!.id,
-                    type: context.inflight!.type,
-                    payload: context.inflight!.payload,
-                  },
-                }),
+                input: ({ context }) => {
+                  const f = context.inflight!;
+                  const envelope: OutgoingFrame = { id: f.id, type: f.type, payload: f.payload };
+                  if (f.json !== undefined) envelope.json = f.json;
+                  return { envelope };
+                },
                 onDone: [
                   { guard: 'httpUnauthorized', target: '#connection.unauthorized' },
                   { guard: 'httpRetry', target: 'retryWait', actions: 'httpFailed' },

@@ -359,15 +359,17 @@ interface Waiter {
 }
 
 /**
- * Why `op` cannot travel in a SYN, or `null`: `JSON.stringify` throws (a circular reference, a
- * BigInt, a `toJSON` that throws) or yields nothing (`undefined`, a function, a symbol).
+ * `op` as JSON (what its SYN carries, made once here and written as it is), or why it cannot
+ * travel: `JSON.stringify` throws (a circular reference, a BigInt, a `toJSON` that throws) or
+ * yields nothing (`undefined`, a function, a symbol).
  */
-function unserializable(op: unknown): string | null {
+function toJson(op: unknown): { json: string } | { problem: string } {
   try {
-    if (JSON.stringify(op) === undefined) return `an operation must be JSON; got ${typeof op}`;
-    return null;
+    const json = JSON.stringify(op);
+    if (json === undefined) return { problem: `an operation must be JSON; got ${typeof op}` };
+    return { json };
   } catch (err) {
-    return `an operation must be JSON: ${String((err as Error)?.message ?? err)}`;
+    return { problem: `an operation must be JSON: ${String((err as Error)?.message ?? err)}` };
   }
 }
 
@@ -602,13 +604,17 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       storageFailed(err);
     }
   };
+  /**
+   * The pending count, kept as it changes (O(1) per send and settle; walking every waiter on
+   * each one made a full outbox quadratic): operations with a waiter, restored operations not
+   * settled yet, and applied ones waiting for their publications to reach this client's cursors.
+   */
+  let opWaiters = 0;
+  let restoredLeft = 0;
+  let heldOps = 0;
   const setPending = () => {
     if (closed) return;
-    let n = 0;
-    for (const w of waiters.values()) if (w.kind === 'op') n++;
-    for (const e of entries.values()) if (e.restored) n++;
-    // Applied, and waiting for their publications to reach this client's cursors.
-    for (const h of held) n += h.deliver.length;
+    const n = opWaiters + restoredLeft + heldOps;
     if (n !== pending$.value) pending$.next(n);
   };
 
@@ -648,6 +654,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       const h = held[0]!;
       if (!force && h.published.some((p) => waiting(h, p))) break;
       held.shift();
+      heldOps -= h.deliver.length;
       released = true;
       h.results.forEach((result, i) => {
         fanOutLists(result, h.published.length > 0 ? NOT_CHANGES : LISTS);
@@ -769,6 +776,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   };
   const enqueue = (item: QueueItem, waiter: Waiter, front = false) => {
     waiters.set(item.key, waiter);
+    if (waiter.kind === 'op') opWaiters++;
     if (item.kind === 'op' && !front) {
       if (burst.length === 0) queueMicrotask(flushBurst);
       burst.push(item);
@@ -831,7 +839,10 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   const settle = (e: Extract<ConnectionEmitted, { type: 'settled' }>) => {
     const ws = e.keys.map((k) => waiters.get(k));
     const es = e.keys.map((k) => entries.get(k));
-    for (const k of e.keys) {
+    for (let i = 0; i < e.keys.length; i++) {
+      const k = e.keys[i]!;
+      if (ws[i]?.kind === 'op') opWaiters--;
+      if (es[i]?.restored) restoredLeft--;
       waiters.delete(k);
       entries.delete(k);
     }
@@ -881,6 +892,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
           return;
         }
         const published = e.published ?? [];
+        heldOps += e.payload.length;
         held.push({
           results: e.payload,
           deliver: e.payload.map((_, i) => {
@@ -1030,6 +1042,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     const track = (o: OutboxEntry) => {
       const key = nextKey++;
       entries.set(key, { ...o, restored: true });
+      restoredLeft++;
       return key;
     };
     for (const b of snap.batches) {
@@ -1216,6 +1229,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     // on the same storage sends them (their outcomes then arrive on its `restored$`).
     for (const w of waiters.values()) w.reject(err);
     waiters.clear();
+    opWaiters = 0;
     // Children of the connection actor: they end with it; their state says unsubscribed.
     for (const a of subActors.values()) a.send({ type: 'UNSUBSCRIBE' });
     stopWatching?.();
@@ -1252,12 +1266,15 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       }
       // An operation travels as JSON (and is stored as JSON): one that cannot be turned into it
       // is refused here, before it can enter the outbox and jam every later one.
-      const bad = unserializable(op);
-      if (bad) return reject(new SyncError('bad_request', bad));
+      const j = toJson(op);
+      if ('problem' in j) return reject(new SyncError('bad_request', j.problem));
       const key = nextKey++;
       const n = nextOp++;
       entries.set(key, { key: `${instance}:o${n}`, at: Date.now(), n, op, restored: false });
-      enqueue({ key, kind: 'op', op }, { kind: 'op', resolve: resolve as (v: unknown) => void, reject });
+      enqueue(
+        { key, kind: 'op', op, json: j.json },
+        { kind: 'op', resolve: resolve as (v: unknown) => void, reject },
+      );
       setPending();
     });
 

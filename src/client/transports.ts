@@ -6,7 +6,12 @@
  */
 import { fromCallback, fromPromise } from 'xstate';
 import type { ConnectionEvent, HttpInput, HttpOutcome, SocketCommand } from '../../machines/connection.js';
-import { parseServerFrame, type ServerEnvelope, validateServerEnvelope } from '../protocol/index.js';
+import {
+  encodeRequest,
+  parseServerFrame,
+  type ServerEnvelope,
+  validateServerEnvelope,
+} from '../protocol/index.js';
 
 /**
  * An event handler property, checked bivariantly (as DOM handlers are) so that the browser's
@@ -362,7 +367,7 @@ export function socketActor(config: TransportConfig, cursor: TransportCursor) {
         if (local) sendBack({ type: 'FRAME', frame: local });
         else if (ws && ws.readyState === OPEN && !config.faults.blackhole) {
           try {
-            ws.send(JSON.stringify(cmd.frame));
+            ws.send(encodeRequest(cmd.frame));
           } catch {
             // A send on a dying socket: the close event follows and the machine resends.
           }
@@ -403,7 +408,7 @@ export function httpActor(config: TransportConfig, cursor: TransportCursor, getC
       return config.fetch(url, {
         method: 'POST',
         headers: { 'content-type': 'application/json', 'x-client-id': getClientId(), ...headers },
-        body: JSON.stringify(envelope),
+        body: encodeRequest(envelope),
         signal,
       });
     };
