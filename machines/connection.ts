@@ -346,7 +346,8 @@ export const connectionMachine = setup({
     sendInflightOverWs: enqueueActions(({ context, enqueue }) => {
       const f = context.inflight;
       if (!f) return;
-      enqueue.assign({ inflight: { ...f, via: 'ws' } });
+      // Already marked ws when just taken off the queue: no context copy then.
+      if (f.via !== 'ws') enqueue.assign({ inflight: { ...f, via: 'ws' } });
       const frame: OutgoingFrame = { id: f.id, type: f.type, payload: f.payload };
       if (f.json !== undefined) frame.json = f.json;
       enqueue.sendTo('socket', { type: 'SEND', frame });

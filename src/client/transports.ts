@@ -318,6 +318,17 @@ export function socketActor(config: TransportConfig, cursor: TransportCursor) {
       let wasOpen = false;
       let down = false;
       let refusedWith: number | undefined;
+      // An ACK is held until the end of the synchronous run of frames it arrived in: when its
+      // own response follows in the same run (the server wrote both in one TCP write), the
+      // response alone goes to the chart (awaitingAck → open: the response implies the ACK,
+      // PROTOCOL §3), one macrostep per round trip fewer. Any other frame releases it first,
+      // so the order of frames is kept.
+      let heldAck: ServerEnvelope | null = null;
+      const releaseAck = () => {
+        const ack = heldAck;
+        heldAck = null;
+        if (ack && ws === sock) sendBack({ type: 'FRAME', frame: ack } satisfies ConnectionEvent);
+      };
       sock.onopen = () => {
         wasOpen = true;
         sendBack({ type: 'WS.OPEN' } satisfies ConnectionEvent);
@@ -329,18 +340,31 @@ export function socketActor(config: TransportConfig, cursor: TransportCursor) {
           typeof data === 'string' ? data : data instanceof ArrayBuffer ? new Uint8Array(data) : String(data);
         const parsed = parseServerFrame(text as string | Uint8Array);
         if (!parsed.ok) {
+          releaseAck();
           sendBack({
             type: 'BAD_FRAME',
             reason: `${parsed.code}: ${parsed.message}`,
           } satisfies ConnectionEvent);
           return;
         }
-        if (config.faults.dropAcks && parsed.envelope.type === 'ACK') return;
-        sendBack({ type: 'FRAME', frame: parsed.envelope } satisfies ConnectionEvent);
+        const f = parsed.envelope;
+        if (f.type === 'ACK') {
+          if (config.faults.dropAcks) return;
+          if (heldAck) releaseAck();
+          else queueMicrotask(releaseAck);
+          heldAck = f;
+          return;
+        }
+        if (heldAck) {
+          if ((f.type === 'SYN' || f.type === 'NAK') && f.id === heldAck.id) heldAck = null;
+          else releaseAck();
+        }
+        sendBack({ type: 'FRAME', frame: f } satisfies ConnectionEvent);
       };
       const onDown = (code: number, reason: string) => {
         // error and close both arrive for one failure: report it once.
         if (down || ws !== sock) return;
+        releaseAck();
         down = true;
         ws = null;
         config.onSocket?.(null);

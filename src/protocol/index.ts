@@ -570,6 +570,16 @@ function parseClientFrameUnsafe(
  * Parse and validate a frame a client received from a server. A server that lies (wrong
  * types, unknown `type`, bad `seq`) gets a typed error here, never an exception.
  */
+/**
+ * A client request as one JSON text: `{ id, type, payload }`, the same text `JSON.stringify`
+ * gives. `json`, when given, is `payload` as JSON already (the client serializes each
+ * operation once, in `send()`) and is written as it is.
+ */
+export const encodeRequest = (f: { id: string; type: string; payload?: unknown; json?: string }): string =>
+  f.json !== undefined
+    ? `{"id":${JSON.stringify(f.id)},"type":${JSON.stringify(f.type)},"payload":${f.json}}`
+    : JSON.stringify({ id: f.id, type: f.type, payload: f.payload });
+
 export function parseServerFrame(
   frame: string | Uint8Array,
   opts: ParseOptions = {},
@@ -670,16 +680,6 @@ function isPublication(v: unknown): v is Publication {
 
 /** Serialize an envelope for the wire. */
 export const encode = (env: Envelope | Envelope[]): string => JSON.stringify(env);
-
-/**
- * A client request as one JSON text: `{ id, type, payload }`, the same text `JSON.stringify`
- * gives. `json`, when given, is `payload` as JSON already (the client serializes each
- * operation once, in `send()`) and is written as it is.
- */
-export const encodeRequest = (f: { id: string; type: string; payload?: unknown; json?: string }): string =>
-  f.json !== undefined
-    ? `{"id":${JSON.stringify(f.id)},"type":${JSON.stringify(f.type)},"payload":${f.json}}`
-    : JSON.stringify({ id: f.id, type: f.type, payload: f.payload });
 
 /** A `NAK` envelope. */
 export const nak = (id: string | null, code: NakCode, message: string): NakEnvelope => ({
