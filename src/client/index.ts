@@ -262,6 +262,8 @@ export interface SyncClient<Op = unknown, Result = unknown> {
    * Send one operation; resolves with its own result, or rejects with a `SyncError`. An
    * operation `JSON.stringify` cannot turn into JSON (`undefined`, a circular reference, a
    * BigInt, a throwing `toJSON`) is rejected at once with `bad_request` and never queued.
+   * The JSON made here is what every (re)send carries, on either transport: changing the
+   * object after `send()` changes nothing that is sent.
    */
   send(op: Op): Promise<Result>;
   /** Outgoing operations as a subject; rejections are reported on `rejected$`. */

@@ -1,10 +1,13 @@
 /**
- * The client's socket transport folds an ACK into its own response when both arrive in one
- * synchronous run of frames (one TCP write from a server that corks them): the response alone
- * goes through the chart (awaitingAck → open), one macrostep fewer per round trip. An ACK
- * that arrives alone, or that is followed by anything but its response, reaches the chart as
- * before and in order. Against a real `ws` server on 127.0.0.1 (test/helpers/lying-server.ts)
- * whose socket is corked while it replies, so the frames really share one write.
+ * The client's per-operation fast path, against a real `ws` server on 127.0.0.1
+ * (test/helpers/lying-server.ts).
+ * (1) The socket transport folds an ACK into its own response when both arrive in one
+ * synchronous run of frames (one TCP write from a server that corks them; the helper corks its
+ * socket while it replies, so the frames really share one write): the response alone goes
+ * through the chart (awaitingAck → open), one macrostep fewer per round trip. An ACK that
+ * arrives alone, or that is followed by anything but its response, reaches the chart as before
+ * and in order.
+ * (2) An operation is turned into JSON once, in send(), and that text is what its SYN carries.
  */
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { WebSocket } from 'ws';
@@ -90,5 +93,25 @@ describe('ACK and response in one write', () => {
     expect((await failure).state).toBe('awaitingSyn');
     await reach(c, 'open');
     expect(roundTrip()).toEqual(['awaitingAck', 'awaitingSyn', 'open']);
+  });
+});
+
+describe('an operation is serialized once, in send()', () => {
+  it('the SYN carries the operation as it was when send() was called, whatever the app changes after', async () => {
+    const op = { n: 1, tags: ['a'] };
+    const p = c.send(op);
+    op.n = 2;
+    op.tags.push('b');
+    expect(await p).toEqual({ ok: { n: 1, tags: ['a'] } });
+    const syn = liar.received.filter((e) => e.type === 'SYN').at(-1)!;
+    expect(syn.payload).toEqual([{ n: 1, tags: ['a'] }]);
+  });
+
+  it('a batch of several operations is one well-formed SYN with each one’s JSON, in order', async () => {
+    const ops = [{ a: 1 }, 'text', 3, null, [true, { nested: 'x"y' }]];
+    const results = await Promise.all(ops.map((o) => c.send(o)));
+    expect(results).toEqual(ops.map((o) => ({ ok: o })));
+    const sent = liar.received.filter((e) => e.type === 'SYN').flatMap((e) => e.payload as unknown[]);
+    expect(sent).toEqual(ops);
   });
 });
