@@ -22,6 +22,7 @@ export const NAK_CODES = [
   'id_reused',
   'result_not_kept',
   'too_many_channels',
+  'too_many_clients',
 ] as const;
 /**
  * - `client_id_taken`: the clientId is bound to another principal (PROTOCOL §1 "principal
@@ -31,6 +32,9 @@ export const NAK_CODES = [
  * - `result_not_kept`: the `SYN` was applied before, but its response was too large to keep
  *   (`dedupeMaxResponseBytes`) or was reduced to a fingerprint under `dedupeMaxBytes`: do not
  *   resend, the operations were applied once.
+ * - `too_many_clients`: the server holds as many clientId bindings as it may (in all, or for
+ *   this principal) and this clientId is new; nothing was processed. HTTP 503 with
+ *   `Retry-After` (retried); on an open socket the request is refused.
  */
 export type NakCode = (typeof NAK_CODES)[number];
 
@@ -709,4 +713,5 @@ export const HTTP_STATUS_OF: Record<NakCode, number> = {
   id_reused: 422,
   result_not_kept: 410,
   too_many_channels: 429,
+  too_many_clients: 503,
 };

@@ -35,7 +35,7 @@ import {
 import type { AppendOptions, HistoryStore } from '../stores/types.js';
 import type { ChannelPeer, Channels } from './channels.js';
 import type { Dedupe, SynResponse } from './dedupe.js';
-import { type Bindings, ownerOf } from './identity.js';
+import { type Bindings, type BindOutcome, ownerOf } from './identity.js';
 import type { PublishOptions, PublishResult, SyncContext, SyncServerOptions } from './index.js';
 
 /** A peer whose subscriptions are live (a socket): `Channels` delivers to it directly. */
@@ -51,7 +51,12 @@ export interface Peer<P> {
 }
 
 /** What `authenticate` decided: the principal, or the HTTP status and NAK to refuse with. */
-export type AuthResult<P> = { ok: true; principal: P } | { ok: false; status: number; nak: NakEnvelope };
+export type AuthResult<P> =
+  | { ok: true; principal: P }
+  | { ok: false; status: number; nak: NakEnvelope; headers?: Record<string, string> };
+
+/** `Retry-After` (seconds) of a `too_many_clients` refusal. */
+const TOO_MANY_CLIENTS_RETRY_S = 30;
 
 export interface DispatcherOptions<P> {
   /** The user's hooks, called as methods of this object (the server passes its options). */
@@ -137,9 +142,9 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
   async function bind(clientId: string, principal: P): Promise<Exclude<AuthResult<P>, { ok: true }> | null> {
     // Without authenticate there is one principal: nobody else can hold a binding.
     if (!hooks.authenticate) return null;
-    let ok: boolean;
+    let outcome: BindOutcome;
     try {
-      ok = await bindings.bind(clientId, ownerKey(principal));
+      outcome = await bindings.bind(clientId, ownerKey(principal));
     } catch (err) {
       onError(err, 'bind');
       return {
@@ -148,7 +153,15 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
         nak: nak(null, 'server_error', 'identity store unavailable'),
       };
     }
-    if (ok) return null;
+    if (outcome === 'bound') return null;
+    if (outcome === 'full') {
+      return {
+        ok: false,
+        status: HTTP_STATUS_OF.too_many_clients,
+        nak: nak(null, 'too_many_clients', 'too many clientIds in use; retry later'),
+        headers: { 'Retry-After': String(TOO_MANY_CLIENTS_RETRY_S) },
+      };
+    }
     return {
       ok: false,
       status: HTTP_STATUS_OF.client_id_taken,

@@ -118,7 +118,7 @@ export function createHttpHandler<P>(o: HttpTransportOptions<P>): HttpHandler {
       });
     if (Number(req.headers['content-length'] ?? 0) > o.maxPayloadBytes) return tooLarge();
     const auth = await o.dispatcher.authenticate(req, clientId);
-    if (!auth.ok) return reply(res, auth.status, [auth.nak]);
+    if (!auth.ok) return reply(res, auth.status, [auth.nak], auth.headers);
     const body = await readBody(req, o.maxPayloadBytes, o.bodyTimeoutMs);
     if (body === 'aborted') return;
     if (body === 'too_large') return tooLarge();

@@ -199,11 +199,25 @@ export interface SyncServerOptions<
   dedupeWindowMs?: number;
   /**
    * Most responses remembered at once (the oldest go first); bounds dedupe memory in count,
-   * in this process and (passed with every `complete`) in sqliteStore and redisStore. Also
-   * bounds the clientId bindings held in this process.
+   * in this process and (passed with every `complete`) in sqliteStore and redisStore.
    * @default 100000
    */
   dedupeMaxEntries?: number;
+  /**
+   * Most clientIds bound to a principal at once in this process (PROTOCOL §1 "Principal
+   * binding"), when bindings live here (a store without `bind`, e.g. memoryStore). A binding
+   * lasts `dedupeWindowMs` after its last use and is never evicted earlier; a new clientId
+   * past this is refused `too_many_clients` (HTTP 503, `Retry-After`) until bindings expire.
+   * Only with `authenticate` (without it nothing is bound).
+   * @default 100000
+   */
+  maxClientIds?: number;
+  /**
+   * Most clientIds one principal may have bound at once in this process (same rule and
+   * refusal as `maxClientIds`), so one principal cannot fill the table for everyone.
+   * @default 1000
+   */
+  maxClientIdsPerPrincipal?: number;
   /**
    * Most bytes of dedupe memory: remembered responses (UTF-8 JSON) plus about 160 bytes per
    * entry. Over it, the oldest responses are reduced to their fingerprints (a replay of them
@@ -490,6 +504,8 @@ const DEFAULTS = {
   dedupeMaxEntries: 100_000,
   dedupeMaxBytes: 64 * 1024 * 1024,
   dedupeMaxResponseBytes: 64 * 1024,
+  maxClientIds: 100_000,
+  maxClientIdsPerPrincipal: 1000,
   maxPayloadBytes: DEFAULT_MAX_PAYLOAD_BYTES,
   replayLimit: 1000,
   maxBufferedBytes: 8 * 1024 * 1024,
@@ -518,6 +534,8 @@ const POSITIVE_OPTIONS = [
   'dedupeMaxEntries',
   'dedupeMaxBytes',
   'dedupeMaxResponseBytes',
+  'maxClientIds',
+  'maxClientIdsPerPrincipal',
   'maxPayloadBytes',
   'replayLimit',
   'maxBufferedBytes',
@@ -617,7 +635,8 @@ export async function createSyncServer<
   });
   const bindings = new Bindings({
     ttlMs: o.dedupeWindowMs,
-    maxEntries: o.dedupeMaxEntries,
+    maxEntries: o.maxClientIds,
+    maxPerOwner: o.maxClientIdsPerPrincipal,
     store: dedupeStore,
   });
   const channels = new Channels({ store, replayLimit: o.replayLimit, onError });
@@ -692,6 +711,7 @@ export async function createSyncServer<
 
   const housekeep = async (): Promise<void> => {
     dedupe.sweep();
+    bindings.expire();
     await store.trim({ free: (name) => !channels.isLive(name) });
   };
   const housekeeping = setInterval(

@@ -376,7 +376,7 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
       );
     }
     const auth = await o.dispatcher.authenticate(req, clientId);
-    if (!auth.ok) return rejectUpgrade(socket, auth.status, auth.nak);
+    if (!auth.ok) return rejectUpgrade(socket, auth.status, auth.nak, auth.headers);
     if (socket.destroyed || o.closing()) {
       socket.destroy();
       return;
