@@ -13,10 +13,21 @@
  *   the budgets;
  * - channel records that only housekeeping frees are bounded server-wide (`maxChannels`).
  */
+import type { IncomingMessage } from 'node:http';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { WebSocket } from 'ws';
 import { createSyncClient, type SyncClient } from '../src/client/index.js';
 import { type ChildServer, startChildServer } from './helpers/child-server.js';
+import { deferred, harness, httpUrl, post, RawSocket, wsUrl } from './helpers/raw.js';
+
+const h = harness();
+/** The principal from `?user=` (socket) or `X-User` (HTTP); none → 401. */
+const authenticate = (req: IncomingMessage): { id: string } | null => {
+  const q = new URL(req.url ?? '/', 'http://x').searchParams.get('user');
+  const header = req.headers['x-user'];
+  const id = q ?? (typeof header === 'string' ? header : null);
+  return id ? { id } : null;
+};
 
 const MB = 1024 * 1024;
 const mb = (n: number) => Math.round((n / MB) * 10) / 10;
@@ -149,4 +160,141 @@ describe('dedupe memory is the bytes dedupeMaxBytes counts', () => {
     expect(counts.applied).toBe(SOCKETS * PER_SOCKET * 800 + 2); // no replay applied again
     await well.sync();
   }, 120_000);
+});
+
+describe('one principal cannot take the server-wide byte budget', () => {
+  const KB = 1024;
+  /** Frames of this test: limits scaled down from the defaults by 4 (same ratios). */
+  const opts = {
+    authenticate,
+    maxPayloadBytes: 256 * KB, // per client 512 KiB, per principal 1 MiB (the defaults' ratios)
+    maxQueuedBytes: 4 * MB,
+  };
+
+  it('SUBs held behind a busy lane: the attacker holds at most its share, SUB/UNS counts are bounded, another principal is answered', async () => {
+    const gate = deferred();
+    let held = 0;
+    const server = await h.start<{ id: string }>({
+      ...opts,
+      maxQueuedPerClient: 10,
+      // Mallory's subscriptions wait here, as behind a paused replay (scratch/21-budget-lock.ts).
+      authorize: async (user) => {
+        if (user.id === 'mallory') {
+          held++;
+          await gate.promise;
+        }
+        return true;
+      },
+    });
+    const open = async (clientId: string, user: string) => {
+      const sock = await RawSocket.open(`${wsUrl(server, clientId)}&user=${user}`);
+      sockets.push(sock.ws);
+      return sock;
+    };
+    const pad = 'p'.repeat(200 * KB);
+    const mallory = await Promise.all(Array.from({ length: 10 }, (_, i) => open(`m-${i}`, 'mallory')));
+    for (const [i, sock] of mallory.entries()) {
+      sock.send({ id: `L${i}`, type: 'SUB', payload: { channels: { 'ch-1': { since: 0 } } } });
+      for (let j = 0; j < 2; j++) {
+        sock.send({ id: `Q${i}-${j}`, type: 'SUB', payload: { channels: { 'ch-1': {} } }, pad });
+      }
+    }
+    // Every padded frame is answered at once: ACKed (held) or refused rate_limited.
+    const padded = mallory.flatMap((sock, i) =>
+      [0, 1].map((j) => sock.next((f) => f.id === `Q${i}-${j}`, 10_000)),
+    );
+    const first = await Promise.all(padded);
+    const taken = first.filter((f) => f.type === 'ACK').length;
+    const refused = first.filter((f) => f.type === 'NAK' && f.error.code === 'rate_limited').length;
+    expect(taken + refused).toBe(20);
+    // 1 MiB share / ~200 KiB frames (the small SUBs hold a little of it too).
+    expect(taken).toBeLessThanOrEqual(5);
+    expect(server.stats().queuedBytes).toBeLessThanOrEqual(1 * MB);
+
+    // Count bound: small SUB/UNS frames past maxQueuedPerClient in one lane are refused.
+    const lane = mallory[0]!;
+    const ids = Array.from({ length: 15 }, (_, k) => `S${k}`);
+    for (const [k, id] of ids.entries()) {
+      lane.send(
+        k % 2 === 0
+          ? { id, type: 'SUB', payload: { channels: { [`c-${k}`]: {} } } }
+          : { id, type: 'UNS', payload: { channels: [`c-${k}`] } },
+      );
+    }
+    // Each is ACKed on receipt; those past the lane's bound are then refused.
+    const limitedNow = () =>
+      lane.received.filter((f) => f.type === 'NAK' && ids.includes(f.id) && f.error.code === 'rate_limited')
+        .length;
+    await until(() => limitedNow() >= ids.length - 10 + 1, 10_000, 'SUB/UNS past the lane bound refused');
+    // 10 in the lane at most: the held SUB and the taken padded ones count too.
+    expect(lane.received.filter((f) => ids.includes(f.id) && f.type === 'SYN')).toEqual([]);
+
+    // Another principal: its sends and its subscription are answered while mallory holds on.
+    const alice = createSyncClient({
+      url: `${wsUrl(server)}?user=alice`,
+      WebSocket: WebSocket as never,
+      headers: { 'X-User': 'alice' },
+      timeout: 5000,
+    });
+    clients.push(alice);
+    for (let i = 0; i < 5; i++) expect(await alice.send({ i })).toEqual({ ok: { i } });
+    await alice.subscribe('ch-1');
+    const overHttp = await post(
+      httpUrl(server),
+      'c-alice-http',
+      { id: 'a:1', type: 'SYN', payload: [1] },
+      {
+        'X-User': 'alice',
+      },
+    );
+    expect(overHttp.status).toBe(200);
+    expect(held).toBeGreaterThan(0);
+    gate.resolve();
+    await until(() => server.stats().queuedBytes === 0, 10_000, 'the held bytes released');
+  });
+
+  it('SYNs held in a slow onSync from many clientIds of one principal: capped at its share, another principal answered', async () => {
+    const gate = deferred();
+    const server = await h.start<{ id: string }>({
+      ...opts,
+      onSync: async (ops, ctx) => {
+        if (ctx.principal.id === 'mallory') await gate.promise;
+        return ops.map((op) => ({ ok: op }));
+      },
+    });
+    const frame = (id: string) => `{"id":"${id}","type":"SYN","payload":["${'x'.repeat(200 * KB)}"]}`;
+    const mallory: RawSocket[] = [];
+    for (let i = 0; i < 10; i++) {
+      const sock = await RawSocket.open(`${wsUrl(server, `ms-${i}`)}&user=mallory`);
+      sockets.push(sock.ws);
+      mallory.push(sock);
+      for (let j = 0; j < 2; j++) sock.send(frame(`m${i}-${j}`));
+    }
+    const first = await Promise.all(
+      mallory.flatMap((sock, i) => [0, 1].map((j) => sock.next((f) => f.id === `m${i}-${j}`, 10_000))),
+    );
+    const taken = first.filter((f) => f.type === 'ACK').length;
+    expect(first.filter((f) => f.type === 'NAK' && f.error.code === 'rate_limited').length).toBe(20 - taken);
+    expect(taken).toBeLessThanOrEqual(5);
+    expect(server.stats().queuedBytes).toBeLessThanOrEqual(1 * MB);
+    // Alice, a 200 KiB SYN included, on the socket and over HTTP.
+    const alice = await RawSocket.open(`${wsUrl(server, 'c-alice')}&user=alice`);
+    sockets.push(alice.ws);
+    expect(
+      (await alice.request({ id: 'a:1', type: 'SYN', payload: ['x'.repeat(200 * KB)] })).at(-1),
+    ).toMatchObject({
+      type: 'SYN',
+    });
+    const overHttp = await post(
+      httpUrl(server),
+      'c-alice-2',
+      { id: 'a:2', type: 'SYN', payload: [2] },
+      {
+        'X-User': 'alice',
+      },
+    );
+    expect(overHttp.body.at(-1)).toEqual({ id: 'a:2', type: 'SYN', payload: [{ ok: 2 }] });
+    gate.resolve();
+    await until(() => server.stats().queuedBytes === 0, 10_000, 'the held bytes released');
+  });
 });

@@ -78,6 +78,11 @@ export interface DispatcherOptions<P> {
   onError(err: unknown, where: string): void;
   /** Most live channel subscriptions per principal key in this process (PROTOCOL rule 7). */
   maxChannelsPerPrincipal: number;
+  /**
+   * Most `SUB`/`UNS` frames waiting in one socket's lane (behind a replay, say) before new
+   * ones get `NAK rate_limited`, like `SYN`s past `maxQueuedPerClient`. @default 100
+   */
+  maxQueuedPerSocket?: number;
 }
 
 /** Which live subscriptions a revocation is about. */
@@ -406,6 +411,28 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
     return counts.reduce((a, b) => a + b, 0);
   }
 
+  /** SUB/UNS frames waiting in (or running from) each socket's lane. */
+  const laned = new WeakMap<LivePeer, number>();
+  const maxLaned = o.maxQueuedPerSocket ?? 100;
+  /**
+   * Run `task` in the socket's serial lane, unless `maxQueuedPerSocket` SUB/UNS frames are
+   * already waiting there: then `NAK rate_limited` (not remembered; the client may retry).
+   * Bytes are bounded by the budget (limits.ts); this bounds the count, as for `SYN`s.
+   */
+  async function inLane(conn: LivePeer, id: string, peer: Peer<P>, task: () => Promise<void>): Promise<void> {
+    const n = laned.get(conn) ?? 0;
+    if (n >= maxLaned) {
+      peer.send(nak(id, 'rate_limited', 'too many SUB/UNS waiting on this socket; retry later'));
+      return;
+    }
+    laned.set(conn, n + 1);
+    try {
+      await conn.serial(task);
+    } finally {
+      laned.set(conn, (laned.get(conn) ?? 1) - 1);
+    }
+  }
+
   /** Answer one valid envelope. Resolves when its last reply was sent; never rejects. */
   async function dispatch(env: RequestEnvelope, peer: Peer<P>): Promise<void> {
     // ACK on receipt, before any processing (PROTOCOL §3 rule 1).
@@ -424,12 +451,16 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
         }
         case 'SUB':
           // A socket's SUBs and UNSs apply in order, or an UNS could overtake its SUB.
-          if (peer.conn) return await peer.conn.serial(() => subscribe(env, peer));
+          if (peer.conn) return await inLane(peer.conn, env.id, peer, () => subscribe(env, peer));
           return await subscribe(env, peer);
         case 'UNS':
           if (peer.conn) {
             const conn = peer.conn;
-            await conn.serial(async () => channels.unsubscribe(conn, env.payload.channels));
+            await inLane(conn, env.id, peer, async () => {
+              channels.unsubscribe(conn, env.payload.channels);
+              peer.send({ id: env.id, type: 'SYN', payload: [{}] });
+            });
+            return;
           }
           peer.send({ id: env.id, type: 'SYN', payload: [{}] });
           return;

@@ -28,6 +28,7 @@ import {
   type AllowedHosts,
   type AllowedOrigins,
   type Budget,
+  type Holder,
   hostAllowed,
   leadingId,
   originAllowed,
@@ -61,8 +62,10 @@ export interface HttpTransportOptions<P> {
   ownHost: string | undefined;
   /** CORS options laid over `DEFAULT_CORS`; `false` sends no CORS headers. */
   cors: CorsOptions | false;
-  /** Request bytes held per client and in all; a body past them answers 429. */
+  /** Request bytes held per client, per principal and in all; a body past them answers 429. */
   budget: Budget;
+  /** The principal key bytes are held under (`c:<clientId>` for the anonymous principal). */
+  subscriberKey(principal: P, clientId: string): string;
   /** Milliseconds a body may take to arrive once the handler reads it; then 408. */
   bodyTimeoutMs: number;
   dispatcher: Dispatcher<P>;
@@ -119,7 +122,10 @@ export function createHttpHandler<P>(o: HttpTransportOptions<P>): HttpHandler {
     if (Number(req.headers['content-length'] ?? 0) > o.maxPayloadBytes) return tooLarge();
     const auth = await o.dispatcher.authenticate(req, clientId);
     if (!auth.ok) return reply(res, auth.status, [auth.nak], auth.headers);
-    const body = await readBody(req, o.maxPayloadBytes, o.bodyTimeoutMs);
+    // The body's bytes are held against the budget as they arrive, not once complete: a slow
+    // body is memory held too (issue 12: 17 slow 1 MiB bodies held 200 MiB outside it).
+    const who: Holder = { clientId, principal: o.subscriberKey(auth.principal, clientId) };
+    const body = await readBody(req, o.maxPayloadBytes, o.bodyTimeoutMs, o.budget, who);
     if (body === 'aborted') return;
     if (body === 'too_large') return tooLarge();
     if (body === 'timeout') {
@@ -127,10 +133,12 @@ export function createHttpHandler<P>(o: HttpTransportOptions<P>): HttpHandler {
         Connection: 'close',
       });
     }
-    // Before parsing: see limits.ts.
-    if (!o.budget.take(clientId, body.byteLength)) {
-      return reply(res, 429, [nak(leadingId(body), 'rate_limited', 'too many request bytes waiting')], {
+    if (!Buffer.isBuffer(body)) {
+      // Refused before parsing (limits.ts), by the id its first bytes name; the rest of the
+      // body is not read.
+      return reply(res, 429, [nak(body.id, 'rate_limited', 'too many request bytes waiting')], {
         'Retry-After': '1',
+        Connection: 'close',
       });
     }
     const out: ServerEnvelope[] = [];
@@ -148,7 +156,7 @@ export function createHttpHandler<P>(o: HttpTransportOptions<P>): HttpHandler {
         send: (env) => out.push(env),
       });
     } finally {
-      o.budget.release(clientId, body.byteLength);
+      o.budget.release(who, body.byteLength);
     }
     // Closed meanwhile (e.g. a batch left unprocessed): "retry later" keeps the batch alive.
     if (o.closing())
@@ -198,43 +206,54 @@ export function requestUrl(req: IncomingMessage): URL | undefined {
   }
 }
 
+/** A body refused because a chunk would pass the budget; `id` read from its first bytes. */
+interface OverBudget {
+  id: string | null;
+}
+
 /**
- * The body; `'too_large'` as soon as it grows past `max` (the rest is not read); `'timeout'`
- * when it has not all arrived within `timeoutMs` (a slow-body client holds nothing longer);
- * `'aborted'` when the client went away, which is not worth reporting.
+ * The body; `'too_large'` as soon as it grows past `max` (the rest is not read);
+ * an `OverBudget` as soon as a chunk would pass `budget` for `who` (every chunk is taken from
+ * it as it arrives; on success the caller releases `body.byteLength`, otherwise it is released
+ * here); `'timeout'` when it has not all arrived within `timeoutMs` (a slow-body client holds
+ * nothing longer); `'aborted'` when the client went away, which is not worth reporting.
  */
 function readBody(
   req: IncomingMessage,
   max: number,
   timeoutMs: number,
-): Promise<Buffer | 'too_large' | 'timeout' | 'aborted'> {
+  budget: Budget,
+  who: Holder,
+): Promise<Buffer | 'too_large' | 'timeout' | 'aborted' | OverBudget> {
   return new Promise((resolve) => {
     const chunks: Buffer[] = [];
     let size = 0;
-    const stop = (result: 'too_large' | 'timeout') => {
+    let settled = false;
+    const finish = (result: Buffer | 'too_large' | 'timeout' | 'aborted' | OverBudget) => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
       req.off('data', onData);
-      req.pause();
+      if (!Buffer.isBuffer(result)) {
+        budget.release(who, size);
+        size = 0;
+        chunks.length = 0;
+        if (result !== 'aborted') req.pause();
+      }
       resolve(result);
     };
-    const timer = setTimeout(() => stop('timeout'), timeoutMs);
+    const timer = setTimeout(() => finish('timeout'), timeoutMs);
     const onData = (chunk: Buffer) => {
-      size += chunk.length;
-      if (size > max) {
-        clearTimeout(timer);
-        stop('too_large');
-        return;
+      if (size + chunk.length > max) return finish('too_large');
+      if (!budget.take(who, chunk.length)) {
+        return finish({ id: leadingId(Buffer.concat([...chunks, chunk]).subarray(0, 300)) });
       }
+      size += chunk.length;
       chunks.push(chunk);
     };
     req.on('data', onData);
-    req.once('end', () => {
-      clearTimeout(timer);
-      resolve(Buffer.concat(chunks));
-    });
-    req.once('error', () => resolve('aborted'));
-    req.once('close', () => {
-      clearTimeout(timer);
-      resolve('aborted'); // no-op once 'end' resolved it
-    });
+    req.once('end', () => finish(Buffer.concat(chunks, size)));
+    req.once('error', () => finish('aborted'));
+    req.once('close', () => finish('aborted')); // no-op once 'end' settled it
   });
 }

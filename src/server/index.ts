@@ -258,7 +258,8 @@ export interface SyncServerOptions<
   maxBadFrames?: number;
   /**
    * `SYN`s of one client waiting for their turn beyond which new ones get `NAK rate_limited`
-   * (a well-behaved client has one in flight).
+   * (a well-behaved client has one in flight); also the most `SUB`/`UNS` frames waiting in
+   * one socket's lane (behind a replay) before new ones get `NAK rate_limited`.
    * @default 100
    */
   maxQueuedPerClient?: number;
@@ -303,9 +304,21 @@ export interface SyncServerOptions<
    */
   maxQueuedBytesPerClient?: number;
   /**
-   * Request bytes held for all clients together; past it, requests are answered
-   * `NAK rate_limited` (HTTP 429) without being parsed. Parsed JSON can take ~21× its bytes
-   * on the heap (`[{},{},…]`), so requests waiting take at most ~21 × this.
+   * Request bytes held for one principal at once (by `principalKey`; each clientId on its own
+   * for the anonymous principal, i.e. without `authenticate`), all its clientIds, sockets and
+   * HTTP requests together, bodies and unfinished socket messages included while they arrive.
+   * Past it, its requests are answered `NAK rate_limited` (HTTP 429) without being parsed,
+   * and a socket whose unfinished message passes it is closed `1013` (README "Limits"): one
+   * principal can never take more than this share of `maxQueuedBytes`. At least
+   * `maxPayloadBytes`.
+   * @default 4 × maxPayloadBytes (4 MiB)
+   */
+  maxQueuedBytesPerPrincipal?: number;
+  /**
+   * Request bytes held for all clients together (same rules); past it, requests are answered
+   * `NAK rate_limited` (HTTP 429) without being parsed. Parsed JSON can take up to ~28× its
+   * bytes on the heap (`[[{},{},…],…]`, README "Limits"), so requests waiting take at most
+   * ~28 × this.
    * @default 16777216 (16 MiB)
    */
   maxQueuedBytes?: number;
@@ -604,7 +617,14 @@ export async function createSyncServer<
     throw new RangeError('createSyncServer: maxFrameBurst must be ≥ 1');
   if (o.requestTimeoutMs < o.headersTimeoutMs)
     throw new RangeError('createSyncServer: requestTimeoutMs must be ≥ headersTimeoutMs');
-  const budget = new Budget({ perClient: maxQueuedBytesPerClient, total: o.maxQueuedBytes });
+  const maxQueuedBytesPerPrincipal = o.maxQueuedBytesPerPrincipal ?? 4 * o.maxPayloadBytes;
+  if (!(Number.isFinite(maxQueuedBytesPerPrincipal) && maxQueuedBytesPerPrincipal >= o.maxPayloadBytes))
+    throw new RangeError('createSyncServer: maxQueuedBytesPerPrincipal must be ≥ maxPayloadBytes');
+  const budget = new Budget({
+    perClient: maxQueuedBytesPerClient,
+    perPrincipal: maxQueuedBytesPerPrincipal,
+    total: o.maxQueuedBytes,
+  });
   const store = o.store ?? memoryStore();
   const onError = (err: unknown, where: string) => {
     try {
@@ -656,6 +676,7 @@ export async function createSyncServer<
     publishClosed: () => storeClosing,
     onError,
     maxChannelsPerPrincipal: o.maxChannelsPerPrincipal,
+    maxQueuedPerSocket: o.maxQueuedPerClient,
   });
   /**
    * The key channel subscriptions are counted and matched by: the principal's key, or the
@@ -703,6 +724,7 @@ export async function createSyncServer<
     ownHost: ownServer ? o.host : undefined,
     cors: o.cors,
     budget,
+    subscriberKey,
     bodyTimeoutMs: o.requestTimeoutMs,
     dispatcher,
     closing: isClosing,

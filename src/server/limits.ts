@@ -85,19 +85,33 @@ function sameHost(origin: string, req: IncomingMessage): boolean {
 export interface BudgetOptions {
   /** Most request bytes held for one clientId at once (queued or being processed). */
   perClient: number;
+  /**
+   * Most request bytes held for one principal at once, all its clientIds together: its share
+   * of `total`, so that one principal can never take the whole server's budget.
+   */
+  perPrincipal: number;
   /** Most request bytes held for all clients together. */
   total: number;
 }
 
+/** Who holds bytes: the clientId, and the principal's key (`c:<clientId>` for the anonymous one). */
+export interface Holder {
+  readonly clientId: string;
+  readonly principal: string;
+}
+
 /**
- * Bytes of requests received and not yet answered, per clientId and in all, counted from
- * the frame or body as it arrived, before it is parsed. A request that would take either
- * count past its bound is refused (`NAK rate_limited`) without being parsed: parsed JSON can
- * take about 21 × its size on the heap (a frame of `[{},{},…]`), so the bytes held here are
- * what bounds that memory.
+ * Bytes of requests received and not yet answered, per clientId, per principal and in all,
+ * counted from the frame or body as it arrived (HTTP bodies while they arrive), before it is
+ * parsed. A request that would take any count past its bound is refused (`NAK rate_limited`)
+ * without being parsed: parsed JSON can take up to ~28 × its size on the heap (a frame of
+ * `[[{},{},…],…]`, README "Limits"), so the bytes held here are what bounds that memory. The
+ * per-principal share keeps one principal (however many clientIds and sockets it opens)
+ * from taking the budget every other client needs.
  */
 export class Budget {
-  private readonly held = new Map<string, number>();
+  private readonly byClient = new Map<string, number>();
+  private readonly byPrincipal = new Map<string, number>();
   private sum = 0;
 
   constructor(private readonly o: BudgetOptions) {}
@@ -107,22 +121,41 @@ export class Budget {
     return this.sum;
   }
 
-  /** Reserve `bytes` for `clientId`; `false` (nothing reserved) when a bound would be passed. */
-  take(clientId: string, bytes: number): boolean {
-    const mine = this.held.get(clientId) ?? 0;
-    if (mine + bytes > this.o.perClient || this.sum + bytes > this.o.total) return false;
-    this.held.set(clientId, mine + bytes);
+  /** Bytes held for one principal key. */
+  ofPrincipal(principal: string): number {
+    return this.byPrincipal.get(principal) ?? 0;
+  }
+
+  /** Reserve `bytes` for `who`; `false` (nothing reserved) when a bound would be passed. */
+  take(who: Holder, bytes: number): boolean {
+    const mine = this.byClient.get(who.clientId) ?? 0;
+    const ours = this.byPrincipal.get(who.principal) ?? 0;
+    if (
+      mine + bytes > this.o.perClient ||
+      ours + bytes > this.o.perPrincipal ||
+      this.sum + bytes > this.o.total
+    ) {
+      return false;
+    }
+    this.byClient.set(who.clientId, mine + bytes);
+    this.byPrincipal.set(who.principal, ours + bytes);
     this.sum += bytes;
     return true;
   }
 
   /** Give back what `take` reserved. */
-  release(clientId: string, bytes: number): void {
-    const mine = (this.held.get(clientId) ?? 0) - bytes;
-    if (mine > 0) this.held.set(clientId, mine);
-    else this.held.delete(clientId);
+  release(who: Holder, bytes: number): void {
+    if (bytes <= 0) return;
+    drop(this.byClient, who.clientId, bytes);
+    drop(this.byPrincipal, who.principal, bytes);
     this.sum = Math.max(0, this.sum - bytes);
   }
+}
+
+function drop(m: Map<string, number>, key: string, bytes: number): void {
+  const left = (m.get(key) ?? 0) - bytes;
+  if (left > 0) m.set(key, left);
+  else m.delete(key);
 }
 
 /**

@@ -268,7 +268,8 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     const size = frame.byteLength;
     // Before parsing: the bytes held for this client and for the server bound the heap that
     // parsed requests waiting for their turn can take (limits.ts).
-    if (size <= o.maxPayloadBytes && !o.budget.take(this.clientId, size)) {
+    const who = { clientId: this.clientId, principal: this.subscriberKey };
+    if (size <= o.maxPayloadBytes && !o.budget.take(who, size)) {
       this.send(nak(leadingId(frame), 'rate_limited', 'too many request bytes waiting; retry later'));
       return;
     }
@@ -276,7 +277,7 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     // Binary frames go through the same parser as text: UTF-8 JSON either way.
     const parsed = parseClientFrame(frame, { maxBytes: o.maxPayloadBytes, maxBatch: o.maxBatch });
     if (!parsed.ok) {
-      o.budget.release(this.clientId, held);
+      o.budget.release(who, held);
       // The id of a frame refused as too large, so the client knows which batch failed: read
       // from its first bytes only, since parsing up to 4 × maxPayloadBytes of JSON (~21× that
       // on the heap) is the work the refusal saves.
@@ -286,7 +287,7 @@ class SocketConn<P> implements LivePeer, Peer<P> {
       return;
     }
     this.badFrames = 0;
-    void o.dispatcher.dispatch(parsed.envelope, this).finally(() => o.budget.release(this.clientId, held));
+    void o.dispatcher.dispatch(parsed.envelope, this).finally(() => o.budget.release(who, held));
   }
 
   onClose(): void {
