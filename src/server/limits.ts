@@ -126,12 +126,17 @@ export class Budget {
     return this.byPrincipal.get(principal) ?? 0;
   }
 
-  /** Reserve `bytes` for `who`; `false` (nothing reserved) when a bound would be passed. */
-  take(who: Holder, bytes: number): boolean {
+  /**
+   * Reserve `bytes` for `who`; `false` (nothing reserved) when a bound would be passed.
+   * `perClient: false` checks only the principal's share and the total (still counting the
+   * bytes for the client): for an unfinished socket message, which may be up to 4 ×
+   * `maxPayloadBytes` before it is refused `too_large`.
+   */
+  take(who: Holder, bytes: number, opts: { perClient?: boolean } = {}): boolean {
     const mine = this.byClient.get(who.clientId) ?? 0;
     const ours = this.byPrincipal.get(who.principal) ?? 0;
     if (
-      mine + bytes > this.o.perClient ||
+      (opts.perClient !== false && mine + bytes > this.o.perClient) ||
       ours + bytes > this.o.perPrincipal ||
       this.sum + bytes > this.o.total
     ) {

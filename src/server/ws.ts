@@ -30,6 +30,7 @@ import {
   type AllowedOrigins,
   type Budget,
   FrameBucket,
+  type Holder,
   hostAllowed,
   leadingId,
   originAllowed,
@@ -44,6 +45,33 @@ const DRAIN_GRACE_MS = 30_000;
 
 /** Standard close code for "the server hit an unexpected condition"; the client redials. */
 const INTERNAL_ERROR = 1011;
+/** Standard close code "try again later" (RFC 6455 §7.4.1, IANA registry): over the budget. */
+const TRY_AGAIN_LATER = 1013;
+
+/** What `ws` (8.x) keeps of the message a socket is receiving; its fields are not public. */
+interface ReceiverState {
+  _bufferedBytes?: unknown;
+  _messageLength?: unknown;
+  _writableState?: { length?: unknown; errored?: unknown };
+}
+
+/**
+ * Bytes `ws` holds for the message still being received on `ws`: bytes read but not yet
+ * parsed into a complete frame, the payload of the fragments received so far, and chunks
+ * queued in front of its parser. Reads `ws`'s receiver state (ws 8; test/harden-budgets
+ * checks it against a real unfinished message); 0 when the fields are not there, `null` when
+ * the parser failed (ws closes the socket itself).
+ */
+function receivingBytes(ws: WebSocket): number | null {
+  const r = (ws as unknown as { _receiver?: ReceiverState })._receiver;
+  if (!r) return 0;
+  // The parser failed on this chunk (its 'error' event comes on the next tick).
+  if (r._writableState?.errored) return null;
+  const num = (v: unknown) => (typeof v === 'number' && Number.isFinite(v) && v > 0 ? v : 0);
+  // `_messageLength`: the payload of the fragments kept so far (no compression here), 0 for
+  // a message in one frame; `_bufferedBytes`: read, not yet a whole frame.
+  return num(r._bufferedBytes) + num(r._messageLength) + num(r._writableState?.length);
+}
 
 const ignore = () => {};
 
@@ -136,6 +164,8 @@ class SocketConn<P> implements LivePeer, Peer<P> {
   private refused = 0;
   /** A pong or a frame arrived since the last ping. */
   alive = true;
+  /** Bytes of an unfinished message held against the budget (`accountReceiving`). */
+  private receiving = 0;
   private tail: Promise<unknown> = Promise.resolve();
   private ended = false;
   /** Pending until the first frame arrives (`firstFrameTimeoutMs`). */
@@ -246,6 +276,45 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     }
   }
 
+  /** Who this socket's bytes are held for in the budget. */
+  get holder(): Holder {
+    return { clientId: this.clientId, principal: this.subscriberKey };
+  }
+
+  /**
+   * After each chunk the socket read: hold the bytes `ws` keeps of the message still being
+   * received (its unfinished frame and the fragments before it) against the budget, before
+   * the message is complete, so N sockets × an unfinished 4 × `maxPayloadBytes` message is
+   * no longer memory outside it (issue 12: 64 sockets held 252 MiB). A socket whose unfinished
+   * message would pass its principal's share or the server's total is closed `1013` (try
+   * again later); the client redials, its request goes on over HTTP.
+   */
+  accountReceiving(): void {
+    const pending = receivingBytes(this.ws);
+    // Closing, or ws refused the frame (over its 4 × maxPayloadBytes cap: it closes 1009
+    // itself): nothing more is read.
+    if (!this.open || pending === null) return this.releaseReceiving();
+    if (pending === this.receiving) return;
+    if (pending < this.receiving) {
+      this.ctx.o.budget.release(this.holder, this.receiving - pending);
+      this.receiving = pending;
+      return;
+    }
+    if (this.ctx.o.budget.take(this.holder, pending - this.receiving, { perClient: false })) {
+      this.receiving = pending;
+      return;
+    }
+    this.releaseReceiving();
+    this.close(TRY_AGAIN_LATER, 'too many request bytes waiting');
+    // Stop reading what it goes on sending: the close handshake is not waited for.
+    this.ws.terminate();
+  }
+
+  private releaseReceiving(): void {
+    this.ctx.o.budget.release(this.holder, this.receiving);
+    this.receiving = 0;
+  }
+
   onMessage(data: RawData): void {
     if (this.ended) return;
     const { o } = this.ctx;
@@ -254,6 +323,9 @@ class SocketConn<P> implements LivePeer, Peer<P> {
       clearTimeout(this.deadline);
       this.deadline = undefined;
     }
+    // The message is complete: what was held while it arrived is now held as the frame
+    // below (the next chunk's accounting takes what is left of a following message).
+    this.releaseReceiving();
     const frame = Array.isArray(data)
       ? Buffer.concat(data)
       : Buffer.isBuffer(data)
@@ -268,7 +340,7 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     const size = frame.byteLength;
     // Before parsing: the bytes held for this client and for the server bound the heap that
     // parsed requests waiting for their turn can take (limits.ts).
-    const who = { clientId: this.clientId, principal: this.subscriberKey };
+    const who = this.holder;
     if (size <= o.maxPayloadBytes && !o.budget.take(who, size)) {
       this.send(nak(leadingId(frame), 'rate_limited', 'too many request bytes waiting; retry later'));
       return;
@@ -291,6 +363,7 @@ class SocketConn<P> implements LivePeer, Peer<P> {
   }
 
   onClose(): void {
+    this.releaseReceiving();
     this.ended = true;
     if (this.deadline !== undefined) {
       clearTimeout(this.deadline);
@@ -445,6 +518,8 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
       // client must not be able to flood the server's logs.
       ws.on('error', ignore);
       ws.on('close', () => conn.onClose());
+      // After ws's own listener (added when it took the socket over): the chunk is parsed.
+      socket.on('data', () => conn.accountReceiving());
     });
   }
 
