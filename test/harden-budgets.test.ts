@@ -13,7 +13,9 @@
  *   the budgets;
  * - channel records that only housekeeping frees are bounded server-wide (`maxChannels`).
  */
+import { randomBytes } from 'node:crypto';
 import type { IncomingMessage } from 'node:http';
+import { connect, type Socket } from 'node:net';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { WebSocket } from 'ws';
 import { createSyncClient, type SyncClient } from '../src/client/index.js';
@@ -162,6 +164,30 @@ describe('dedupe memory is the bytes dedupeMaxBytes counts', () => {
   }, 120_000);
 });
 
+/**
+ * Send two frames per socket, one at a time, and say what became of each: `ACK` (taken),
+ * its NAK code (refused), or `closed <code>` (its socket was closed meanwhile).
+ */
+async function sendAll(
+  socks: RawSocket[],
+  frame: (i: number, j: number) => { id: string; type: string; [k: string]: unknown },
+): Promise<string[]> {
+  const out: string[] = [];
+  for (const [i, sock] of socks.entries()) {
+    for (let j = 0; j < 2; j++) {
+      const env = frame(i, j);
+      sock.send(env);
+      const answer = await Promise.race([
+        sock.next((f) => f.id === env.id, 10_000).then((f) => (f.type === 'ACK' ? 'ACK' : f.error.code)),
+        sock.closed.then((c) => `closed ${c.code}`),
+      ]);
+      out.push(answer);
+      if (answer.startsWith('closed')) break;
+    }
+  }
+  return out;
+}
+
 describe('one principal cannot take the server-wide byte budget', () => {
   const KB = 1024;
   /** Frames of this test: limits scaled down from the defaults by 4 (same ratios). */
@@ -195,19 +221,19 @@ describe('one principal cannot take the server-wide byte budget', () => {
     const mallory = await Promise.all(Array.from({ length: 10 }, (_, i) => open(`m-${i}`, 'mallory')));
     for (const [i, sock] of mallory.entries()) {
       sock.send({ id: `L${i}`, type: 'SUB', payload: { channels: { 'ch-1': { since: 0 } } } });
-      for (let j = 0; j < 2; j++) {
-        sock.send({ id: `Q${i}-${j}`, type: 'SUB', payload: { channels: { 'ch-1': {} } }, pad });
-      }
     }
-    // Every padded frame is answered at once: ACKed (held) or refused rate_limited.
-    const padded = mallory.flatMap((sock, i) =>
-      [0, 1].map((j) => sock.next((f) => f.id === `Q${i}-${j}`, 10_000)),
-    );
-    const first = await Promise.all(padded);
-    const taken = first.filter((f) => f.type === 'ACK').length;
-    const refused = first.filter((f) => f.type === 'NAK' && f.error.code === 'rate_limited').length;
-    expect(taken + refused).toBe(20);
+    // Padded SUBs from sockets 1–9, each answered (ACK: held; NAK rate_limited: refused
+    // unparsed) or, when its unfinished bytes would pass the share, its socket closed 1013.
+    const outcomes = await sendAll(mallory.slice(1), (i, j) => ({
+      id: `Q${i}-${j}`,
+      type: 'SUB',
+      payload: { channels: { 'ch-1': {} } },
+      pad,
+    }));
+    const taken = outcomes.filter((o) => o === 'ACK').length;
+    expect(outcomes.every((o) => o === 'ACK' || o === 'rate_limited' || o === 'closed 1013')).toBe(true);
     // 1 MiB share / ~200 KiB frames (the small SUBs hold a little of it too).
+    expect(taken).toBeGreaterThan(0);
     expect(taken).toBeLessThanOrEqual(5);
     expect(server.stats().queuedBytes).toBeLessThanOrEqual(1 * MB);
 
@@ -262,19 +288,20 @@ describe('one principal cannot take the server-wide byte budget', () => {
         return ops.map((op) => ({ ok: op }));
       },
     });
-    const frame = (id: string) => `{"id":"${id}","type":"SYN","payload":["${'x'.repeat(200 * KB)}"]}`;
     const mallory: RawSocket[] = [];
     for (let i = 0; i < 10; i++) {
       const sock = await RawSocket.open(`${wsUrl(server, `ms-${i}`)}&user=mallory`);
       sockets.push(sock.ws);
       mallory.push(sock);
-      for (let j = 0; j < 2; j++) sock.send(frame(`m${i}-${j}`));
     }
-    const first = await Promise.all(
-      mallory.flatMap((sock, i) => [0, 1].map((j) => sock.next((f) => f.id === `m${i}-${j}`, 10_000))),
-    );
-    const taken = first.filter((f) => f.type === 'ACK').length;
-    expect(first.filter((f) => f.type === 'NAK' && f.error.code === 'rate_limited').length).toBe(20 - taken);
+    const outcomes = await sendAll(mallory, (i, j) => ({
+      id: `m${i}-${j}`,
+      type: 'SYN',
+      payload: ['x'.repeat(200 * KB)],
+    }));
+    const taken = outcomes.filter((o) => o === 'ACK').length;
+    expect(outcomes.every((o) => o === 'ACK' || o === 'rate_limited' || o === 'closed 1013')).toBe(true);
+    expect(taken).toBeGreaterThan(0);
     expect(taken).toBeLessThanOrEqual(5);
     expect(server.stats().queuedBytes).toBeLessThanOrEqual(1 * MB);
     // Alice, a 200 KiB SYN included, on the socket and over HTTP.
@@ -296,5 +323,194 @@ describe('one principal cannot take the server-wide byte budget', () => {
     expect(overHttp.body.at(-1)).toEqual({ id: 'a:2', type: 'SYN', payload: [{ ok: 2 }] });
     gate.resolve();
     await until(() => server.stats().queuedBytes === 0, 10_000, 'the held bytes released');
+  });
+});
+
+/** One masked client frame (RFC 6455 §5.2); `fin: false` leaves the message unfinished. */
+function wsFrame(opcode: number, payload: Buffer, fin = true): Buffer {
+  const mask = randomBytes(4);
+  const len = payload.length;
+  let head: Buffer;
+  if (len < 126) {
+    head = Buffer.alloc(2);
+    head[1] = 0x80 | len;
+  } else if (len < 65536) {
+    head = Buffer.alloc(4);
+    head[1] = 0x80 | 126;
+    head.writeUInt16BE(len, 2);
+  } else {
+    head = Buffer.alloc(10);
+    head[1] = 0x80 | 127;
+    head.writeBigUInt64BE(BigInt(len), 2);
+  }
+  head[0] = (fin ? 0x80 : 0) | opcode;
+  const masked = Buffer.alloc(len);
+  for (let i = 0; i < len; i++) masked[i] = payload[i]! ^ mask[i & 3]!;
+  return Buffer.concat([head, mask, masked]);
+}
+
+interface RawConn {
+  sock: Socket;
+  /** Bytes received after the upgrade's headers (server frames, unparsed). */
+  data: Buffer[];
+  closed: Promise<void>;
+  isClosed: boolean;
+}
+
+/** A WebSocket upgrade over a plain TCP socket, for byte-level control; resolves once upgraded. */
+function rawUpgrade(port: number, query: string): Promise<RawConn> {
+  return new Promise((resolve, reject) => {
+    const sock = connect(port, '127.0.0.1');
+    let head = Buffer.alloc(0);
+    let upgraded = false;
+    let onClose!: () => void;
+    const conn: RawConn = { sock, data: [], closed: new Promise((r) => (onClose = r)), isClosed: false };
+    sock.on('error', () => {});
+    sock.on('close', () => {
+      conn.isClosed = true;
+      onClose();
+      if (!upgraded) reject(new Error('closed before the upgrade'));
+    });
+    sock.on('data', (d: Buffer) => {
+      if (upgraded) return void conn.data.push(d);
+      head = Buffer.concat([head, d]);
+      const end = head.indexOf('\r\n\r\n');
+      if (end < 0) return;
+      upgraded = true;
+      const status = head.subarray(9, 12).toString();
+      if (status !== '101') return reject(new Error(`upgrade answered ${status}`));
+      conn.data.push(head.subarray(end + 4));
+      resolve(conn);
+    });
+    rawConns.push(sock);
+    sock.write(
+      `GET /sync?${query} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n` +
+        `Sec-WebSocket-Key: ${randomBytes(16).toString('base64')}\r\nSec-WebSocket-Version: 13\r\n\r\n`,
+    );
+  });
+}
+const rawConns: Socket[] = [];
+afterEach(() => {
+  for (const s of rawConns.splice(0)) s.destroy();
+});
+
+/** The close code of the first close frame the server sent on `conn`, if any. */
+function closeCode(conn: RawConn): number | undefined {
+  const all = Buffer.concat(conn.data);
+  let off = 0;
+  while (off + 2 <= all.length) {
+    let len = all[off + 1]! & 0x7f;
+    let at = off + 2;
+    if (len === 126) {
+      len = all.readUInt16BE(off + 2);
+      at = off + 4;
+    } else if (len === 127) {
+      len = Number(all.readBigUInt64BE(off + 2));
+      at = off + 10;
+    }
+    if ((all[off]! & 0x0f) === 8 && len >= 2) return all.readUInt16BE(at);
+    off = at + len;
+  }
+  return undefined;
+}
+
+describe('bytes still being received count against the budgets', () => {
+  const KB = 1024;
+  const opts = {
+    authenticate,
+    maxPayloadBytes: 64 * KB, // per principal 256 KiB, socket messages up to 256 KiB read
+    maxQueuedBytes: 1 * MB,
+  };
+
+  it('unfinished WebSocket messages: one principal holds at most its share, the rest are closed 1013', async () => {
+    const server = await h.start<{ id: string }>(opts);
+    const { port } = server.address();
+    // A first fragment (FIN = 0) of 200 KiB (under the 256 KiB read cap), never finished.
+    const fragment = wsFrame(
+      1,
+      Buffer.from(`{"id":"big","type":"SYN","payload":[${'1,'.repeat(100 * KB)}`),
+      false,
+    );
+    const conns = await Promise.all(
+      Array.from({ length: 10 }, (_, i) => rawUpgrade(port, `clientId=part-${i}&user=mallory`)),
+    );
+    for (const c of conns) c.sock.write(fragment);
+    await until(() => conns.filter((c) => c.isClosed).length >= 9, 10_000, '9 sockets closed');
+    const open = conns.filter((c) => !c.isClosed);
+    expect(open).toHaveLength(1);
+    expect(conns.filter((c) => c.isClosed).map(closeCode)).toEqual(Array(9).fill(1013));
+    // The kept socket's unfinished message is counted before it is complete.
+    expect(server.stats().queuedBytes).toBeGreaterThanOrEqual(200 * KB);
+    expect(server.stats().queuedBytes).toBeLessThanOrEqual(256 * KB);
+    // Another principal is answered, a 50 KiB frame included.
+    const alice = await RawSocket.open(`${wsUrl(server, 'c-alice')}&user=alice`);
+    sockets.push(alice.ws);
+    expect(
+      (await alice.request({ id: 'a:1', type: 'SYN', payload: ['y'.repeat(50 * KB)] })).at(-1),
+    ).toMatchObject({
+      type: 'SYN',
+    });
+    // Finishing the message releases it into the normal path (here too large: NAK, open).
+    open[0]!.sock.write(wsFrame(0, Buffer.from('1]}'), true));
+    await until(() => server.stats().queuedBytes === 0, 10_000, 'the bytes released');
+    expect(open[0]!.isClosed).toBe(false);
+  });
+
+  it('unfinished WebSocket messages without authenticate: the server-wide total bounds them', async () => {
+    const server = await h.start({ maxPayloadBytes: 64 * KB, maxQueuedBytes: 1 * MB });
+    const { port } = server.address();
+    const fragment = wsFrame(
+      1,
+      Buffer.from(`{"id":"big","type":"SYN","payload":[${'1,'.repeat(100 * KB)}`),
+      false,
+    );
+    const conns = await Promise.all(
+      Array.from({ length: 10 }, (_, i) => rawUpgrade(port, `clientId=anon-${i}`)),
+    );
+    for (const c of conns) c.sock.write(fragment);
+    // 1 MiB / 200 KiB: 5 kept, 5 closed.
+    await until(() => conns.filter((c) => c.isClosed).length >= 5, 10_000, '5 sockets closed');
+    expect(server.stats().queuedBytes).toBeLessThanOrEqual(1 * MB);
+    expect(conns.filter((c) => c.isClosed).map(closeCode)).toEqual(Array(5).fill(1013));
+    const probe = await h.socket(server, 'c-probe');
+    probe.send({ id: 'p', type: 'PNG' });
+    expect(await probe.next((f) => f.id === 'p', 5000)).toEqual({ id: 'p', type: 'ACK' });
+  });
+
+  it('slow HTTP bodies are held against the budget as they arrive: past the share, 429 at once', async () => {
+    const server = await h.start<{ id: string }>(opts);
+    const { port } = server.address();
+    const body = Buffer.from(`{"id":"slow","type":"SYN","payload":["${'a'.repeat(60 * KB)}"]}`);
+    const answers: string[] = [];
+    const conns = Array.from({ length: 10 }, (_, i) => {
+      const sock = connect(port, '127.0.0.1');
+      rawConns.push(sock);
+      let text = '';
+      sock.on('data', (d) => {
+        text += d;
+        if (text.includes('\r\n\r\n')) answers[i] = text.slice(0, 12);
+      });
+      sock.on('error', () => {});
+      sock.write(
+        `POST /sync HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nX-User: mallory\r\nX-Client-Id: slow-${i}\r\n` +
+          `Content-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n`,
+      );
+      sock.write(body.subarray(0, body.length - 1)); // the last byte never comes
+      return sock;
+    });
+    // 256 KiB / ~60 KiB: 4 held, the other 6 refused before their body is complete.
+    await until(() => answers.filter(Boolean).length >= 6, 10_000, '6 answers');
+    expect(answers.filter(Boolean)).toEqual(Array(6).fill('HTTP/1.1 429'));
+    expect(server.stats().queuedBytes).toBeLessThanOrEqual(256 * KB);
+    expect(server.stats().queuedBytes).toBeGreaterThanOrEqual(4 * 60 * KB);
+    const alice = await post(
+      httpUrl(server),
+      'c-alice',
+      { id: 'a:1', type: 'SYN', payload: [1] },
+      { 'X-User': 'alice' },
+    );
+    expect(alice.body.at(-1)).toEqual({ id: 'a:1', type: 'SYN', payload: [{ ok: 1 }] });
+    for (const c of conns) c.destroy();
+    await until(() => server.stats().queuedBytes === 0, 10_000, 'the bytes released');
   });
 });
