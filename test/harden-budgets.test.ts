@@ -14,13 +14,21 @@
  * - channel records that only housekeeping frees are bounded server-wide (`maxChannels`).
  */
 import { randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync } from 'node:fs';
 import type { IncomingMessage } from 'node:http';
 import { connect, type Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { WebSocket } from 'ws';
 import { createSyncClient, type SyncClient } from '../src/client/index.js';
+import type { HistoryStore, SyncServer } from '../src/server/index.js';
+import { memoryStore } from '../src/stores/memory.js';
+import { redisStore } from '../src/stores/redis.js';
+import { sqliteStore } from '../src/stores/sqlite.js';
 import { type ChildServer, startChildServer } from './helpers/child-server.js';
 import { deferred, harness, httpUrl, post, RawSocket, wsUrl } from './helpers/raw.js';
+import { describeWith, REDIS_SERVER, type RedisServer, startRedis } from './helpers/redis.js';
 
 const h = harness();
 /** The principal from `?user=` (socket) or `X-User` (HTTP); none → 401. */
@@ -512,5 +520,68 @@ describe('bytes still being received count against the budgets', () => {
     expect(alice.body.at(-1)).toEqual({ id: 'a:1', type: 'SYN', payload: [{ ok: 1 }] });
     for (const c of conns) c.destroy();
     await until(() => server.stats().queuedBytes === 0, 10_000, 'the bytes released');
+  });
+});
+
+const dir = mkdtempSync(join(tmpdir(), 'syncwire-budgets-'));
+let redis: RedisServer | undefined;
+afterAll(async () => {
+  await redis?.stop();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+/** SUB of `names` (new cursors) as one HTTP poll of `user`. */
+const poll = (server: SyncServer, user: string, names: string[], id = 'sub') =>
+  post(
+    httpUrl(server),
+    `c-poll-${user}`,
+    { id, type: 'SUB', payload: { channels: Object.fromEntries(names.map((n) => [n, {}])) } },
+    { 'X-User': user },
+  );
+
+async function channelCap(makeStore: () => Promise<HistoryStore>): Promise<void> {
+  const store = await makeStore();
+  const server = await h.start<{ id: string }>({ authenticate, maxChannels: 50, store });
+  // Ten principals poll ten fresh channels each: the first five take the 50 records…
+  const answers: string[] = [];
+  for (let u = 0; u < 10; u++) {
+    const names = Array.from({ length: 10 }, (_, k) => `ch-${u}-${k}`);
+    const r = await poll(server, `u${u}`, names);
+    expect(r.status).toBe(200); // a NAK answering an accepted SUB travels in a 200
+    const last = r.body.at(-1);
+    answers.push(last.type === 'NAK' ? last.error.code : last.type);
+  }
+  expect(answers).toEqual(['SYN', 'SYN', 'SYN', 'SYN', 'SYN', ...Array(5).fill('rate_limited')]);
+  // …and the store keeps no more records than that.
+  expect(await store.channelCount?.()).toBeLessThanOrEqual(50);
+  // Channels the store keeps are still served, on a socket and over HTTP.
+  expect((await poll(server, 'u9', ['ch-0-0', 'ch-4-9'], 'old')).body.at(-1)).toMatchObject({ type: 'SYN' });
+  const sock = await RawSocket.open(`${wsUrl(server, 'c-sock')}&user=u7`);
+  sockets.push(sock.ws);
+  const reply = await sock.request({ id: 's1', type: 'SUB', payload: { channels: { 'ch-1-1': {} } } });
+  expect(reply.at(-1)).toMatchObject({ id: 's1', type: 'SYN' });
+  // A fresh one on the socket is refused the same way, and SYNs go on.
+  const fresh = await sock.request({ id: 's2', type: 'SUB', payload: { channels: { 'ch-new': {} } } });
+  expect(fresh.at(-1)).toMatchObject({ id: 's2', type: 'NAK', error: { code: 'rate_limited' } });
+  const syn = await sock.request({ id: 'y1', type: 'SYN', payload: [1] });
+  expect(syn.at(-1)).toEqual({ id: 'y1', type: 'SYN', payload: [{ ok: 1 }] });
+  // Housekeeping frees the records with no message and no live subscriber: room again.
+  await server.housekeeping();
+  expect((await poll(server, 'u9', ['ch-after'], 'after')).body.at(-1)).toMatchObject({ type: 'SYN' });
+}
+
+describe('channel records are bounded server-wide (maxChannels)', () => {
+  it('memory store: SUBs and polls past maxChannels naming new channels are refused rate_limited', async () => {
+    await channelCap(async () => memoryStore());
+  });
+  it('SQLite store: the same', async () => {
+    await channelCap(async () => sqliteStore({ file: join(dir, `cap-${Date.now()}.db`) }));
+  });
+  describeWith(REDIS_SERVER, 'redis-server', 'Redis store', () => {
+    it('the same', async () => {
+      redis ??= await startRedis();
+      const url = redis.url;
+      await channelCap(() => redisStore({ url }, { prefix: `cap${process.pid}-${Date.now()}:` }));
+    });
   });
 });

@@ -79,6 +79,12 @@ export interface DispatcherOptions<P> {
   /** Most live channel subscriptions per principal key in this process (PROTOCOL rule 7). */
   maxChannelsPerPrincipal: number;
   /**
+   * Most channels the store may keep state for (its `channelCount`), server-wide: a `SUB`
+   * that would take the count past it and names a channel the store does not keep yet is
+   * refused whole, `NAK rate_limited`. @default no bound
+   */
+  maxChannels?: number;
+  /**
    * Most `SUB`/`UNS` frames waiting in one socket's lane (behind a replay, say) before new
    * ones get `NAK rate_limited`, like `SYN`s past `maxQueuedPerClient`. @default 100
    */
@@ -271,6 +277,26 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
   }
 
   /**
+   * Whether looking `names` up would take the store past `maxChannels` channel records:
+   * only when the count is that close is each name checked, and then a name the store does
+   * not keep yet (and no socket here follows) is one too many. Every HTTP poll and socket
+   * `SUB` creates the records of the channels it names (`head`), and only housekeeping frees
+   * them, so this is what bounds their memory between two housekeeping runs.
+   */
+  async function overChannelCap(names: string[]): Promise<boolean> {
+    if (o.maxChannels === undefined || !store.channelCount) return false;
+    const kept = await store.channelCount();
+    if (kept + names.length <= o.maxChannels) return false;
+    let fresh = 0;
+    for (const name of names) {
+      if (channels.isLive(name)) continue;
+      if (store.hasChannel && (await store.hasChannel(name))) continue;
+      fresh++;
+    }
+    return fresh > 0 && kept + fresh > o.maxChannels;
+  }
+
+  /**
    * Answer a `SUB` channel by channel (PROTOCOL §3 rule 7): a refused channel gets an `error`
    * entry and the others are served. On a socket, a refused channel also ends any live
    * subscription the socket had to it, and channels beyond the principal's cap are refused
@@ -290,6 +316,10 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
           `a SUB may name at most ${o.maxChannelsPerPrincipal} channels (it named ${names.length})`,
         ),
       );
+      return;
+    }
+    if (await overChannelCap(names)) {
+      peer.send(nak(env.id, 'rate_limited', `this server keeps ${o.maxChannels} channels; retry later`));
       return;
     }
     const entries = channelRecord<ChannelEntry>();

@@ -271,6 +271,19 @@ export interface SyncServerOptions<
    */
   maxChannelsPerPrincipal?: number;
   /**
+   * Most channel records the store keeps (its `channelCount`: memory entries, SQLite rows,
+   * Redis key pairs), server-wide. Every socket `SUB` and HTTP poll creates a record for each
+   * channel it names (up to `maxChannelsPerPrincipal` per `SUB`), freed only by housekeeping
+   * (every minute) once no message and no subscriber is left, so many principals or polls
+   * could otherwise grow them without bound. A `SUB` that names a channel the store does not
+   * keep yet while this many are kept is refused whole, `NAK rate_limited` (HTTP 429): the
+   * client asks again after a backoff. Channels created by `publish` are not refused, but
+   * count. Checked before each `SUB`, so concurrent `SUB`s may pass it by one `SUB`'s names.
+   * Needs a store with `channelCount` (memory, SQLite and Redis have it).
+   * @default 100000
+   */
+  maxChannels?: number;
+  /**
    * Which browser pages may use this server: the `Origin` of every upgrade and HTTP request
    * is checked before `authenticate`, and a refused one is answered `403` (README "Origins
    * and CSWSH"). Requests without `Origin` (non-browser clients) are accepted; so are
@@ -525,6 +538,7 @@ const DEFAULTS = {
   maxBadFrames: 100,
   maxQueuedPerClient: 100,
   maxChannelsPerPrincipal: 1000,
+  maxChannels: 100_000,
   allowedOrigins: 'same-host',
   cors: {},
   maxBatch: 1000,
@@ -555,6 +569,7 @@ const POSITIVE_OPTIONS = [
   'maxBadFrames',
   'maxQueuedPerClient',
   'maxChannelsPerPrincipal',
+  'maxChannels',
   'maxBatch',
   'maxQueuedBytes',
   'maxSocketsPerClient',
@@ -677,6 +692,7 @@ export async function createSyncServer<
     onError,
     maxChannelsPerPrincipal: o.maxChannelsPerPrincipal,
     maxQueuedPerSocket: o.maxQueuedPerClient,
+    maxChannels: o.maxChannels,
   });
   /**
    * The key channel subscriptions are counted and matched by: the principal's key, or the

@@ -109,6 +109,10 @@ export function memoryStore(options: MemoryStoreOptions = {}): HistoryStore {
       return channels.size;
     },
 
+    async hasChannel(channel) {
+      return channels.has(channel);
+    },
+
     watch(listener) {
       listeners.add(listener);
       return () => {

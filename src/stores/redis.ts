@@ -938,6 +938,11 @@ export async function redisStore(
       return Number(await redis.call('SCARD', keys.channels));
     },
 
+    async hasChannel(channel) {
+      ensureOpen();
+      return Number(await redis.call('SISMEMBER', keys.channels, channel)) === 1;
+    },
+
     async broadcast(message) {
       ensureOpen();
       await redis.call('PUBLISH', keys.control, JSON.stringify(message));
