@@ -96,6 +96,14 @@ export function memoryStore(options: MemoryStoreOptions = {}): HistoryStore {
       return { epoch: c.epoch, seq: c.seq, first: c.seq - (c.msgs.length - c.start) + 1 };
     },
 
+    async heads(names) {
+      ensureOpen();
+      return names.map((channel) => {
+        const c = log(channel);
+        return { epoch: c.epoch, seq: c.seq, first: c.seq - (c.msgs.length - c.start) + 1 };
+      });
+    },
+
     async trim(opts = {}) {
       ensureOpen();
       const at = now();

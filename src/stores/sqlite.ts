@@ -288,11 +288,14 @@ export function sqliteStore(options: SqliteStoreOptions): HistoryStore & DedupeS
     },
   );
 
-  const headTx = db.transaction((channel: string): ChannelHead => {
+  const headOf = (channel: string): ChannelHead => {
     const row = ensureChannel(channel);
     const first = q.first.get(channel)?.first;
     return { epoch: row.epoch, seq: row.last_seq, first: first ?? row.last_seq + 1 };
-  });
+  };
+  const headTx = db.transaction(headOf);
+  // One transaction for a whole SUB: new channels then cost one commit, not one each.
+  const headsTx = db.transaction((channels: string[]): ChannelHead[] => channels.map(headOf));
 
   return {
     kind: 'sqlite',
@@ -335,6 +338,11 @@ export function sqliteStore(options: SqliteStoreOptions): HistoryStore & DedupeS
     async head(channel) {
       ensureOpen();
       return headTx(channel);
+    },
+
+    async heads(channels) {
+      ensureOpen();
+      return headsTx(channels);
     },
 
     async trim(opts = {}) {
