@@ -293,7 +293,10 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     const pending = receivingBytes(this.ws);
     // Closing, or ws refused the frame (over its 4 × maxPayloadBytes cap: it closes 1009
     // itself): nothing more is read.
-    if (!this.open || pending === null) return this.releaseReceiving();
+    if (!this.open || pending === null) {
+      this.releaseReceiving();
+      return;
+    }
     if (pending === this.receiving) return;
     if (pending < this.receiving) {
       this.ctx.o.budget.release(this.holder, this.receiving - pending);
