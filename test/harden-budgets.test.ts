@@ -585,3 +585,44 @@ describe('channel records are bounded server-wide (maxChannels)', () => {
     });
   });
 });
+
+describeWith(REDIS_SERVER, 'redis-server', 'Redis bindings are never evicted', () => {
+  it('a maxmemory-policy that evicts keys is reported when the store opens; noeviction is not', async () => {
+    redis ??= await startRedis();
+    const url = redis.url;
+    const open = async () => {
+      const errors: string[] = [];
+      const store = await redisStore(
+        { url },
+        { prefix: `pol${process.pid}-${Date.now()}:`, onError: (_e, where) => errors.push(where) },
+      );
+      // Replies come in order on one connection: the policy check has been answered by now.
+      await store.channelCount?.();
+      await store.close();
+      return errors;
+    };
+    try {
+      await setPolicy(url, 'allkeys-lru');
+      expect(await open()).toContain('maxmemory-policy');
+    } finally {
+      await setPolicy(url, 'noeviction');
+    }
+    expect(await open()).not.toContain('maxmemory-policy');
+  });
+});
+
+/** `CONFIG SET maxmemory-policy` on the test's redis-server, through redis-cli's protocol. */
+async function setPolicy(url: string, policy: string): Promise<void> {
+  const { port, hostname } = new URL(url);
+  await new Promise<void>((resolve, reject) => {
+    const sock = connect(Number(port), hostname);
+    const cmd = ['CONFIG', 'SET', 'maxmemory-policy', policy];
+    sock.on('error', reject);
+    sock.on('data', (d) => {
+      sock.destroy();
+      if (String(d).startsWith('+OK')) resolve();
+      else reject(new Error(String(d)));
+    });
+    sock.write(`*${cmd.length}\r\n${cmd.map((c) => `$${Buffer.byteLength(c)}\r\n${c}\r\n`).join('')}`);
+  });
+}
