@@ -42,7 +42,8 @@ export type ConnectionState = (typeof STATE_NAMES)[number];
  * recognises it. `key` of a batch is its first key; `keys` are the keys of its operations.
  */
 export type QueueItem =
-  | { key: number; kind: 'op'; op: unknown }
+  /** `json`: the operation as JSON, made once by `send()` and written as it is (optional). */
+  | { key: number; kind: 'op'; op: unknown; json?: string }
   | { key: number; kind: 'SUB' | 'UNS'; payload: unknown }
   | { key: number; kind: 'batch'; id: string; ops: unknown[]; keys: number[] };
 
@@ -55,6 +56,11 @@ export interface InFlight {
   keys: number[];
   /** Transport it was last sent on. */
   via: 'ws' | 'http';
+  /**
+   * `payload` already as JSON, when every operation it carries came with its `json`: the
+   * transports write it as it is instead of serializing the operations again.
+   */
+  json?: string;
 }
 
 /**
@@ -179,9 +185,15 @@ export type ConnectionEmitted =
 /** Commands the machine sends to its `socket` actor. */
 export type SocketCommand =
   /** Open a socket; `refresh`: the last dial was refused with 401, resolve credentials with `refresh: true`. */
-  | { type: 'DIAL'; refresh?: boolean }
-  | { type: 'DROP' }
-  | { type: 'SEND'; frame: { id: string; type: string; payload?: unknown } };
+  { type: 'DIAL'; refresh?: boolean } | { type: 'DROP' } | { type: 'SEND'; frame: OutgoingFrame };
+
+/** A request as the transports get it: `json`, when present, is `payload` as JSON already. */
+export interface OutgoingFrame {
+  id: string;
+  type: string;
+  payload?: unknown;
+  json?: string;
+}
 
 const frameOf = (e: ConnectionEvent) => (e.type === 'FRAME' ? e.frame : undefined);
 
@@ -189,7 +201,7 @@ const frameOf = (e: ConnectionEvent) => (e.type === 'FRAME' ? e.frame : undefine
 const socketPlaceholder = fromCallback<SocketCommand, { clientId: string }>(() => () => {});
 /** What the `http` actor is given: the request to POST. */
 export interface HttpInput {
-  envelope: { id: string; type: string; payload?: unknown };
+  envelope: OutgoingFrame;
 }
 const httpPlaceholder = fromPromise<HttpOutcome, HttpInput>(async () => {
   throw new Error('syncwire: no http actor was provided');
@@ -245,6 +257,9 @@ export const connectionMachine = setup({
   },
   guards: {
     hasQueued: ({ context }) => context.queue.length > 0,
+    /** A SEND event carrying at least one item. */
+    sendsSomething: ({ event }) =>
+      event.type === 'SEND' && ('items' in event ? event.items.length > 0 : true),
     hasInflight: ({ context }) => context.inflight !== null,
     noInflight: ({ context }) => context.inflight === null,
     hasWork: ({ context }) => context.inflight !== null || context.queue.length > 0,
@@ -280,57 +295,39 @@ export const connectionMachine = setup({
     isOffline: ({ context }) => !context.online,
   },
   actions: {
-    enqueue: assign({
-      queue: ({ context, event }) => {
-        if (event.type !== 'SEND') return context.queue;
-        if ('items' in event) return context.queue.concat(event.items);
-        return event.front ? [event.item, ...context.queue] : [...context.queue, event.item];
-      },
-    }),
+    enqueue: assign({ queue: ({ context, event }) => queued(context.queue, event) }),
     /**
      * Take the next request off the outbox: a restored batch as it is, a run of operations up
      * to maxBatch (announced with `batched` before it goes out), or one SUB/UNS.
      */
     takeBatch: enqueueActions(({ context, enqueue }) => {
-      const head = context.queue[0];
-      if (!head || context.inflight) return;
-      if (head.kind === 'batch') {
-        enqueue.assign({
-          queue: context.queue.slice(1),
-          inflight: { id: head.id, type: 'SYN', payload: head.ops, keys: head.keys, via: 'ws' },
-        });
+      const taken = take(context, context.queue);
+      if (!taken) return;
+      enqueue.assign(taken.update);
+      if (taken.batched) enqueue.emit(taken.batched);
+    }),
+    /**
+     * `enqueue` then `takeBatch` in one context update: a send while `open` (nothing queued,
+     * nothing in flight) goes out in the same microstep instead of through `open`'s `always`.
+     */
+    enqueueAndTake: enqueueActions(({ context, event, enqueue }) => {
+      const queue = queued(context.queue, event);
+      const taken = take(context, queue);
+      if (!taken) {
+        enqueue.assign({ queue });
         return;
       }
-      const id = `${context.instance}:${context.counter}`;
-      if (head.kind !== 'op') {
-        enqueue.assign({
-          counter: context.counter + 1,
-          queue: context.queue.slice(1),
-          inflight: { id, type: head.kind, payload: head.payload, keys: [head.key], via: 'ws' },
-        });
-        return;
-      }
-      const ops: unknown[] = [];
-      const keys: number[] = [];
-      let i = 0;
-      for (; i < context.queue.length && ops.length < context.maxBatch; i++) {
-        const item = context.queue[i]!;
-        if (item.kind !== 'op') break;
-        ops.push(item.op);
-        keys.push(item.key);
-      }
-      enqueue.assign({
-        counter: context.counter + 1,
-        queue: context.queue.slice(i),
-        inflight: { id, type: 'SYN', payload: ops, keys, via: 'ws' },
-      });
-      enqueue.emit({ type: 'batched', id, keys });
+      enqueue.assign(taken.update);
+      if (taken.batched) enqueue.emit(taken.batched);
     }),
     sendInflightOverWs: enqueueActions(({ context, enqueue }) => {
       const f = context.inflight;
       if (!f) return;
-      enqueue.assign({ inflight: { ...f, via: 'ws' } });
-      enqueue.sendTo('socket', { type: 'SEND', frame: { id: f.id, type: f.type, payload: f.payload } });
+      // Already marked ws when just taken off the queue: no context copy then.
+      if (f.via !== 'ws') enqueue.assign({ inflight: { ...f, via: 'ws' } });
+      const frame: OutgoingFrame = { id: f.id, type: f.type, payload: f.payload };
+      if (f.json !== undefined) frame.json = f.json;
+      enqueue.sendTo('socket', { type: 'SEND', frame });
     }),
     markInflightHttp: assign({
       inflight: ({ context }) => (context.inflight ? { ...context.inflight, via: 'http' as const } : null),
@@ -523,6 +520,13 @@ export const connectionMachine = setup({
       ],
       on: {
         'WS.DOWN': { target: 'degraded', actions: ['socketDown', 'failClose'] },
+        // Nothing is queued or in flight while open (the `always` above): a send goes out at
+        // once, queued and taken in this one microstep.
+        SEND: {
+          guard: 'sendsSomething',
+          target: 'awaitingAck',
+          actions: ['enqueueAndTake', 'sendInflightOverWs'],
+        },
       },
       states: {
         idle: {
@@ -584,13 +588,12 @@ export const connectionMachine = setup({
               invoke: {
                 id: 'http',
                 src: 'http',
-                input: ({ context }) => ({
-                  envelope: {
-                    id: context.inflight!.id,
-                    type: context.inflight!.type,
-                    payload: context.inflight!.payload,
-                  },
-                }),
+                input: ({ context }) => {
+                  const f = context.inflight!;
+                  const envelope: OutgoingFrame = { id: f.id, type: f.type, payload: f.payload };
+                  if (f.json !== undefined) envelope.json = f.json;
+                  return { envelope };
+                },
                 onDone: [
                   { guard: 'httpUnauthorized', target: '#connection.unauthorized' },
                   { guard: 'httpRetry', target: 'retryWait', actions: 'httpFailed' },
@@ -703,6 +706,61 @@ export function randomInstance(): string {
   let s = '';
   for (const b of buf) s += b.toString(16).padStart(2, '0');
   return s;
+}
+
+/** The outbox after a `SEND` event (the same outbox for any other event). */
+function queued(queue: QueueItem[], event: ConnectionEvent): QueueItem[] {
+  if (event.type !== 'SEND') return queue;
+  if ('items' in event) return queue.concat(event.items);
+  return event.front ? [event.item, ...queue] : [...queue, event.item];
+}
+
+/**
+ * The next request off `queue` (see the `takeBatch` action) as a context update, with the
+ * `batched` event to emit for a run of operations; `null` when nothing can be taken.
+ */
+function take(
+  context: ConnectionContext,
+  queue: QueueItem[],
+): { update: Partial<ConnectionContext>; batched?: Extract<ConnectionEmitted, { type: 'batched' }> } | null {
+  const head = queue[0];
+  if (!head || context.inflight) return null;
+  if (head.kind === 'batch') {
+    return {
+      update: {
+        queue: queue.slice(1),
+        inflight: { id: head.id, type: 'SYN', payload: head.ops, keys: head.keys, via: 'ws' },
+      },
+    };
+  }
+  const id = `${context.instance}:${context.counter}`;
+  if (head.kind !== 'op') {
+    return {
+      update: {
+        counter: context.counter + 1,
+        queue: queue.slice(1),
+        inflight: { id, type: head.kind, payload: head.payload, keys: [head.key], via: 'ws' },
+      },
+    };
+  }
+  const ops: unknown[] = [];
+  const keys: number[] = [];
+  let json: string | undefined = '[';
+  let i = 0;
+  for (; i < queue.length && ops.length < context.maxBatch; i++) {
+    const item = queue[i]!;
+    if (item.kind !== 'op') break;
+    ops.push(item.op);
+    keys.push(item.key);
+    if (json !== undefined)
+      json = item.json === undefined ? undefined : `${json}${i > 0 ? ',' : ''}${item.json}`;
+  }
+  const inflight: InFlight = { id, type: 'SYN', payload: ops, keys, via: 'ws' };
+  if (json !== undefined) inflight.json = `${json}]`;
+  return {
+    update: { counter: context.counter + 1, queue: queue.slice(i), inflight },
+    batched: { type: 'batched', id, keys },
+  };
 }
 
 function settledFor(inflight: InFlight, f: ServerEnvelope): SettledEvent {

@@ -80,7 +80,7 @@ describeWith(REDIS_SERVER, 'redis-server', 'channels on redis', () => {
 
   it('channel keys are flat after 100,000 distinct channel names subscribed and abandoned', async () => {
     const prefix = `flat${process.pid}-${++n}:`;
-    const s = await serverOn(prefix, { maxChannelsPerPrincipal: 100_000 });
+    const s = await serverOn(prefix, { maxChannelsPerPrincipal: 100_000, maxChannels: 200_000 });
     const admin = new Redis(redis.url);
     const countKeys = async () => {
       let cursor = '0';

@@ -345,7 +345,9 @@ describe('limits', () => {
       const port = (given.address() as { port: number }).port;
       const res = await new Promise<string>((resolve, reject) => {
         const s = connect(port, '127.0.0.1', () =>
-          s.write('POST /sync HTTP/1.1\r\nHost: x\r\nX-Client-Id: slow\r\nContent-Length: 50\r\n\r\n{"id"'),
+          s.write(
+            'POST /sync HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Client-Id: slow\r\nContent-Length: 50\r\n\r\n{"id"',
+          ),
         );
         rawSockets.push(s);
         let answer = '';

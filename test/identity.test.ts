@@ -300,6 +300,102 @@ describe.each(setups)('principal binding on $name', (setup) => {
   });
 });
 
+describe.each(setups)('a flood of fresh clientIds on $name (issue 12)', (setup) => {
+  afterAll(closeSockets);
+
+  it("never evicts a victim's binding: the attacker cannot take its clientId, and the victim is still answered", async () => {
+    const { onSync } = recorder();
+    const [one, two] = await setup.start({
+      authenticate,
+      onSync,
+      maxClientIds: 40,
+      maxClientIdsPerPrincipal: 20,
+    });
+    const victim = await socketAs(one, 'c-victim-f', 'alice');
+    expect((await victim.request({ id: 'v:1', type: 'SYN', payload: ['a'] })).at(-1)).toMatchObject({
+      type: 'SYN',
+    });
+    // 100 fresh clientIds of one principal: 2.5 × the table, 5 × the principal's share.
+    const answers: { status: number; code?: string; retryAfter?: unknown }[] = [];
+    for (let i = 0; i < 100; i++) {
+      const r = await postAs(two, `c-flood-${i}`, 'mallory', { id: `p${i}`, type: 'PNG' });
+      answers.push({
+        status: r.status,
+        code: r.body?.[0]?.error?.code,
+        retryAfter: r.headers['retry-after'],
+      });
+    }
+    if (setup.name === 'memory') {
+      // Bindings live in this process: the principal's share is bound, the rest refused.
+      expect(answers.slice(0, 20).every((a) => a.status === 200)).toBe(true);
+      expect(answers.slice(20)).toEqual(
+        Array(80).fill({ status: 503, code: 'too_many_clients', retryAfter: '30' }),
+      );
+    } else {
+      // The store holds every binding (the process keeps only a cache of them).
+      expect(answers.every((a) => a.status === 200)).toBe(true);
+    }
+    // The victim's clientId still belongs to the victim…
+    expect(await upgradeStatus(as(two, 'c-victim-f', 'mallory'))).toBe(409);
+    const stolen = await postAs(two, 'c-victim-f', 'mallory', { id: 'v:2', type: 'SYN', payload: ['m'] });
+    expect(stolen.status).toBe(409);
+    // …and the victim is answered on its socket, over HTTP and on a new socket.
+    expect((await victim.request({ id: 'v:3', type: 'SYN', payload: ['b'] })).at(-1)).toMatchObject({
+      type: 'SYN',
+      payload: [{ by: 'alice', op: 'b' }],
+    });
+    const overHttp = await postAs(two, 'c-victim-f', 'alice', { id: 'v:4', type: 'SYN', payload: ['c'] });
+    expect(overHttp.body.at(-1)).toMatchObject({ type: 'SYN', payload: [{ by: 'alice', op: 'c' }] });
+    const again = await socketAs(two, 'c-victim-f', 'alice');
+    expect((await again.request({ id: 'v:5', type: 'SYN', payload: ['d'] })).at(-1)).toMatchObject({
+      type: 'SYN',
+    });
+    // Another principal's new clientId is taken: one principal cannot fill the table.
+    const bob = await postAs(one, 'c-bob-f', 'bob', { id: 'b:1', type: 'SYN', payload: ['e'] });
+    expect(bob.body.at(-1)).toMatchObject({ type: 'SYN', payload: [{ by: 'bob', op: 'e' }] });
+  });
+});
+
+describe('a full binding table (memory store)', () => {
+  it('refuses a new clientId with 503 too_many_clients on both transports, and takes it once bindings expire', async () => {
+    const { onSync } = recorder();
+    const server = await h.start<User>({
+      authenticate,
+      onSync,
+      maxClientIds: 5,
+      dedupeWindowMs: 1000,
+    });
+    const first = await socketAs(server, 'c-full-0', 'u0');
+    for (let i = 1; i < 5; i++) {
+      expect((await postAs(server, `c-full-${i}`, `u${i}`, { id: 'p', type: 'PNG' })).status).toBe(200);
+    }
+    const refused = await postAs(server, 'c-full-5', 'u5', { id: 'p', type: 'PNG' });
+    expect(refused.status).toBe(503);
+    expect(refused.headers['retry-after']).toBe('30');
+    expect(refused.body).toEqual([
+      { id: null, type: 'NAK', error: { code: 'too_many_clients', message: expect.any(String) } },
+    ]);
+    expect(await upgradeStatus(as(server, 'c-full-5', 'u5'))).toBe(503);
+    // Bound clientIds are still served.
+    expect((await first.request({ id: 's:1', type: 'SYN', payload: ['x'] })).at(-1)).toMatchObject({
+      type: 'SYN',
+      payload: [{ by: 'u0', op: 'x' }],
+    });
+    // Once the window of the others ends (u0's socket refreshes its own), a new clientId is bound.
+    const deadline = Date.now() + 10_000;
+    for (;;) {
+      await first.request({ id: `s:${Date.now()}`, type: 'SYN', payload: ['keep'] });
+      const r = await postAs(server, 'c-full-5', 'u5', { id: 'p', type: 'PNG' });
+      if (r.status === 200) break;
+      expect(r.status).toBe(503);
+      if (Date.now() > deadline) throw new Error('the binding table never freed a slot');
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+    // u0 kept its clientId through all of it.
+    expect(await upgradeStatus(as(server, 'c-full-0', 'u5'))).toBe(409);
+  });
+});
+
 describe('dedupe memory in bytes (in-process)', () => {
   it('stays under dedupeMaxBytes with many large responses; an id reduced to its fingerprint answers result_not_kept', async () => {
     const maxBytes = 64 * 1024;

@@ -42,6 +42,7 @@ import {
   SyncError,
 } from '../protocol/index.js';
 import { ChannelCursors, type SnapshotEvent, type SubscribeOptions } from './channels.js';
+import { LazyClock } from './clock.js';
 import { MapOutbox, memoryStorage, type OutboxEntry, type SyncOutbox, type SyncStorage } from './storage.js';
 import {
   type FaultSwitches,
@@ -145,9 +146,14 @@ export interface SyncClientOptions {
    */
   params?: Resolvable<Record<string, string>>;
   /**
-   * Extra headers on HTTP requests, or a function returning them, called for each request
-   * with `{ transport: 'http', refresh }` (same 401 rule: the one retry after a 401 has
-   * `refresh: true`; same result check, a bad result is an `http_error`). @default {}
+   * Extra headers on HTTP requests and on the socket's upgrade, or a function returning
+   * them, called for each HTTP request with `{ transport: 'http', refresh }` and for each
+   * dial with `{ transport: 'ws', refresh }` (same 401 rule: the one retry after a 401 has
+   * `refresh: true`; same result check, a bad result is an `http_error` / `dial_error`).
+   * On the upgrade they reach the server only where the WebSocket implementation takes
+   * headers: Node's `ws` does (its third constructor argument); browsers' WebSocket cannot
+   * set headers at all, and Node's built-in (undici) one ignores them, so there the socket
+   * needs `params`. @default {}
    */
   headers?: Resolvable<Record<string, string>>;
   /**
@@ -170,7 +176,8 @@ export interface SyncClientOptions {
   random?: () => number;
   /**
    * The clock every named delay of the statechart runs on (XState's `Clock`). Tests pass
-   * XState's `SimulatedClock` or their own. @default the platform's setTimeout
+   * XState's `SimulatedClock` or their own. @default a `LazyClock`: every delay on one
+   * platform `setTimeout`, re-armed only when a deadline is earlier (src/client/clock.ts)
    */
   clock?: Clock;
 }
@@ -255,6 +262,8 @@ export interface SyncClient<Op = unknown, Result = unknown> {
    * Send one operation; resolves with its own result, or rejects with a `SyncError`. An
    * operation `JSON.stringify` cannot turn into JSON (`undefined`, a circular reference, a
    * BigInt, a throwing `toJSON`) is rejected at once with `bad_request` and never queued.
+   * The JSON made here is what every (re)send carries, on either transport: changing the
+   * object after `send()` changes nothing that is sent.
    */
   send(op: Op): Promise<Result>;
   /** Outgoing operations as a subject; rejections are reported on `rejected$`. */
@@ -354,15 +363,17 @@ interface Waiter {
 }
 
 /**
- * Why `op` cannot travel in a SYN, or `null`: `JSON.stringify` throws (a circular reference, a
- * BigInt, a `toJSON` that throws) or yields nothing (`undefined`, a function, a symbol).
+ * `op` as JSON (what its SYN carries, made once here and written as it is), or why it cannot
+ * travel: `JSON.stringify` throws (a circular reference, a BigInt, a `toJSON` that throws) or
+ * yields nothing (`undefined`, a function, a symbol).
  */
-function unserializable(op: unknown): string | null {
+function toJson(op: unknown): { json: string } | { problem: string } {
   try {
-    if (JSON.stringify(op) === undefined) return `an operation must be JSON; got ${typeof op}`;
-    return null;
+    const json = JSON.stringify(op);
+    if (json === undefined) return { problem: `an operation must be JSON; got ${typeof op}` };
+    return { json };
   } catch (err) {
-    return `an operation must be JSON: ${String((err as Error)?.message ?? err)}`;
+    return { problem: `an operation must be JSON: ${String((err as Error)?.message ?? err)}` };
   }
 }
 
@@ -562,7 +573,9 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         random: options.random,
       },
       inspect,
-      ...(options.clock ? { clock: options.clock } : {}),
+      // Every named delay on one platform timer (./clock.ts): the chart re-arms a deadline on
+      // nearly every frame, and nearly none of them fires.
+      clock: options.clock ?? new LazyClock(),
     });
   let actor = makeActor();
   const stateSubject = new BehaviorSubject<ConnectionState>('connecting');
@@ -597,13 +610,17 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       storageFailed(err);
     }
   };
+  /**
+   * The pending count, kept as it changes (O(1) per send and settle; walking every waiter on
+   * each one made a full outbox quadratic): operations with a waiter, restored operations not
+   * settled yet, and applied ones waiting for their publications to reach this client's cursors.
+   */
+  let opWaiters = 0;
+  let restoredLeft = 0;
+  let heldOps = 0;
   const setPending = () => {
     if (closed) return;
-    let n = 0;
-    for (const w of waiters.values()) if (w.kind === 'op') n++;
-    for (const e of entries.values()) if (e.restored) n++;
-    // Applied, and waiting for their publications to reach this client's cursors.
-    for (const h of held) n += h.deliver.length;
+    const n = opWaiters + restoredLeft + heldOps;
     if (n !== pending$.value) pending$.next(n);
   };
 
@@ -643,6 +660,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       const h = held[0]!;
       if (!force && h.published.some((p) => waiting(h, p))) break;
       held.shift();
+      heldOps -= h.deliver.length;
       released = true;
       h.results.forEach((result, i) => {
         fanOutLists(result, h.published.length > 0 ? NOT_CHANGES : LISTS);
@@ -764,6 +782,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   };
   const enqueue = (item: QueueItem, waiter: Waiter, front = false) => {
     waiters.set(item.key, waiter);
+    if (waiter.kind === 'op') opWaiters++;
     if (item.kind === 'op' && !front) {
       if (burst.length === 0) queueMicrotask(flushBurst);
       burst.push(item);
@@ -826,7 +845,10 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   const settle = (e: Extract<ConnectionEmitted, { type: 'settled' }>) => {
     const ws = e.keys.map((k) => waiters.get(k));
     const es = e.keys.map((k) => entries.get(k));
-    for (const k of e.keys) {
+    for (let i = 0; i < e.keys.length; i++) {
+      const k = e.keys[i]!;
+      if (ws[i]?.kind === 'op') opWaiters--;
+      if (es[i]?.restored) restoredLeft--;
       waiters.delete(k);
       entries.delete(k);
     }
@@ -876,6 +898,18 @@ export function createSyncClient<Op = unknown, Result = unknown>(
           return;
         }
         const published = e.published ?? [];
+        if (published.length === 0 && held.length === 0) {
+          // Nothing to wait for and nothing older waiting: settle now, as releaseHeld would,
+          // without the held record (closures, Map, Set per batch).
+          e.payload.forEach((result, i) => {
+            fanOutLists(result, LISTS);
+            const x = es[i];
+            if (x?.restored) restored$.next({ id: e.id, clientId, op: x.op, result });
+            else ws[i]?.resolve(result);
+          });
+          return;
+        }
+        heldOps += e.payload.length;
         held.push({
           results: e.payload,
           deliver: e.payload.map((_, i) => {
@@ -1025,6 +1059,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     const track = (o: OutboxEntry) => {
       const key = nextKey++;
       entries.set(key, { ...o, restored: true });
+      restoredLeft++;
       return key;
     };
     for (const b of snap.batches) {
@@ -1211,6 +1246,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     // on the same storage sends them (their outcomes then arrive on its `restored$`).
     for (const w of waiters.values()) w.reject(err);
     waiters.clear();
+    opWaiters = 0;
     // Children of the connection actor: they end with it; their state says unsubscribed.
     for (const a of subActors.values()) a.send({ type: 'UNSUBSCRIBE' });
     stopWatching?.();
@@ -1247,12 +1283,15 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       }
       // An operation travels as JSON (and is stored as JSON): one that cannot be turned into it
       // is refused here, before it can enter the outbox and jam every later one.
-      const bad = unserializable(op);
-      if (bad) return reject(new SyncError('bad_request', bad));
+      const j = toJson(op);
+      if ('problem' in j) return reject(new SyncError('bad_request', j.problem));
       const key = nextKey++;
       const n = nextOp++;
       entries.set(key, { key: `${instance}:o${n}`, at: Date.now(), n, op, restored: false });
-      enqueue({ key, kind: 'op', op }, { kind: 'op', resolve: resolve as (v: unknown) => void, reject });
+      enqueue(
+        { key, kind: 'op', op, json: j.json },
+        { kind: 'op', resolve: resolve as (v: unknown) => void, reject },
+      );
       setPending();
     });
 

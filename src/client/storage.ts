@@ -120,14 +120,15 @@ export class MapOutbox implements SyncOutbox {
     const gone = new Set(keys);
     for (const k of keys) d.ops.delete(k);
     for (const [id, b] of d.batches) if (b.keys.some((k) => gone.has(k))) d.batches.delete(id);
-    if (d.ops.size === 0 && d.batches.size === 0) this.data.delete(clientId);
+    // An emptied clientId keeps its (empty) maps: the next add reuses them instead of making
+    // new ones per operation; toJSON leaves it out.
     this.changed();
   }
 
-  /** JSON form, for the file storage. */
+  /** JSON form, for the file storage (clientIds with nothing stored are left out). */
   toJSON(): Record<string, OutboxSnapshot> {
     const out: Record<string, OutboxSnapshot> = {};
-    for (const id of this.data.keys()) out[id] = this.load(id);
+    for (const [id, d] of this.data) if (d.ops.size > 0 || d.batches.size > 0) out[id] = this.load(id);
     return out;
   }
 

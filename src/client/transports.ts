@@ -6,7 +6,12 @@
  */
 import { fromCallback, fromPromise } from 'xstate';
 import type { ConnectionEvent, HttpInput, HttpOutcome, SocketCommand } from '../../machines/connection.js';
-import { parseServerFrame, type ServerEnvelope, validateServerEnvelope } from '../protocol/index.js';
+import {
+  encodeRequest,
+  parseServerFrame,
+  type ServerEnvelope,
+  validateServerEnvelope,
+} from '../protocol/index.js';
 
 /**
  * An event handler property, checked bivariantly (as DOM handlers are) so that the browser's
@@ -163,25 +168,30 @@ export function deriveHttpUrl(wsUrl: string): string {
 const OPEN = 1;
 
 /** Everything a dial needs, resolved and checked: sync when every part is a plain value. */
-function resolveDial(
-  config: TransportConfig,
-  refresh: boolean,
-):
-  | { urls: string[]; params: Record<string, string> }
-  | Promise<{
-      urls: string[];
-      params: Record<string, string>;
-    }> {
+function resolveDial(config: TransportConfig, refresh: boolean): Dial | Promise<Dial> {
   const ctx: ResolveContext = { transport: 'ws', refresh };
   const urls = resolveValue(config.urls, ctx);
   const params = resolveValue(config.params, ctx);
-  if (urls instanceof Promise || params instanceof Promise) {
-    return Promise.all([urls, params]).then(([u, p]) => ({
+  const headers = resolveValue(config.headers, ctx);
+  if (urls instanceof Promise || params instanceof Promise || headers instanceof Promise) {
+    return Promise.all([urls, params, headers]).then(([u, p, h]) => ({
       urls: checkUrls('url', u),
       params: checkRecord('params', p),
+      headers: checkRecord('headers', h),
     }));
   }
-  return { urls: checkUrls('url', urls), params: checkRecord('params', params) };
+  return {
+    urls: checkUrls('url', urls),
+    params: checkRecord('params', params),
+    headers: checkRecord('headers', headers),
+  };
+}
+
+/** A dial's resolved parts: URLs, query parameters, and upgrade headers (honoured by `ws`). */
+interface Dial {
+  urls: string[];
+  params: Record<string, string>;
+  headers: Record<string, string>;
 }
 
 /** The HTTP URL for the cursor's index, and the headers, resolved and checked for one request. */
@@ -280,13 +290,19 @@ export function socketActor(config: TransportConfig, cursor: TransportCursor) {
       } else open(resolved);
     };
 
-    const open = ({ urls, params }: { urls: string[]; params: Record<string, string> }) => {
+    const open = ({ urls, params, headers }: Dial) => {
       // Failover: each dial after the first moves to the next URL, round robin.
       if (dials++ > 0 && urls.length > 1) cursor.index = (cursor.index + 1) % urls.length;
       cursor.index %= urls.length;
       let sock: WebSocketLike;
       try {
-        sock = new config.WebSocket(wsUrlWithParams(urls[cursor.index]!, input.clientId, params));
+        const url = wsUrlWithParams(urls[cursor.index]!, input.clientId, params);
+        // Headers on the upgrade: Node's `ws` takes them as its third argument (browsers'
+        // WebSocket has no such argument and ignores it, so there `params` is the way).
+        sock =
+          Object.keys(headers).length === 0
+            ? new config.WebSocket(url)
+            : new config.WebSocket(url, undefined, { headers });
       } catch (err) {
         ws = null;
         sendBack({
@@ -302,6 +318,17 @@ export function socketActor(config: TransportConfig, cursor: TransportCursor) {
       let wasOpen = false;
       let down = false;
       let refusedWith: number | undefined;
+      // An ACK is held until the end of the synchronous run of frames it arrived in: when its
+      // own response follows in the same run (the server wrote both in one TCP write), the
+      // response alone goes to the chart (awaitingAck → open: the response implies the ACK,
+      // PROTOCOL §3), one macrostep per round trip fewer. Any other frame releases it first,
+      // so the order of frames is kept.
+      let heldAck: ServerEnvelope | null = null;
+      const releaseAck = () => {
+        const ack = heldAck;
+        heldAck = null;
+        if (ack && ws === sock) sendBack({ type: 'FRAME', frame: ack } satisfies ConnectionEvent);
+      };
       sock.onopen = () => {
         wasOpen = true;
         sendBack({ type: 'WS.OPEN' } satisfies ConnectionEvent);
@@ -313,18 +340,31 @@ export function socketActor(config: TransportConfig, cursor: TransportCursor) {
           typeof data === 'string' ? data : data instanceof ArrayBuffer ? new Uint8Array(data) : String(data);
         const parsed = parseServerFrame(text as string | Uint8Array);
         if (!parsed.ok) {
+          releaseAck();
           sendBack({
             type: 'BAD_FRAME',
             reason: `${parsed.code}: ${parsed.message}`,
           } satisfies ConnectionEvent);
           return;
         }
-        if (config.faults.dropAcks && parsed.envelope.type === 'ACK') return;
-        sendBack({ type: 'FRAME', frame: parsed.envelope } satisfies ConnectionEvent);
+        const f = parsed.envelope;
+        if (f.type === 'ACK') {
+          if (config.faults.dropAcks) return;
+          if (heldAck) releaseAck();
+          else queueMicrotask(releaseAck);
+          heldAck = f;
+          return;
+        }
+        if (heldAck) {
+          if ((f.type === 'SYN' || f.type === 'NAK') && f.id === heldAck.id) heldAck = null;
+          else releaseAck();
+        }
+        sendBack({ type: 'FRAME', frame: f } satisfies ConnectionEvent);
       };
       const onDown = (code: number, reason: string) => {
         // error and close both arrive for one failure: report it once.
         if (down || ws !== sock) return;
+        releaseAck();
         down = true;
         ws = null;
         config.onSocket?.(null);
@@ -351,7 +391,7 @@ export function socketActor(config: TransportConfig, cursor: TransportCursor) {
         if (local) sendBack({ type: 'FRAME', frame: local });
         else if (ws && ws.readyState === OPEN && !config.faults.blackhole) {
           try {
-            ws.send(JSON.stringify(cmd.frame));
+            ws.send(encodeRequest(cmd.frame));
           } catch {
             // A send on a dying socket: the close event follows and the machine resends.
           }
@@ -392,7 +432,7 @@ export function httpActor(config: TransportConfig, cursor: TransportCursor, getC
       return config.fetch(url, {
         method: 'POST',
         headers: { 'content-type': 'application/json', 'x-client-id': getClientId(), ...headers },
-        body: JSON.stringify(envelope),
+        body: encodeRequest(envelope),
         signal,
       });
     };

@@ -22,6 +22,7 @@ export const NAK_CODES = [
   'id_reused',
   'result_not_kept',
   'too_many_channels',
+  'too_many_clients',
 ] as const;
 /**
  * - `client_id_taken`: the clientId is bound to another principal (PROTOCOL §1 "principal
@@ -31,6 +32,9 @@ export const NAK_CODES = [
  * - `result_not_kept`: the `SYN` was applied before, but its response was too large to keep
  *   (`dedupeMaxResponseBytes`) or was reduced to a fingerprint under `dedupeMaxBytes`: do not
  *   resend, the operations were applied once.
+ * - `too_many_clients`: the server holds as many clientId bindings as it may (in all, or for
+ *   this principal) and this clientId is new; nothing was processed. HTTP 503 with
+ *   `Retry-After` (retried); on an open socket the request is refused.
  */
 export type NakCode = (typeof NAK_CODES)[number];
 
@@ -64,6 +68,17 @@ export const CloseCodes = {
   serverShutdown: 1012,
   /** Too many unparseable frames in a row. */
   badFrames: 4400,
+  /**
+   * No first frame arrived within the server's `firstFrameTimeoutMs` of the upgrade: a
+   * socket that never identifies itself is not kept. The client redials as after any close.
+   */
+  handshakeTimeout: 4408,
+  /**
+   * The client kept sending frames after `maxBadFrames` of them in a row were refused
+   * `NAK rate_limited` for passing the server's frame rate (`maxFramesPerSecond` per socket,
+   * `maxFramesPerSecondPerPrincipal` per principal). The client redials with backoff.
+   */
+  frameRate: 4420,
   /**
    * This socket was the oldest of more than `maxSocketsPerClient` open for its clientId and
    * was closed to make room for the newest (the one a live client is using).
@@ -303,6 +318,162 @@ function byteLength(frame: string | Uint8Array, max: number): number {
 const utf8Encoder = new TextEncoder();
 const utf8Decoder = new TextDecoder();
 
+const QUOTE = 0x22;
+const BACKSLASH = 0x5c;
+const COMMA = 0x2c;
+const COLON = 0x3a;
+const OPEN_ARRAY = 0x5b;
+const CLOSE_ARRAY = 0x5d;
+const OPEN_OBJECT = 0x7b;
+const CLOSE_OBJECT = 0x7d;
+/** `payload` as UTF-8 / UTF-16 code units, without its quotes. */
+const PAYLOAD_KEY = [0x70, 0x61, 0x79, 0x6c, 0x6f, 0x61, 0x64];
+/** `id`, the same way. */
+const ID_KEY = [0x69, 0x64];
+
+/**
+ * Where the last `payloadOver` scan saw the string value of the top-level `id` member (code
+ * unit offsets inside the quotes; -1 when it saw none before it stopped). Module state rather
+ * than a returned object, so the scan allocates nothing.
+ */
+let idStart = -1;
+let idEnd = -1;
+
+/** The top-level `id` the last scan saw, when it is a valid id; else `null`. */
+function scannedId(frame: string | Uint8Array): string | null {
+  if (idStart < 0 || idEnd - idStart > 6 * MAX_ID_LENGTH) return null;
+  const raw =
+    typeof frame === 'string'
+      ? frame.slice(idStart, idEnd)
+      : new TextDecoder().decode(frame.subarray(idStart, idEnd));
+  try {
+    const id: unknown = JSON.parse(`"${raw}"`);
+    return validId(id) ? id : null;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * Whether an array that is the value of a `payload` member of the top-level object holds
+ * more than `limit` elements, found by one pass over the frame's code units that allocates
+ * nothing (structure and strings only; values are not validated). Stops as soon as it knows.
+ * A key written with escapes (`"p\u0061yload"`) is decoded before it is compared, so it
+ * cannot slip past. Malformed input answers `false`: JSON.parse then says what is wrong.
+ * Duplicate `payload` keys: any one over the limit refuses the frame (no client sends them).
+ * Remembers the top-level `id`'s string when it comes before the point the scan stops (every
+ * client writes `id` first), so the refusal can name the request.
+ */
+function payloadOver(frame: string | Uint8Array, limit: number): boolean {
+  const text = typeof frame === 'string';
+  const n = frame.length;
+  const at = text ? (i: number) => (frame as string).charCodeAt(i) : (i: number) => (frame as Uint8Array)[i]!;
+  let depth = 0;
+  /** Depth of the payload array being counted, 0 when none. */
+  let counting = 0;
+  let count = 0;
+  /** The last string at depth 1 was the key `payload` and a `:` may follow. */
+  let keyIsPayload = false;
+  let afterColon = false;
+  /** The same for the key `id`, whose string value is remembered (`idStart`/`idEnd`). */
+  let keyIsId = false;
+  let afterIdColon = false;
+  idStart = -1;
+  idEnd = -1;
+  for (let i = 0; i < n; i++) {
+    const c = at(i);
+    if (c === QUOTE) {
+      const start = i + 1;
+      let escaped = false;
+      i++;
+      while (i < n) {
+        const d = at(i);
+        if (d === BACKSLASH) {
+          escaped = true;
+          i += 2;
+          continue;
+        }
+        if (d === QUOTE) break;
+        i++;
+      }
+      if (i >= n) return false;
+      if (counting !== 0 && depth === counting && count === 0) count = 1;
+      if (depth === 1 && afterIdColon) {
+        idStart = start;
+        idEnd = i;
+      } else if (depth === 1 && !afterColon) {
+        keyIsPayload = isKey(PAYLOAD_KEY, frame, start, i, escaped, at);
+        keyIsId = !keyIsPayload && isKey(ID_KEY, frame, start, i, escaped, at);
+      }
+      afterColon = false;
+      afterIdColon = false;
+      continue;
+    }
+    if (c === COLON) {
+      afterColon = depth === 1 && keyIsPayload;
+      afterIdColon = depth === 1 && keyIsId;
+      keyIsPayload = false;
+      keyIsId = false;
+      continue;
+    }
+    if (c === OPEN_ARRAY || c === OPEN_OBJECT) {
+      depth++;
+      if (c === OPEN_ARRAY && afterColon && depth === 2) {
+        counting = depth;
+        count = 0;
+      } else if (counting !== 0 && depth === counting + 1 && count === 0) count = 1;
+      afterColon = false;
+      afterIdColon = false;
+      continue;
+    }
+    if (c === CLOSE_ARRAY || c === CLOSE_OBJECT) {
+      if (depth === counting) counting = 0;
+      depth--;
+      if (depth < 0) return false;
+      continue;
+    }
+    if (c === COMMA) {
+      if (counting !== 0 && depth === counting && ++count > limit) return true;
+      afterColon = false;
+      afterIdColon = false;
+      continue;
+    }
+    // Whitespace, or a scalar's characters (digits, true, false, null).
+    if (counting !== 0 && depth === counting && count === 0 && c > 0x20) count = 1;
+    if (c > 0x20) {
+      afterColon = false;
+      afterIdColon = false;
+    }
+  }
+  return false;
+}
+
+function isKey(
+  key: readonly number[],
+  frame: string | Uint8Array,
+  start: number,
+  end: number,
+  escaped: boolean,
+  at: (i: number) => number,
+): boolean {
+  if (!escaped) {
+    if (end - start !== key.length) return false;
+    for (let k = 0; k < key.length; k++) if (at(start + k) !== key[k]) return false;
+    return true;
+  }
+  // Rare (no client escapes plain letters): decode the key alone, bounded in length.
+  if (end - start > 64) return false;
+  const raw =
+    typeof frame === 'string'
+      ? frame.slice(start, end)
+      : new TextDecoder().decode(frame.subarray(start, end));
+  try {
+    return JSON.parse(`"${raw}"`) === String.fromCharCode(...key);
+  } catch {
+    return false;
+  }
+}
+
 function decode(frame: string | Uint8Array): string {
   return typeof frame === 'string' ? frame : utf8Decoder.decode(frame);
 }
@@ -336,6 +507,14 @@ function parseClientFrameUnsafe(
   const max = opts.maxBytes ?? DEFAULT_MAX_PAYLOAD_BYTES;
   const size = typeof frame === 'string' && frame.length > max ? frame.length : byteLength(frame, max);
   if (size > max) return fail('too_large', `frame of ${size} bytes exceeds ${max}`);
+  // Before JSON.parse: parsing costs about one allocation per value (~60–200 ms and ~21× the
+  // bytes for 1 MiB of `[{},{},…]`), so a payload with more elements than maxBatch is
+  // refused from a scan that allocates nothing. n elements take at least 2n − 1 bytes, so
+  // frames too short to hold more than maxBatch skip the scan.
+  const maxBatch = opts.maxBatch;
+  if (maxBatch !== undefined && frame.length > 2 * maxBatch + 1 && payloadOver(frame, maxBatch)) {
+    return fail('too_large', `SYN of more than ${maxBatch} operations`, scannedId(frame));
+  }
   let raw: unknown;
   try {
     raw = JSON.parse(decode(frame));
@@ -399,6 +578,16 @@ function parseClientFrameUnsafe(
  * Parse and validate a frame a client received from a server. A server that lies (wrong
  * types, unknown `type`, bad `seq`) gets a typed error here, never an exception.
  */
+/**
+ * A client request as one JSON text: `{ id, type, payload }`, the same text `JSON.stringify`
+ * gives. `json`, when given, is `payload` as JSON already (the client serializes each
+ * operation once, in `send()`) and is written as it is.
+ */
+export const encodeRequest = (f: { id: string; type: string; payload?: unknown; json?: string }): string =>
+  f.json !== undefined
+    ? `{"id":${JSON.stringify(f.id)},"type":${JSON.stringify(f.type)},"payload":${f.json}}`
+    : JSON.stringify({ id: f.id, type: f.type, payload: f.payload });
+
 export function parseServerFrame(
   frame: string | Uint8Array,
   opts: ParseOptions = {},
@@ -548,4 +737,5 @@ export const HTTP_STATUS_OF: Record<NakCode, number> = {
   id_reused: 422,
   result_not_kept: 410,
   too_many_channels: 429,
+  too_many_clients: 503,
 };

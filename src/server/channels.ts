@@ -314,11 +314,14 @@ export class Channels {
     const recovered: boolean[] = [];
     const snapshots: Array<ChannelSnapshot | undefined> = [];
     try {
+      // Every head at once when the store can (one SQLite transaction), still after the
+      // subscriptions were registered: what is appended after a head read waits in `pending`.
+      const heads = names.length > 1 && this.store.heads ? await this.store.heads(names) : undefined;
       for (const [i, sub] of subs.entries()) {
         const cursor = cursors[sub.channel]!;
         // The head first, then the snapshot: the snapshot holds every change up to the head
         // (and maybe some after it, which the replay repeats; docs/consistency.md).
-        const head = await this.store.head(sub.channel);
+        const head = heads?.[i] ?? (await this.store.head(sub.channel));
         if (cursor.snapshot && snapshot) {
           const data = await snapshot(sub.channel);
           snapshots[i] = { seq: head.seq, data: data === undefined ? null : data };
@@ -387,8 +390,10 @@ export class Channels {
   ): Promise<{ messages: MsgEnvelope[]; states: Record<string, ChannelState> }> {
     const messages: MsgEnvelope[] = [];
     const states = channelRecord<ChannelState>();
-    for (const [name, cursor] of Object.entries(cursors)) {
-      const head = await this.store.head(name);
+    const names = Object.keys(cursors);
+    const heads = names.length > 1 && this.store.heads ? await this.store.heads(names) : undefined;
+    for (const [i, [name, cursor]] of Object.entries(cursors).entries()) {
+      const head = heads?.[i] ?? (await this.store.head(name));
       let snap: ChannelSnapshot | undefined;
       if (cursor.snapshot && snapshot) {
         const data = await snapshot(name);

@@ -36,7 +36,7 @@ import {
 import type { AppendOptions, HistoryStore } from '../stores/types.js';
 import type { ChannelPeer, Channels } from './channels.js';
 import type { Dedupe, SynResponse } from './dedupe.js';
-import { type Bindings, ownerOf } from './identity.js';
+import { type Bindings, type BindOutcome, ownerOf } from './identity.js';
 import type { PublishOptions, PublishResult, SyncContext, SyncServerOptions } from './index.js';
 
 /** A peer whose subscriptions are live (a socket): `Channels` delivers to it directly. */
@@ -52,7 +52,12 @@ export interface Peer<P> {
 }
 
 /** What `authenticate` decided: the principal, or the HTTP status and NAK to refuse with. */
-export type AuthResult<P> = { ok: true; principal: P } | { ok: false; status: number; nak: NakEnvelope };
+export type AuthResult<P> =
+  | { ok: true; principal: P }
+  | { ok: false; status: number; nak: NakEnvelope; headers?: Record<string, string> };
+
+/** `Retry-After` (seconds) of a `too_many_clients` refusal. */
+const TOO_MANY_CLIENTS_RETRY_S = 30;
 
 export interface DispatcherOptions<P> {
   /** The user's hooks, called as methods of this object (the server passes its options). */
@@ -74,6 +79,17 @@ export interface DispatcherOptions<P> {
   onError(err: unknown, where: string): void;
   /** Most live channel subscriptions per principal key in this process (PROTOCOL rule 7). */
   maxChannelsPerPrincipal: number;
+  /**
+   * Most channels the store may keep state for (its `channelCount`), server-wide: a `SUB`
+   * that would take the count past it and names a channel the store does not keep yet is
+   * refused whole, `NAK rate_limited`. @default no bound
+   */
+  maxChannels?: number;
+  /**
+   * Most `SUB`/`UNS` frames waiting in one socket's lane (behind a replay, say) before new
+   * ones get `NAK rate_limited`, like `SYN`s past `maxQueuedPerClient`. @default 100
+   */
+  maxQueuedPerSocket?: number;
 }
 
 /** Which live subscriptions a revocation is about. */
@@ -138,9 +154,9 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
   async function bind(clientId: string, principal: P): Promise<Exclude<AuthResult<P>, { ok: true }> | null> {
     // Without authenticate there is one principal: nobody else can hold a binding.
     if (!hooks.authenticate) return null;
-    let ok: boolean;
+    let outcome: BindOutcome;
     try {
-      ok = await bindings.bind(clientId, ownerKey(principal));
+      outcome = await bindings.bind(clientId, ownerKey(principal));
     } catch (err) {
       onError(err, 'bind');
       return {
@@ -149,7 +165,15 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
         nak: nak(null, 'server_error', 'identity store unavailable'),
       };
     }
-    if (ok) return null;
+    if (outcome === 'bound') return null;
+    if (outcome === 'full') {
+      return {
+        ok: false,
+        status: HTTP_STATUS_OF.too_many_clients,
+        nak: nak(null, 'too_many_clients', 'too many clientIds in use; retry later'),
+        headers: { 'Retry-After': String(TOO_MANY_CLIENTS_RETRY_S) },
+      };
+    }
     return {
       ok: false,
       status: HTTP_STATUS_OF.client_id_taken,
@@ -257,6 +281,26 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
   }
 
   /**
+   * Whether looking `names` up would take the store past `maxChannels` channel records:
+   * only when the count is that close is each name checked, and then a name the store does
+   * not keep yet (and no socket here follows) is one too many. Every HTTP poll and socket
+   * `SUB` creates the records of the channels it names (`head`), and only housekeeping frees
+   * them, so this is what bounds their memory between two housekeeping runs.
+   */
+  async function overChannelCap(names: string[]): Promise<boolean> {
+    if (o.maxChannels === undefined || !store.channelCount) return false;
+    const kept = await store.channelCount();
+    if (kept + names.length <= o.maxChannels) return false;
+    let fresh = 0;
+    for (const name of names) {
+      if (channels.isLive(name)) continue;
+      if (store.hasChannel && (await store.hasChannel(name))) continue;
+      fresh++;
+    }
+    return fresh > 0 && kept + fresh > o.maxChannels;
+  }
+
+  /**
    * Answer a `SUB` channel by channel (PROTOCOL §3 rule 7): a refused channel gets an `error`
    * entry and the others are served. On a socket, a refused channel also ends any live
    * subscription the socket had to it, and channels beyond the principal's cap are refused
@@ -276,6 +320,10 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
           `a SUB may name at most ${o.maxChannelsPerPrincipal} channels (it named ${names.length})`,
         ),
       );
+      return;
+    }
+    if (await overChannelCap(names)) {
+      peer.send(nak(env.id, 'rate_limited', `this server keeps ${o.maxChannels} channels; retry later`));
       return;
     }
     const entries = channelRecord<ChannelEntry>();
@@ -397,6 +445,28 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
     return counts.reduce((a, b) => a + b, 0);
   }
 
+  /** SUB/UNS frames waiting in (or running from) each socket's lane. */
+  const laned = new WeakMap<LivePeer, number>();
+  const maxLaned = o.maxQueuedPerSocket ?? 100;
+  /**
+   * Run `task` in the socket's serial lane, unless `maxQueuedPerSocket` SUB/UNS frames are
+   * already waiting there: then `NAK rate_limited` (not remembered; the client may retry).
+   * Bytes are bounded by the budget (limits.ts); this bounds the count, as for `SYN`s.
+   */
+  async function inLane(conn: LivePeer, id: string, peer: Peer<P>, task: () => Promise<void>): Promise<void> {
+    const n = laned.get(conn) ?? 0;
+    if (n >= maxLaned) {
+      peer.send(nak(id, 'rate_limited', 'too many SUB/UNS waiting on this socket; retry later'));
+      return;
+    }
+    laned.set(conn, n + 1);
+    try {
+      await conn.serial(task);
+    } finally {
+      laned.set(conn, (laned.get(conn) ?? 1) - 1);
+    }
+  }
+
   /** Answer one valid envelope. Resolves when its last reply was sent; never rejects. */
   async function dispatch(env: RequestEnvelope, peer: Peer<P>): Promise<void> {
     // ACK on receipt, before any processing (PROTOCOL §3 rule 1).
@@ -416,12 +486,16 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
         }
         case 'SUB':
           // A socket's SUBs and UNSs apply in order, or an UNS could overtake its SUB.
-          if (peer.conn) return await peer.conn.serial(() => subscribe(env, peer));
+          if (peer.conn) return await inLane(peer.conn, env.id, peer, () => subscribe(env, peer));
           return await subscribe(env, peer);
         case 'UNS':
           if (peer.conn) {
             const conn = peer.conn;
-            await conn.serial(async () => channels.unsubscribe(conn, env.payload.channels));
+            await inLane(conn, env.id, peer, async () => {
+              channels.unsubscribe(conn, env.payload.channels);
+              peer.send({ id: env.id, type: 'SYN', payload: [{}] });
+            });
+            return;
           }
           peer.send({ id: env.id, type: 'SYN', payload: [{}] });
           return;

@@ -24,7 +24,15 @@ import {
   type ServerEnvelope,
 } from '../protocol/index.js';
 import { type Dispatcher, validClientId } from './dispatcher.js';
-import { type AllowedOrigins, type Budget, leadingId, originAllowed } from './limits.js';
+import {
+  type AllowedHosts,
+  type AllowedOrigins,
+  type Budget,
+  type Holder,
+  hostAllowed,
+  leadingId,
+  originAllowed,
+} from './limits.js';
 
 /**
  * CORS for the HTTP transport, before the server's `cors` option is laid over it. Only
@@ -48,10 +56,16 @@ export interface HttpTransportOptions<P> {
   maxBatch: number;
   /** Which `Origin`s may send requests; others are answered 403. */
   allowedOrigins: AllowedOrigins;
+  /** Which `Host` headers may send requests; others are answered 403 (DNS rebinding). */
+  allowedHosts: AllowedHosts;
+  /** The server's own `host` option, allowed by `allowedHosts: 'auto'`. */
+  ownHost: string | undefined;
   /** CORS options laid over `DEFAULT_CORS`; `false` sends no CORS headers. */
   cors: CorsOptions | false;
-  /** Request bytes held per client and in all; a body past them answers 429. */
+  /** Request bytes held per client, per principal and in all; a body past them answers 429. */
   budget: Budget;
+  /** The principal key bytes are held under (`c:<clientId>` for the anonymous principal). */
+  subscriberKey(principal: P, clientId: string): string;
   /** Milliseconds a body may take to arrive once the handler reads it; then 408. */
   bodyTimeoutMs: number;
   dispatcher: Dispatcher<P>;
@@ -81,7 +95,13 @@ export function createHttpHandler<P>(o: HttpTransportOptions<P>): HttpHandler {
     });
 
   async function request(req: IncomingMessage, res: ServerResponse): Promise<void> {
-    // Before anything else: a foreign page's request carries the victim's cookies (CSRF).
+    // Before anything else: a Host this server does not answer to (DNS rebinding), then a
+    // foreign page's request, which carries the victim's cookies (CSRF).
+    if (!hostAllowed(req, o.allowedHosts, o.ownHost)) {
+      return reply(res, 403, [
+        nak(null, 'forbidden', 'host not allowed (list it in the server option allowedHosts)'),
+      ]);
+    }
     if (!originAllowed(req, o.allowedOrigins)) {
       return reply(res, 403, [nak(null, 'forbidden', 'origin not allowed')]);
     }
@@ -101,8 +121,11 @@ export function createHttpHandler<P>(o: HttpTransportOptions<P>): HttpHandler {
       });
     if (Number(req.headers['content-length'] ?? 0) > o.maxPayloadBytes) return tooLarge();
     const auth = await o.dispatcher.authenticate(req, clientId);
-    if (!auth.ok) return reply(res, auth.status, [auth.nak]);
-    const body = await readBody(req, o.maxPayloadBytes, o.bodyTimeoutMs);
+    if (!auth.ok) return reply(res, auth.status, [auth.nak], auth.headers);
+    // The body's bytes are held against the budget as they arrive, not once complete: a slow
+    // body is memory held too (issue 12: 17 slow 1 MiB bodies held 200 MiB outside it).
+    const who: Holder = { clientId, principal: o.subscriberKey(auth.principal, clientId) };
+    const body = await readBody(req, o.maxPayloadBytes, o.bodyTimeoutMs, o.budget, who);
     if (body === 'aborted') return;
     if (body === 'too_large') return tooLarge();
     if (body === 'timeout') {
@@ -110,24 +133,30 @@ export function createHttpHandler<P>(o: HttpTransportOptions<P>): HttpHandler {
         Connection: 'close',
       });
     }
-    // Before parsing: see limits.ts.
-    if (!o.budget.take(clientId, body.byteLength)) {
-      return reply(res, 429, [nak(leadingId(body), 'rate_limited', 'too many request bytes waiting')], {
+    if (!Buffer.isBuffer(body)) {
+      // Refused before parsing (limits.ts), by the id its first bytes name; the rest of the
+      // body is not read.
+      return reply(res, 429, [nak(body.id, 'rate_limited', 'too many request bytes waiting')], {
         'Retry-After': '1',
+        Connection: 'close',
       });
     }
     const out: ServerEnvelope[] = [];
     try {
       const parsed = parseClientFrame(body, { maxBytes: o.maxPayloadBytes, maxBatch: o.maxBatch });
-      if (!parsed.ok)
-        return reply(res, HTTP_STATUS_OF[parsed.code], [nak(parsed.id, parsed.code, parsed.message)]);
+      if (!parsed.ok) {
+        // A batch refused before parsing (too many operations) has no parsed id: read it
+        // from the first bytes, as the socket side does.
+        const id = parsed.code === 'too_large' && parsed.id === null ? leadingId(body) : parsed.id;
+        return reply(res, HTTP_STATUS_OF[parsed.code], [nak(id, parsed.code, parsed.message)]);
+      }
       await o.dispatcher.dispatch(parsed.envelope, {
         clientId,
         principal: auth.principal,
         send: (env) => out.push(env),
       });
     } finally {
-      o.budget.release(clientId, body.byteLength);
+      o.budget.release(who, body.byteLength);
     }
     // Closed meanwhile (e.g. a batch left unprocessed): "retry later" keeps the batch alive.
     if (o.closing())
@@ -177,43 +206,54 @@ export function requestUrl(req: IncomingMessage): URL | undefined {
   }
 }
 
+/** A body refused because a chunk would pass the budget; `id` read from its first bytes. */
+interface OverBudget {
+  id: string | null;
+}
+
 /**
- * The body; `'too_large'` as soon as it grows past `max` (the rest is not read); `'timeout'`
- * when it has not all arrived within `timeoutMs` (a slow-body client holds nothing longer);
- * `'aborted'` when the client went away, which is not worth reporting.
+ * The body; `'too_large'` as soon as it grows past `max` (the rest is not read);
+ * an `OverBudget` as soon as a chunk would pass `budget` for `who` (every chunk is taken from
+ * it as it arrives; on success the caller releases `body.byteLength`, otherwise it is released
+ * here); `'timeout'` when it has not all arrived within `timeoutMs` (a slow-body client holds
+ * nothing longer); `'aborted'` when the client went away, which is not worth reporting.
  */
 function readBody(
   req: IncomingMessage,
   max: number,
   timeoutMs: number,
-): Promise<Buffer | 'too_large' | 'timeout' | 'aborted'> {
+  budget: Budget,
+  who: Holder,
+): Promise<Buffer | 'too_large' | 'timeout' | 'aborted' | OverBudget> {
   return new Promise((resolve) => {
     const chunks: Buffer[] = [];
     let size = 0;
-    const stop = (result: 'too_large' | 'timeout') => {
+    let settled = false;
+    const finish = (result: Buffer | 'too_large' | 'timeout' | 'aborted' | OverBudget) => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
       req.off('data', onData);
-      req.pause();
+      if (!Buffer.isBuffer(result)) {
+        budget.release(who, size);
+        size = 0;
+        chunks.length = 0;
+        if (result !== 'aborted') req.pause();
+      }
       resolve(result);
     };
-    const timer = setTimeout(() => stop('timeout'), timeoutMs);
+    const timer = setTimeout(() => finish('timeout'), timeoutMs);
     const onData = (chunk: Buffer) => {
-      size += chunk.length;
-      if (size > max) {
-        clearTimeout(timer);
-        stop('too_large');
-        return;
+      if (size + chunk.length > max) return finish('too_large');
+      if (!budget.take(who, chunk.length)) {
+        return finish({ id: leadingId(Buffer.concat([...chunks, chunk]).subarray(0, 300)) });
       }
+      size += chunk.length;
       chunks.push(chunk);
     };
     req.on('data', onData);
-    req.once('end', () => {
-      clearTimeout(timer);
-      resolve(Buffer.concat(chunks));
-    });
-    req.once('error', () => resolve('aborted'));
-    req.once('close', () => {
-      clearTimeout(timer);
-      resolve('aborted'); // no-op once 'end' resolved it
-    });
+    req.once('end', () => finish(Buffer.concat(chunks, size)));
+    req.once('error', () => finish('aborted'));
+    req.once('close', () => finish('aborted')); // no-op once 'end' settled it
   });
 }

@@ -8,7 +8,8 @@
  *
  * With a `DedupeStore` that has `bind` (sqliteStore, redisStore) the store holds bindings, so
  * every process agrees; this class then only caches confirmations for a tenth of the window.
- * Without one, bindings live here, bounded by `maxEntries` (least recently used first out).
+ * Without one, bindings live here for their whole window: never evicted early, a new clientId
+ * is refused (`too_many_clients`) while `maxEntries`, or the owner's `maxPerOwner`, are held.
  */
 
 import { createHash } from 'node:crypto';
@@ -35,15 +36,33 @@ export function ownerOf(principalKey: string): string {
 
 export interface BindingsOptions {
   ttlMs: number;
+  /**
+   * Most clientIds bound at once in this process (without a store that binds). A binding is
+   * never evicted before its window ends: past this, a new clientId is refused `full`.
+   */
   maxEntries: number;
+  /** Most clientIds one owner may have bound at once in this process (same rule). */
+  maxPerOwner: number;
   /** Holds bindings shared by processes when it has `bind`. */
   store: DedupeStore | undefined;
   now?: () => number;
 }
 
+/**
+ * What `bind` decided: `bound` (bound or refreshed), `taken` (another owner holds the
+ * clientId), `full` (a new clientId while the binding table, or the owner's share of it, is
+ * full: `too_many_clients`).
+ */
+export type BindOutcome = 'bound' | 'taken' | 'full';
+
 export class Bindings {
-  /** clientId → owner and when it was last confirmed (LRU: Map order is use order). */
+  /**
+   * clientId → owner and when it was last used. Map order is use order (a refresh moves the
+   * entry to the end), so the entries whose window ended are at the front.
+   */
   private readonly local = new Map<string, { owner: string; at: number }>();
+  /** Bindings per owner in `local` (only without a store that binds). */
+  private readonly perOwner = new Map<string, number>();
   private readonly now: () => number;
 
   constructor(private readonly opts: BindingsOptions) {
@@ -56,31 +75,57 @@ export class Bindings {
   }
 
   /**
-   * Bind `clientId` to `owner` or refresh that binding: `true`; `false` when another owner
-   * holds it. Rejects only when the store fails.
+   * Bind `clientId` to `owner` or refresh that binding. Rejects only when the store fails.
+   *
+   * Without a store that binds, the table here is the memory of record: a binding lives
+   * `ttlMs` after its last use and is never evicted earlier, whatever the pressure (issue 12:
+   * a flood of fresh clientIds evicting a victim's binding let another principal take its
+   * clientId). A new clientId past `maxEntries`, or past the owner's `maxPerOwner`, is
+   * refused (`full`) instead.
    */
-  async bind(clientId: string, owner: string): Promise<boolean> {
+  async bind(clientId: string, owner: string): Promise<BindOutcome> {
     const at = this.now();
     const store = this.opts.store?.bind ? this.opts.store : undefined;
     const entry = this.local.get(clientId);
     if (store) {
       // A confirmation younger than a tenth of the window cannot have lapsed in the store.
-      if (entry && entry.owner === owner && at - entry.at < this.opts.ttlMs / 10) return true;
+      if (entry && entry.owner === owner && at - entry.at < this.opts.ttlMs / 10) return 'bound';
       const ok = await store.bind!(clientId, owner, this.opts.ttlMs);
-      if (ok) this.remember(clientId, owner, at);
-      else this.local.delete(clientId);
-      return ok;
+      // Here only a cache of the store's answers: dropping its oldest loses nothing.
+      if (ok) {
+        this.local.delete(clientId);
+        this.local.set(clientId, { owner, at });
+        while (this.local.size > this.opts.maxEntries) {
+          this.local.delete(this.local.keys().next().value as string);
+        }
+      } else this.local.delete(clientId);
+      return ok ? 'bound' : 'taken';
     }
-    if (entry && entry.owner !== owner && at - entry.at < this.opts.ttlMs) return false;
-    this.remember(clientId, owner, at);
-    return true;
+    this.expire(at);
+    if (entry && this.local.has(clientId)) {
+      if (entry.owner !== owner) return 'taken';
+      this.local.delete(clientId);
+      this.local.set(clientId, { owner, at });
+      return 'bound';
+    }
+    if (this.local.size >= this.opts.maxEntries || (this.perOwner.get(owner) ?? 0) >= this.opts.maxPerOwner) {
+      return 'full';
+    }
+    this.local.set(clientId, { owner, at });
+    this.perOwner.set(owner, (this.perOwner.get(owner) ?? 0) + 1);
+    return 'bound';
   }
 
-  private remember(clientId: string, owner: string, at: number): void {
-    this.local.delete(clientId);
-    this.local.set(clientId, { owner, at });
-    while (this.local.size > this.opts.maxEntries) {
-      this.local.delete(this.local.keys().next().value as string);
+  /** Drop the bindings whose window ended (all at the front: Map order is use order). */
+  expire(at = this.now()): void {
+    if (this.opts.store?.bind) return;
+    const cutoff = at - this.opts.ttlMs;
+    for (const [clientId, e] of this.local) {
+      if (e.at > cutoff) break;
+      this.local.delete(clientId);
+      const n = (this.perOwner.get(e.owner) ?? 1) - 1;
+      if (n > 0) this.perOwner.set(e.owner, n);
+      else this.perOwner.delete(e.owner);
     }
   }
 }

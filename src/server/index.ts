@@ -22,7 +22,7 @@ import { Dedupe } from './dedupe.js';
 import { makeDispatcher, type RevokeMatch } from './dispatcher.js';
 import { createHttpHandler, reply } from './http.js';
 import { Bindings, defaultPrincipalKey } from './identity.js';
-import { type AllowedOrigins, Budget } from './limits.js';
+import { type AllowedHosts, type AllowedOrigins, Budget } from './limits.js';
 import { createWsTransport, rejectUpgrade } from './ws.js';
 
 export type { CorsOptions } from 'cors';
@@ -37,7 +37,7 @@ export type {
   StoredMessage,
 } from '../stores/types.js';
 export { defaultPrincipalKey } from './identity.js';
-export type { AllowedOrigins } from './limits.js';
+export type { AllowedHosts, AllowedOrigins } from './limits.js';
 
 /**
  * Payload type per channel name, for typed `publish`: e.g.
@@ -199,11 +199,25 @@ export interface SyncServerOptions<
   dedupeWindowMs?: number;
   /**
    * Most responses remembered at once (the oldest go first); bounds dedupe memory in count,
-   * in this process and (passed with every `complete`) in sqliteStore and redisStore. Also
-   * bounds the clientId bindings held in this process.
+   * in this process and (passed with every `complete`) in sqliteStore and redisStore.
    * @default 100000
    */
   dedupeMaxEntries?: number;
+  /**
+   * Most clientIds bound to a principal at once in this process (PROTOCOL §1 "Principal
+   * binding"), when bindings live here (a store without `bind`, e.g. memoryStore). A binding
+   * lasts `dedupeWindowMs` after its last use and is never evicted earlier; a new clientId
+   * past this is refused `too_many_clients` (HTTP 503, `Retry-After`) until bindings expire.
+   * Only with `authenticate` (without it nothing is bound).
+   * @default 100000
+   */
+  maxClientIds?: number;
+  /**
+   * Most clientIds one principal may have bound at once in this process (same rule and
+   * refusal as `maxClientIds`), so one principal cannot fill the table for everyone.
+   * @default 1000
+   */
+  maxClientIdsPerPrincipal?: number;
   /**
    * Most bytes of dedupe memory: remembered responses (UTF-8 JSON) plus about 160 bytes per
    * entry. Over it, the oldest responses are reduced to their fingerprints (a replay of them
@@ -265,7 +279,8 @@ export interface SyncServerOptions<
   maxBadFrames?: number;
   /**
    * `SYN`s of one client waiting for their turn beyond which new ones get `NAK rate_limited`
-   * (a well-behaved client has one in flight).
+   * (a well-behaved client has one in flight); also the most `SUB`/`UNS` frames waiting in
+   * one socket's lane (behind a replay) before new ones get `NAK rate_limited`.
    * @default 100
    */
   maxQueuedPerClient?: number;
@@ -276,6 +291,19 @@ export interface SyncServerOptions<
    * @default 1000
    */
   maxChannelsPerPrincipal?: number;
+  /**
+   * Most channel records the store keeps (its `channelCount`: memory entries, SQLite rows,
+   * Redis key pairs), server-wide. Every socket `SUB` and HTTP poll creates a record for each
+   * channel it names (up to `maxChannelsPerPrincipal` per `SUB`), freed only by housekeeping
+   * (every minute) once no message and no subscriber is left, so many principals or polls
+   * could otherwise grow them without bound. A `SUB` that names a channel the store does not
+   * keep yet while this many are kept is refused whole, `NAK rate_limited` (HTTP 429): the
+   * client asks again after a backoff. Channels created by `publish` are not refused, but
+   * count. Checked before each `SUB`, so concurrent `SUB`s may pass it by one `SUB`'s names.
+   * Needs a store with `channelCount` (memory, SQLite and Redis have it).
+   * @default 100000
+   */
+  maxChannels?: number;
   /**
    * Which browser pages may use this server: the `Origin` of every upgrade and HTTP request
    * is checked before `authenticate`, and a refused one is answered `403` (README "Origins
@@ -310,9 +338,21 @@ export interface SyncServerOptions<
    */
   maxQueuedBytesPerClient?: number;
   /**
-   * Request bytes held for all clients together; past it, requests are answered
-   * `NAK rate_limited` (HTTP 429) without being parsed. Parsed JSON can take ~21× its bytes
-   * on the heap (`[{},{},…]`), so requests waiting take at most ~21 × this.
+   * Request bytes held for one principal at once (by `principalKey`; each clientId on its own
+   * for the anonymous principal, i.e. without `authenticate`), all its clientIds, sockets and
+   * HTTP requests together, bodies and unfinished socket messages included while they arrive.
+   * Past it, its requests are answered `NAK rate_limited` (HTTP 429) without being parsed,
+   * and a socket whose unfinished message passes it is closed `1013` (README "Limits"): one
+   * principal can never take more than this share of `maxQueuedBytes`. At least
+   * `maxPayloadBytes`.
+   * @default 4 × maxPayloadBytes (4 MiB)
+   */
+  maxQueuedBytesPerPrincipal?: number;
+  /**
+   * Request bytes held for all clients together (same rules); past it, requests are answered
+   * `NAK rate_limited` (HTTP 429) without being parsed. Parsed JSON can take up to ~28× its
+   * bytes on the heap (`[[{},{},…],…]`, README "Limits"), so requests waiting take at most
+   * ~28 × this.
    * @default 16777216 (16 MiB)
    */
   maxQueuedBytes?: number;
@@ -353,6 +393,54 @@ export interface SyncServerOptions<
    * @default 30000
    */
   requestTimeoutMs?: number;
+  /**
+   * Milliseconds a TCP connection to a server this one creates has to send a complete
+   * request (or upgrade) head; then it is destroyed. Node's `headersTimeout` only starts at
+   * the first byte, so a connection that never sent one was held forever. On a `server` of
+   * your own this is yours to do.
+   * @default 10000
+   */
+  handshakeTimeoutMs?: number;
+  /**
+   * Milliseconds an upgraded WebSocket has to send its first frame; then it is closed with
+   * `CloseCodes.handshakeTimeout` (4408) and destroyed. A reference client sends its first
+   * frame at the latest one keepalive (T, default 15 000) after the socket opened (at once
+   * when it has channels or operations), so keep this above the clients' `timeout`.
+   * @default 60000 (4 × the default T)
+   */
+  firstFrameTimeoutMs?: number;
+  /**
+   * Frames per second one socket may send, sustained (a token bucket refilled at this rate;
+   * every frame counts: `SYN`, `PNG`, `SUB`, `UNS`, unparseable ones, and WebSocket ping and
+   * pong control frames). A frame over it is answered `NAK rate_limited` (a ping: no pong)
+   * and not parsed; after `maxBadFrames` refusals in a row the socket is closed with
+   * `CloseCodes.frameRate` (4420). A reference client has one request in flight, so it sends
+   * about one frame per round trip plus a `PNG` per T: 10 000 leaves loopback benchmarks
+   * (≈2 000–5 000 round trips per second) alone. Lower it for a public server.
+   * @default 10000
+   */
+  maxFramesPerSecond?: number;
+  /**
+   * Frames one socket may send at once above `maxFramesPerSecond` (the bucket's size).
+   * @default maxFramesPerSecond
+   */
+  maxFrameBurst?: number;
+  /**
+   * Frames per second the sockets of one principal (by `principalKey`) may send together,
+   * with a burst of one second's worth; over it, as `maxFramesPerSecond`. The anonymous
+   * principal (no `authenticate`) is not counted: each of its sockets has only its own rate.
+   * @default 20000
+   */
+  maxFramesPerSecondPerPrincipal?: number;
+  /**
+   * Which `Host` headers the server answers (`AllowedHosts`); a request or upgrade naming
+   * another is answered `403` before the `Origin` check. The default, `'auto'`, allows
+   * `localhost`, `*.localhost`, IP literals and the `host` option: a server reached by a
+   * domain name must list it (`['sync.example.org']`, `'.example.org'` for subdomains) or
+   * pass `'all'`. This is what refuses a DNS-rebinding page (README "Origins").
+   * @default 'auto'
+   */
+  allowedHosts?: AllowedHosts;
   /**
    * Milliseconds `close()` waits for batches already running in `onSync` to finish and for
    * their responses to be stored in the dedupe store (so a client's retry on the restarted
@@ -468,6 +556,8 @@ const DEFAULTS = {
   dedupeMaxEntries: 100_000,
   dedupeMaxBytes: 64 * 1024 * 1024,
   dedupeMaxResponseBytes: 64 * 1024,
+  maxClientIds: 100_000,
+  maxClientIdsPerPrincipal: 1000,
   maxPayloadBytes: DEFAULT_MAX_PAYLOAD_BYTES,
   replayLimit: 1000,
   maxBufferedBytes: 8 * 1024 * 1024,
@@ -477,6 +567,7 @@ const DEFAULTS = {
   maxBadFrames: 100,
   maxQueuedPerClient: 100,
   maxChannelsPerPrincipal: 1000,
+  maxChannels: 100_000,
   allowedOrigins: 'same-host',
   cors: {},
   maxBatch: 1000,
@@ -485,6 +576,11 @@ const DEFAULTS = {
   maxSocketsPerPrincipal: 64,
   pingIntervalMs: 25_000,
   headersTimeoutMs: 10_000,
+  handshakeTimeoutMs: 10_000,
+  firstFrameTimeoutMs: 60_000,
+  maxFramesPerSecond: 10_000,
+  maxFramesPerSecondPerPrincipal: 20_000,
+  allowedHosts: 'auto',
   requestTimeoutMs: 30_000,
   closeTimeoutMs: 10_000,
 } as const;
@@ -494,6 +590,8 @@ const POSITIVE_OPTIONS = [
   'dedupeMaxEntries',
   'dedupeMaxBytes',
   'dedupeMaxResponseBytes',
+  'maxClientIds',
+  'maxClientIdsPerPrincipal',
   'maxPayloadBytes',
   'replayLimit',
   'maxBufferedBytes',
@@ -503,6 +601,7 @@ const POSITIVE_OPTIONS = [
   'maxBadFrames',
   'maxQueuedPerClient',
   'maxChannelsPerPrincipal',
+  'maxChannels',
   'maxBatch',
   'maxQueuedBytes',
   'maxSocketsPerClient',
@@ -510,6 +609,10 @@ const POSITIVE_OPTIONS = [
   'pingIntervalMs',
   'headersTimeoutMs',
   'requestTimeoutMs',
+  'handshakeTimeoutMs',
+  'firstFrameTimeoutMs',
+  'maxFramesPerSecond',
+  'maxFramesPerSecondPerPrincipal',
 ] as const;
 
 /** How often expired dedupe entries are dropped and the store trimmed, at most. */
@@ -548,9 +651,29 @@ export async function createSyncServer<
     throw new RangeError('createSyncServer: closeTimeoutMs must be ≥ 0');
   if (o.replayHighWaterBytes < 65_536)
     throw new RangeError('createSyncServer: replayHighWaterBytes must be ≥ 65536');
+  const hosts: unknown = o.allowedHosts;
+  if (
+    !(
+      hosts === 'auto' ||
+      hosts === 'all' ||
+      hosts === true ||
+      (Array.isArray(hosts) && hosts.every((h: unknown) => typeof h === 'string' && h.length > 0))
+    )
+  )
+    throw new TypeError("createSyncServer: allowedHosts must be 'auto', 'all', true or a list of host names");
+  const maxFrameBurst = o.maxFrameBurst ?? o.maxFramesPerSecond;
+  if (!(Number.isFinite(maxFrameBurst) && maxFrameBurst >= 1))
+    throw new RangeError('createSyncServer: maxFrameBurst must be ≥ 1');
   if (o.requestTimeoutMs < o.headersTimeoutMs)
     throw new RangeError('createSyncServer: requestTimeoutMs must be ≥ headersTimeoutMs');
-  const budget = new Budget({ perClient: maxQueuedBytesPerClient, total: o.maxQueuedBytes });
+  const maxQueuedBytesPerPrincipal = o.maxQueuedBytesPerPrincipal ?? 4 * o.maxPayloadBytes;
+  if (!(Number.isFinite(maxQueuedBytesPerPrincipal) && maxQueuedBytesPerPrincipal >= o.maxPayloadBytes))
+    throw new RangeError('createSyncServer: maxQueuedBytesPerPrincipal must be ≥ maxPayloadBytes');
+  const budget = new Budget({
+    perClient: maxQueuedBytesPerClient,
+    perPrincipal: maxQueuedBytesPerPrincipal,
+    total: o.maxQueuedBytes,
+  });
   const store = o.store ?? memoryStore();
   const onError = (err: unknown, where: string) => {
     try {
@@ -581,7 +704,8 @@ export async function createSyncServer<
   });
   const bindings = new Bindings({
     ttlMs: o.dedupeWindowMs,
-    maxEntries: o.dedupeMaxEntries,
+    maxEntries: o.maxClientIds,
+    maxPerOwner: o.maxClientIdsPerPrincipal,
     store: dedupeStore,
   });
   const channels = new Channels({ store, replayLimit: o.replayLimit, onError });
@@ -601,6 +725,8 @@ export async function createSyncServer<
     publishClosed: () => storeClosing,
     onError,
     maxChannelsPerPrincipal: o.maxChannelsPerPrincipal,
+    maxQueuedPerSocket: o.maxQueuedPerClient,
+    maxChannels: o.maxChannels,
   });
   /**
    * The key channel subscriptions are counted and matched by: the principal's key, or the
@@ -626,6 +752,12 @@ export async function createSyncServer<
     maxBadFrames: o.maxBadFrames,
     maxBatch: o.maxBatch,
     allowedOrigins: o.allowedOrigins,
+    allowedHosts: o.allowedHosts,
+    ownHost: ownServer ? o.host : undefined,
+    maxFramesPerSecond: o.maxFramesPerSecond,
+    maxFrameBurst,
+    maxFramesPerSecondPerPrincipal: o.maxFramesPerSecondPerPrincipal,
+    firstFrameTimeoutMs: o.firstFrameTimeoutMs,
     budget,
     pingIntervalMs: o.pingIntervalMs,
     maxSocketsPerClient: o.maxSocketsPerClient,
@@ -641,8 +773,11 @@ export async function createSyncServer<
     maxPayloadBytes: o.maxPayloadBytes,
     maxBatch: o.maxBatch,
     allowedOrigins: o.allowedOrigins,
+    allowedHosts: o.allowedHosts,
+    ownHost: ownServer ? o.host : undefined,
     cors: o.cors,
     budget,
+    subscriberKey,
     bodyTimeoutMs: o.requestTimeoutMs,
     dispatcher,
     closing: isClosing,
@@ -651,6 +786,7 @@ export async function createSyncServer<
 
   const housekeep = async (): Promise<void> => {
     dedupe.sweep();
+    bindings.expire();
     await store.trim({ free: (name) => !channels.isLive(name) });
   };
   const housekeeping = setInterval(
@@ -707,6 +843,33 @@ export async function createSyncServer<
   const attachHttp = o.handleHttp !== false;
   if (attachHttp) httpServer.on('request', onRequest);
   httpServer.on('upgrade', onUpgrade);
+  // A TCP connection that never sends a request head is destroyed after handshakeTimeoutMs:
+  // Node's headersTimeout starts at the first byte, so a silent one was held forever. Its
+  // first request or upgrade (any path) clears the deadline; after that Node's own timeouts
+  // (headers, request, keep-alive) apply. Only on a server of our own (a TLS server's
+  // `connection` sockets are not its requests' sockets).
+  const identified = (req: IncomingMessage) => {
+    const t = handshakeTimers.get(req.socket);
+    if (t !== undefined) {
+      clearTimeout(t);
+      handshakeTimers.delete(req.socket);
+    }
+  };
+  const handshakeTimers = new WeakMap<object, NodeJS.Timeout>();
+  const onConnection = (socket: Duplex) => {
+    const t = setTimeout(() => {
+      handshakeTimers.delete(socket);
+      socket.destroy();
+    }, o.handshakeTimeoutMs);
+    t.unref();
+    handshakeTimers.set(socket, t);
+    socket.once('close', () => clearTimeout(t));
+  };
+  if (ownServer) {
+    httpServer.on('connection', onConnection);
+    httpServer.prependListener('request', identified);
+    httpServer.prependListener('upgrade', identified);
+  }
 
   if (ownServer) {
     await new Promise<void>((resolve, reject) => {
@@ -728,6 +891,9 @@ export async function createSyncServer<
     stopControl?.();
     httpServer.off('request', onRequest);
     httpServer.off('upgrade', onUpgrade);
+    httpServer.off('connection', onConnection);
+    httpServer.off('request', identified);
+    httpServer.off('upgrade', identified);
     // No new batch starts; queued ones are left for their clients to resend (their answers
     // go nowhere: the sockets and connections close below).
     dedupe.stop();

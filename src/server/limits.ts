@@ -6,11 +6,14 @@
  */
 
 import type { IncomingMessage } from 'node:http';
+import { isIP } from 'node:net';
 
 /**
  * Which `Origin`s may open a socket or send a request. Requests without an `Origin` header
- * (non-browser clients) and same-host requests (the `Origin`'s host, port included, equals
- * the `Host` header) are always accepted by the list form.
+ * (non-browser clients) and same-host requests (the `Origin`'s scheme and host, port
+ * included, equal the request's: `Host` header, and `https` when the connection is TLS or a
+ * proxy says so in `X-Forwarded-Proto` / `Forwarded: proto=`, else `http`) are always
+ * accepted by the list form.
  * - `'same-host'`: nothing else (the default).
  * - a list: also these exact origins (`'https://app.example.org'`, scheme and port as the
  *   browser sends them); `'*'` in the list accepts every origin.
@@ -37,11 +40,34 @@ export function originAllowed(req: IncomingMessage, allowed: AllowedOrigins): bo
     }
   }
   if (allowed !== 'same-host' && (allowed.includes('*') || allowed.includes(origin))) return true;
-  return sameHost(origin, req.headers.host);
+  return sameHost(origin, req);
 }
 
-/** Whether a serialized origin names the host (`hostname[:port]`) the request was sent to. */
-function sameHost(origin: string, host: string | undefined): boolean {
+/**
+ * The scheme the client used to reach this server: `https` on a TLS socket; else what a
+ * TLS-terminating proxy says (`X-Forwarded-Proto`, or `proto=` of RFC 7239 `Forwarded`,
+ * first hop); else `http`. A browser page cannot set either header on an upgrade or a simple
+ * request, so a page cannot use them to pass the check.
+ */
+export function requestScheme(req: IncomingMessage): 'http' | 'https' {
+  if ((req.socket as { encrypted?: boolean } | undefined)?.encrypted) return 'https';
+  const xfp = req.headers['x-forwarded-proto'];
+  const first = (Array.isArray(xfp) ? xfp[0] : xfp)?.split(',')[0]?.trim().toLowerCase();
+  if (first === 'https' || first === 'wss') return 'https';
+  if (first) return 'http';
+  const fwd = req.headers.forwarded;
+  const m = fwd ? /(?:^|[;\s])proto="?([a-z]+)"?/i.exec(fwd.split(',')[0] ?? '') : null;
+  return m && /^(https|wss)$/i.test(m[1]!) ? 'https' : 'http';
+}
+
+/**
+ * Whether a serialized origin names the scheme and host (`hostname[:port]`) the request was
+ * sent to: an `http:` page for a plain connection, an `https:` page for a TLS one (or one a
+ * proxy says was TLS). A page on `http://host` talking to `wss://host`, or the reverse, is
+ * another origin and is refused unless listed.
+ */
+function sameHost(origin: string, req: IncomingMessage): boolean {
+  const host = req.headers.host;
   if (!host || origin === 'null') return false;
   let url: URL;
   try {
@@ -49,6 +75,7 @@ function sameHost(origin: string, host: string | undefined): boolean {
   } catch {
     return false;
   }
+  if (url.protocol !== `${requestScheme(req)}:`) return false;
   // `URL.host` drops the scheme's default port; a Host header may carry it, so compare both.
   const defaultPort = url.protocol === 'https:' ? '443' : url.protocol === 'http:' ? '80' : '';
   const h = host.toLowerCase();
@@ -58,19 +85,33 @@ function sameHost(origin: string, host: string | undefined): boolean {
 export interface BudgetOptions {
   /** Most request bytes held for one clientId at once (queued or being processed). */
   perClient: number;
+  /**
+   * Most request bytes held for one principal at once, all its clientIds together: its share
+   * of `total`, so that one principal can never take the whole server's budget.
+   */
+  perPrincipal: number;
   /** Most request bytes held for all clients together. */
   total: number;
 }
 
+/** Who holds bytes: the clientId, and the principal's key (`c:<clientId>` for the anonymous one). */
+export interface Holder {
+  readonly clientId: string;
+  readonly principal: string;
+}
+
 /**
- * Bytes of requests received and not yet answered, per clientId and in all, counted from
- * the frame or body as it arrived, before it is parsed. A request that would take either
- * count past its bound is refused (`NAK rate_limited`) without being parsed: parsed JSON can
- * take about 21 × its size on the heap (a frame of `[{},{},…]`), so the bytes held here are
- * what bounds that memory.
+ * Bytes of requests received and not yet answered, per clientId, per principal and in all,
+ * counted from the frame or body as it arrived (HTTP bodies while they arrive), before it is
+ * parsed. A request that would take any count past its bound is refused (`NAK rate_limited`)
+ * without being parsed: parsed JSON can take up to ~28 × its size on the heap (a frame of
+ * `[[{},{},…],…]`, README "Limits"), so the bytes held here are what bounds that memory. The
+ * per-principal share keeps one principal (however many clientIds and sockets it opens)
+ * from taking the budget every other client needs.
  */
 export class Budget {
-  private readonly held = new Map<string, number>();
+  private readonly byClient = new Map<string, number>();
+  private readonly byPrincipal = new Map<string, number>();
   private sum = 0;
 
   constructor(private readonly o: BudgetOptions) {}
@@ -80,22 +121,46 @@ export class Budget {
     return this.sum;
   }
 
-  /** Reserve `bytes` for `clientId`; `false` (nothing reserved) when a bound would be passed. */
-  take(clientId: string, bytes: number): boolean {
-    const mine = this.held.get(clientId) ?? 0;
-    if (mine + bytes > this.o.perClient || this.sum + bytes > this.o.total) return false;
-    this.held.set(clientId, mine + bytes);
+  /** Bytes held for one principal key. */
+  ofPrincipal(principal: string): number {
+    return this.byPrincipal.get(principal) ?? 0;
+  }
+
+  /**
+   * Reserve `bytes` for `who`; `false` (nothing reserved) when a bound would be passed.
+   * `perClient: false` checks only the principal's share and the total (still counting the
+   * bytes for the client): for an unfinished socket message, which may be up to 4 ×
+   * `maxPayloadBytes` before it is refused `too_large`.
+   */
+  take(who: Holder, bytes: number, opts: { perClient?: boolean } = {}): boolean {
+    const mine = this.byClient.get(who.clientId) ?? 0;
+    const ours = this.byPrincipal.get(who.principal) ?? 0;
+    if (
+      (opts.perClient !== false && mine + bytes > this.o.perClient) ||
+      ours + bytes > this.o.perPrincipal ||
+      this.sum + bytes > this.o.total
+    ) {
+      return false;
+    }
+    this.byClient.set(who.clientId, mine + bytes);
+    this.byPrincipal.set(who.principal, ours + bytes);
     this.sum += bytes;
     return true;
   }
 
   /** Give back what `take` reserved. */
-  release(clientId: string, bytes: number): void {
-    const mine = (this.held.get(clientId) ?? 0) - bytes;
-    if (mine > 0) this.held.set(clientId, mine);
-    else this.held.delete(clientId);
+  release(who: Holder, bytes: number): void {
+    if (bytes <= 0) return;
+    drop(this.byClient, who.clientId, bytes);
+    drop(this.byPrincipal, who.principal, bytes);
     this.sum = Math.max(0, this.sum - bytes);
   }
+}
+
+function drop(m: Map<string, number>, key: string, bytes: number): void {
+  const left = (m.get(key) ?? 0) - bytes;
+  if (left > 0) m.set(key, left);
+  else m.delete(key);
 }
 
 /**
@@ -114,4 +179,84 @@ export function leadingId(frame: Buffer | string): string | null {
   } catch {
     return null;
   }
+}
+
+/**
+ * A token bucket of frames (RFC 2697's single-rate shape): `rate` tokens per second up to
+ * `burst`; each frame takes one. O(1) and allocation-free per frame: two numbers updated in
+ * place. One per socket, and one per principal shared by its sockets.
+ */
+export class FrameBucket {
+  private tokens: number;
+  private last: number;
+  /** Sockets sharing this bucket (per-principal buckets are dropped at 0). */
+  users = 0;
+
+  constructor(
+    private readonly rate: number,
+    private readonly burst: number,
+    now: number,
+  ) {
+    this.tokens = burst;
+    this.last = now;
+  }
+
+  /** Take one token at time `now` (ms); `false` when the bucket is empty. */
+  take(now: number): boolean {
+    const elapsed = now - this.last;
+    if (elapsed > 0) {
+      this.tokens = Math.min(this.burst, this.tokens + (elapsed * this.rate) / 1000);
+      this.last = now;
+    }
+    if (this.tokens < 1) return false;
+    this.tokens -= 1;
+    return true;
+  }
+}
+
+/**
+ * Which `Host` headers the server answers to (DNS rebinding: a page on `evil.example` whose
+ * name was re-pointed at this server's address sends `Host: evil.example`, and its `Origin`
+ * then matches that `Host`, so `'same-host'` alone lets it in).
+ * - `'auto'` (the default): `localhost` and `*.localhost`, every IP address literal (a
+ *   rebinding page always uses a name), and the server's own `host` option when it is a name.
+ * - a list: those as well, plus these names; an entry starting with `.` also allows every
+ *   subdomain (`'.example.org'`: `example.org`, `a.example.org`), like Vite's
+ *   `server.allowedHosts`.
+ * - `'all'` (or `true`): every Host (the check is off).
+ * Requests without a `Host` header (HTTP/1.0, non-browser clients) are accepted.
+ */
+export type AllowedHosts = 'auto' | 'all' | true | readonly string[];
+
+/** The hostname of a `Host` header, lower case, without port, brackets or trailing dot. */
+function hostnameOf(host: string): string {
+  let h = host.trim().toLowerCase();
+  if (h.startsWith('[')) {
+    const end = h.indexOf(']');
+    return end > 0 ? h.slice(1, end) : h;
+  }
+  const colon = h.lastIndexOf(':');
+  if (colon >= 0 && h.indexOf(':') === colon) h = h.slice(0, colon);
+  return h.endsWith('.') ? h.slice(0, -1) : h;
+}
+
+/** Whether `req`'s `Host` header names a host this server answers to (`AllowedHosts`). Never throws. */
+export function hostAllowed(
+  req: IncomingMessage,
+  allowed: AllowedHosts,
+  ownHost: string | undefined,
+): boolean {
+  if (allowed === 'all' || allowed === true) return true;
+  const host = req.headers.host;
+  if (host === undefined) return true;
+  const name = hostnameOf(host);
+  if (name === '') return false;
+  if (isIP(name) !== 0 || name === 'localhost' || name.endsWith('.localhost')) return true;
+  if (ownHost !== undefined && hostnameOf(ownHost) === name) return true;
+  if (allowed === 'auto') return false;
+  for (const entry of allowed) {
+    const e = entry.toLowerCase();
+    if (e.startsWith('.') ? name === e.slice(1) || name.endsWith(e) : name === e) return true;
+  }
+  return false;
 }

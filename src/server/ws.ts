@@ -25,13 +25,49 @@ import {
 import type { Channels, Subscription } from './channels.js';
 import { type Dispatcher, type LivePeer, type Peer, validClientId } from './dispatcher.js';
 import { requestUrl } from './http.js';
-import { type AllowedOrigins, type Budget, leadingId, originAllowed } from './limits.js';
+import {
+  type AllowedHosts,
+  type AllowedOrigins,
+  type Budget,
+  FrameBucket,
+  type Holder,
+  hostAllowed,
+  leadingId,
+  originAllowed,
+} from './limits.js';
 
 /** How long `close()` waits for clients to answer the close handshake before cutting them. */
 const CLOSE_GRACE_MS = 1000;
 
 /** Standard close code for "the server hit an unexpected condition"; the client redials. */
 const INTERNAL_ERROR = 1011;
+/** Standard close code "try again later" (RFC 6455 §7.4.1, IANA registry): over the budget. */
+const TRY_AGAIN_LATER = 1013;
+
+/** What `ws` (8.x) keeps of the message a socket is receiving; its fields are not public. */
+interface ReceiverState {
+  _bufferedBytes?: unknown;
+  _messageLength?: unknown;
+  _writableState?: { length?: unknown; errored?: unknown };
+}
+
+/**
+ * Bytes `ws` holds for the message still being received on `ws`: bytes read but not yet
+ * parsed into a complete frame, the payload of the fragments received so far, and chunks
+ * queued in front of its parser. Reads `ws`'s receiver state (ws 8; test/harden-budgets
+ * checks it against a real unfinished message); 0 when the fields are not there, `null` when
+ * the parser failed (ws closes the socket itself).
+ */
+function receivingBytes(ws: WebSocket): number | null {
+  const r = (ws as unknown as { _receiver?: ReceiverState })._receiver;
+  if (!r) return 0;
+  // The parser failed on this chunk (its 'error' event comes on the next tick).
+  if (r._writableState?.errored) return null;
+  const num = (v: unknown) => (typeof v === 'number' && Number.isFinite(v) && v > 0 ? v : 0);
+  // `_messageLength`: the payload of the fragments kept so far (no compression here), 0 for
+  // a message in one frame; `_bufferedBytes`: read, not yet a whole frame.
+  return num(r._bufferedBytes) + num(r._messageLength) + num(r._writableState?.length);
+}
 
 const ignore = () => {};
 
@@ -57,6 +93,18 @@ export interface WsTransportOptions<P> {
   maxBatch: number;
   /** Which `Origin`s may upgrade; others are answered 403. */
   allowedOrigins: AllowedOrigins;
+  /** Which `Host` headers may upgrade; others are answered 403 (DNS rebinding). */
+  allowedHosts: AllowedHosts;
+  /** The server's own `host` option, allowed by `allowedHosts: 'auto'`. */
+  ownHost: string | undefined;
+  /** Frames per second one socket may send (token bucket refill); `NAK rate_limited` beyond. */
+  maxFramesPerSecond: number;
+  /** Frames one socket may send at once above its rate (token bucket size). */
+  maxFrameBurst: number;
+  /** Frames per second the sockets of one principal may send together (bucket size: the same). */
+  maxFramesPerSecondPerPrincipal: number;
+  /** Milliseconds an upgraded socket has to send its first frame; then closed with 4408. */
+  firstFrameTimeoutMs: number;
   /** Request bytes held per client and in all; a frame past them gets `NAK rate_limited`. */
   budget: Budget;
   /**
@@ -117,6 +165,8 @@ interface ConnContext<P> {
   readonly byClient: Map<string, Slot<SocketConn<P>>>;
   readonly byPrincipal: Map<string, Slot<SocketConn<P>>>;
   readonly replay: ReplayBudget;
+  /** Frame buckets of the principals with open sockets, by principal key. */
+  readonly principalBuckets: Map<string, FrameBucket>;
 }
 
 /**
@@ -187,14 +237,21 @@ const SETTLED: Promise<unknown> = Promise.resolve();
 class SocketConn<P> implements LivePeer, Peer<P> {
   private subsMap: Map<string, Subscription> | undefined;
   badFrames = 0;
+  /** Frames refused in a row for passing the frame rate. */
+  private refused = 0;
   /** A pong or a frame arrived since the last ping. */
   alive = true;
+  /** Bytes of an unfinished message held against the budget (`accountReceiving`). */
+  private receiving = 0;
   private tail: Promise<unknown> = SETTLED;
   private ended = false;
   /** The TCP socket is corked: frames sent are held until `flush` (one write for them all). */
   private corked = false;
   /** Replay bytes this socket sent that are not yet handed to the kernel (`ReplayBudget`). */
   private replayHeld = 0;
+  /** Pending until the first frame arrives (`firstFrameTimeoutMs`). */
+  private deadline: NodeJS.Timeout | undefined;
+  private readonly bucket: FrameBucket;
 
   constructor(
     private readonly ctx: ConnContext<P>,
@@ -205,7 +262,43 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     readonly principal: P,
     /** The principal key this socket counts under, if any. */
     readonly principalKey: string | undefined,
-  ) {}
+    /** The frame bucket shared by the principal's sockets, if it is counted. */
+    private readonly principalBucket: FrameBucket | undefined,
+  ) {
+    const { o } = ctx;
+    this.bucket = new FrameBucket(o.maxFramesPerSecond, o.maxFrameBurst, Date.now());
+    this.deadline = setTimeout(
+      () => this.cut(CloseCodes.handshakeTimeout, 'no frame within firstFrameTimeoutMs'),
+      o.firstFrameTimeoutMs,
+    );
+    this.deadline.unref();
+  }
+
+  /**
+   * Count one frame (message, ping or pong) against the socket's and the principal's frame
+   * rate. `false`: refused; after `maxBadFrames` refusals in a row the socket is cut (4420).
+   * O(1), allocates nothing.
+   */
+  admit(): boolean {
+    const now = Date.now();
+    if (this.bucket.take(now) && (this.principalBucket === undefined || this.principalBucket.take(now))) {
+      this.refused = 0;
+      return true;
+    }
+    if (++this.refused >= this.ctx.o.maxBadFrames) this.cut(CloseCodes.frameRate, 'too many frames');
+    return false;
+  }
+
+  /**
+   * Close with `code` and stop reading: a flooding or silent peer gets the close frame but
+   * no more of its bytes are read, and the socket is destroyed after `CLOSE_GRACE_MS`.
+   */
+  private cut(code: number, reason: string): void {
+    if (this.ended) return;
+    this.close(code, reason);
+    this.ws.pause();
+    setTimeout(() => this.ws.terminate(), CLOSE_GRACE_MS).unref();
+  }
 
   private subKey: string | undefined;
   /**
@@ -350,18 +443,75 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     }
   }
 
+  /** Who this socket's bytes are held for in the budget. */
+  get holder(): Holder {
+    return { clientId: this.clientId, principal: this.subscriberKey };
+  }
+
+  /**
+   * After each chunk the socket read: hold the bytes `ws` keeps of the message still being
+   * received (its unfinished frame and the fragments before it) against the budget, before
+   * the message is complete, so N sockets × an unfinished 4 × `maxPayloadBytes` message is
+   * no longer memory outside it (issue 12: 64 sockets held 252 MiB). A socket whose unfinished
+   * message would pass its principal's share or the server's total is closed `1013` (try
+   * again later); the client redials, its request goes on over HTTP.
+   */
+  accountReceiving(): void {
+    const pending = receivingBytes(this.ws);
+    // Closing, or ws refused the frame (over its 4 × maxPayloadBytes cap: it closes 1009
+    // itself): nothing more is read.
+    if (!this.open || pending === null) {
+      this.releaseReceiving();
+      return;
+    }
+    if (pending === this.receiving) return;
+    if (pending < this.receiving) {
+      this.ctx.o.budget.release(this.holder, this.receiving - pending);
+      this.receiving = pending;
+      return;
+    }
+    if (this.ctx.o.budget.take(this.holder, pending - this.receiving, { perClient: false })) {
+      this.receiving = pending;
+      return;
+    }
+    this.releaseReceiving();
+    this.close(TRY_AGAIN_LATER, 'too many request bytes waiting');
+    // Stop reading what it goes on sending: the close handshake is not waited for.
+    this.ws.terminate();
+  }
+
+  private releaseReceiving(): void {
+    this.ctx.o.budget.release(this.holder, this.receiving);
+    this.receiving = 0;
+  }
+
   onMessage(data: RawData): void {
+    if (this.ended) return;
     const { o } = this.ctx;
     this.alive = true;
+    if (this.deadline !== undefined) {
+      clearTimeout(this.deadline);
+      this.deadline = undefined;
+    }
+    // The message is complete: what was held while it arrived is now held as the frame
+    // below (the next chunk's accounting takes what is left of a following message).
+    this.releaseReceiving();
     const frame = Array.isArray(data)
       ? Buffer.concat(data)
       : Buffer.isBuffer(data)
         ? data
         : Buffer.from(data);
+    // Before anything else, frames are counted: a flood of small frames (PNGs) costs the
+    // server a parse and an answer each, and starved everybody else (issue 12).
+    if (!this.admit()) {
+      if (!this.ended) this.send(nak(leadingId(frame), 'rate_limited', 'too many frames; slow down'));
+      return;
+    }
     const size = frame.byteLength;
     // Before parsing: the bytes held for this client and for the server bound the heap that
     // parsed requests waiting for their turn can take (limits.ts).
-    if (size <= o.maxPayloadBytes && !o.budget.take(this.clientId, size)) {
+    const who = this.holder;
+    if (size <= o.maxPayloadBytes && !o.budget.take(who, size)) {
       this.send(nak(leadingId(frame), 'rate_limited', 'too many request bytes waiting; retry later'));
       return;
     }
@@ -369,7 +519,7 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     // Binary frames go through the same parser as text: UTF-8 JSON either way.
     const parsed = parseClientFrame(frame, { maxBytes: o.maxPayloadBytes, maxBatch: o.maxBatch });
     if (!parsed.ok) {
-      o.budget.release(this.clientId, held);
+      o.budget.release(who, held);
       // The id of a frame refused as too large, so the client knows which batch failed: read
       // from its first bytes only, since parsing up to 4 × maxPayloadBytes of JSON (~21× that
       // on the heap) is the work the refusal saves.
@@ -380,17 +530,27 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     }
     this.badFrames = 0;
     void o.dispatcher.dispatch(parsed.envelope, this).finally(() => {
-      o.budget.release(this.clientId, held);
+      o.budget.release(who, held);
       this.flush();
     });
   }
 
   onClose(): void {
     this.flush();
+    this.releaseReceiving();
     this.ended = true;
     this.releaseReplay(this.replayHeld);
+    if (this.deadline !== undefined) {
+      clearTimeout(this.deadline);
+      this.deadline = undefined;
+    }
     const { ctx } = this;
-    if (ctx.conns.get(this.ws) === this) ctx.conns.delete(this.ws);
+    if (ctx.conns.get(this.ws) === this) {
+      ctx.conns.delete(this.ws);
+      if (this.principalKey !== undefined && this.principalBucket) {
+        if (--this.principalBucket.users === 0) ctx.principalBuckets.delete(this.principalKey);
+      }
+    }
     indexDelete(ctx.byClient, this.clientId, this);
     if (this.principalKey !== undefined) indexDelete(ctx.byPrincipal, this.principalKey, this);
     if (this.subsMap) ctx.o.channels.dropPeer(this);
@@ -405,14 +565,18 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
     maxPayload: 4 * o.maxPayloadBytes,
     perMessageDeflate: false,
     clientTracking: false,
+    // Pings from the client are frames too: answered only within the frame rate (below).
+    autoPong: false,
   });
   const conns = new Map<WebSocket, SocketConn<P>>();
+  const principalBuckets = new Map<string, FrameBucket>();
   const ctx: ConnContext<P> = {
     o,
     conns,
     byClient: new Map(),
     byPrincipal: new Map(),
     replay: new ReplayBudget(o.maxReplayBufferedBytes),
+    principalBuckets,
   };
 
   // Liveness: one protocol-level ping per socket per interval (browsers answer pings without
@@ -437,7 +601,15 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
 
   function onPong(this: WebSocket): void {
     const conn = conns.get(this);
-    if (conn) conn.alive = true;
+    if (!conn) return;
+    conn.alive = true;
+    conn.admit();
+  }
+  function onPing(this: WebSocket, data: Buffer): void {
+    const conn = conns.get(this);
+    if (!conn) return;
+    conn.alive = true;
+    if (conn.admit() && this.readyState === WebSocket.OPEN) this.pong(data);
   }
   function onWsMessage(this: WebSocket, data: RawData): void {
     try {
@@ -468,6 +640,14 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
 
   async function upgrade(req: IncomingMessage, socket: Duplex, head: Buffer, url: URL): Promise<void> {
     if (o.closing()) return rejectUpgrade(socket, 503);
+    // A Host this server does not answer to: a DNS-rebinding page (README "Origins").
+    if (!hostAllowed(req, o.allowedHosts, o.ownHost)) {
+      return rejectUpgrade(
+        socket,
+        403,
+        nak(null, 'forbidden', 'host not allowed (list it in the server option allowedHosts)'),
+      );
+    }
     // Before authenticate: a foreign page's upgrade carries the victim's cookies (CSWSH).
     if (!originAllowed(req, o.allowedOrigins)) {
       return rejectUpgrade(socket, 403, nak(null, 'forbidden', 'origin not allowed'));
@@ -481,7 +661,7 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
       );
     }
     const auth = await o.dispatcher.authenticate(req, clientId);
-    if (!auth.ok) return rejectUpgrade(socket, auth.status, auth.nak);
+    if (!auth.ok) return rejectUpgrade(socket, auth.status, auth.nak, auth.headers);
     if (socket.destroyed || o.closing()) {
       socket.destroy();
       return;
@@ -509,19 +689,32 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
         old.close(CloseCodes.tooManySockets, 'too many sockets for this clientId');
         old.onClose();
       }
-      const conn = new SocketConn(ctx, ws, socket, clientId, auth.principal, key);
+      let shared: FrameBucket | undefined;
+      if (key !== undefined) {
+        shared = principalBuckets.get(key);
+        if (!shared) {
+          const rate = o.maxFramesPerSecondPerPrincipal;
+          shared = new FrameBucket(rate, rate, Date.now());
+          principalBuckets.set(key, shared);
+        }
+        shared.users++;
+      }
+      const conn = new SocketConn(ctx, ws, socket, clientId, auth.principal, key, shared);
       conns.set(ws, conn);
       indexAdd(ctx.byClient, clientId, conn);
       if (key !== undefined) indexAdd(ctx.byPrincipal, key, conn);
       // One listener function per event for all sockets (`this` is the socket): closures per
       // socket were a good part of an idle connection's memory.
       ws.on('pong', onPong);
+      ws.on('ping', onPing);
       ws.on('message', onWsMessage);
       // Protocol errors of the client's making (frames over 4 × maxPayloadBytes, bad UTF-8,
       // resets): ws closes the socket itself (1009 for size). Not reported: a misbehaving
       // client must not be able to flood the server's logs.
       ws.on('error', ignore);
       ws.on('close', onWsClose);
+      // After ws's own listener (added when it took the socket over): the chunk is parsed.
+      socket.on('data', () => conn.accountReceiving());
     });
   }
 

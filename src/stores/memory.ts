@@ -96,6 +96,14 @@ export function memoryStore(options: MemoryStoreOptions = {}): HistoryStore {
       return { epoch: c.epoch, seq: c.seq, first: c.seq - (c.msgs.length - c.start) + 1 };
     },
 
+    async heads(names) {
+      ensureOpen();
+      return names.map((channel) => {
+        const c = log(channel);
+        return { epoch: c.epoch, seq: c.seq, first: c.seq - (c.msgs.length - c.start) + 1 };
+      });
+    },
+
     async trim(opts = {}) {
       ensureOpen();
       const at = now();
@@ -107,6 +115,10 @@ export function memoryStore(options: MemoryStoreOptions = {}): HistoryStore {
 
     async channelCount() {
       return channels.size;
+    },
+
+    async hasChannel(channel) {
+      return channels.has(channel);
     },
 
     watch(listener) {

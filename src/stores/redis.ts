@@ -28,7 +28,9 @@
  * Answers are indexed in `<prefix>dedupe-index` (a sorted set by time) with their sizes, so
  * `complete` drops the oldest to honour the server's `dedupeMaxEntries` and `dedupeMaxBytes`.
  * ClientId bindings (`bind`, docs/PROTOCOL.md "Principal binding") are `<prefix>bind:<clientId>`
- * keys holding the owner, with the dedupe window as TTL, refreshed on use.
+ * keys holding the owner, with the dedupe window as TTL, refreshed on use. Redis must not evict
+ * them: a `maxmemory-policy` other than `noeviction` is reported to `onError`
+ * (`'maxmemory-policy'`) when the store opens.
  *
  * Every script is safe to run twice (ioredis resends a command whose reply a dropped
  * connection lost): an append remembers its outcome under a one-off token for a while.
@@ -466,6 +468,24 @@ export async function redisStore(
   // A client error is also a rejected command; keep it from becoming an unhandled 'error'.
   const onClientError = (err: unknown) => onError(err, 'connection');
   if (owned) redis.on('error', onClientError);
+  // ClientId bindings and dedupe answers are keys with a TTL: a Redis that evicts under memory
+  // pressure (`volatile-*`, `allkeys-*`) drops them, and a dropped binding lets another
+  // principal take a clientId (issue 12). Reported, not refused: the operator decides. A Redis
+  // that refuses CONFIG (managed services) is not checked.
+  redis.call('CONFIG', 'GET', 'maxmemory-policy').then(
+    (reply) => {
+      const policy = Array.isArray(reply) ? String(reply[1] ?? '') : '';
+      if (policy !== '' && policy !== 'noeviction') {
+        onError(
+          new Error(
+            `redis maxmemory-policy is ${policy}: under memory pressure Redis evicts clientId bindings and dedupe answers; use noeviction`,
+          ),
+          'maxmemory-policy',
+        );
+      }
+    },
+    () => {},
+  );
 
   const keys = {
     meta: (channel: string) => `${prefix}m:${channel}`,
@@ -936,6 +956,11 @@ export async function redisStore(
     async channelCount() {
       ensureOpen();
       return Number(await redis.call('SCARD', keys.channels));
+    },
+
+    async hasChannel(channel) {
+      ensureOpen();
+      return Number(await redis.call('SISMEMBER', keys.channels, channel)) === 1;
     },
 
     async broadcast(message) {

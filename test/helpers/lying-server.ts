@@ -32,6 +32,11 @@ export interface LyingServer {
   onFrame: (env: Envelope, reply: (frame: unknown) => void) => void;
   /** What each POST is answered with. */
   onHttp: (env: Envelope) => HttpAnswer;
+  /**
+   * Frames `onFrame` replies with synchronously leave in ONE TCP write (the socket is corked
+   * for the call), as a server that corks its ACK and a ready response sends them. @default false
+   */
+  cork: boolean;
   /** Send a raw frame (a string, an object to encode, or a Buffer as binary) on every socket. */
   push(frame: unknown, binary?: boolean): void;
   sockets(): number;
@@ -92,11 +97,15 @@ export async function startLyingServer(): Promise<LyingServer> {
         return;
       }
       server.received.push(env);
+      const tcp = (ws as unknown as { _socket?: { cork(): void; uncork(): void } })._socket;
+      const corked = server.cork && tcp !== undefined;
+      if (corked) tcp.cork();
       server.onFrame(env, (frame) => {
         if (ws.readyState !== WebSocket.OPEN) return;
         if (Buffer.isBuffer(frame)) ws.send(frame, { binary: true });
         else ws.send(typeof frame === 'string' ? frame : JSON.stringify(frame));
       });
+      if (corked) tcp.uncork();
     });
   });
   await new Promise<void>((r) => http.listen(0, '127.0.0.1', r));
@@ -111,6 +120,7 @@ export async function startLyingServer(): Promise<LyingServer> {
       for (const f of honest(env)) reply(f);
     },
     onHttp: (env) => ({ status: 200, body: JSON.stringify(honest(env)) }),
+    cork: false,
     push(frame, binary = false) {
       for (const ws of socks) {
         if (ws.readyState !== WebSocket.OPEN) continue;

@@ -80,6 +80,30 @@ export function storeContract(factory: StoreFactory): void {
       expect((await store.head('fresh')).epoch).toBe(h.epoch);
       expect((await store.append('fresh', 1)).epoch).toBe(h.epoch);
     });
+
+    it('heads(names), when there, answers what head() answers, in order, creating new channels', async () => {
+      const { store } = await open();
+      await store.append('b', 1);
+      await store.append('b', 2);
+      const known = await store.head('a');
+      if (!store.heads) return;
+      const heads = await store.heads(['b', 'a', 'new-1', 'new-2']);
+      expect(heads[0]).toEqual(await store.head('b'));
+      expect(heads[1]).toEqual(known);
+      expect(heads[2]).toEqual({ epoch: expect.any(String), seq: 0, first: 1 });
+      expect(await store.head('new-2')).toEqual(heads[3]);
+    });
+
+    it('hasChannel and channelCount, when there, see channels without creating them', async () => {
+      const { store } = await open();
+      if (!store.hasChannel || !store.channelCount) return;
+      const before = await store.channelCount();
+      expect(await store.hasChannel('nope')).toBe(false);
+      expect(await store.channelCount()).toBe(before);
+      await store.head('yes');
+      expect(await store.hasChannel('yes')).toBe(true);
+      expect(await store.channelCount()).toBe(before + 1);
+    });
   });
 
   describe('read', () => {
