@@ -320,6 +320,14 @@ export const connectionMachine = setup({
       enqueue.assign(taken.update);
       if (taken.batched) enqueue.emit(taken.batched);
     }),
+    /**
+     * Send the request in flight on the socket, as it is (it was just taken off the outbox,
+     * so it is marked `ws` already): one built-in `sendTo`, no `enqueueActions`.
+     */
+    sendTaken: sendTo('socket', ({ context }) => ({
+      type: 'SEND' as const,
+      frame: frameFor(context.inflight!),
+    })),
     sendInflightOverWs: enqueueActions(({ context, enqueue }) => {
       const f = context.inflight;
       if (!f) return;
@@ -365,14 +373,14 @@ export const connectionMachine = setup({
               ?.reason,
     })),
     pingMissed: assign({ pingId: null, missedPings: ({ context }) => context.missedPings + 1 }),
-    /** Settle the request in flight with the response or NAK in the event. */
-    settleInflight: enqueueActions(({ context, event, enqueue }) => {
-      const f = frameOf(event);
-      const inflight = context.inflight;
-      if (!f || !inflight) return;
-      enqueue.assign({ inflight: null, httpAttempt: 0, retryAfterMs: null });
-      enqueue.emit(settledFor(inflight, f));
-    }),
+    /**
+     * Settle the request in flight with the response or NAK in the event: `emitSettled` then
+     * `clearInflight`, two built-in actions (only after `isReplyForInflight`, so both the frame
+     * and the request are there). Not one `enqueueActions`: that allocates an `enqueue` object
+     * with nine closures and new action objects on every call, on every round trip.
+     */
+    emitSettled: emit(({ context, event }) => settledFor(context.inflight!, frameOf(event)!)),
+    clearInflight: assign({ inflight: null, httpAttempt: 0, retryAfterMs: null }),
     dial: sendTo('socket', ({ context }) => ({ type: 'DIAL' as const, refresh: context.authRetry })),
     drop: enqueueActions(({ context, enqueue }) => {
       enqueue.sendTo('socket', { type: 'DROP' });
@@ -525,7 +533,7 @@ export const connectionMachine = setup({
         SEND: {
           guard: 'sendsSomething',
           target: 'awaitingAck',
-          actions: ['enqueueAndTake', 'sendInflightOverWs'],
+          actions: ['enqueueAndTake', 'sendTaken'],
         },
       },
       states: {
@@ -549,7 +557,7 @@ export const connectionMachine = setup({
       on: {
         FRAME: [
           { guard: 'isAckForInflight', target: 'awaitingSyn' },
-          { guard: 'isReplyForInflight', target: 'open', actions: 'settleInflight' },
+          { guard: 'isReplyForInflight', target: 'open', actions: ['emitSettled', 'clearInflight'] },
           { actions: 'onFrame' },
         ],
         'WS.DOWN': { target: 'degraded', actions: ['socketDown', 'failClose'] },
@@ -559,7 +567,7 @@ export const connectionMachine = setup({
     awaitingSyn: {
       on: {
         FRAME: [
-          { guard: 'isReplyForInflight', target: 'open', actions: 'settleInflight' },
+          { guard: 'isReplyForInflight', target: 'open', actions: ['emitSettled', 'clearInflight'] },
           { actions: 'onFrame' },
         ],
         'WS.DOWN': { target: 'degraded', actions: ['socketDown', 'failClose'] },
@@ -572,7 +580,10 @@ export const connectionMachine = setup({
       entry: ['markInflightHttp', 'endProbation'],
       on: {
         // A late response on the socket still settles the batch (the server deduped the HTTP copy).
-        FRAME: [{ guard: 'isReplyForInflight', actions: 'settleInflight' }, { actions: 'onFrame' }],
+        FRAME: [
+          { guard: 'isReplyForInflight', actions: ['emitSettled', 'clearInflight'] },
+          { actions: 'onFrame' },
+        ],
       },
       states: {
         http: {
@@ -761,6 +772,13 @@ function take(
     update: { counter: context.counter + 1, queue: queue.slice(i), inflight },
     batched: { type: 'batched', id, keys },
   };
+}
+
+/** The frame that carries `f` (its `json` when it has one). */
+function frameFor(f: InFlight): OutgoingFrame {
+  const frame: OutgoingFrame = { id: f.id, type: f.type, payload: f.payload };
+  if (f.json !== undefined) frame.json = f.json;
+  return frame;
 }
 
 function settledFor(inflight: InFlight, f: ServerEnvelope): SettledEvent {
