@@ -7,6 +7,7 @@
  *   node --import tsx bench/chart-cpu.ts            # N=50000, ACK then response
  *   FOLD=1 node --import tsx bench/chart-cpu.ts     # the response alone (ACK folded)
  *   SUBS=1 node --import tsx bench/chart-cpu.ts     # with a snapshot subscriber and actor.on('*')
+ *   COUNT=1 node --import tsx bench/chart-cpu.ts    # counts per round trip (inspection on: slower)
  */
 import { createActor, fromCallback } from 'xstate';
 import { type ConnectionEvent, connectionMachine, flatState } from '../machines/connection.js';
@@ -26,6 +27,21 @@ const machine = connectionMachine.provide({
     }),
   },
 });
+const count = process.env.COUNT === '1';
+const counts = { macrosteps: 0, microsteps: 0, actions: 0, timersSet: 0, timersCleared: 0 };
+const actionTypes = new Map<string, number>();
+const clock = new LazyClock();
+const countingClock = {
+  setTimeout: (fn: () => void, ms: number) => {
+    counts.timersSet++;
+    return clock.setTimeout(fn, ms);
+  },
+  clearTimeout: (id: unknown) => {
+    counts.timersCleared++;
+    clock.clearTimeout(id);
+  },
+};
+let rootSession = '';
 const actor = createActor(machine, {
   input: {
     clientId: 'c',
@@ -35,8 +51,22 @@ const actor = createActor(machine, {
     pollInterval: 10_000,
     maxBackoff: 30_000,
   },
-  clock: new LazyClock(),
+  clock: count ? countingClock : clock,
+  inspect: count
+    ? (e) => {
+        // Only the machine itself (not its socket child).
+        if (e.actorRef.sessionId !== rootSession) return;
+        if (e.type === '@xstate.event') counts.macrosteps++;
+        else if (e.type === '@xstate.microstep') counts.microsteps++;
+        else if (e.type === '@xstate.action') {
+          counts.actions++;
+          const t = (e as unknown as { action: { type: string } }).action.type;
+          actionTypes.set(t, (actionTypes.get(t) ?? 0) + 1);
+        }
+      }
+    : undefined,
 });
+rootSession = actor.sessionId;
 let snaps = 0;
 let emitted = 0;
 if (subs) {
@@ -61,6 +91,10 @@ const round = (k: number) => {
   } as unknown as ConnectionEvent);
 };
 for (let k = 0; k < 5000; k++) round(k);
+if (count) {
+  for (const k of Object.keys(counts) as Array<keyof typeof counts>) counts[k] = 0;
+  actionTypes.clear();
+}
 const c0 = process.cpuUsage();
 const t0 = performance.now();
 for (let k = 0; k < n; k++) round(k);
@@ -70,5 +104,15 @@ if (actor.getSnapshot().context.inflight !== null) throw new Error('not settled'
 console.log(
   `chart round trip${fold ? ' (ACK folded)' : ''}${subs ? ' +subscribers' : ''}: ${((c.user + c.system) / n).toFixed(1)} µs CPU, ${((ms * 1000) / n).toFixed(1)} µs wall, ${sent} frames, ${snaps} snapshots, ${emitted} emitted`,
 );
+if (count) {
+  const per = (v: number) => (v / n).toFixed(2);
+  console.log(
+    Object.entries(counts)
+      .map(([k, v]) => `${k} ${per(v)}`)
+      .join(', '),
+    'per round trip',
+  );
+  console.log([...actionTypes].map(([k, v]) => `${k} ${per(v)}`).join(', '));
+}
 actor.stop();
 process.exit(0);

@@ -1098,7 +1098,12 @@ export function createSyncClient<Op = unknown, Result = unknown>(
 
   const start = () => {
     actor.subscribe({
-      next: (snap) => stateSubject.next(flatState(snap)),
+      // Most snapshots keep the flat name (each SYN, ACK and response makes one): only a
+      // change goes through the subject (state$ is distinct anyway; this skips its operators).
+      next: (snap) => {
+        const name = flatState(snap);
+        if (name !== stateSubject.value) stateSubject.next(name);
+      },
       error: () => stateSubject.next('closed'),
     });
     actor.on('*', onEmitted);
