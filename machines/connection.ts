@@ -785,13 +785,14 @@ function frameFor(f: InFlight): OutgoingFrame {
   return frame;
 }
 
+/** The `settled` event for `inflight` answered by `f` (object literals, no spread: once per round trip). */
 function settledFor(inflight: InFlight, f: ServerEnvelope): SettledEvent {
-  const base = { type: 'settled' as const, id: inflight.id, keys: inflight.keys, request: inflight.type };
-  if (f.type === 'NAK') return { ...base, error: f.error };
-  if (f.type !== 'SYN') return { ...base, payload: [] };
+  const { id, keys, type: request } = inflight;
+  if (f.type === 'NAK') return { type: 'settled', id, keys, request, error: f.error };
+  if (f.type !== 'SYN') return { type: 'settled', id, keys, request, payload: [] };
   return f.published
-    ? { ...base, payload: f.payload, published: f.published }
-    : { ...base, payload: f.payload };
+    ? { type: 'settled', id, keys, request, payload: f.payload, published: f.published }
+    : { type: 'settled', id, keys, request, payload: f.payload };
 }
 
 export type ConnectionMachine = typeof connectionMachine;
