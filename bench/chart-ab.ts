@@ -16,10 +16,22 @@ const b = (await import(process.env.CHART_B!)).connectionMachine as AnyStateMach
 
 function rig(machine: AnyStateMachine) {
   const m = machine.provide({
-    actors: { socket: fromCallback(({ receive }) => (receive(() => {}), () => {})) },
+    actors: {
+      socket: fromCallback(({ receive }) => {
+        receive(() => {});
+        return () => {};
+      }),
+    },
   });
   const actor = createActor(m, {
-    input: { clientId: 'c', instance: 'i', timeout: 10_000, maxBatch: 64, pollInterval: 10_000, maxBackoff: 30_000 },
+    input: {
+      clientId: 'c',
+      instance: 'i',
+      timeout: 10_000,
+      maxBatch: 64,
+      pollInterval: 10_000,
+      maxBackoff: 30_000,
+    },
     clock: new LazyClock(),
   });
   actor.start();
@@ -42,15 +54,25 @@ const time = (round: () => void) => {
   const c = process.cpuUsage(c0);
   return (c.user + c.system) / per;
 };
-for (let i = 0; i < 3; i++) time(ra), time(rb);
+for (let i = 0; i < 3; i++) {
+  time(ra);
+  time(rb);
+}
 const ta: number[] = [];
 const tb: number[] = [];
 for (let i = 0; i < blocks; i++) {
-  if (i % 2) ta.push(time(ra)), tb.push(time(rb));
-  else tb.push(time(rb)), ta.push(time(ra));
+  if (i % 2) {
+    ta.push(time(ra));
+    tb.push(time(rb));
+  } else {
+    tb.push(time(rb));
+    ta.push(time(ra));
+  }
 }
 const med = (x: number[]) => [...x].sort((p, q) => p - q)[x.length >> 1]!;
 const show = (x: number[]) =>
   `${med(x).toFixed(1)} µs (${Math.min(...x).toFixed(1)}–${Math.max(...x).toFixed(1)})`;
-console.log(`round trip${fold ? ' (ACK folded)' : ''}: this ${show(ta)}, B ${show(tb)}, ratio ${(med(ta) / med(tb)).toFixed(2)}`);
+console.log(
+  `round trip${fold ? ' (ACK folded)' : ''}: this ${show(ta)}, B ${show(tb)}, ratio ${(med(ta) / med(tb)).toFixed(2)}`,
+);
 process.exit(0);
