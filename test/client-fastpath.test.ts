@@ -8,9 +8,18 @@
  * arrives alone, or that is followed by anything but its response, reaches the chart as before
  * and in order.
  * (2) An operation is turned into JSON once, in send(), and that text is what its SYN carries.
+ * (3) The chart alone: a send while open (see that describe).
  */
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { WebSocket } from 'ws';
+import { createActor, fromCallback } from 'xstate';
+import {
+  type ConnectionEmitted,
+  connectionMachine,
+  flatState,
+  type OutgoingFrame,
+  type SocketCommand,
+} from '../machines/connection.js';
 import { type ConnectionState, createSyncClient, type SyncClient } from '../src/client/index.js';
 import { next, reach } from './helpers/harness.js';
 import { honest, type LyingServer, startLyingServer } from './helpers/lying-server.js';
@@ -113,5 +122,108 @@ describe('an operation is serialized once, in send()', () => {
     expect(results).toEqual(ops.map((o) => ({ ok: o })));
     const sent = liar.received.filter((e) => e.type === 'SYN').flatMap((e) => e.payload as unknown[]);
     expect(sent).toEqual(ops);
+  });
+});
+
+/**
+ * (3) The chart's send while open, in-process (the chart alone, its socket a recorder): a run
+ * of operations is queued and taken in one step by built-in actions (`takeSent`, `emitBatched`,
+ * `sendTaken`); anything else (a SUB, a restored batch) is queued by the root and taken by
+ * open's `always`, exactly as it was before the fast path: same request, same frame, no `batched`.
+ */
+describe('a send while open (the chart alone)', () => {
+  const rig = () => {
+    const frames: OutgoingFrame[] = [];
+    const machine = connectionMachine.provide({
+      actors: {
+        socket: fromCallback<SocketCommand, { clientId: string }>(({ receive }) => {
+          receive((cmd) => {
+            if (cmd.type === 'SEND') frames.push(cmd.frame);
+          });
+          return () => {};
+        }),
+      },
+    });
+    const actor = createActor(machine, {
+      input: {
+        clientId: 'c',
+        instance: 'i',
+        timeout: 60_000,
+        maxBatch: 64,
+        pollInterval: 60_000,
+        maxBackoff: 60_000,
+      },
+    });
+    const emitted: ConnectionEmitted[] = [];
+    actor.on('*', (e) => emitted.push(e));
+    actor.start();
+    actor.send({ type: 'WS.OPEN' });
+    expect(flatState(actor.getSnapshot())).toBe('open');
+    expect(emitted).toEqual([{ type: 'socketReady' }]);
+    emitted.length = 0;
+    return { actor, frames, emitted };
+  };
+
+  it('operations: in flight at once, one batched naming its id and keys, the frame with their JSON', () => {
+    const { actor, frames, emitted } = rig();
+    actor.send({
+      type: 'SEND',
+      items: [
+        { key: 1, kind: 'op', op: { a: 1 }, json: '{"a":1}' },
+        { key: 2, kind: 'op', op: { b: 2 }, json: '{"b":2}' },
+      ],
+    });
+    const ctx = actor.getSnapshot().context;
+    expect(flatState(actor.getSnapshot())).toBe('awaitingAck');
+    expect(ctx.queue).toEqual([]);
+    expect(ctx.inflight).toMatchObject({
+      id: 'i:1',
+      type: 'SYN',
+      keys: [1, 2],
+      via: 'ws',
+      json: '[{"a":1},{"b":2}]',
+    });
+    expect(emitted).toEqual([{ type: 'batched', id: 'i:1', keys: [1, 2] }]);
+    expect(frames).toEqual([
+      { id: 'i:1', type: 'SYN', payload: [{ a: 1 }, { b: 2 }], json: '[{"a":1},{"b":2}]' },
+    ]);
+    actor.send({
+      type: 'FRAME',
+      frame: { id: 'i:1', type: 'SYN', payload: [{ ok: 1 }, { ok: 2 }] },
+    } as never);
+    expect(flatState(actor.getSnapshot())).toBe('open');
+    expect(emitted[1]).toEqual({
+      type: 'settled',
+      id: 'i:1',
+      keys: [1, 2],
+      request: 'SYN',
+      payload: [{ ok: 1 }, { ok: 2 }],
+    });
+    actor.stop();
+  });
+
+  it('a SUB, then a restored batch: each goes out as it is, with no batched', () => {
+    const { actor, frames, emitted } = rig();
+    actor.send({ type: 'SEND', item: { key: 7, kind: 'SUB', payload: { channels: { x: {} } } } });
+    expect(flatState(actor.getSnapshot())).toBe('awaitingAck');
+    expect(actor.getSnapshot().context.inflight).toMatchObject({ id: 'i:1', type: 'SUB', keys: [7] });
+    expect(frames).toEqual([{ id: 'i:1', type: 'SUB', payload: { channels: { x: {} } } }]);
+    actor.send({ type: 'FRAME', frame: { id: 'i:1', type: 'SYN', payload: [{}] } } as never);
+    expect(flatState(actor.getSnapshot())).toBe('open');
+    actor.send({ type: 'SEND', items: [{ key: 9, kind: 'batch', id: 'old:5', ops: [{ c: 3 }], keys: [9] }] });
+    expect(actor.getSnapshot().context.inflight).toMatchObject({ id: 'old:5', type: 'SYN', keys: [9] });
+    expect(frames[1]).toEqual({ id: 'old:5', type: 'SYN', payload: [{ c: 3 }] });
+    expect(emitted.filter((e) => e.type === 'batched')).toEqual([]);
+    actor.stop();
+  });
+
+  it('an empty send while open leaves it open with nothing sent', () => {
+    const { actor, frames, emitted } = rig();
+    actor.send({ type: 'SEND', items: [] });
+    expect(flatState(actor.getSnapshot())).toBe('open');
+    expect(actor.getSnapshot().context.inflight).toBeNull();
+    expect(frames).toEqual([]);
+    expect(emitted).toEqual([]);
+    actor.stop();
   });
 });
