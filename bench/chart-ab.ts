@@ -4,6 +4,7 @@
  * ACK → response, or FOLD=1: SEND → response) of each, median and range over the blocks.
  *
  *   CHART_B=/path/to/other/machines/connection.ts node --import tsx bench/chart-ab.ts
+ *   (CHART_A: the first version, default this checkout's machines/connection.ts)
  */
 import { type AnyStateMachine, createActor, fromCallback } from 'xstate';
 import { LazyClock } from '../src/client/clock.js';
@@ -11,7 +12,8 @@ import { LazyClock } from '../src/client/clock.js';
 const fold = process.env.FOLD === '1';
 const blocks = Number(process.env.BLOCKS ?? 20);
 const per = Number(process.env.PER ?? 3000);
-const a = (await import('../machines/connection.js')).connectionMachine as AnyStateMachine;
+const a = (await import(process.env.CHART_A ?? '../machines/connection.js'))
+  .connectionMachine as AnyStateMachine;
 const b = (await import(process.env.CHART_B!)).connectionMachine as AnyStateMachine;
 
 function rig(machine: AnyStateMachine) {
