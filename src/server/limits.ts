@@ -181,14 +181,38 @@ export function leadingId(frame: Buffer | string): string | null {
   }
 }
 
+/** The two numbers of a token bucket (`takeToken`), kept wherever is cheapest. */
+export interface TokenState {
+  /** Tokens left (fractional). */
+  tokens: number;
+  /** When `tokens` was last refilled, in ms (any monotonic clock, the same for every call). */
+  last: number;
+}
+
 /**
- * A token bucket of frames (RFC 2697's single-rate shape): `rate` tokens per second up to
- * `burst`; each frame takes one. O(1) and allocation-free per frame: two numbers updated in
- * place. One per socket, and one per principal shared by its sockets.
+ * Take one token from a token bucket (RFC 2697's single-rate shape): `rate` tokens per second
+ * refill it up to `burst`; each frame takes one. `false` when it is empty. O(1), allocates
+ * nothing: the two numbers are updated in place. Sockets keep them as fields of their own
+ * (no object per socket: idle memory); a principal's sockets share one `FrameBucket`.
  */
-export class FrameBucket {
-  private tokens: number;
-  private last: number;
+export function takeToken(b: TokenState, rate: number, burst: number, now: number): boolean {
+  const elapsed = now - b.last;
+  if (elapsed > 0) {
+    b.tokens = Math.min(burst, b.tokens + (elapsed * rate) / 1000);
+    b.last = now;
+  }
+  if (b.tokens < 1) return false;
+  b.tokens -= 1;
+  return true;
+}
+
+/**
+ * A token bucket of frames (`takeToken`) as an object: one per principal, shared by its
+ * sockets.
+ */
+export class FrameBucket implements TokenState {
+  tokens: number;
+  last: number;
   /** Sockets sharing this bucket (per-principal buckets are dropped at 0). */
   users = 0;
 
@@ -203,14 +227,7 @@ export class FrameBucket {
 
   /** Take one token at time `now` (ms); `false` when the bucket is empty. */
   take(now: number): boolean {
-    const elapsed = now - this.last;
-    if (elapsed > 0) {
-      this.tokens = Math.min(this.burst, this.tokens + (elapsed * this.rate) / 1000);
-      this.last = now;
-    }
-    if (this.tokens < 1) return false;
-    this.tokens -= 1;
-    return true;
+    return takeToken(this, this.rate, this.burst, now);
   }
 }
 

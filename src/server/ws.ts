@@ -34,6 +34,8 @@ import {
   hostAllowed,
   leadingId,
   originAllowed,
+  type TokenState,
+  takeToken,
 } from './limits.js';
 
 /** How long `close()` waits for clients to answer the close handshake before cutting them. */
@@ -159,14 +161,78 @@ export interface WsTransport {
 /** What a `SocketConn` shares with its transport. */
 interface ConnContext<P> {
   readonly o: WsTransportOptions<P>;
-  /** Open sockets by their `ws` (the shared event listeners find their socket here). */
-  readonly conns: Map<WebSocket, SocketConn<P>>;
+  /**
+   * Open sockets by their upgraded TCP socket (the shared event listeners find their socket
+   * here: `this` is the TCP socket for its `data` listener, and `ws`'s `_socket` for the
+   * `ws` events).
+   */
+  readonly conns: Map<Duplex, SocketConn<P>>;
   /** Open sockets per clientId, and per principal key, oldest first (no scan per upgrade). */
   readonly byClient: Map<string, Slot<SocketConn<P>>>;
   readonly byPrincipal: Map<string, Slot<SocketConn<P>>>;
   readonly replay: ReplayBudget;
   /** Frame buckets of the principals with open sockets, by principal key. */
   readonly principalBuckets: Map<string, FrameBucket>;
+  /** Sockets that have not sent their first frame yet, and their deadlines. */
+  readonly firstFrame: Deadlines<SocketConn<P>>;
+}
+
+/**
+ * Deadlines that all lie the same `ms` after they were set, on ONE timer for all (no timer
+ * per socket: a Node `Timeout` and its closure were a good part of an idle connection's
+ * memory). Entries are kept in insertion order, which is deadline order, so the timer is
+ * armed for the first one only; `delete` is O(1). A `Date.now()` that jumps back only makes
+ * later entries wait for the earlier one (the clock used is monotonic, so it does not).
+ */
+class Deadlines<K> {
+  private readonly at = new Map<K, number>();
+  private timer: NodeJS.Timeout | undefined;
+
+  constructor(
+    private readonly ms: number,
+    private readonly expire: (key: K) => void,
+  ) {}
+
+  /** Start `key`'s deadline, `ms` from now. */
+  add(key: K): void {
+    const due = performance.now() + this.ms;
+    this.at.set(key, due);
+    if (this.timer === undefined) this.arm(due);
+  }
+
+  /** Drop `key`'s deadline (met, or the socket ended). */
+  delete(key: K): void {
+    this.at.delete(key);
+    if (this.at.size === 0) this.stop();
+  }
+
+  get size(): number {
+    return this.at.size;
+  }
+
+  stop(): void {
+    if (this.timer !== undefined) clearTimeout(this.timer);
+    this.timer = undefined;
+  }
+
+  private arm(due: number): void {
+    // +1: a timer may fire a fraction of a millisecond early against performance.now().
+    this.timer = setTimeout(this.fire, Math.max(0, Math.ceil(due - performance.now())) + 1);
+    this.timer.unref();
+  }
+
+  private readonly fire = (): void => {
+    this.timer = undefined;
+    const now = performance.now();
+    for (const [key, due] of this.at) {
+      if (due > now) {
+        this.arm(due);
+        return;
+      }
+      this.at.delete(key);
+      this.expire(key);
+    }
+  };
 }
 
 /**
@@ -249,9 +315,14 @@ class SocketConn<P> implements LivePeer, Peer<P> {
   private corked = false;
   /** Replay bytes this socket sent that are not yet handed to the kernel (`ReplayBudget`). */
   private replayHeld = 0;
-  /** Pending until the first frame arrives (`firstFrameTimeoutMs`). */
-  private deadline: NodeJS.Timeout | undefined;
-  private readonly bucket: FrameBucket;
+  /** No frame arrived yet: the socket is in `ctx.firstFrame` (`firstFrameTimeoutMs`). */
+  private awaitingFirst = true;
+  /**
+   * The socket's own frame bucket (`takeToken`), inline: numbers on this object, no object
+   * of their own (idle memory).
+   */
+  tokens: number;
+  last: number;
 
   constructor(
     private readonly ctx: ConnContext<P>,
@@ -265,13 +336,15 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     /** The frame bucket shared by the principal's sockets, if it is counted. */
     private readonly principalBucket: FrameBucket | undefined,
   ) {
-    const { o } = ctx;
-    this.bucket = new FrameBucket(o.maxFramesPerSecond, o.maxFrameBurst, Date.now());
-    this.deadline = setTimeout(
-      () => this.cut(CloseCodes.handshakeTimeout, 'no frame within firstFrameTimeoutMs'),
-      o.firstFrameTimeoutMs,
-    );
-    this.deadline.unref();
+    this.tokens = ctx.o.maxFrameBurst;
+    this.last = Date.now();
+    ctx.firstFrame.add(this);
+  }
+
+  /** No frame within `firstFrameTimeoutMs` (called by `ctx.firstFrame`). */
+  firstFrameMissed(): void {
+    this.awaitingFirst = false;
+    this.cut(CloseCodes.handshakeTimeout, 'no frame within firstFrameTimeoutMs');
   }
 
   /**
@@ -281,7 +354,11 @@ class SocketConn<P> implements LivePeer, Peer<P> {
    */
   admit(): boolean {
     const now = Date.now();
-    if (this.bucket.take(now) && (this.principalBucket === undefined || this.principalBucket.take(now))) {
+    const { o } = this.ctx;
+    if (
+      takeToken(this as TokenState, o.maxFramesPerSecond, o.maxFrameBurst, now) &&
+      (this.principalBucket === undefined || this.principalBucket.take(now))
+    ) {
       this.refused = 0;
       return true;
     }
@@ -489,9 +566,9 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     if (this.ended) return;
     const { o } = this.ctx;
     this.alive = true;
-    if (this.deadline !== undefined) {
-      clearTimeout(this.deadline);
-      this.deadline = undefined;
+    if (this.awaitingFirst) {
+      this.awaitingFirst = false;
+      this.ctx.firstFrame.delete(this);
     }
     // The message is complete: what was held while it arrived is now held as the frame
     // below (the next chunk's accounting takes what is left of a following message).
@@ -540,13 +617,13 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     this.releaseReceiving();
     this.ended = true;
     this.releaseReplay(this.replayHeld);
-    if (this.deadline !== undefined) {
-      clearTimeout(this.deadline);
-      this.deadline = undefined;
-    }
     const { ctx } = this;
-    if (ctx.conns.get(this.ws) === this) {
-      ctx.conns.delete(this.ws);
+    if (this.awaitingFirst) {
+      this.awaitingFirst = false;
+      ctx.firstFrame.delete(this);
+    }
+    if (ctx.conns.get(this.sock) === this) {
+      ctx.conns.delete(this.sock);
       if (this.principalKey !== undefined && this.principalBucket) {
         if (--this.principalBucket.users === 0) ctx.principalBuckets.delete(this.principalKey);
       }
@@ -568,7 +645,7 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
     // Pings from the client are frames too: answered only within the frame rate (below).
     autoPong: false,
   });
-  const conns = new Map<WebSocket, SocketConn<P>>();
+  const conns = new Map<Duplex, SocketConn<P>>();
   const principalBuckets = new Map<string, FrameBucket>();
   const ctx: ConnContext<P> = {
     o,
@@ -577,6 +654,7 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
     byPrincipal: new Map(),
     replay: new ReplayBudget(o.maxReplayBufferedBytes),
     principalBuckets,
+    firstFrame: new Deadlines(o.firstFrameTimeoutMs, (c: SocketConn<P>) => c.firstFrameMissed()),
   };
 
   // Liveness: one protocol-level ping per socket per interval (browsers answer pings without
@@ -599,27 +677,34 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
   }, o.pingIntervalMs);
   pinger.unref();
 
+  /** The socket a `ws` event is about (`ws` 8 keeps its TCP socket in `_socket`). */
+  const connOf = (ws: WebSocket) => conns.get((ws as unknown as { _socket: Duplex })._socket);
+
   function onPong(this: WebSocket): void {
-    const conn = conns.get(this);
+    const conn = connOf(this);
     if (!conn) return;
     conn.alive = true;
     conn.admit();
   }
   function onPing(this: WebSocket, data: Buffer): void {
-    const conn = conns.get(this);
+    const conn = connOf(this);
     if (!conn) return;
     conn.alive = true;
     if (conn.admit() && this.readyState === WebSocket.OPEN) this.pong(data);
   }
   function onWsMessage(this: WebSocket, data: RawData): void {
     try {
-      conns.get(this)?.onMessage(data);
+      connOf(this)?.onMessage(data);
     } catch (err) {
       onError(err, 'message');
     }
   }
   function onWsClose(this: WebSocket): void {
-    conns.get(this)?.onClose();
+    connOf(this)?.onClose();
+  }
+  /** After each chunk a socket read (`this` is the TCP socket). */
+  function onSocketData(this: Duplex): void {
+    conns.get(this)?.accountReceiving();
   }
 
   /** Sockets of one clientId, and of one principal key, oldest first. */
@@ -700,7 +785,7 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
         shared.users++;
       }
       const conn = new SocketConn(ctx, ws, socket, clientId, auth.principal, key, shared);
-      conns.set(ws, conn);
+      conns.set(socket, conn);
       indexAdd(ctx.byClient, clientId, conn);
       if (key !== undefined) indexAdd(ctx.byPrincipal, key, conn);
       // One listener function per event for all sockets (`this` is the socket): closures per
@@ -714,12 +799,13 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
       ws.on('error', ignore);
       ws.on('close', onWsClose);
       // After ws's own listener (added when it took the socket over): the chunk is parsed.
-      socket.on('data', () => conn.accountReceiving());
+      socket.on('data', onSocketData);
     });
   }
 
   async function close(): Promise<void> {
     clearInterval(pinger);
+    ctx.firstFrame.stop();
     const all = [...conns.values()];
     const closed = all.map((c) => new Promise<void>((resolve) => c.ws.once('close', () => resolve())));
     for (const c of all) c.close(CloseCodes.goingAway, 'server closing');
