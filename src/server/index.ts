@@ -18,6 +18,7 @@ import { DEFAULT_MAX_PAYLOAD_BYTES, randomId } from '../protocol/index.js';
 import { memoryStore } from '../stores/memory.js';
 import { type DedupeStore, type HistoryStore, isDedupeStore } from '../stores/types.js';
 import { Channels } from './channels.js';
+import { Deadlines } from './deadlines.js';
 import { Dedupe } from './dedupe.js';
 import { makeDispatcher, type RevokeMatch } from './dispatcher.js';
 import { createHttpHandler, reply } from './http.js';
@@ -848,22 +849,25 @@ export async function createSyncServer<
   // first request or upgrade (any path) clears the deadline; after that Node's own timeouts
   // (headers, request, keep-alive) apply. Only on a server of our own (a TLS server's
   // `connection` sockets are not its requests' sockets).
+  // One timer for all connections' deadlines, a shared `close` listener, nothing per socket
+  // left once it is identified (a Timeout, a closure and a `once` wrapper per connection
+  // were ~400 B of every idle connection's memory).
+  const handshakes = new Deadlines<Duplex>(o.handshakeTimeoutMs, (socket) => {
+    socket.off('close', onEarlyClose);
+    socket.destroy();
+  });
+  function onEarlyClose(this: Duplex): void {
+    handshakes.delete(this);
+  }
   const identified = (req: IncomingMessage) => {
-    const t = handshakeTimers.get(req.socket);
-    if (t !== undefined) {
-      clearTimeout(t);
-      handshakeTimers.delete(req.socket);
+    if (handshakes.has(req.socket)) {
+      handshakes.delete(req.socket);
+      req.socket.off('close', onEarlyClose);
     }
   };
-  const handshakeTimers = new WeakMap<object, NodeJS.Timeout>();
   const onConnection = (socket: Duplex) => {
-    const t = setTimeout(() => {
-      handshakeTimers.delete(socket);
-      socket.destroy();
-    }, o.handshakeTimeoutMs);
-    t.unref();
-    handshakeTimers.set(socket, t);
-    socket.once('close', () => clearTimeout(t));
+    handshakes.add(socket);
+    socket.on('close', onEarlyClose);
   };
   if (ownServer) {
     httpServer.on('connection', onConnection);

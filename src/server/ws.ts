@@ -23,6 +23,7 @@ import {
   type ServerEnvelope,
 } from '../protocol/index.js';
 import type { Channels, Subscription } from './channels.js';
+import { Deadlines } from './deadlines.js';
 import { type Dispatcher, type LivePeer, type Peer, validClientId } from './dispatcher.js';
 import { requestUrl } from './http.js';
 import {
@@ -175,64 +176,6 @@ interface ConnContext<P> {
   readonly principalBuckets: Map<string, FrameBucket>;
   /** Sockets that have not sent their first frame yet, and their deadlines. */
   readonly firstFrame: Deadlines<SocketConn<P>>;
-}
-
-/**
- * Deadlines that all lie the same `ms` after they were set, on ONE timer for all (no timer
- * per socket: a Node `Timeout` and its closure were a good part of an idle connection's
- * memory). Entries are kept in insertion order, which is deadline order, so the timer is
- * armed for the first one only; `delete` is O(1). A `Date.now()` that jumps back only makes
- * later entries wait for the earlier one (the clock used is monotonic, so it does not).
- */
-class Deadlines<K> {
-  private readonly at = new Map<K, number>();
-  private timer: NodeJS.Timeout | undefined;
-
-  constructor(
-    private readonly ms: number,
-    private readonly expire: (key: K) => void,
-  ) {}
-
-  /** Start `key`'s deadline, `ms` from now. */
-  add(key: K): void {
-    const due = performance.now() + this.ms;
-    this.at.set(key, due);
-    if (this.timer === undefined) this.arm(due);
-  }
-
-  /** Drop `key`'s deadline (met, or the socket ended). */
-  delete(key: K): void {
-    this.at.delete(key);
-    if (this.at.size === 0) this.stop();
-  }
-
-  get size(): number {
-    return this.at.size;
-  }
-
-  stop(): void {
-    if (this.timer !== undefined) clearTimeout(this.timer);
-    this.timer = undefined;
-  }
-
-  private arm(due: number): void {
-    // +1: a timer may fire a fraction of a millisecond early against performance.now().
-    this.timer = setTimeout(this.fire, Math.max(0, Math.ceil(due - performance.now())) + 1);
-    this.timer.unref();
-  }
-
-  private readonly fire = (): void => {
-    this.timer = undefined;
-    const now = performance.now();
-    for (const [key, due] of this.at) {
-      if (due > now) {
-        this.arm(due);
-        return;
-      }
-      this.at.delete(key);
-      this.expire(key);
-    }
-  };
 }
 
 /**
