@@ -54,6 +54,9 @@ interface ReceiverState {
   _writableState?: { length?: unknown; errored?: unknown };
 }
 
+/** A positive finite number, else 0 (a field of `ws`'s receiver that may not be there). */
+const positive = (v: unknown) => (typeof v === 'number' && Number.isFinite(v) && v > 0 ? v : 0);
+
 /**
  * Bytes `ws` holds for the message still being received on `ws`: bytes read but not yet
  * parsed into a complete frame, the payload of the fragments received so far, and chunks
@@ -66,10 +69,9 @@ function receivingBytes(ws: WebSocket): number | null {
   if (!r) return 0;
   // The parser failed on this chunk (its 'error' event comes on the next tick).
   if (r._writableState?.errored) return null;
-  const num = (v: unknown) => (typeof v === 'number' && Number.isFinite(v) && v > 0 ? v : 0);
   // `_messageLength`: the payload of the fragments kept so far (no compression here), 0 for
   // a message in one frame; `_bufferedBytes`: read, not yet a whole frame.
-  return num(r._bufferedBytes) + num(r._messageLength) + num(r._writableState?.length);
+  return positive(r._bufferedBytes) + positive(r._messageLength) + positive(r._writableState?.length);
 }
 
 const ignore = () => {};
@@ -501,6 +503,7 @@ class SocketConn<P> implements LivePeer, Peer<P> {
   }
 
   private releaseReceiving(): void {
+    if (this.receiving === 0) return;
     this.ctx.o.budget.release(this.holder, this.receiving);
     this.receiving = 0;
   }
