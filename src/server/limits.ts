@@ -181,28 +181,43 @@ export function leadingId(frame: Buffer | string): string | null {
   }
 }
 
-/** The two numbers of a token bucket (`takeToken`), kept wherever is cheapest. */
+/**
+ * The two numbers of a token bucket (`takeToken`), kept wherever is cheapest. Both stay
+ * small integers for an integer rate (V8 keeps them in the object, not as a boxed heap
+ * number each: idle memory per socket).
+ */
 export interface TokenState {
-  /** Tokens left (fractional). */
+  /** Tokens left, in thousandths of a token. */
   tokens: number;
-  /** When `tokens` was last refilled, in ms (any monotonic clock, the same for every call). */
+  /** When `tokens` was last refilled, in ms of `bucketNow()`. */
   last: number;
 }
 
+/** Origin of `bucketNow()`: the time this module was loaded. */
+const BUCKET_EPOCH = Date.now();
+
+/**
+ * The clock of every token bucket: ms since this module was loaded (a small integer for
+ * ~24 days, where `Date.now()` is a boxed double).
+ */
+export const bucketNow = (): number => Date.now() - BUCKET_EPOCH;
+
 /**
  * Take one token from a token bucket (RFC 2697's single-rate shape): `rate` tokens per second
- * refill it up to `burst`; each frame takes one. `false` when it is empty. O(1), allocates
- * nothing: the two numbers are updated in place. Sockets keep them as fields of their own
- * (no object per socket: idle memory); a principal's sockets share one `FrameBucket`.
+ * refill it up to `burst`; each frame takes one. `false` when it is empty. `now` is
+ * `bucketNow()`. O(1), allocates nothing: the two numbers are updated in place, counted in
+ * thousandths of a token (`elapsed ms × rate per s` is then exact). Sockets keep them as
+ * fields of their own (no object per socket: idle memory); a principal's sockets share one
+ * `FrameBucket`.
  */
 export function takeToken(b: TokenState, rate: number, burst: number, now: number): boolean {
   const elapsed = now - b.last;
   if (elapsed > 0) {
-    b.tokens = Math.min(burst, b.tokens + (elapsed * rate) / 1000);
+    b.tokens = Math.min(burst * 1000, b.tokens + elapsed * rate);
     b.last = now;
   }
-  if (b.tokens < 1) return false;
-  b.tokens -= 1;
+  if (b.tokens < 1000) return false;
+  b.tokens -= 1000;
   return true;
 }
 
@@ -221,11 +236,11 @@ export class FrameBucket implements TokenState {
     private readonly burst: number,
     now: number,
   ) {
-    this.tokens = burst;
+    this.tokens = burst * 1000;
     this.last = now;
   }
 
-  /** Take one token at time `now` (ms); `false` when the bucket is empty. */
+  /** Take one token at time `now` (`bucketNow()`); `false` when the bucket is empty. */
   take(now: number): boolean {
     return takeToken(this, this.rate, this.burst, now);
   }

@@ -30,6 +30,7 @@ import {
   type AllowedHosts,
   type AllowedOrigins,
   type Budget,
+  bucketNow,
   FrameBucket,
   type Holder,
   hostAllowed,
@@ -281,8 +282,8 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     /** The frame bucket shared by the principal's sockets, if it is counted. */
     private readonly principalBucket: FrameBucket | undefined,
   ) {
-    this.tokens = ctx.o.maxFrameBurst;
-    this.last = Date.now();
+    this.tokens = ctx.o.maxFrameBurst * 1000;
+    this.last = bucketNow();
     ctx.firstFrame.add(this);
   }
 
@@ -298,7 +299,7 @@ class SocketConn<P> implements LivePeer, Peer<P> {
    * O(1), allocates nothing.
    */
   admit(): boolean {
-    const now = Date.now();
+    const now = bucketNow();
     const { o } = this.ctx;
     if (
       takeToken(this as TokenState, o.maxFramesPerSecond, o.maxFrameBurst, now) &&
@@ -725,7 +726,7 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
         shared = principalBuckets.get(key);
         if (!shared) {
           const rate = o.maxFramesPerSecondPerPrincipal;
-          shared = new FrameBucket(rate, rate, Date.now());
+          shared = new FrameBucket(rate, rate, bucketNow());
           principalBuckets.set(key, shared);
         }
         shared.users++;
