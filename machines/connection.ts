@@ -105,10 +105,17 @@ export interface ConnectionInput {
   maxBackoff: number;
   /** Source of jitter; tests pass a fixed one. */
   random?: () => number;
+  /**
+   * Opaque to the chart: handed as `io` to the invoked `socket` and `http` actors, so that a
+   * machine provided once can serve many clients (the client passes its transport here).
+   */
+  io?: unknown;
 }
 
-export interface ConnectionContext extends Required<Omit<ConnectionInput, 'random'>> {
+export interface ConnectionContext extends Required<Omit<ConnectionInput, 'random' | 'io'>> {
   random: () => number;
+  /** `ConnectionInput.io`, passed through to the invoked actors. */
+  io: unknown;
   /** Next request number; ids are `${instance}:${n}`. */
   counter: number;
   queue: QueueItem[];
@@ -198,10 +205,12 @@ export interface OutgoingFrame {
 const frameOf = (e: ConnectionEvent) => (e.type === 'FRAME' ? e.frame : undefined);
 
 /** Placeholder transports; the client provides the real ones with `machine.provide()`. */
-const socketPlaceholder = fromCallback<SocketCommand, { clientId: string }>(() => () => {});
+const socketPlaceholder = fromCallback<SocketCommand, { clientId: string; io?: unknown }>(() => () => {});
 /** What the `http` actor is given: the request to POST. */
 export interface HttpInput {
   envelope: OutgoingFrame;
+  /** `ConnectionInput.io`, unread by the chart. */
+  io?: unknown;
 }
 const httpPlaceholder = fromPromise<HttpOutcome, HttpInput>(async () => {
   throw new Error('syncwire: no http actor was provided');
@@ -481,6 +490,7 @@ export const connectionMachine = setup({
     pollInterval: input.pollInterval,
     maxBackoff: input.maxBackoff,
     random: input.random ?? Math.random,
+    io: input.io,
     counter: 1,
     queue: [],
     inflight: null,
@@ -494,7 +504,11 @@ export const connectionMachine = setup({
     online: true,
     authRetry: false,
   }),
-  invoke: { id: 'socket', src: 'socket', input: ({ context }) => ({ clientId: context.clientId }) },
+  invoke: {
+    id: 'socket',
+    src: 'socket',
+    input: ({ context }) => ({ clientId: context.clientId, io: context.io }),
+  },
   initial: 'connecting',
   on: {
     SEND: { actions: 'enqueue' },
@@ -607,7 +621,7 @@ export const connectionMachine = setup({
                   const f = context.inflight!;
                   const envelope: OutgoingFrame = { id: f.id, type: f.type, payload: f.payload };
                   if (f.json !== undefined) envelope.json = f.json;
-                  return { envelope };
+                  return { envelope, io: context.io };
                 },
                 onDone: [
                   { guard: 'httpUnauthorized', target: '#connection.unauthorized' },

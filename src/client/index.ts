@@ -49,6 +49,7 @@ import {
   httpActor,
   type Resolvable,
   socketActor,
+  type TransportIo,
   type WebSocketConstructor,
   type WebSocketLike,
 } from './transports.js';
@@ -386,6 +387,13 @@ const DEFAULTS = {
   storageKey: 'syncwire',
 };
 
+/**
+ * The chart with the real transports, made once for every client: each client's transport
+ * reaches the actors through the `io` input (building a provided machine per client cost
+ * ~650 µs of each `createSyncClient`, issue 14's connect row).
+ */
+const providedMachine = connectionMachine.provide({ actors: { socket: socketActor(), http: httpActor() } });
+
 export function createSyncClient<Op = unknown, Result = unknown>(
   options: SyncClientOptions,
 ): SyncClient<Op, Result> {
@@ -424,12 +432,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     },
   };
   const cursor = { index: 0 };
-  const machine = connectionMachine.provide({
-    actors: {
-      socket: socketActor(transport, cursor),
-      http: httpActor(transport, cursor, () => clientId),
-    },
-  });
+  /** This client's transport, handed to the shared actors through the chart's `io` input. */
+  const io: TransportIo = { config: transport, cursor, clientId: () => clientId };
 
   const lists = Object.fromEntries(LISTS.map((n) => [n, new Subject<unknown[]>()])) as Record<
     ListName,
@@ -562,7 +566,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
 
   const inspect = options.inspect;
   const makeActor = () =>
-    createActor(machine, {
+    createActor(providedMachine, {
       input: {
         clientId,
         instance,
@@ -571,6 +575,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         pollInterval: options.pollInterval ?? timeout,
         maxBackoff: options.maxBackoff ?? DEFAULTS.maxBackoff,
         random: options.random,
+        io,
       },
       inspect,
       // Every named delay on one platform timer (./clock.ts): the chart re-arms a deadline on

@@ -237,8 +237,32 @@ export function localReplyOf(frame: { id: string; payload?: unknown }): ServerEn
 }
 
 /** The socket actor: DIAL opens a new socket (dropping any old one), SEND writes, DROP closes. */
-export function socketActor(config: TransportConfig, cursor: TransportCursor) {
-  return fromCallback<SocketCommand, { clientId: string }>(({ sendBack, receive, input }) => {
+/**
+ * One client's transport, as the actors receive it: either fixed when the actor is made, or
+ * through the chart's `io` input (`ConnectionInput.io`), so that one provided machine serves
+ * every client (`provide()` per client cost ~650 µs of `createSyncClient`, issue 14).
+ */
+export interface TransportIo {
+  config: TransportConfig;
+  cursor: TransportCursor;
+  /** The client's current clientId (it may be replaced after `client_id_taken`). */
+  clientId: () => string;
+}
+
+/** What the invoked socket actor is given by the chart. */
+export interface SocketInput {
+  clientId: string;
+  /** The client's `TransportIo`, when the actor was made without one. */
+  io?: unknown;
+}
+
+/**
+ * The socket actor: DIAL opens a new socket (dropping any old one), SEND writes, DROP closes.
+ * Without `fixed`, each invocation takes its transport from its input's `io`.
+ */
+export function socketActor(fixed?: TransportIo) {
+  return fromCallback<SocketCommand, SocketInput>(({ sendBack, receive, input }) => {
+    const { config, cursor } = fixed ?? (input.io as TransportIo);
     let ws: WebSocketLike | null = null;
     let dials = 0;
     /** Bumped by every DIAL and DROP: an async credential lookup that lost the race is dropped. */
@@ -417,8 +441,9 @@ export function parseRetryAfter(value: string | null, now = Date.now()): number 
 }
 
 /** The HTTP actor: one POST of one envelope, normalised into an `HttpOutcome`. */
-export function httpActor(config: TransportConfig, cursor: TransportCursor, getClientId: () => string) {
+export function httpActor(fixed?: TransportIo) {
   return fromPromise<HttpOutcome, HttpInput>(async ({ input, signal }) => {
+    const { config, cursor, clientId: getClientId } = fixed ?? (input.io as TransportIo);
     const { envelope } = input;
     // Answered without the network (see `LocalReply`).
     const local = localReplyOf(envelope);
