@@ -63,6 +63,11 @@ export interface ChannelsOptions {
   store: HistoryStore;
   /** Page size for history reads, and the most `MSG`s one HTTP `SUB` returns per channel. */
   replayLimit: number;
+  /**
+   * Bytes of payload one history page holds (the store stops there, always after at least one
+   * message), and the most `MSG` bytes one HTTP `SUB` answer holds, all channels together.
+   */
+  replayPageBytes: number;
   onError: (err: unknown, where: string) => void;
 }
 
@@ -123,6 +128,11 @@ export function resolveCursor(head: ChannelHead, c: ChannelCursor): { after: num
  */
 export class Subscription {
   last = 0;
+  /**
+   * The channel's head seq when the subscription was made: the replay is not over before
+   * `last` reaches it (or the store has nothing more), since a page cut by bytes is short.
+   */
+  target = 0;
   epoch = '';
   busy = true;
   closed = false;
@@ -171,11 +181,16 @@ export class Subscription {
    */
   async pump(): Promise<void> {
     let emptyReads = 0;
-    const { replayLimit } = this.owner;
+    const { replayLimit, replayPageBytes } = this.owner;
     let limit = replayLimit;
     while (!this.closed) {
       this.overflow = false;
-      let page: StoredMessage[] | undefined = await this.owner.store.read(this.channel, this.last, limit);
+      let page: StoredMessage[] | undefined = await this.owner.store.read(
+        this.channel,
+        this.last,
+        limit,
+        replayPageBytes,
+      );
       if (this.closed) return;
       const { sent, wait } = this.sendPage(page);
       const read = page.length;
@@ -191,7 +206,8 @@ export class Subscription {
         }
         continue;
       }
-      const full = read >= limit;
+      // A page cut by bytes is short: read on while the head seen at subscribe time is ahead.
+      const full = read >= limit || (read > 0 && this.last < this.target);
       limit = replayLimit;
       if (full) {
         // Yield between pages: one socket's long replay must not hold the event loop.
@@ -264,6 +280,7 @@ export class Subscription {
 export class Channels {
   readonly store: HistoryStore;
   readonly replayLimit: number;
+  readonly replayPageBytes: number;
   private readonly index = new Map<string, Set<Subscription>>();
   /** Live subscriptions per principal key, for the per-principal cap. */
   private readonly perPrincipal = new Map<string, number>();
@@ -273,6 +290,7 @@ export class Channels {
   constructor(opts: ChannelsOptions) {
     this.store = opts.store;
     this.replayLimit = opts.replayLimit;
+    this.replayPageBytes = opts.replayPageBytes;
     this.onError = opts.onError;
     this.unwatch = this.store.watch((msg) => this.fanOut(msg));
   }
@@ -333,6 +351,7 @@ export class Channels {
           recovered[i] = start.recovered;
         }
         sub.epoch = head.epoch;
+        sub.target = head.seq;
         if (sub.closed) continue;
         await sub.pump();
       }
@@ -380,8 +399,11 @@ export class Channels {
   }
 
   /**
-   * The HTTP `SUB`: what each cursor missed, at most `replayLimit` per channel, at once.
-   * No live subscription is made; polling is repeating the request with the new cursors.
+   * The HTTP `SUB`: what each cursor missed, at most `replayLimit` per channel and
+   * `replayPageBytes` of `MSG` text in all (always at least one message when any is missed),
+   * at once. A channel cut short, or not read because the answer is full, says `more: true`
+   * with `seq` the last one included (PROTOCOL §3 rule 8). No live subscription is made;
+   * polling is repeating the request with the new cursors.
    */
   async poll(
     clientId: string,
@@ -392,6 +414,8 @@ export class Channels {
     const states = channelRecord<ChannelState>();
     const names = Object.keys(cursors);
     const heads = names.length > 1 && this.store.heads ? await this.store.heads(names) : undefined;
+    /** `MSG` text left in this answer (issue 12: 6 unbounded polls of 80 MB crashed a server). */
+    let room = this.replayPageBytes;
     for (const [i, [name, cursor]] of Object.entries(cursors).entries()) {
       const head = heads?.[i] ?? (await this.store.head(name));
       let snap: ChannelSnapshot | undefined;
@@ -400,12 +424,30 @@ export class Channels {
         snap = { seq: head.seq, data: data === undefined ? null : data };
       }
       const { after, recovered } = snap ? { after: head.seq, recovered: true } : resolveCursor(head, cursor);
-      // One extra tells whether the page was cut without a second query.
-      const page = await this.store.read(name, after, this.replayLimit + 1);
-      const more = page.length > this.replayLimit;
-      if (more) page.length = this.replayLimit;
-      for (const m of page) messages.push(msgEnvelope(m, true, variantFor(m, clientId)));
-      const state: ChannelState = { epoch: head.epoch, seq: page.at(-1)?.seq ?? after, recovered };
+      let seq = after;
+      let more = false;
+      if (after < head.seq && room <= 0 && messages.length > 0) {
+        more = true; // the answer is full: this channel waits for the next poll
+      } else {
+        // One extra tells whether the page was cut by count without a second query.
+        const page = await this.store.read(name, after, this.replayLimit + 1, Math.max(room, 0));
+        more = page.length > this.replayLimit;
+        if (more) page.length = this.replayLimit;
+        for (const m of page) {
+          const env = msgEnvelope(m, true, variantFor(m, clientId));
+          const size = JSON.stringify(env).length;
+          if (messages.length > 0 && size > room) {
+            more = true;
+            break;
+          }
+          room -= size;
+          messages.push(env);
+          seq = m.seq;
+        }
+        // Cut by bytes (in the store or here): the head seen before the read is ahead.
+        if (seq < head.seq && seq > after) more = true;
+      }
+      const state: ChannelState = { epoch: head.epoch, seq, recovered };
       if (more) state.more = true;
       if (snap) state.snapshot = snap;
       states[name] = state;

@@ -68,6 +68,13 @@ export interface HttpTransportOptions<P> {
   subscriberKey(principal: P, clientId: string): string;
   /** Milliseconds a body may take to arrive once the handler reads it; then 408. */
   bodyTimeoutMs: number;
+  /**
+   * Answer bytes written and not yet flushed, all requests together; while reached, a new
+   * request answers 429 with `Retry-After: 1` (issue 12: unread poll answers held 100 MiB).
+   */
+  maxResponseBufferedBytes: number;
+  /** Milliseconds an answer may take to flush; then its response is destroyed. */
+  responseDrainTimeoutMs: number;
   dispatcher: Dispatcher<P>;
   /** Whether the server is closing: requests answer 503 with `Retry-After: 1`. */
   closing(): boolean;
@@ -79,12 +86,36 @@ export interface HttpTransportOptions<P> {
  * is not for `path` (its owner decides what to answer); `true` when it answers it (the answer
  * may be written later). Never throws.
  */
-export type HttpHandler = (req: IncomingMessage, res: ServerResponse) => boolean;
+export interface HttpHandler {
+  (req: IncomingMessage, res: ServerResponse): boolean;
+  /** Answer bytes written to responses and not yet flushed to the kernel. */
+  responseBufferedBytes(): number;
+}
 
 /** Build the HTTP side; attach the returned handler to the http server's `request` event. */
 export function createHttpHandler<P>(o: HttpTransportOptions<P>): HttpHandler {
   const { onError } = o;
   const corsHeaders = o.cors === false ? undefined : cors({ ...DEFAULT_CORS, ...o.cors });
+  /** Answer bytes handed to `res` whose `finish` (flushed to the kernel) has not come yet. */
+  let outstanding = 0;
+
+  /** `reply`, with the answer's bytes held until flushed, and destroyed if it is not in time. */
+  const answer = (res: ServerResponse, status: number, body: ServerEnvelope[]) => {
+    const bytes = reply(res, status, body);
+    if (bytes === 0) return;
+    if (res.writableFinished) return;
+    outstanding += bytes;
+    const timer = setTimeout(() => res.destroy(), o.responseDrainTimeoutMs);
+    timer.unref();
+    const done = () => {
+      clearTimeout(timer);
+      res.off('finish', done);
+      res.off('close', done);
+      outstanding -= bytes;
+    };
+    res.on('finish', done);
+    res.on('close', done);
+  };
 
   /** Set the CORS headers (or answer a preflight); resolves `true` when the response ended. */
   const applyCors = (req: IncomingMessage, res: ServerResponse) =>
@@ -94,7 +125,7 @@ export function createHttpHandler<P>(o: HttpTransportOptions<P>): HttpHandler {
       corsHeaders(req as never, res as never, (err?: unknown) => (err ? reject(err) : resolve(false)));
     });
 
-  async function request(req: IncomingMessage, res: ServerResponse): Promise<void> {
+  async function request(req: IncomingMessage, res: ServerResponse): Promise<unknown> {
     // Before anything else: a Host this server does not answer to (DNS rebinding), then a
     // foreign page's request, which carries the victim's cookies (CSRF).
     if (!hostAllowed(req, o.allowedHosts, o.ownHost)) {
@@ -110,6 +141,12 @@ export function createHttpHandler<P>(o: HttpTransportOptions<P>): HttpHandler {
     if (req.method !== 'POST') return reply(res, 405, undefined, { Allow: 'POST, OPTIONS' });
     if (o.closing())
       return reply(res, 503, [nak(null, 'server_error', 'server is closing')], { 'Retry-After': '1' });
+    if (outstanding >= o.maxResponseBufferedBytes) {
+      return reply(res, 429, [nak(null, 'rate_limited', 'too many answer bytes waiting to be read')], {
+        'Retry-After': '1',
+        Connection: 'close',
+      });
+    }
     const clientId = req.headers['x-client-id'];
     if (!validClientId(clientId)) {
       return reply(res, 400, [nak(null, 'bad_request', `X-Client-Id must be 1–${MAX_ID_LENGTH} characters`)]);
@@ -161,10 +198,10 @@ export function createHttpHandler<P>(o: HttpTransportOptions<P>): HttpHandler {
     // Closed meanwhile (e.g. a batch left unprocessed): "retry later" keeps the batch alive.
     if (o.closing())
       return reply(res, 503, [nak(null, 'server_error', 'server is closing')], { 'Retry-After': '1' });
-    reply(res, 200, out);
+    answer(res, 200, out);
   }
 
-  return function handleHttp(req, res) {
+  const handleHttp = (req: IncomingMessage, res: ServerResponse) => {
     const url = requestUrl(req);
     if (url?.pathname !== o.path) return false;
     request(req, res).catch((err: unknown) => {
@@ -173,28 +210,30 @@ export function createHttpHandler<P>(o: HttpTransportOptions<P>): HttpHandler {
     });
     return true;
   };
+  return Object.assign(handleHttp, { responseBufferedBytes: () => outstanding });
 }
 
 /**
  * Answer with `status`, `Cache-Control: no-store` and `body` as JSON, plus `headers` (CORS
  * headers were set on `res` before, when they apply). Does nothing once headers were sent.
+ * Returns the body's length in bytes (0 when nothing was written).
  */
 export function reply(
   res: ServerResponse,
   status: number,
   body?: ServerEnvelope[],
   headers: Record<string, string> = {},
-): void {
-  if (res.headersSent) return;
+): number {
+  if (res.headersSent) return 0;
   const text = body ? encode(body) : '';
+  const bytes = Buffer.byteLength(text);
   res.writeHead(status, {
     'Cache-Control': 'no-store',
-    ...(body
-      ? { 'Content-Type': 'application/json', 'Content-Length': String(Buffer.byteLength(text)) }
-      : {}),
+    ...(body ? { 'Content-Type': 'application/json', 'Content-Length': String(bytes) } : {}),
     ...headers,
   });
   res.end(text);
+  return bytes;
 }
 
 /** The request's URL, resolved against a dummy origin; `undefined` when it does not parse. */

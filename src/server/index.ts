@@ -274,6 +274,27 @@ export interface SyncServerOptions<
    */
   replayDrainTimeoutMs?: number;
   /**
+   * Bytes of history one replay page holds (payload JSON text; the store stops reading there,
+   * always after at least one message), and the most `MSG` text one HTTP `SUB` answer holds,
+   * all channels together; a channel cut short says `more: true` and the client asks again
+   * (PROTOCOL §3 rules 8 and 12; issue 12).
+   * @default 1048576 (1 MiB)
+   */
+  replayPageBytes?: number;
+  /**
+   * HTTP answer bytes handed to responses and not yet flushed to the kernel, all requests of
+   * this process together. A request arriving while it is reached is answered 429
+   * `rate_limited` with `Retry-After: 1` before its body is read.
+   * @default 33554432 (32 MiB)
+   */
+  maxResponseBufferedBytes?: number;
+  /**
+   * An HTTP answer not flushed to the kernel this long after it was written (a client that
+   * does not read it) is destroyed, and its bytes released.
+   * @default 30000
+   */
+  responseDrainTimeoutMs?: number;
+  /**
    * Consecutive unparseable frames after which a socket is closed with `CloseCodes.badFrames`.
    * @default 100
    */
@@ -476,6 +497,11 @@ export interface SyncServerStats {
    * `maxReplayBufferedBytes` plus one message per replaying socket).
    */
   replayBufferedBytes: number;
+  /**
+   * HTTP answer bytes written and not yet flushed to the kernel (bounded by
+   * `maxResponseBufferedBytes` plus one answer per request let in before it was reached).
+   */
+  responseBufferedBytes: number;
 }
 
 export interface SyncServer<Channels extends ChannelMap = ChannelMap> {
@@ -565,6 +591,9 @@ const DEFAULTS = {
   replayHighWaterBytes: 256 * 1024,
   maxReplayBufferedBytes: 64 * 1024 * 1024,
   replayDrainTimeoutMs: 30_000,
+  replayPageBytes: 1024 * 1024,
+  maxResponseBufferedBytes: 32 * 1024 * 1024,
+  responseDrainTimeoutMs: 30_000,
   maxBadFrames: 100,
   maxQueuedPerClient: 100,
   maxChannelsPerPrincipal: 1000,
@@ -599,6 +628,9 @@ const POSITIVE_OPTIONS = [
   'replayHighWaterBytes',
   'maxReplayBufferedBytes',
   'replayDrainTimeoutMs',
+  'replayPageBytes',
+  'maxResponseBufferedBytes',
+  'responseDrainTimeoutMs',
   'maxBadFrames',
   'maxQueuedPerClient',
   'maxChannelsPerPrincipal',
@@ -709,7 +741,12 @@ export async function createSyncServer<
     maxPerOwner: o.maxClientIdsPerPrincipal,
     store: dedupeStore,
   });
-  const channels = new Channels({ store, replayLimit: o.replayLimit, onError });
+  const channels = new Channels({
+    store,
+    replayLimit: o.replayLimit,
+    replayPageBytes: o.replayPageBytes,
+    onError,
+  });
   let closing: Promise<void> | undefined;
   const isClosing = () => closing !== undefined;
   /** Set once running batches drained (or `closeTimeoutMs` passed): publishes are refused. */
@@ -780,6 +817,8 @@ export async function createSyncServer<
     budget,
     subscriberKey,
     bodyTimeoutMs: o.requestTimeoutMs,
+    maxResponseBufferedBytes: o.maxResponseBufferedBytes,
+    responseDrainTimeoutMs: o.responseDrainTimeoutMs,
     dispatcher,
     closing: isClosing,
     onError,
@@ -948,6 +987,7 @@ export async function createSyncServer<
         channels: channels.size,
         queuedBytes: budget.total,
         replayBufferedBytes: ws.replayBufferedBytes,
+        responseBufferedBytes: handleHttp.responseBufferedBytes(),
       };
     },
     subscriptionsOf: (clientId) => ws.subscriptionsOf(clientId),

@@ -81,13 +81,25 @@ export function memoryStore(options: MemoryStoreOptions = {}): HistoryStore {
       return msg;
     },
 
-    async read(channel, after, limit) {
+    async read(channel, after, limit, maxBytes = Number.POSITIVE_INFINITY) {
       ensureOpen();
       const c = channels.get(channel);
       if (!c || limit <= 0) return [];
       const firstSeq = c.seq - (c.msgs.length - c.start) + 1;
       const from = c.start + Math.max(0, after + 1 - firstSeq);
-      return c.msgs.slice(from, from + limit);
+      const to = Math.min(c.msgs.length, from + limit);
+      if (maxBytes === Number.POSITIVE_INFINITY) return c.msgs.slice(from, to);
+      // The payloads are held as values: their size is their JSON text's length, measured
+      // only for the messages this page returns (plus the one that stops it).
+      let end = from;
+      let bytes = 0;
+      while (end < to) {
+        const size = JSON.stringify(c.msgs[end]!.payload)?.length ?? 0;
+        if (end > from && bytes + size > maxBytes) break;
+        bytes += size;
+        end++;
+      }
+      return c.msgs.slice(from, end);
     },
 
     async head(channel): Promise<ChannelHead> {

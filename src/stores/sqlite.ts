@@ -315,12 +315,17 @@ export function sqliteStore(options: SqliteStoreOptions): HistoryStore & DedupeS
       return msg;
     },
 
-    async read(channel, after, limit) {
+    async read(channel, after, limit, maxBytes = Number.POSITIVE_INFINITY) {
       ensureOpen();
       if (limit <= 0) return [];
       const row = q.channel.get(channel);
       if (!row) return [];
-      return q.read.all(channel, after, limit).map((r) => {
+      // iterate(), not all(): the rows past the byte bound are never fetched (issue 12).
+      const out: StoredMessage[] = [];
+      let bytes = 0;
+      for (const r of q.read.iterate(channel, after, limit)) {
+        if (out.length > 0 && bytes + r.payload.length > maxBytes) break;
+        bytes += r.payload.length;
         const msg: StoredMessage = {
           channel,
           seq: r.seq,
@@ -331,8 +336,9 @@ export function sqliteStore(options: SqliteStoreOptions): HistoryStore & DedupeS
         };
         if (r.except_id !== null) msg.except = r.except_id;
         if (r.author_id !== null) msg.author = r.author_id;
-        return msg;
-      });
+        out.push(msg);
+      }
+      return out;
     },
 
     async head(channel) {
