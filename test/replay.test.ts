@@ -287,6 +287,43 @@ describe('replay', () => {
     expect(rec.seqs()).toEqual(range(1, 70));
   }, 60_000);
 
+  it('while degraded, a backlog larger than replayPageBytes arrives whole over polls paged by more (issue 12)', async () => {
+    // 40 messages of ~8 KB and answers of at most 32 KiB of MSGs: at least 10 polls, each
+    // continued on `more`, not on the poll interval (which is far longer than the wait).
+    r = await rig({ replayPageBytes: 32 * 1024 });
+    const c = r.client({ pollInterval: 60_000, maxBackoff: 60_000 });
+    const rec = recorder(c, 'pages');
+    await c.subscribe('pages', { since: 0 });
+    r.proxy.refuse = true;
+    r.proxy.kill();
+    await reach(c, 'degraded');
+    const fill = 'x'.repeat(8000);
+    for (let i = 1; i <= 40; i++) await r.server.publish('pages', { n: i, fill });
+    // The degraded client's first poll happens on entering degraded or after pollInterval; a
+    // resubscribe forces one now.
+    await c.subscribe('pages', { since: 0 });
+    await rec.waitCount(40, 20_000);
+    expect(rec.seqs()).toEqual(range(1, 40));
+    const polls = r.proxy.traffic.filter((t) => t.via === 'http' && t.frame.type === 'SUB').length;
+    expect(polls).toBeGreaterThanOrEqual(10);
+  }, 60_000);
+
+  it.each(['memory', 'sqlite'] as const)(
+    'a socket catch-up larger than replayPageBytes arrives whole and in order (%s store, issue 12)',
+    async (kind) => {
+      const store = kind === 'sqlite' ? sqliteStore({ file: join(tmp(), 'pages.db') }) : undefined;
+      r = await rig({ replayPageBytes: 32 * 1024, ...(store ? { store } : {}) });
+      const fill = 'x'.repeat(8000);
+      for (let i = 1; i <= 40; i++) await r.server.publish('pages', { n: i, fill });
+      const c = r.client();
+      const rec = recorder(c, 'pages');
+      await c.subscribe('pages', { since: 0 });
+      await rec.waitCount(40);
+      expect(rec.seqs()).toEqual(range(1, 40));
+      expect(rec.got.map((m) => (m.payload as { n: number }).n)).toEqual(range(1, 40));
+    },
+  );
+
   it('a seq gap (a MSG lost on the wire) triggers a re-SUB from the cursor; nothing lost', async () => {
     r = await rig();
     const c = r.client();
