@@ -410,6 +410,12 @@ type RawEntry = [id: string, fields: string[]];
 /** A stream id as numbers, `<ms>-<n>`, for comparing feed positions. */
 type FeedId = [ms: number, n: number];
 
+/** The length of an entry's payload text (field `p`), 0 when it has none. */
+const payloadLength = ([, fields]: RawEntry): number => {
+  for (let i = 0; i + 1 < fields.length; i += 2) if (fields[i] === 'p') return fields[i + 1]!.length;
+  return 0;
+};
+
 const parseFeedId = (id: string): FeedId => {
   const dash = id.indexOf('-');
   return [Number(id.slice(0, dash)), Number(id.slice(dash + 1))];
@@ -900,22 +906,41 @@ export async function redisStore(
       return msg;
     },
 
-    async read(channel, after, limit) {
+    async read(channel, after, limit, maxBytes = Number.POSITIVE_INFINITY) {
       ensureOpen();
       if (!(limit > 0)) return [];
-      const count = Math.min(Math.floor(limit), 1_000_000);
-      const entries = (await redis.call(
-        'XRANGE',
-        keys.stream(channel),
-        `0-${Math.max(0, Math.floor(after)) + 1}`,
-        '+',
-        'COUNT',
-        count,
-      )) as RawEntry[];
+      let left = Math.min(Math.floor(limit), 1_000_000);
+      let from = Math.max(0, Math.floor(after)) + 1;
       const out: StoredMessage[] = [];
-      for (const raw of entries) {
-        const msg = parseEntry(channel, '', raw);
-        if (msg) out.push(msg);
+      let bytes = 0;
+      let seen = 0;
+      // With a byte bound, XRANGE in growing batches sized from the payloads seen so far, so
+      // a page of large messages fetches about `maxBytes` (plus one batch), not `limit` of
+      // them (issue 12); without one, a single XRANGE as before.
+      let count = maxBytes === Number.POSITIVE_INFINITY ? left : Math.min(left, 16);
+      while (left > 0) {
+        const entries = (await redis.call(
+          'XRANGE',
+          keys.stream(channel),
+          `0-${from}`,
+          '+',
+          'COUNT',
+          count,
+        )) as RawEntry[];
+        for (const raw of entries) {
+          const size = payloadLength(raw);
+          if (out.length > 0 && bytes + size > maxBytes) return out;
+          bytes += size;
+          seen++;
+          const msg = parseEntry(channel, '', raw);
+          if (msg) out.push(msg);
+        }
+        left -= entries.length;
+        const last = entries.at(-1);
+        if (entries.length < count || !last || maxBytes === Number.POSITIVE_INFINITY) return out;
+        from = Number(last[0].slice(last[0].indexOf('-') + 1)) + 1;
+        const average = Math.max(1, bytes / Math.max(1, seen));
+        count = Math.max(1, Math.min(left, Math.ceil((maxBytes - bytes) / average) + 1));
       }
       return out;
     },

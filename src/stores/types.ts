@@ -64,8 +64,8 @@ export interface HistoryStore {
    * `maxBytes`, the store may also stop early once the messages read hold that many payload
    * bytes (measured as the length of the payload's JSON text), always returning at least one
    * message when any is there, so a reader makes progress (issue 12: one 1 000-message page of
-   * 400 KB messages was 400 MB read at once). The SQLite and memory stores honour it; a store
-   * that ignores it is still correct, only less bounded (the server pages on).
+   * 400 KB messages was 400 MB read at once). The SQLite, memory and Redis stores honour it; a
+   * store that ignores it is still correct, only less bounded (the server pages on).
    */
   read(channel: string, after: number, limit: number, maxBytes?: number): Promise<StoredMessage[]>;
   /** The channel's epoch, last seq and first retained seq. Creates the epoch when new. */
