@@ -221,3 +221,38 @@ it('an unflushed answer counts against maxResponseBufferedBytes (429 + Retry-Aft
   expect(served.status).toBe(200);
   expect(served.body.filter((f) => f.type === 'MSG').map((f) => f.seq)).toEqual([59, 60]);
 }, 60_000);
+
+it("one principal's unread answers hold at most its share (maxResponseBufferedBytesPerPrincipal): its next poll is refused 429, another's is served", async () => {
+  child = await startChildServer({
+    FAULT_SERVER_OPTIONS: JSON.stringify({
+      replayPageBytes: 64 * MiB,
+      maxResponseBufferedBytes: 64 * MiB,
+      maxResponseBufferedBytesPerPrincipal: 2 * MiB,
+      responseDrainTimeoutMs: 1500,
+    }),
+  });
+  const { port } = child;
+  await child.call('publishMany', { channel: CHANNEL, n: 60, bytes: MSG_BYTES }, 60_000);
+  // Without authenticate each clientId is its own principal: `attacker-0` holds ~24 MB unread.
+  await unreadPoll(port, 0);
+  await until('the answer to be held', async () => {
+    const m = await child!.call<Memory>('counts');
+    return m.stats.responseBufferedBytes > 2 * MiB;
+  });
+  const again = await poll(port, 'attacker-0', 58);
+  expect(again.status).toBe(429);
+  expect(again.retryAfter).toBe('1');
+  expect(again.body[0]).toMatchObject({ type: 'NAK', error: { code: 'rate_limited' } });
+  expect(again.body[0].error.message).toContain('for this principal');
+  // The server-wide budget is far from reached: another principal is served meanwhile.
+  const other = await poll(port, 'honest', 58);
+  expect(other.status).toBe(200);
+  expect(other.body.filter((f) => f.type === 'MSG').map((f) => f.seq)).toEqual([59, 60]);
+  // Once the unread answer is destroyed, the share is free again.
+  await until('the held bytes to be released', async () => {
+    const m = await child!.call<Memory>('counts');
+    return m.stats.responseBufferedBytes === 0;
+  });
+  const later = await poll(port, 'attacker-0', 58);
+  expect(later.status).toBe(200);
+}, 60_000);

@@ -73,6 +73,11 @@ export interface HttpTransportOptions<P> {
    * request answers 429 with `Retry-After: 1` (issue 12: unread poll answers held 100 MiB).
    */
   maxResponseBufferedBytes: number;
+  /**
+   * The share of `maxResponseBufferedBytes` one principal's unread answers may hold; past it
+   * that principal's new requests answer 429, others' are still served.
+   */
+  maxResponseBufferedBytesPerPrincipal: number;
   /** Milliseconds an answer may take to flush; then its response is destroyed. */
   responseDrainTimeoutMs: number;
   dispatcher: Dispatcher<P>;
@@ -98,13 +103,21 @@ export function createHttpHandler<P>(o: HttpTransportOptions<P>): HttpHandler {
   const corsHeaders = o.cors === false ? undefined : cors({ ...DEFAULT_CORS, ...o.cors });
   /** Answer bytes handed to `res` whose `finish` (flushed to the kernel) has not come yet. */
   let outstanding = 0;
+  /** The same, per principal (`subscriberKey`); entries go when they reach 0. */
+  const outstandingOf = new Map<string, number>();
+  const tooManyAnswerBytes = (res: ServerResponse, what: string) =>
+    reply(res, 429, [nak(null, 'rate_limited', `too many answer bytes waiting to be read ${what}`)], {
+      'Retry-After': '1',
+      Connection: 'close',
+    });
 
   /** `reply`, with the answer's bytes held until flushed, and destroyed if it is not in time. */
-  const answer = (res: ServerResponse, status: number, body: ServerEnvelope[]) => {
+  const answer = (res: ServerResponse, status: number, body: ServerEnvelope[], principal: string) => {
     const bytes = reply(res, status, body);
     if (bytes === 0) return;
     if (res.writableFinished) return;
     outstanding += bytes;
+    outstandingOf.set(principal, (outstandingOf.get(principal) ?? 0) + bytes);
     const timer = setTimeout(() => res.destroy(), o.responseDrainTimeoutMs);
     timer.unref();
     const done = () => {
@@ -112,6 +125,9 @@ export function createHttpHandler<P>(o: HttpTransportOptions<P>): HttpHandler {
       res.off('finish', done);
       res.off('close', done);
       outstanding -= bytes;
+      const left = (outstandingOf.get(principal) ?? bytes) - bytes;
+      if (left > 0) outstandingOf.set(principal, left);
+      else outstandingOf.delete(principal);
     };
     res.on('finish', done);
     res.on('close', done);
@@ -141,12 +157,7 @@ export function createHttpHandler<P>(o: HttpTransportOptions<P>): HttpHandler {
     if (req.method !== 'POST') return reply(res, 405, undefined, { Allow: 'POST, OPTIONS' });
     if (o.closing())
       return reply(res, 503, [nak(null, 'server_error', 'server is closing')], { 'Retry-After': '1' });
-    if (outstanding >= o.maxResponseBufferedBytes) {
-      return reply(res, 429, [nak(null, 'rate_limited', 'too many answer bytes waiting to be read')], {
-        'Retry-After': '1',
-        Connection: 'close',
-      });
-    }
+    if (outstanding >= o.maxResponseBufferedBytes) return tooManyAnswerBytes(res, 'on this server');
     const clientId = req.headers['x-client-id'];
     if (!validClientId(clientId)) {
       return reply(res, 400, [nak(null, 'bad_request', `X-Client-Id must be 1–${MAX_ID_LENGTH} characters`)]);
@@ -162,6 +173,11 @@ export function createHttpHandler<P>(o: HttpTransportOptions<P>): HttpHandler {
     // The body's bytes are held against the budget as they arrive, not once complete: a slow
     // body is memory held too (issue 12: 17 slow 1 MiB bodies held 200 MiB outside it).
     const who: Holder = { clientId, principal: o.subscriberKey(auth.principal, clientId) };
+    // One principal's unread answers cannot take the whole budget from the others (the
+    // budget-lock shape of issue 12's finding 4, on answers).
+    if ((outstandingOf.get(who.principal) ?? 0) >= o.maxResponseBufferedBytesPerPrincipal) {
+      return tooManyAnswerBytes(res, 'for this principal');
+    }
     const body = await readBody(req, o.maxPayloadBytes, o.bodyTimeoutMs, o.budget, who);
     if (body === 'aborted') return;
     if (body === 'too_large') return tooLarge();
@@ -198,7 +214,7 @@ export function createHttpHandler<P>(o: HttpTransportOptions<P>): HttpHandler {
     // Closed meanwhile (e.g. a batch left unprocessed): "retry later" keeps the batch alive.
     if (o.closing())
       return reply(res, 503, [nak(null, 'server_error', 'server is closing')], { 'Retry-After': '1' });
-    answer(res, 200, out);
+    answer(res, 200, out, who.principal);
   }
 
   const handleHttp = (req: IncomingMessage, res: ServerResponse) => {

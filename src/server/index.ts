@@ -289,6 +289,14 @@ export interface SyncServerOptions<
    */
   maxResponseBufferedBytes?: number;
   /**
+   * The share of `maxResponseBufferedBytes` one principal's unread HTTP answers may hold
+   * (without `authenticate`, each clientId is its own principal). Past it, that principal's
+   * new requests are answered 429 `rate_limited` with `Retry-After: 1` while others' are still
+   * served: one reader that never reads cannot lock every client out of polling.
+   * @default 4194304 (4 MiB: four full answers of the default replayPageBytes)
+   */
+  maxResponseBufferedBytesPerPrincipal?: number;
+  /**
    * An HTTP answer not flushed to the kernel this long after it was written (a client that
    * does not read it) is destroyed, and its bytes released.
    * @default 30000
@@ -593,6 +601,7 @@ const DEFAULTS = {
   replayDrainTimeoutMs: 30_000,
   replayPageBytes: 1024 * 1024,
   maxResponseBufferedBytes: 32 * 1024 * 1024,
+  maxResponseBufferedBytesPerPrincipal: 4 * 1024 * 1024,
   responseDrainTimeoutMs: 30_000,
   maxBadFrames: 100,
   maxQueuedPerClient: 100,
@@ -630,6 +639,7 @@ const POSITIVE_OPTIONS = [
   'replayDrainTimeoutMs',
   'replayPageBytes',
   'maxResponseBufferedBytes',
+  'maxResponseBufferedBytesPerPrincipal',
   'responseDrainTimeoutMs',
   'maxBadFrames',
   'maxQueuedPerClient',
@@ -818,6 +828,7 @@ export async function createSyncServer<
     subscriberKey,
     bodyTimeoutMs: o.requestTimeoutMs,
     maxResponseBufferedBytes: o.maxResponseBufferedBytes,
+    maxResponseBufferedBytesPerPrincipal: o.maxResponseBufferedBytesPerPrincipal,
     responseDrainTimeoutMs: o.responseDrainTimeoutMs,
     dispatcher,
     closing: isClosing,
