@@ -27,7 +27,7 @@ import { type AllowedHosts, type AllowedOrigins, Budget } from './limits.js';
 import { createWsTransport, rejectUpgrade } from './ws.js';
 
 export type { CorsOptions } from 'cors';
-export { type MemoryStoreOptions, memoryStore } from '../stores/memory.js';
+export { MEMORY_STORE_DEFAULTS, type MemoryStore, type MemoryStoreOptions, memoryStore } from '../stores/memory.js';
 export type {
   ChannelHead,
   DedupeClaim,
@@ -306,6 +306,17 @@ export interface SyncServerOptions<
    */
   maxChannels?: number;
   /**
+   * Channel look-ups per second the `SUB`s of one principal (by `principalKey`; without
+   * `authenticate`, each clientId on its own) may cost, sockets and HTTP polls together: a
+   * `SUB` costs the number of channels it names, charged before any `authorize` call or store
+   * read; past the budget the whole `SUB` is answered `NAK rate_limited` (HTTP 429) and the
+   * client asks again after a backoff. Burst: `max(this, maxChannelsPerPrincipal)`, so one
+   * full `SUB` always passes a rested budget. Keeps SUBs of many channels (each a store
+   * look-up) from occupying the event loop other principals need.
+   * @default 2000
+   */
+  maxChannelLookupsPerSecondPerPrincipal?: number;
+  /**
    * Which browser pages may use this server: the `Origin` of every upgrade and HTTP request
    * is checked before `authenticate`, and a refused one is answered `403` (README "Origins
    * and CSWSH"). Requests without `Origin` (non-browser clients) are accepted; so are
@@ -469,6 +480,14 @@ export interface SyncServerStats {
   dedupeBytes: number;
   /** Channels with at least one live socket subscription. */
   channels: number;
+  /**
+   * Channel records the store keeps (its `channelCount`, what `maxChannels` bounds), as last
+   * read: by each `SUB`'s `maxChannels` check and by housekeeping. `0` for a store without
+   * `channelCount`.
+   */
+  channelRecords: number;
+  /** ClientId → principal bindings held in this process (what `maxClientIds` bounds). */
+  bindings: number;
   /** Request bytes received and not yet answered (bounded by `maxQueuedBytes`). */
   queuedBytes: number;
   /**
@@ -569,6 +588,7 @@ const DEFAULTS = {
   maxQueuedPerClient: 100,
   maxChannelsPerPrincipal: 1000,
   maxChannels: 100_000,
+  maxChannelLookupsPerSecondPerPrincipal: 2000,
   allowedOrigins: 'same-host',
   cors: {},
   maxBatch: 1000,
@@ -603,6 +623,7 @@ const POSITIVE_OPTIONS = [
   'maxQueuedPerClient',
   'maxChannelsPerPrincipal',
   'maxChannels',
+  'maxChannelLookupsPerSecondPerPrincipal',
   'maxBatch',
   'maxQueuedBytes',
   'maxSocketsPerClient',
@@ -715,6 +736,8 @@ export async function createSyncServer<
   /** Set once running batches drained (or `closeTimeoutMs` passed): publishes are refused. */
   let storeClosing = false;
 
+  /** The store's `channelCount` as last read (`stats().channelRecords`). */
+  let channelRecords = 0;
   const dispatcher = makeDispatcher<P>({
     hooks: o,
     store,
@@ -728,6 +751,11 @@ export async function createSyncServer<
     maxChannelsPerPrincipal: o.maxChannelsPerPrincipal,
     maxQueuedPerSocket: o.maxQueuedPerClient,
     maxChannels: o.maxChannels,
+    maxChannelLookupsPerSecondPerPrincipal: o.maxChannelLookupsPerSecondPerPrincipal,
+    lookupKey: (principal, clientId) => subscriberKey(principal, clientId),
+    onChannelCount: (n) => {
+      channelRecords = n;
+    },
   });
   /**
    * The key channel subscriptions are counted and matched by: the principal's key, or the
@@ -789,6 +817,7 @@ export async function createSyncServer<
     dedupe.sweep();
     bindings.expire();
     await store.trim({ free: (name) => !channels.isLive(name) });
+    if (store.channelCount) channelRecords = await store.channelCount();
   };
   const housekeeping = setInterval(
     () => {
@@ -946,6 +975,8 @@ export async function createSyncServer<
         dedupeEntries: dedupe.size,
         dedupeBytes: dedupe.sizeBytes,
         channels: channels.size,
+        channelRecords,
+        bindings: bindings.size,
         queuedBytes: budget.total,
         replayBufferedBytes: ws.replayBufferedBytes,
       };
