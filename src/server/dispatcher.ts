@@ -37,8 +37,8 @@ import type { AppendOptions, HistoryStore } from '../stores/types.js';
 import type { ChannelPeer, Channels } from './channels.js';
 import type { Dedupe, SynResponse } from './dedupe.js';
 import { type Bindings, type BindOutcome, ownerOf } from './identity.js';
-import { KeyedBuckets } from './limits.js';
 import type { PublishOptions, PublishResult, SyncContext, SyncServerOptions } from './index.js';
+import { KeyedBuckets } from './limits.js';
 
 /** A peer whose subscriptions are live (a socket): `Channels` delivers to it directly. */
 export type LivePeer = ChannelPeer;
@@ -397,9 +397,16 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
         if (conn) {
           Object.assign(entries, await channels.subscribe(conn, allowed, snapshot));
         } else {
-          const { messages, states } = await channels.poll(peer.clientId, allowed, snapshot);
-          for (const m of messages) peer.send(m);
-          Object.assign(entries, states);
+          const polled = Object.keys(allowed);
+          try {
+            const { messages, states } = await channels.poll(peer.clientId, allowed, snapshot);
+            for (const m of messages) peer.send(m);
+            Object.assign(entries, states);
+          } finally {
+            // A poll follows nothing: the records its look-ups made for never-published
+            // channels are freed now, not at the next housekeeping (HistoryStore.releaseChannels).
+            channels.release(polled);
+          }
         }
       }
       // Entries in the order the SUB named them.

@@ -27,7 +27,12 @@ import { type AllowedHosts, type AllowedOrigins, Budget } from './limits.js';
 import { createWsTransport, rejectUpgrade } from './ws.js';
 
 export type { CorsOptions } from 'cors';
-export { MEMORY_STORE_DEFAULTS, type MemoryStore, type MemoryStoreOptions, memoryStore } from '../stores/memory.js';
+export {
+  MEMORY_STORE_DEFAULTS,
+  type MemoryStore,
+  type MemoryStoreOptions,
+  memoryStore,
+} from '../stores/memory.js';
 export type {
   ChannelHead,
   DedupeClaim,

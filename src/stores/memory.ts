@@ -157,7 +157,7 @@ export function memoryStore(options: MemoryStoreOptions = {}): MemoryStore {
     if (order.length - orderStart <= 1024) return;
     let live = 0;
     for (const c of channels.values()) live += c.msgs.length - c.start;
-    if ((order.length - orderStart) <= 2 * live) return;
+    if (order.length - orderStart <= 2 * live) return;
     order = order
       .slice(orderStart)
       .filter(({ c, seq }) => channels.get(c.msgs[0]?.channel ?? '') === c && seq >= firstSeq(c));
@@ -221,6 +221,19 @@ export function memoryStore(options: MemoryStoreOptions = {}): MemoryStore {
         if (opts.free && c.start >= c.msgs.length && opts.free(name)) channels.delete(name);
       }
       pruneOrder();
+    },
+
+    async releaseChannels(names: string[], free: (name: string) => boolean): Promise<number> {
+      ensureOpen();
+      let n = 0;
+      for (const name of names) {
+        const c = channels.get(name);
+        if (c && c.seq === 0 && free(name)) {
+          channels.delete(name);
+          n++;
+        }
+      }
+      return n;
     },
 
     async channelCount() {
