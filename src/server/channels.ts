@@ -27,6 +27,9 @@ import type { ChannelHead, HistoryStore, StoredMessage } from '../stores/types.j
 /** Smallest history page read again after a replay had to wait for its socket. */
 const MIN_REPLAY_PAGE = 64;
 
+/** Channels of one `SUB` set up between two turns given to the event loop. */
+const SUB_YIELD_EVERY = 32;
+
 /** Let the event loop run other sockets' I/O before going on (between replay pages). */
 const yieldTurn = () => new Promise<void>((resolve) => setImmediate(resolve));
 
@@ -57,6 +60,11 @@ export interface ChannelPeer {
   fail(reason: string): void;
   /** Run `task` after every task queued before it (a socket's SUBs, UNSs and revocations). */
   serial<T>(task: () => Promise<T>): Promise<T>;
+  /**
+   * Charge `n` more frames to the socket's (and its principal's) frame rate, as far as tokens
+   * are left: a `SUB` counts a frame per channel it names, not one (README "Limits").
+   */
+  chargeFrames?(n: number): void;
 }
 
 export interface ChannelsOptions {
@@ -318,6 +326,9 @@ export class Channels {
       // subscriptions were registered: what is appended after a head read waits in `pending`.
       const heads = names.length > 1 && this.store.heads ? await this.store.heads(names) : undefined;
       for (const [i, sub] of subs.entries()) {
+        // A SUB of many channels must not hold the event loop: awaits of a store that answers
+        // at once never let other sockets' I/O in, so give them a turn every few channels.
+        if (i > 0 && i % SUB_YIELD_EVERY === 0) await yieldTurn();
         const cursor = cursors[sub.channel]!;
         // The head first, then the snapshot: the snapshot holds every change up to the head
         // (and maybe some after it, which the replay repeats; docs/consistency.md).

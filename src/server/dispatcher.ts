@@ -343,6 +343,9 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
       );
       return;
     }
+    // On a socket, the SUB counts as a frame per channel it names (the frame itself took one):
+    // SUBs that keep coming after a refusal are then refused before they are parsed.
+    peer.conn?.chargeFrames?.(names.length - 1);
     // Each channel named costs the store a look-up (and a record) and the event loop time, so
     // a SUB is charged by its channels against its principal's budget, not as one frame.
     if (lookups && names.length > 0) {

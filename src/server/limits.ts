@@ -237,6 +237,21 @@ export function takeTokens(b: TokenState, rate: number, burst: number, now: numb
 }
 
 /**
+ * Take up to `cost` tokens from a token bucket (`takeToken`'s shape), leaving it empty rather
+ * than refusing when fewer are left: work already done is charged after the fact (a `SUB`
+ * costs a frame per channel it names), so that the frames that follow are refused before
+ * they are parsed.
+ */
+export function drainTokens(b: TokenState, rate: number, burst: number, now: number, cost: number): void {
+  const elapsed = now - b.last;
+  if (elapsed > 0) {
+    b.tokens = Math.min(burst * 1000, b.tokens + elapsed * rate);
+    b.last = now;
+  }
+  b.tokens = Math.max(0, b.tokens - cost * 1000);
+}
+
+/**
  * Token buckets by key (a principal's), each `rate` tokens per second up to `burst`, for
  * charging work by its size (channel look-ups of a `SUB`). A bucket back at `burst` is the
  * same as none, so full ones are dropped when the map grows: memory stays proportional to
@@ -295,6 +310,11 @@ export class FrameBucket implements TokenState {
   /** Take one token at time `now` (`bucketNow()`); `false` when the bucket is empty. */
   take(now: number): boolean {
     return takeToken(this, this.rate, this.burst, now);
+  }
+
+  /** Take up to `cost` tokens at time `now` (`drainTokens`). */
+  drain(now: number, cost: number): void {
+    drainTokens(this, this.rate, this.burst, now, cost);
   }
 }
 
