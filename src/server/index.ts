@@ -487,8 +487,8 @@ export interface SyncServerStats {
   channels: number;
   /**
    * Channel records the store keeps (its `channelCount`, what `maxChannels` bounds), as last
-   * read: by each `SUB`'s `maxChannels` check and by housekeeping. `0` for a store without
-   * `channelCount`.
+   * read: by each `SUB`'s `maxChannels` check, by housekeeping, and by the previous `stats()`
+   * call (so it lags by one call). `0` for a store without `channelCount`.
    */
   channelRecords: number;
   /** ClientId → principal bindings held in this process (what `maxClientIds` bounds). */
@@ -972,6 +972,13 @@ export async function createSyncServer<
     },
     publish: (channel, payload, opts) => dispatcher.publish(channel, payload, opts),
     stats() {
+      // Refreshed for the next call: `stats()` is synchronous and `channelCount` is not.
+      store
+        .channelCount?.()
+        .then((n) => {
+          channelRecords = n;
+        })
+        .catch(() => {});
       const clients = new Set(dedupe.activeClientIds());
       for (const id of ws.clientIds()) clients.add(id);
       return {
