@@ -169,6 +169,33 @@ describe('SUBs are charged by the channels they name (maxChannelLookupsPerSecond
     },
   );
 
+  it('a SUB counts a frame per channel named: the frames after it are refused before parsing', async () => {
+    const server = await h.start<{ id: string }>({
+      authenticate,
+      maxFramesPerSecond: 100,
+      maxFrameBurst: 100,
+      maxFramesPerSecondPerPrincipal: 100,
+      maxChannelLookupsPerSecondPerPrincipal: 1000,
+    });
+    const atk = await open(server, 'atk-f', 'attacker');
+    const sub = await atk.request({ id: 's1', type: 'SUB', payload: { channels: fresh('c', 1000) } }, 20_000);
+    expect(sub.at(-1)).toMatchObject({ id: 's1', type: 'SYN' });
+    // The SUB took all the socket's frames (100 a second refill it): of 50 frames sent now,
+    // most are refused unparsed.
+    for (let i = 0; i < 50; i++) atk.send({ id: `p${i}`, type: 'PNG' });
+    const refusal = await atk.next((f) => f.type === 'NAK');
+    expect(refusal).toMatchObject({
+      type: 'NAK',
+      error: { code: 'rate_limited', message: 'too many frames; slow down' },
+    });
+    // Another principal is answered.
+    const honest = await open(server, 'honest-f', 'honest');
+    const syn = await honest.request({ id: 'y1', type: 'SYN', payload: [1] });
+    expect(syn.at(-1)).toEqual({ id: 'y1', type: 'SYN', payload: [{ ok: 1 }] });
+    atk.ws.terminate();
+    honest.ws.terminate();
+  });
+
   it('the shipped client retries a SUB refused rate_limited after a backoff, and gets the channel', async () => {
     const server = await h.start<{ id: string }>({
       authenticate,
