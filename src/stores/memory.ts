@@ -22,7 +22,7 @@ export interface MemoryStoreOptions extends RetentionOptions {
    * Most payload bytes (UTF-8 of the payload's JSON) one channel retains; its oldest messages
    * are evicted first to stay under it (the newest one is always kept, whatever its size).
    * Replay from before the eviction is a reset (`recovered: false`, PROTOCOL §3 rule 6).
-   * @default 16777216 (16 MiB)
+   * @default 33554432 (32 MiB)
    */
   maxBytesPerChannel?: number;
   /**
@@ -34,7 +34,7 @@ export interface MemoryStoreOptions extends RetentionOptions {
 
 /** Defaults of the memory store's byte bounds (README "Limits"). */
 export const MEMORY_STORE_DEFAULTS = {
-  maxBytesPerChannel: 16 * 1024 * 1024,
+  maxBytesPerChannel: 32 * 1024 * 1024,
   maxBytes: 64 * 1024 * 1024,
 } as const;
 
@@ -66,7 +66,7 @@ export interface MemoryStore extends HistoryStore {
 /**
  * A `HistoryStore` in this process's memory. Retention per channel: the newest `maxMessages`
  * (10 000) messages, none older than `maxAgeMs` (a day), at most `maxBytesPerChannel`
- * (16 MiB) of payload; and at most `maxBytes` (64 MiB) of payload in all, oldest evicted
+ * (32 MiB) of payload; and at most `maxBytes` (64 MiB) of payload in all, oldest evicted
  * first. Throws `RangeError` for a bound that is not > 0.
  */
 export function memoryStore(options: MemoryStoreOptions = {}): MemoryStore {
