@@ -27,6 +27,9 @@ import type { ChannelHead, HistoryStore, StoredMessage } from '../stores/types.j
 /** Smallest history page read again after a replay had to wait for its socket. */
 const MIN_REPLAY_PAGE = 64;
 
+/** Channels of one `SUB` set up between two turns given to the event loop. */
+const SUB_YIELD_EVERY = 32;
+
 /** Let the event loop run other sockets' I/O before going on (between replay pages). */
 const yieldTurn = () => new Promise<void>((resolve) => setImmediate(resolve));
 
@@ -57,6 +60,11 @@ export interface ChannelPeer {
   fail(reason: string): void;
   /** Run `task` after every task queued before it (a socket's SUBs, UNSs and revocations). */
   serial<T>(task: () => Promise<T>): Promise<T>;
+  /**
+   * Charge `n` more frames to the socket's (and its principal's) frame rate, as far as tokens
+   * are left: a `SUB` counts a frame per channel it names, not one (README "Limits").
+   */
+  chargeFrames?(n: number): void;
 }
 
 export interface ChannelsOptions {
@@ -336,6 +344,9 @@ export class Channels {
       // subscriptions were registered: what is appended after a head read waits in `pending`.
       const heads = names.length > 1 && this.store.heads ? await this.store.heads(names) : undefined;
       for (const [i, sub] of subs.entries()) {
+        // A SUB of many channels must not hold the event loop: awaits of a store that answers
+        // at once never let other sockets' I/O in, so give them a turn every few channels.
+        if (i > 0 && i % SUB_YIELD_EVERY === 0) await yieldTurn();
         const cursor = cursors[sub.channel]!;
         // The head first, then the snapshot: the snapshot holds every change up to the head
         // (and maybe some after it, which the replay repeats; docs/consistency.md).
@@ -387,15 +398,33 @@ export class Channels {
 
   /** Stop the named subscriptions of a socket; unknown names are ignored. */
   unsubscribe(peer: ChannelPeer, names: string[]): void {
+    const emptied: string[] = [];
     for (const name of names) {
       const sub = peer.subs.get(name);
-      if (sub) this.drop(peer, sub);
+      if (sub && this.drop(peer, sub)) emptied.push(name);
     }
+    this.release(emptied);
   }
 
   /** Forget a socket that closed. */
   dropPeer(peer: ChannelPeer): void {
-    for (const sub of [...peer.subs.values()]) this.drop(peer, sub);
+    const emptied: string[] = [];
+    for (const sub of [...peer.subs.values()]) if (this.drop(peer, sub)) emptied.push(sub.channel);
+    this.release(emptied);
+  }
+
+  /**
+   * Free at once the store records of `names` that no socket here follows any more and that
+   * were never published to (`HistoryStore.releaseChannels`): a `SUB`'s or poll's look-ups leave no
+   * record behind once nobody follows them, so one principal cannot fill `maxChannels` by
+   * subscribing to fresh names and leaving them. Liveness is asked again by the store at the
+   * moment of deletion, so a `SUB` made meanwhile keeps its record (and its epoch).
+   */
+  release(names: string[]): void {
+    if (names.length === 0 || !this.store.releaseChannels) return;
+    this.store
+      .releaseChannels(names, (name) => !this.index.has(name))
+      .catch((err: unknown) => this.onError(err, 'store.releaseChannels'));
   }
 
   /**
@@ -458,7 +487,7 @@ export class Channels {
   /** A subscription cannot go on (store failure, history reset): give up on its socket. */
   failed(sub: Subscription, err: unknown, reason = 'history store failed'): void {
     this.onError(err, `subscription to ${sub.channel}`);
-    this.drop(sub.peer, sub);
+    if (this.drop(sub.peer, sub)) this.release([sub.channel]);
     sub.peer.fail(reason);
   }
 
@@ -469,13 +498,14 @@ export class Channels {
     this.perPrincipal.clear();
   }
 
-  private drop(peer: ChannelPeer, sub: Subscription): void {
+  /** End one subscription; `true` when it was the channel's last one here. */
+  private drop(peer: ChannelPeer, sub: Subscription): boolean {
     sub.cancel();
     if (peer.subs.get(sub.channel) === sub) {
       peer.subs.delete(sub.channel);
       this.count(peer.subscriberKey, -1);
     }
-    this.remove(sub);
+    return this.remove(sub);
   }
 
   private count(key: string, delta: number): void {
@@ -484,12 +514,15 @@ export class Channels {
     else this.perPrincipal.delete(key);
   }
 
-  private remove(sub: Subscription | undefined): void {
-    if (!sub) return;
+  /** Unindex `sub`; `true` when it was the channel's last subscription here. */
+  private remove(sub: Subscription | undefined): boolean {
+    if (!sub) return false;
     const set = this.index.get(sub.channel);
-    if (!set) return;
+    if (!set) return false;
     set.delete(sub);
-    if (set.size === 0) this.index.delete(sub.channel);
+    if (set.size > 0) return false;
+    this.index.delete(sub.channel);
+    return true;
   }
 
   private fanOut(msg: StoredMessage): void {

@@ -38,6 +38,7 @@ import type { ChannelPeer, Channels } from './channels.js';
 import type { Dedupe, SynResponse } from './dedupe.js';
 import { type Bindings, type BindOutcome, ownerOf } from './identity.js';
 import type { PublishOptions, PublishResult, SyncContext, SyncServerOptions } from './index.js';
+import { KeyedBuckets } from './limits.js';
 
 /** A peer whose subscriptions are live (a socket): `Channels` delivers to it directly. */
 export type LivePeer = ChannelPeer;
@@ -90,6 +91,17 @@ export interface DispatcherOptions<P> {
    * ones get `NAK rate_limited`, like `SYN`s past `maxQueuedPerClient`. @default 100
    */
   maxQueuedPerSocket?: number;
+  /**
+   * Channel look-ups per second one principal may make with its `SUB`s (socket and HTTP
+   * together): each `SUB` costs the number of channels it names; beyond, the whole `SUB` is
+   * answered `NAK rate_limited` before any look-up. Burst: `max(rate, maxChannelsPerPrincipal)`.
+   * @default no bound
+   */
+  maxChannelLookupsPerSecondPerPrincipal?: number;
+  /** Told the store's `channelCount` each time it is read (for `stats().channelRecords`). */
+  onChannelCount?(n: number): void;
+  /** The key look-ups are charged to: `p:<principalKey>`, or `c:<clientId>` when anonymous. */
+  lookupKey?(principal: P, clientId: string): string;
 }
 
 /** Which live subscriptions a revocation is about. */
@@ -290,6 +302,7 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
   async function overChannelCap(names: string[]): Promise<boolean> {
     if (o.maxChannels === undefined || !store.channelCount) return false;
     const kept = await store.channelCount();
+    o.onChannelCount?.(kept);
     if (kept + names.length <= o.maxChannels) return false;
     let fresh = 0;
     for (const name of names) {
@@ -306,6 +319,14 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
    * subscription the socket had to it, and channels beyond the principal's cap are refused
    * `too_many_channels`.
    */
+  const lookups =
+    o.maxChannelLookupsPerSecondPerPrincipal === undefined
+      ? undefined
+      : new KeyedBuckets(
+          o.maxChannelLookupsPerSecondPerPrincipal,
+          Math.max(o.maxChannelLookupsPerSecondPerPrincipal, o.maxChannelsPerPrincipal),
+        );
+
   async function subscribe(env: SubEnvelope, peer: Peer<P>): Promise<void> {
     const cursors = env.payload.channels;
     const names = Object.keys(cursors);
@@ -321,6 +342,24 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
         ),
       );
       return;
+    }
+    // On a socket, the SUB counts as a frame per channel it names (the frame itself took one):
+    // SUBs that keep coming after a refusal are then refused before they are parsed.
+    peer.conn?.chargeFrames?.(names.length - 1);
+    // Each channel named costs the store a look-up (and a record) and the event loop time, so
+    // a SUB is charged by its channels against its principal's budget, not as one frame.
+    if (lookups && names.length > 0) {
+      const key = o.lookupKey ? o.lookupKey(peer.principal, peer.clientId) : `c:${peer.clientId}`;
+      if (!lookups.take(key, names.length)) {
+        peer.send(
+          nak(
+            env.id,
+            'rate_limited',
+            `at most ${lookups.rate} channel look-ups per second per principal; retry later`,
+          ),
+        );
+        return;
+      }
     }
     if (await overChannelCap(names)) {
       peer.send(nak(env.id, 'rate_limited', `this server keeps ${o.maxChannels} channels; retry later`));
@@ -361,9 +400,16 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
         if (conn) {
           Object.assign(entries, await channels.subscribe(conn, allowed, snapshot));
         } else {
-          const { messages, states } = await channels.poll(peer.clientId, allowed, snapshot);
-          for (const m of messages) peer.send(m);
-          Object.assign(entries, states);
+          const polled = Object.keys(allowed);
+          try {
+            const { messages, states } = await channels.poll(peer.clientId, allowed, snapshot);
+            for (const m of messages) peer.send(m);
+            Object.assign(entries, states);
+          } finally {
+            // A poll follows nothing: the records its look-ups made for never-published
+            // channels are freed now, not at the next housekeeping (HistoryStore.releaseChannels).
+            channels.release(polled);
+          }
         }
       }
       // Entries in the order the SUB named them.

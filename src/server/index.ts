@@ -27,7 +27,12 @@ import { type AllowedHosts, type AllowedOrigins, Budget } from './limits.js';
 import { createWsTransport, rejectUpgrade } from './ws.js';
 
 export type { CorsOptions } from 'cors';
-export { type MemoryStoreOptions, memoryStore } from '../stores/memory.js';
+export {
+  MEMORY_STORE_DEFAULTS,
+  type MemoryStore,
+  type MemoryStoreOptions,
+  memoryStore,
+} from '../stores/memory.js';
 export type {
   ChannelHead,
   DedupeClaim,
@@ -335,6 +340,17 @@ export interface SyncServerOptions<
    */
   maxChannels?: number;
   /**
+   * Channel look-ups per second the `SUB`s of one principal (by `principalKey`; without
+   * `authenticate`, each clientId on its own) may cost, sockets and HTTP polls together: a
+   * `SUB` costs the number of channels it names, charged before any `authorize` call or store
+   * read; past the budget the whole `SUB` is answered `NAK rate_limited` (HTTP 429) and the
+   * client asks again after a backoff. Burst: `max(this, maxChannelsPerPrincipal)`, so one
+   * full `SUB` always passes a rested budget. Keeps SUBs of many channels (each a store
+   * look-up) from occupying the event loop other principals need.
+   * @default 2000
+   */
+  maxChannelLookupsPerSecondPerPrincipal?: number;
+  /**
    * Which browser pages may use this server: the `Origin` of every upgrade and HTTP request
    * is checked before `authenticate`, and a refused one is answered `403` (README "Origins
    * and CSWSH"). Requests without `Origin` (non-browser clients) are accepted; so are
@@ -498,6 +514,14 @@ export interface SyncServerStats {
   dedupeBytes: number;
   /** Channels with at least one live socket subscription. */
   channels: number;
+  /**
+   * Channel records the store keeps (its `channelCount`, what `maxChannels` bounds), as last
+   * read: by each `SUB`'s `maxChannels` check, by housekeeping, and by the previous `stats()`
+   * call (so it lags by one call). `0` for a store without `channelCount`.
+   */
+  channelRecords: number;
+  /** ClientId → principal bindings held in this process (what `maxClientIds` bounds). */
+  bindings: number;
   /** Request bytes received and not yet answered (bounded by `maxQueuedBytes`). */
   queuedBytes: number;
   /**
@@ -607,6 +631,7 @@ const DEFAULTS = {
   maxQueuedPerClient: 100,
   maxChannelsPerPrincipal: 1000,
   maxChannels: 100_000,
+  maxChannelLookupsPerSecondPerPrincipal: 2000,
   allowedOrigins: 'same-host',
   cors: {},
   maxBatch: 1000,
@@ -645,6 +670,7 @@ const POSITIVE_OPTIONS = [
   'maxQueuedPerClient',
   'maxChannelsPerPrincipal',
   'maxChannels',
+  'maxChannelLookupsPerSecondPerPrincipal',
   'maxBatch',
   'maxQueuedBytes',
   'maxSocketsPerClient',
@@ -762,6 +788,8 @@ export async function createSyncServer<
   /** Set once running batches drained (or `closeTimeoutMs` passed): publishes are refused. */
   let storeClosing = false;
 
+  /** The store's `channelCount` as last read (`stats().channelRecords`). */
+  let channelRecords = 0;
   const dispatcher = makeDispatcher<P>({
     hooks: o,
     store,
@@ -775,6 +803,11 @@ export async function createSyncServer<
     maxChannelsPerPrincipal: o.maxChannelsPerPrincipal,
     maxQueuedPerSocket: o.maxQueuedPerClient,
     maxChannels: o.maxChannels,
+    maxChannelLookupsPerSecondPerPrincipal: o.maxChannelLookupsPerSecondPerPrincipal,
+    lookupKey: (principal, clientId) => subscriberKey(principal, clientId),
+    onChannelCount: (n) => {
+      channelRecords = n;
+    },
   });
   /**
    * The key channel subscriptions are counted and matched by: the principal's key, or the
@@ -839,6 +872,7 @@ export async function createSyncServer<
     dedupe.sweep();
     bindings.expire();
     await store.trim({ free: (name) => !channels.isLive(name) });
+    if (store.channelCount) channelRecords = await store.channelCount();
   };
   const housekeeping = setInterval(
     () => {
@@ -988,6 +1022,13 @@ export async function createSyncServer<
     },
     publish: (channel, payload, opts) => dispatcher.publish(channel, payload, opts),
     stats() {
+      // Refreshed for the next call: `stats()` is synchronous and `channelCount` is not.
+      store
+        .channelCount?.()
+        .then((n) => {
+          channelRecords = n;
+        })
+        .catch(() => {});
       const clients = new Set(dedupe.activeClientIds());
       for (const id of ws.clientIds()) clients.add(id);
       return {
@@ -996,6 +1037,8 @@ export async function createSyncServer<
         dedupeEntries: dedupe.size,
         dedupeBytes: dedupe.sizeBytes,
         channels: channels.size,
+        channelRecords,
+        bindings: bindings.size,
         queuedBytes: budget.total,
         replayBufferedBytes: ws.replayBufferedBytes,
         responseBufferedBytes: handleHttp.responseBufferedBytes(),

@@ -222,6 +222,73 @@ export function takeToken(b: TokenState, rate: number, burst: number, now: numbe
 }
 
 /**
+ * Take `cost` tokens at once from a token bucket (`takeToken`'s shape): `false`, and nothing
+ * taken, when fewer are left. A cost above `burst` can never pass.
+ */
+export function takeTokens(b: TokenState, rate: number, burst: number, now: number, cost: number): boolean {
+  const elapsed = now - b.last;
+  if (elapsed > 0) {
+    b.tokens = Math.min(burst * 1000, b.tokens + elapsed * rate);
+    b.last = now;
+  }
+  if (b.tokens < cost * 1000) return false;
+  b.tokens -= cost * 1000;
+  return true;
+}
+
+/**
+ * Take up to `cost` tokens from a token bucket (`takeToken`'s shape), leaving it empty rather
+ * than refusing when fewer are left: work already done is charged after the fact (a `SUB`
+ * costs a frame per channel it names), so that the frames that follow are refused before
+ * they are parsed.
+ */
+export function drainTokens(b: TokenState, rate: number, burst: number, now: number, cost: number): void {
+  const elapsed = now - b.last;
+  if (elapsed > 0) {
+    b.tokens = Math.min(burst * 1000, b.tokens + elapsed * rate);
+    b.last = now;
+  }
+  b.tokens = Math.max(0, b.tokens - cost * 1000);
+}
+
+/**
+ * Token buckets by key (a principal's), each `rate` tokens per second up to `burst`, for
+ * charging work by its size (channel look-ups of a `SUB`). A bucket back at `burst` is the
+ * same as none, so full ones are dropped when the map grows: memory stays proportional to
+ * the keys that spent tokens in the last `burst / rate` seconds.
+ */
+export class KeyedBuckets {
+  private readonly buckets = new Map<string, TokenState>();
+
+  constructor(
+    readonly rate: number,
+    readonly burst: number,
+  ) {}
+
+  /** Take `cost` tokens from `key`'s bucket at `now` (`bucketNow()`); `false` when too few are left. */
+  take(key: string, cost: number, now: number = bucketNow()): boolean {
+    let b = this.buckets.get(key);
+    if (!b) {
+      if (this.buckets.size >= 1024) this.prune(now);
+      b = { tokens: this.burst * 1000, last: now };
+      this.buckets.set(key, b);
+    }
+    return takeTokens(b, this.rate, this.burst, now, cost);
+  }
+
+  /** Buckets kept (keys that spent tokens recently). */
+  get size(): number {
+    return this.buckets.size;
+  }
+
+  private prune(now: number): void {
+    for (const [key, b] of this.buckets) {
+      if (b.tokens + (now - b.last) * this.rate >= this.burst * 1000) this.buckets.delete(key);
+    }
+  }
+}
+
+/**
  * A token bucket of frames (`takeToken`) as an object: one per principal, shared by its
  * sockets.
  */
@@ -243,6 +310,11 @@ export class FrameBucket implements TokenState {
   /** Take one token at time `now` (`bucketNow()`); `false` when the bucket is empty. */
   take(now: number): boolean {
     return takeToken(this, this.rate, this.burst, now);
+  }
+
+  /** Take up to `cost` tokens at time `now` (`drainTokens`). */
+  drain(now: number, cost: number): void {
+    drainTokens(this, this.rate, this.burst, now, cost);
   }
 }
 

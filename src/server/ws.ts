@@ -31,6 +31,7 @@ import {
   type AllowedOrigins,
   type Budget,
   bucketNow,
+  drainTokens,
   FrameBucket,
   type Holder,
   hostAllowed,
@@ -310,6 +311,15 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     }
     if (++this.refused >= this.ctx.o.maxBadFrames) this.cut(CloseCodes.frameRate, 'too many frames');
     return false;
+  }
+
+  /** `ChannelPeer.chargeFrames`: `n` frames more against both frame buckets, down to empty. */
+  chargeFrames(n: number): void {
+    if (n <= 0) return;
+    const now = bucketNow();
+    const { o } = this.ctx;
+    drainTokens(this as TokenState, o.maxFramesPerSecond, o.maxFrameBurst, now, n);
+    this.principalBucket?.drain(now, n);
   }
 
   /**

@@ -18,7 +18,25 @@ import {
 export interface MemoryStoreOptions extends RetentionOptions {
   /** Clock used to stamp and age messages; tests inject one instead of sleeping. @default Date.now */
   now?: () => number;
+  /**
+   * Most payload bytes (UTF-8 of the payload's JSON) one channel retains; its oldest messages
+   * are evicted first to stay under it (the newest one is always kept, whatever its size).
+   * Replay from before the eviction is a reset (`recovered: false`, PROTOCOL §3 rule 6).
+   * @default 33554432 (32 MiB)
+   */
+  maxBytesPerChannel?: number;
+  /**
+   * Most payload bytes all channels together retain; the oldest message of the whole store
+   * is evicted first (the newest one is always kept). @default 67108864 (64 MiB)
+   */
+  maxBytes?: number;
 }
+
+/** Defaults of the memory store's byte bounds (README "Limits"). */
+export const MEMORY_STORE_DEFAULTS = {
+  maxBytesPerChannel: 32 * 1024 * 1024,
+  maxBytes: 64 * 1024 * 1024,
+} as const;
 
 interface ChannelLog {
   epoch: string;
@@ -26,14 +44,50 @@ interface ChannelLog {
   seq: number;
   /** Retained messages live in `msgs[start..]`, seqs dense and ascending. */
   msgs: StoredMessage[];
+  /** Payload bytes of `msgs[i]`, same indexes. */
+  sizes: number[];
   start: number;
+  /** Payload bytes of the retained messages. */
+  bytes: number;
 }
 
-/** A `HistoryStore` in this process's memory. */
-export function memoryStore(options: MemoryStoreOptions = {}): HistoryStore {
+/** One append, in store-wide append order, for the `maxBytes` eviction. */
+interface Appended {
+  c: ChannelLog;
+  seq: number;
+}
+
+/** The memory store: a `HistoryStore` that also tells how many payload bytes it retains. */
+export interface MemoryStore extends HistoryStore {
+  /** Payload bytes retained, all channels together (bounded by `maxBytes`). */
+  retainedBytes(): number;
+}
+
+/**
+ * A `HistoryStore` in this process's memory. Retention per channel: the newest `maxMessages`
+ * (10 000) messages, none older than `maxAgeMs` (a day), at most `maxBytesPerChannel`
+ * (32 MiB) of payload; and at most `maxBytes` (64 MiB) of payload in all, oldest evicted
+ * first. Throws `RangeError` for a bound that is not > 0.
+ */
+export function memoryStore(options: MemoryStoreOptions = {}): MemoryStore {
   const maxMessages = options.maxMessages ?? DEFAULT_RETENTION.maxMessages;
   const maxAgeMs = options.maxAgeMs ?? DEFAULT_RETENTION.maxAgeMs;
+  const maxBytesPerChannel = options.maxBytesPerChannel ?? MEMORY_STORE_DEFAULTS.maxBytesPerChannel;
+  const maxBytes = options.maxBytes ?? MEMORY_STORE_DEFAULTS.maxBytes;
+  for (const [k, v] of [
+    ['maxMessages', maxMessages],
+    ['maxAgeMs', maxAgeMs],
+    ['maxBytesPerChannel', maxBytesPerChannel],
+    ['maxBytes', maxBytes],
+  ] as const) {
+    if (!(v > 0)) throw new RangeError(`memoryStore: ${k} must be > 0`);
+  }
   const now = options.now ?? Date.now;
+  /** Payload bytes retained by every channel together. */
+  let total = 0;
+  /** Every retained append (and some already trimmed, skipped when met), oldest first. */
+  let order: Appended[] = [];
+  let orderStart = 0;
   const channels = new Map<string, ChannelLog>();
   const listeners = new Set<(msg: StoredMessage) => void>();
   let closed = false;
@@ -41,23 +95,73 @@ export function memoryStore(options: MemoryStoreOptions = {}): HistoryStore {
   const log = (channel: string): ChannelLog => {
     let c = channels.get(channel);
     if (!c) {
-      c = { epoch: randomId('e'), seq: 0, msgs: [], start: 0 };
+      c = { epoch: randomId('e'), seq: 0, msgs: [], sizes: [], start: 0, bytes: 0 };
       channels.set(channel, c);
     }
     return c;
   };
 
-  const trimLog = (c: ChannelLog, at: number) => {
-    const cutoff = at - maxAgeMs;
-    const minStart = c.msgs.length - maxMessages;
-    if (c.start < minStart) c.start = minStart;
-    // Appends are in time order, so aged messages are all at the front.
-    while (c.start < c.msgs.length && c.msgs[c.start]!.at < cutoff) c.start++;
+  /** Seq of the first retained message of `c`. */
+  const firstSeq = (c: ChannelLog) => c.seq - (c.msgs.length - c.start) + 1;
+
+  /** Drop the oldest retained message of `c`. */
+  const evictOne = (c: ChannelLog) => {
+    const size = c.sizes[c.start]!;
+    c.bytes -= size;
+    total -= size;
+    c.start++;
+  };
+
+  const compact = (c: ChannelLog) => {
     // Compact lazily so trimming one message is O(1) amortised rather than a shift.
     if (c.start > 64 && c.start * 2 >= c.msgs.length) {
       c.msgs = c.msgs.slice(c.start);
+      c.sizes = c.sizes.slice(c.start);
       c.start = 0;
     }
+  };
+
+  const trimLog = (c: ChannelLog, at: number) => {
+    const cutoff = at - maxAgeMs;
+    const minStart = c.msgs.length - maxMessages;
+    while (c.start < minStart) evictOne(c);
+    // Appends are in time order, so aged messages are all at the front.
+    while (c.start < c.msgs.length && c.msgs[c.start]!.at < cutoff) evictOne(c);
+    // The byte bound, oldest first; the newest message stays whatever its size.
+    while (c.bytes > maxBytesPerChannel && c.start < c.msgs.length - 1) evictOne(c);
+    compact(c);
+  };
+
+  /**
+   * Evict the store's oldest messages until `maxBytes` holds (the newest append stays). The
+   * oldest retained message of the store is the first retained of its channel, since each
+   * channel appends in order; entries of messages trimmed already are skipped.
+   */
+  const trimTotal = () => {
+    while (total > maxBytes && orderStart < order.length - 1) {
+      const { c, seq } = order[orderStart]!;
+      orderStart++;
+      if (c.start < c.msgs.length && seq === firstSeq(c) && channels.get(c.msgs[c.start]!.channel) === c) {
+        evictOne(c);
+        compact(c);
+      }
+    }
+    if (orderStart > 1024 && orderStart * 2 >= order.length) {
+      order = order.slice(orderStart);
+      orderStart = 0;
+    }
+  };
+
+  /** Forget the `order` entries of trimmed messages once they are most of it (bounded memory). */
+  const pruneOrder = () => {
+    if (order.length - orderStart <= 1024) return;
+    let live = 0;
+    for (const c of channels.values()) live += c.msgs.length - c.start;
+    if (order.length - orderStart <= 2 * live) return;
+    order = order
+      .slice(orderStart)
+      .filter(({ c, seq }) => channels.get(c.msgs[0]?.channel ?? '') === c && seq >= firstSeq(c));
+    orderStart = 0;
   };
 
   const ensureOpen = () => {
@@ -75,8 +179,14 @@ export function memoryStore(options: MemoryStoreOptions = {}): HistoryStore {
       const msg: StoredMessage = { channel, seq, epoch: c.epoch, id: `${c.epoch}.${seq}`, payload, at };
       if (opts.except !== undefined) msg.except = opts.except;
       if (opts.author !== undefined) msg.author = opts.author;
+      const size = Buffer.byteLength(JSON.stringify(payload) ?? 'null');
       c.msgs.push(msg);
+      c.sizes.push(size);
+      c.bytes += size;
+      total += size;
+      order.push({ c, seq });
       trimLog(c, at);
+      trimTotal();
       notify(listeners, msg);
       return msg;
     },
@@ -85,16 +195,15 @@ export function memoryStore(options: MemoryStoreOptions = {}): HistoryStore {
       ensureOpen();
       const c = channels.get(channel);
       if (!c || limit <= 0) return [];
-      const firstSeq = c.seq - (c.msgs.length - c.start) + 1;
-      const from = c.start + Math.max(0, after + 1 - firstSeq);
+      const from = c.start + Math.max(0, after + 1 - firstSeq(c));
       const to = Math.min(c.msgs.length, from + limit);
       if (maxBytes === Number.POSITIVE_INFINITY) return c.msgs.slice(from, to);
-      // The payloads are held as values: their size is their JSON text's length, measured
-      // only for the messages this page returns (plus the one that stops it).
+      // Each message's size (its payload's JSON text) is kept beside it for retention: a page
+      // stops at the bound, always after at least one message.
       let end = from;
       let bytes = 0;
       while (end < to) {
-        const size = JSON.stringify(c.msgs[end]!.payload)?.length ?? 0;
+        const size = c.sizes[end]!;
         if (end > from && bytes + size > maxBytes) break;
         bytes += size;
         end++;
@@ -105,14 +214,14 @@ export function memoryStore(options: MemoryStoreOptions = {}): HistoryStore {
     async head(channel): Promise<ChannelHead> {
       ensureOpen();
       const c = log(channel);
-      return { epoch: c.epoch, seq: c.seq, first: c.seq - (c.msgs.length - c.start) + 1 };
+      return { epoch: c.epoch, seq: c.seq, first: firstSeq(c) };
     },
 
     async heads(names) {
       ensureOpen();
       return names.map((channel) => {
         const c = log(channel);
-        return { epoch: c.epoch, seq: c.seq, first: c.seq - (c.msgs.length - c.start) + 1 };
+        return { epoch: c.epoch, seq: c.seq, first: firstSeq(c) };
       });
     },
 
@@ -123,6 +232,20 @@ export function memoryStore(options: MemoryStoreOptions = {}): HistoryStore {
         trimLog(c, at);
         if (opts.free && c.start >= c.msgs.length && opts.free(name)) channels.delete(name);
       }
+      pruneOrder();
+    },
+
+    async releaseChannels(names: string[], free: (name: string) => boolean): Promise<number> {
+      ensureOpen();
+      let n = 0;
+      for (const name of names) {
+        const c = channels.get(name);
+        if (c && c.seq === 0 && free(name)) {
+          channels.delete(name);
+          n++;
+        }
+      }
+      return n;
     },
 
     async channelCount() {
@@ -144,6 +267,12 @@ export function memoryStore(options: MemoryStoreOptions = {}): HistoryStore {
       closed = true;
       listeners.clear();
       channels.clear();
+      order = [];
+      total = 0;
+    },
+
+    retainedBytes() {
+      return total;
     },
   };
 }

@@ -179,6 +179,7 @@ export function sqliteStore(options: SqliteStoreOptions): HistoryStore & DedupeS
       'DELETE FROM channels WHERE name = ? AND NOT EXISTS (SELECT 1 FROM messages WHERE channel = name)',
     ),
     count: db.prepare<[], { n: number }>('SELECT COUNT(*) AS n FROM channels'),
+    releaseChannel: db.prepare<[string]>('DELETE FROM channels WHERE name = ? AND last_seq = 0'),
   };
 
   // Totals of answered entries, kept beside the table so `complete` need not count rows; one
@@ -288,6 +289,17 @@ export function sqliteStore(options: SqliteStoreOptions): HistoryStore & DedupeS
     },
   );
 
+  // One transaction for the names of an UNS or a poll: one commit, not one per channel.
+  const releaseTx = db.transaction((names: string[], free: (name: string) => boolean): number => {
+    let n = 0;
+    for (const name of names) {
+      const row = q.channel.get(name);
+      if (row && row.last_seq === 0 && free(name)) n += q.releaseChannel.run(name).changes;
+    }
+    channelRows -= n;
+    return n;
+  });
+
   const headOf = (channel: string): ChannelHead => {
     const row = ensureChannel(channel);
     const first = q.first.get(channel)?.first;
@@ -363,6 +375,11 @@ export function sqliteStore(options: SqliteStoreOptions): HistoryStore & DedupeS
         if (free) for (const { name } of q.empty.all()) if (free(name)) q.forget.run(name);
         channelRows = q.count.get()!.n;
       })();
+    },
+
+    async releaseChannels(names: string[], free: (name: string) => boolean): Promise<number> {
+      ensureOpen();
+      return releaseTx(names, free);
     },
 
     async channelCount() {

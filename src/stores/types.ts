@@ -91,6 +91,16 @@ export interface HistoryStore {
    */
   channelCount?(): Promise<number>;
   /**
+   * Forget, right away, the records of those `channels` that were never appended to (seq 0,
+   * no history) and for which `free(name)` is true, asked synchronously at the moment of
+   * deletion (the server passes "no live subscriber here"); resolves with how many were
+   * forgotten. A record `head` made for a `SUB` or poll then lives only as long as someone
+   * follows it, not until housekeeping. Safe for cursors: a client that saw nothing of the
+   * channel (`since: 0`) is not reset by the new epoch the record gets when made again
+   * (PROTOCOL §3 rule 6). Optional: without it, only `trim({ free })` frees records.
+   */
+  releaseChannels?(channels: string[], free: (name: string) => boolean): Promise<number>;
+  /**
    * Whether the store keeps state for `channel`, without creating it (unlike `head`). The
    * server asks it for the channels of a `SUB` while `maxChannels` are kept; without it every
    * channel not live in the process counts as new there.
