@@ -68,6 +68,26 @@ const cookieAuth = {
 };
 
 describe('frame rate', () => {
+  it("HTTP requests beyond a principal's rate are answered 429 before their body is read; another principal is served", async () => {
+    const server = await h.start({ ...cookieAuth, maxHttpRequestsPerSecondPerPrincipal: 1 });
+    const flooder = { Cookie: 'session=mallory' };
+    // Sent at once: a burst of 1 is served (and 1 more per second), the rest refused whatever their body (a 1000-channel
+    // poll here, which would otherwise be parsed and looked up).
+    const channels = Object.fromEntries(Array.from({ length: 1000 }, (_, i) => [`c${i}`, { since: 0 }]));
+    const replies = await Promise.all(
+      Array.from({ length: 30 }, (_, i) =>
+        post(httpUrl(server), 'mallory-1', { id: `p${i}`, type: 'SUB', payload: { channels } }, flooder),
+      ),
+    );
+    const refused = replies.filter((r) => r.status === 429);
+    expect(refused.length).toBeGreaterThanOrEqual(20);
+    for (const r of refused) {
+      expect(r.body[0]).toMatchObject({ type: 'NAK', error: { code: 'rate_limited' } });
+      expect(r.body[0].error.message).toContain('HTTP requests per second per principal');
+    }
+    await stillAnswered(server, { Cookie: 'session=alice' });
+  });
+
   it('a PNG flood on one socket: a burst is answered, the rest NAK rate_limited unparsed, then close 4420; others are answered', async () => {
     const server = await h.start({ maxFramesPerSecond: 1, maxFrameBurst: 20 });
     const flood = await socket(server, 'flooder');

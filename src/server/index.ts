@@ -302,6 +302,14 @@ export interface SyncServerOptions<
    */
   maxResponseBufferedBytesPerPrincipal?: number;
   /**
+   * HTTP requests per second one principal may make (burst: as many at once); the HTTP side's
+   * frame rate (without `authenticate`, per clientId). Past it a request is answered 429
+   * `rate_limited` with `Retry-After: 1` before its body is read. A degraded client makes about
+   * one request per operation batch and one poll per `pollInterval`.
+   * @default 200
+   */
+  maxHttpRequestsPerSecondPerPrincipal?: number;
+  /**
    * An HTTP answer not flushed to the kernel this long after it was written (a client that
    * does not read it) is destroyed, and its bytes released.
    * @default 30000
@@ -626,6 +634,7 @@ const DEFAULTS = {
   replayPageBytes: 1024 * 1024,
   maxResponseBufferedBytes: 32 * 1024 * 1024,
   maxResponseBufferedBytesPerPrincipal: 4 * 1024 * 1024,
+  maxHttpRequestsPerSecondPerPrincipal: 200,
   responseDrainTimeoutMs: 30_000,
   maxBadFrames: 100,
   maxQueuedPerClient: 100,
@@ -665,6 +674,7 @@ const POSITIVE_OPTIONS = [
   'replayPageBytes',
   'maxResponseBufferedBytes',
   'maxResponseBufferedBytesPerPrincipal',
+  'maxHttpRequestsPerSecondPerPrincipal',
   'responseDrainTimeoutMs',
   'maxBadFrames',
   'maxQueuedPerClient',
@@ -862,6 +872,7 @@ export async function createSyncServer<
     bodyTimeoutMs: o.requestTimeoutMs,
     maxResponseBufferedBytes: o.maxResponseBufferedBytes,
     maxResponseBufferedBytesPerPrincipal: o.maxResponseBufferedBytesPerPrincipal,
+    maxHttpRequestsPerSecondPerPrincipal: o.maxHttpRequestsPerSecondPerPrincipal,
     responseDrainTimeoutMs: o.responseDrainTimeoutMs,
     dispatcher,
     closing: isClosing,
