@@ -28,6 +28,7 @@ import {
   type AllowedHosts,
   type AllowedOrigins,
   type Budget,
+  drop,
   type Holder,
   hostAllowed,
   KeyedBuckets,
@@ -133,9 +134,7 @@ export function createHttpHandler<P>(o: HttpTransportOptions<P>): HttpHandler {
       res.off('finish', done);
       res.off('close', done);
       outstanding -= bytes;
-      const left = (outstandingOf.get(principal) ?? bytes) - bytes;
-      if (left > 0) outstandingOf.set(principal, left);
-      else outstandingOf.delete(principal);
+      drop(outstandingOf, principal, bytes);
     };
     res.on('finish', done);
     res.on('close', done);

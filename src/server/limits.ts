@@ -157,7 +157,8 @@ export class Budget {
   }
 }
 
-function drop(m: Map<string, number>, key: string, bytes: number): void {
+/** Subtract `bytes` from `key`'s count, dropping the entry at 0 (maps of held bytes stay small). */
+export function drop(m: Map<string, number>, key: string, bytes: number): void {
   const left = (m.get(key) ?? 0) - bytes;
   if (left > 0) m.set(key, left);
   else m.delete(key);
