@@ -499,7 +499,12 @@ describe('channel housekeeping', () => {
     'channel state is flat after 100,000 distinct channel names subscribed and abandoned ($name)',
     async ({ open }) => {
       const { store, rows } = open();
-      const server = await h.start({ store, maxChannelsPerPrincipal: 100_000, maxChannels: 200_000 });
+      const server = await h.start({
+        store,
+        maxChannelsPerPrincipal: 100_000,
+        maxChannels: 200_000,
+        maxChannelLookupsPerSecond: 1_000_000,
+      });
       // One channel with history and one live subscriber: both must survive housekeeping.
       await server.publish('kept', 'history');
       const live = await h.socket(server);

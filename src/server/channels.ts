@@ -23,12 +23,35 @@ import {
   type MsgEnvelope,
 } from '../protocol/index.js';
 import type { ChannelHead, HistoryStore, StoredMessage } from '../stores/types.js';
+import type { LookupJob } from './lookups.js';
 
 /** Smallest history page read again after a replay had to wait for its socket. */
 const MIN_REPLAY_PAGE = 64;
 
-/** Channels of one `SUB` set up between two turns given to the event loop. */
+/** Channels of one `SUB` set up between two turns given to the event loop, without a scheduler. */
 const SUB_YIELD_EVERY = 32;
+
+/**
+ * Cut `names` into slices granted by `job` (the server-wide look-up scheduler, lookups.ts), or
+ * without one into slices of `SUB_YIELD_EVERY` with a turn given to the event loop between two.
+ * `each` gets a slice's start index and length; the next slice is asked for only after it.
+ */
+async function bySlices(
+  count: number,
+  job: LookupJob | undefined,
+  each: (start: number, n: number) => Promise<void>,
+): Promise<void> {
+  for (let start = 0; start < count; ) {
+    let n: number;
+    if (job) n = Math.min(await job.turn(count - start), count - start);
+    else {
+      if (start > 0) await yieldTurn();
+      n = Math.min(SUB_YIELD_EVERY, count - start);
+    }
+    await each(start, n);
+    start += n;
+  }
+}
 
 /** Let the event loop run other sockets' I/O before going on (between replay pages). */
 const yieldTurn = () => new Promise<void>((resolve) => setImmediate(resolve));
@@ -317,6 +340,7 @@ export class Channels {
     peer: ChannelPeer,
     cursors: Record<string, ChannelCursor>,
     snapshot?: SnapshotReader,
+    job?: LookupJob,
   ): Promise<Record<string, ChannelState>> {
     const names = Object.keys(cursors);
     // Registered before the head is read, so no live message can slip between the read and
@@ -340,32 +364,37 @@ export class Channels {
     const recovered: boolean[] = [];
     const snapshots: Array<ChannelSnapshot | undefined> = [];
     try {
-      // Every head at once when the store can (one SQLite transaction), still after the
-      // subscriptions were registered: what is appended after a head read waits in `pending`.
-      const heads = names.length > 1 && this.store.heads ? await this.store.heads(names) : undefined;
-      for (const [i, sub] of subs.entries()) {
-        // A SUB of many channels must not hold the event loop: awaits of a store that answers
-        // at once never let other sockets' I/O in, so give them a turn every few channels.
-        if (i > 0 && i % SUB_YIELD_EVERY === 0) await yieldTurn();
-        const cursor = cursors[sub.channel]!;
-        // The head first, then the snapshot: the snapshot holds every change up to the head
-        // (and maybe some after it, which the replay repeats; docs/consistency.md).
-        const head = heads?.[i] ?? (await this.store.head(sub.channel));
-        if (cursor.snapshot && snapshot) {
-          const data = await snapshot(sub.channel);
-          snapshots[i] = { seq: head.seq, data: data === undefined ? null : data };
-          sub.last = head.seq;
-          recovered[i] = true;
-        } else {
-          const start = resolveCursor(head, cursor);
-          sub.last = start.after;
-          recovered[i] = start.recovered;
+      // A SUB of many channels must not hold the event loop, and N principals' SUBs together
+      // must not either: the look-ups go a slice at a time, as the server-wide scheduler grants
+      // them (lookups.ts). A slice's heads are read at once when the store can (one SQLite
+      // transaction), still after the subscriptions were registered: what is appended after a
+      // head read waits in `pending`.
+      await bySlices(subs.length, job, async (start, n) => {
+        const slice = names.slice(start, start + n);
+        const heads = slice.length > 1 && this.store.heads ? await this.store.heads(slice) : undefined;
+        for (let j = 0; j < n; j++) {
+          const i = start + j;
+          const sub = subs[i]!;
+          const cursor = cursors[sub.channel]!;
+          // The head first, then the snapshot: the snapshot holds every change up to the head
+          // (and maybe some after it, which the replay repeats; docs/consistency.md).
+          const head = heads?.[j] ?? (await this.store.head(sub.channel));
+          if (cursor.snapshot && snapshot) {
+            const data = await snapshot(sub.channel);
+            snapshots[i] = { seq: head.seq, data: data === undefined ? null : data };
+            sub.last = head.seq;
+            recovered[i] = true;
+          } else {
+            const start = resolveCursor(head, cursor);
+            sub.last = start.after;
+            recovered[i] = start.recovered;
+          }
+          sub.epoch = head.epoch;
+          sub.target = head.seq;
+          if (sub.closed) continue;
+          await sub.pump();
         }
-        sub.epoch = head.epoch;
-        sub.target = head.seq;
-        if (sub.closed) continue;
-        await sub.pump();
-      }
+      });
     } catch (err) {
       for (const sub of subs) this.drop(peer, sub);
       throw err;
@@ -438,49 +467,58 @@ export class Channels {
     clientId: string,
     cursors: Record<string, ChannelCursor>,
     snapshot?: SnapshotReader,
+    job?: LookupJob,
   ): Promise<{ messages: MsgEnvelope[]; states: Record<string, ChannelState> }> {
     const messages: MsgEnvelope[] = [];
     const states = channelRecord<ChannelState>();
     const names = Object.keys(cursors);
-    const heads = names.length > 1 && this.store.heads ? await this.store.heads(names) : undefined;
     /** `MSG` text left in this answer (issue 12: 6 unbounded polls of 80 MB crashed a server). */
     let room = this.replayPageBytes;
-    for (const [i, [name, cursor]] of Object.entries(cursors).entries()) {
-      const head = heads?.[i] ?? (await this.store.head(name));
-      let snap: ChannelSnapshot | undefined;
-      if (cursor.snapshot && snapshot) {
-        const data = await snapshot(name);
-        snap = { seq: head.seq, data: data === undefined ? null : data };
-      }
-      const { after, recovered } = snap ? { after: head.seq, recovered: true } : resolveCursor(head, cursor);
-      let seq = after;
-      let more = false;
-      if (after < head.seq && room <= 0 && messages.length > 0) {
-        more = true; // the answer is full: this channel waits for the next poll
-      } else {
-        // One extra tells whether the page was cut by count without a second query.
-        const page = await this.store.read(name, after, this.replayLimit + 1, Math.max(room, 0));
-        more = page.length > this.replayLimit;
-        if (more) page.length = this.replayLimit;
-        for (const m of page) {
-          const env = msgEnvelope(m, true, variantFor(m, clientId));
-          const size = JSON.stringify(env).length;
-          if (messages.length > 0 && size > room) {
-            more = true;
-            break;
-          }
-          room -= size;
-          messages.push(env);
-          seq = m.seq;
+    // A slice of look-ups at a time, as the server-wide scheduler grants them (lookups.ts).
+    await bySlices(names.length, job, async (start, n) => {
+      const slice = names.slice(start, start + n);
+      const heads = slice.length > 1 && this.store.heads ? await this.store.heads(slice) : undefined;
+      for (let j = 0; j < n; j++) {
+        const name = slice[j]!;
+        const cursor = cursors[name]!;
+        const head = heads?.[j] ?? (await this.store.head(name));
+        let snap: ChannelSnapshot | undefined;
+        if (cursor.snapshot && snapshot) {
+          const data = await snapshot(name);
+          snap = { seq: head.seq, data: data === undefined ? null : data };
         }
-        // Cut by bytes (in the store or here): the head seen before the read is ahead.
-        if (seq < head.seq && seq > after) more = true;
+        const { after, recovered } = snap
+          ? { after: head.seq, recovered: true }
+          : resolveCursor(head, cursor);
+        let seq = after;
+        let more = false;
+        if (after < head.seq && room <= 0 && messages.length > 0) {
+          more = true; // the answer is full: this channel waits for the next poll
+        } else {
+          // One extra tells whether the page was cut by count without a second query.
+          const page = await this.store.read(name, after, this.replayLimit + 1, Math.max(room, 0));
+          more = page.length > this.replayLimit;
+          if (more) page.length = this.replayLimit;
+          for (const m of page) {
+            const env = msgEnvelope(m, true, variantFor(m, clientId));
+            const size = JSON.stringify(env).length;
+            if (messages.length > 0 && size > room) {
+              more = true;
+              break;
+            }
+            room -= size;
+            messages.push(env);
+            seq = m.seq;
+          }
+          // Cut by bytes (in the store or here): the head seen before the read is ahead.
+          if (seq < head.seq && seq > after) more = true;
+        }
+        const state: ChannelState = { epoch: head.epoch, seq, recovered };
+        if (more) state.more = true;
+        if (snap) state.snapshot = snap;
+        states[name] = state;
       }
-      const state: ChannelState = { epoch: head.epoch, seq, recovered };
-      if (more) state.more = true;
-      if (snap) state.snapshot = snap;
-      states[name] = state;
-    }
+    });
     return { messages, states };
   }
 

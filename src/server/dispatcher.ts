@@ -39,6 +39,7 @@ import type { Dedupe, SynResponse } from './dedupe.js';
 import { type Bindings, type BindOutcome, ownerOf } from './identity.js';
 import type { PublishOptions, PublishResult, SyncContext, SyncServerOptions } from './index.js';
 import { KeyedBuckets } from './limits.js';
+import type { LookupJob, LookupScheduler } from './lookups.js';
 
 /** A peer whose subscriptions are live (a socket): `Channels` delivers to it directly. */
 export type LivePeer = ChannelPeer;
@@ -98,6 +99,21 @@ export interface DispatcherOptions<P> {
    * @default no bound
    */
   maxChannelLookupsPerSecondPerPrincipal?: number;
+  /**
+   * The server-wide scheduler every `SUB`'s and poll's look-ups go through, a slice per
+   * event-loop turn, round-robin across `lookupKey`s, under the server-wide rate
+   * (`maxChannelLookupsPerSecond`; lookups.ts). Without it each `SUB` yields on its own.
+   */
+  lookups?: LookupScheduler;
+  /**
+   * Channel records kept for principals that hold few: once the store keeps
+   * `maxChannels - channelReserve`, a `SUB` naming a new channel is refused unless its
+   * principal's live channels here plus the new ones stay within `reserveShare`.
+   * @default 0 (no reserve)
+   */
+  channelReserve?: number;
+  /** See `channelReserve`. @default 0 */
+  reserveShare?: number;
   /** Told the store's `channelCount` each time it is read (for `stats().channelRecords`). */
   onChannelCount?(n: number): void;
   /** The key look-ups are charged to: `p:<principalKey>`, or `c:<clientId>` when anonymous. */
@@ -296,21 +312,34 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
    * Whether looking `names` up would take the store past `maxChannels` channel records:
    * only when the count is that close is each name checked, and then a name the store does
    * not keep yet (and no socket here follows) is one too many. Every HTTP poll and socket
-   * `SUB` creates the records of the channels it names (`head`), and only housekeeping frees
-   * them, so this is what bounds their memory between two housekeeping runs.
+   * `SUB` creates the records of the channels it names (`head`); `releaseChannels` frees
+   * those never published to once nobody here follows them, housekeeping the others.
+   *
+   * The last `channelReserve` records are kept for principals that hold few (issue 12: 100
+   * principals holding 1 000 new channels each filled the 100 000 and every later principal
+   * was refused a new channel): past `maxChannels - channelReserve`, only a `SUB` after which
+   * its principal (`key`) follows at most `reserveShare` channels here may make new records.
    */
-  async function overChannelCap(names: string[]): Promise<boolean> {
+  async function overChannelCap(names: string[], key: string, job?: LookupJob): Promise<boolean> {
     if (o.maxChannels === undefined || !store.channelCount) return false;
     const kept = await store.channelCount();
     o.onChannelCount?.(kept);
-    if (kept + names.length <= o.maxChannels) return false;
+    const reserve = Math.min(o.channelReserve ?? 0, o.maxChannels);
+    if (kept + names.length <= o.maxChannels - reserve) return false;
     let fresh = 0;
-    for (const name of names) {
-      if (channels.isLive(name)) continue;
-      if (store.hasChannel && (await store.hasChannel(name))) continue;
-      fresh++;
+    for (let i = 0; i < names.length; ) {
+      // These are look-ups too: a slice at a time, as the scheduler grants them.
+      const n = job ? await job.turn(names.length - i) : names.length - i;
+      for (const name of names.slice(i, i + n)) {
+        if (channels.isLive(name)) continue;
+        if (store.hasChannel && (await store.hasChannel(name))) continue;
+        fresh++;
+      }
+      i += n;
     }
-    return fresh > 0 && kept + fresh > o.maxChannels;
+    if (fresh === 0) return false;
+    const small = channels.countOf(key) + fresh <= (o.reserveShare ?? 0);
+    return kept + fresh > (small ? o.maxChannels : o.maxChannels - reserve);
   }
 
   /**
@@ -348,8 +377,8 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
     peer.conn?.chargeFrames?.(names.length - 1);
     // Each channel named costs the store a look-up (and a record) and the event loop time, so
     // a SUB is charged by its channels against its principal's budget, not as one frame.
+    const key = o.lookupKey ? o.lookupKey(peer.principal, peer.clientId) : `c:${peer.clientId}`;
     if (lookups && names.length > 0) {
-      const key = o.lookupKey ? o.lookupKey(peer.principal, peer.clientId) : `c:${peer.clientId}`;
       if (!lookups.take(key, names.length)) {
         peer.send(
           nak(
@@ -361,7 +390,38 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
         return;
       }
     }
-    if (await overChannelCap(names)) {
+    // Then server-wide: the look-ups wait for their turn in one scheduler for every principal;
+    // a principal that already has look-ups waiting while the server's backlog is full is
+    // refused (lookups.ts).
+    const job = o.lookups && names.length > 0 ? o.lookups.admit(key, names.length) : undefined;
+    if (o.lookups && names.length > 0 && !job) {
+      peer.send(nak(env.id, 'rate_limited', 'the server has too many channel look-ups waiting; retry later'));
+      return;
+    }
+    try {
+      await answerSub(env, peer, key, job);
+    } finally {
+      job?.done();
+    }
+  }
+
+  async function answerSub(
+    env: SubEnvelope,
+    peer: Peer<P>,
+    key: string,
+    job: LookupJob | undefined,
+  ): Promise<void> {
+    const cursors = env.payload.channels;
+    const names = Object.keys(cursors);
+    let over: boolean;
+    try {
+      over = await overChannelCap(names, key, job);
+    } catch (err) {
+      onError(err, 'subscribe');
+      peer.send(nak(env.id, 'server_error', 'subscription failed'));
+      return;
+    }
+    if (over) {
       peer.send(nak(env.id, 'rate_limited', `this server keeps ${o.maxChannels} channels; retry later`));
       return;
     }
@@ -398,11 +458,11 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
     try {
       if (Object.keys(allowed).length > 0) {
         if (conn) {
-          Object.assign(entries, await channels.subscribe(conn, allowed, snapshot));
+          Object.assign(entries, await channels.subscribe(conn, allowed, snapshot, job));
         } else {
           const polled = Object.keys(allowed);
           try {
-            const { messages, states } = await channels.poll(peer.clientId, allowed, snapshot);
+            const { messages, states } = await channels.poll(peer.clientId, allowed, snapshot, job);
             for (const m of messages) peer.send(m);
             Object.assign(entries, states);
           } finally {

@@ -24,6 +24,7 @@ import { makeDispatcher, type RevokeMatch } from './dispatcher.js';
 import { createHttpHandler, reply } from './http.js';
 import { Bindings, defaultPrincipalKey } from './identity.js';
 import { type AllowedHosts, type AllowedOrigins, Budget } from './limits.js';
+import { LookupScheduler } from './lookups.js';
 import { createWsTransport, rejectUpgrade } from './ws.js';
 
 export type { CorsOptions } from 'cors';
@@ -359,6 +360,22 @@ export interface SyncServerOptions<
    */
   maxChannelLookupsPerSecondPerPrincipal?: number;
   /**
+   * Channel look-ups per second all `SUB`s and HTTP polls together may cost, server-wide.
+   * Every look-up goes through one scheduler: at most 32 per event-loop turn, all principals
+   * together, round-robin across principals (each clientId alone without `authenticate`), so
+   * another client's frame waits at most about one slice whatever the number of principals,
+   * and an honest `SUB` of one channel waits at most one slice per principal with look-ups
+   * waiting. Past this rate the look-ups wait their turn (no refusal); a principal that
+   * already has look-ups waiting while more than one second of them (this many) wait
+   * server-wide is refused, whole `SUB` `NAK rate_limited` (HTTP: in a 200), before any look-up,
+   * and the client asks again after a backoff. A principal with nothing waiting is always
+   * admitted.
+   * Measured (README "Limits"): ~0.1 ms per look-up on SQLite, so the default is about a
+   * third of one core at most.
+   * @default 4000
+   */
+  maxChannelLookupsPerSecond?: number;
+  /**
    * Which browser pages may use this server: the `Origin` of every upgrade and HTTP request
    * is checked before `authenticate`, and a refused one is answered `403` (README "Origins
    * and CSWSH"). Requests without `Origin` (non-browser clients) are accepted; so are
@@ -641,6 +658,7 @@ const DEFAULTS = {
   maxChannelsPerPrincipal: 1000,
   maxChannels: 100_000,
   maxChannelLookupsPerSecondPerPrincipal: 2000,
+  maxChannelLookupsPerSecond: 4000,
   allowedOrigins: 'same-host',
   cors: {},
   maxBatch: 1000,
@@ -681,6 +699,7 @@ const POSITIVE_OPTIONS = [
   'maxChannelsPerPrincipal',
   'maxChannels',
   'maxChannelLookupsPerSecondPerPrincipal',
+  'maxChannelLookupsPerSecond',
   'maxBatch',
   'maxQueuedBytes',
   'maxSocketsPerClient',
@@ -693,6 +712,14 @@ const POSITIVE_OPTIONS = [
   'maxFramesPerSecond',
   'maxFramesPerSecondPerPrincipal',
 ] as const;
+
+/** Channel look-ups granted per event-loop turn, all principals together (lookups.ts). */
+const LOOKUP_SLICE = 32;
+/**
+ * `maxChannels / this` records are kept for principals that follow at most
+ * `maxChannelsPerPrincipal / this` channels (README "Limits", `maxChannels`).
+ */
+const CHANNEL_RESERVE_DIVISOR = 10;
 
 /** How often expired dedupe entries are dropped and the store trimmed, at most. */
 const HOUSEKEEPING_MS = 60_000;
@@ -793,6 +820,12 @@ export async function createSyncServer<
     replayPageBytes: o.replayPageBytes,
     onError,
   });
+  /** Every SUB's and poll's channel look-ups, server-wide (lookups.ts). */
+  const lookups = new LookupScheduler({
+    slice: LOOKUP_SLICE,
+    rate: o.maxChannelLookupsPerSecond,
+    maxBacklog: Math.max(o.maxChannelLookupsPerSecond, o.maxChannelsPerPrincipal),
+  });
   let closing: Promise<void> | undefined;
   const isClosing = () => closing !== undefined;
   /** Set once running batches drained (or `closeTimeoutMs` passed): publishes are refused. */
@@ -815,6 +848,9 @@ export async function createSyncServer<
     maxChannels: o.maxChannels,
     maxChannelLookupsPerSecondPerPrincipal: o.maxChannelLookupsPerSecondPerPrincipal,
     lookupKey: (principal, clientId) => subscriberKey(principal, clientId),
+    lookups,
+    channelReserve: Math.floor(o.maxChannels / CHANNEL_RESERVE_DIVISOR),
+    reserveShare: Math.max(1, Math.floor(o.maxChannelsPerPrincipal / CHANNEL_RESERVE_DIVISOR)),
     onChannelCount: (n) => {
       channelRecords = n;
     },
@@ -980,6 +1016,7 @@ export async function createSyncServer<
     }).catch(async (err: unknown) => {
       clearInterval(housekeeping);
       channels.close();
+      lookups.close();
       await store.close().catch(() => undefined);
       throw err;
     });
@@ -1013,6 +1050,7 @@ export async function createSyncServer<
     }
     storeClosing = true;
     channels.close();
+    lookups.close();
     dedupe.close();
     await done;
     await store.close().catch((err: unknown) => onError(err, 'store.close'));

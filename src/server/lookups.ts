@@ -1,0 +1,211 @@
+/**
+ * The server-wide scheduler of channel look-ups (issue 12). Every channel a `SUB` names, on a
+ * socket or in an HTTP poll, costs the store a look-up (its head, often a read) and the event
+ * loop the time of it. Before, each `SUB` gave the event loop a turn every 32 channels on its
+ * own, so N principals' concurrent `SUB`s each took their 32 per turn and an honest client's
+ * frame waited behind N slices (2–8 principals polling 1 000 new channels slowed another
+ * client 23–56 × on SQLite).
+ *
+ * Now every `SUB` and poll asks this one scheduler for its look-ups, a slice at a time:
+ * - at most `slice` look-ups are granted per event-loop turn, all principals together, and
+ *   the next grant waits for the next turn (`setImmediate`), so other sockets' I/O runs in
+ *   between whatever the number of principals;
+ * - grants go round-robin across keys (the `lookupKey` of the principal, or of the clientId
+ *   when anonymous): a key with work waiting is served once per round, whatever how many
+ *   `SUB`s it has queued, so an honest `SUB` of one channel waits at most one slice per active
+ *   key;
+ * - the grants of all keys together stay under `rate` look-ups per second (a token bucket,
+ *   burst one second); past it, work waits its turn;
+ * - the work waiting is bounded: `admit` refuses (the caller answers `NAK rate_limited`) a
+ *   `SUB` whose key already has look-ups waiting while more than `maxBacklog` are waiting
+ *   server-wide. A key with nothing waiting is always admitted, so a principal that `SUB`s
+ *   rarely is never refused by the others' backlog.
+ */
+
+/** Options of `LookupScheduler`. */
+export interface LookupSchedulerOptions {
+  /** Look-ups granted per event-loop turn, all keys together (≥ 1). */
+  slice: number;
+  /** Look-ups granted per second, all keys together; `Infinity` for no rate. */
+  rate: number;
+  /**
+   * Look-ups admitted and not yet granted, all keys together, past which a key that already
+   * has some waiting is refused (`admit` returns `undefined`).
+   */
+  maxBacklog: number;
+  /** Clock in milliseconds (tests). @default performance.now */
+  now?: () => number;
+}
+
+interface Waiter {
+  job: LookupJob;
+  want: number;
+  resolve: (granted: number) => void;
+}
+
+/**
+ * The look-ups of one `SUB` or poll: ask for each slice with `turn`, and call `done` when
+ * finished (or failed), which gives back what was admitted and not used.
+ */
+export class LookupJob {
+  /** Admitted look-ups not granted yet (what this job adds to the backlog). */
+  remaining: number;
+  private finished = false;
+
+  constructor(
+    readonly key: string,
+    admitted: number,
+    private readonly owner: LookupScheduler,
+  ) {
+    this.remaining = admitted;
+  }
+
+  /**
+   * Wait for this job's turn to make up to `want` look-ups; resolves with how many it may make
+   * now (1 ≤ n ≤ want, at most the scheduler's slice). Do them before the next `turn`.
+   */
+  turn(want: number): Promise<number> {
+    return this.owner.enqueue(this, Math.max(1, Math.floor(want)));
+  }
+
+  /** Give back what was admitted and not granted. Idempotent. */
+  done(): void {
+    if (this.finished) return;
+    this.finished = true;
+    this.owner.settle(this, this.remaining);
+    this.remaining = 0;
+  }
+}
+
+/** See the module's comment. One per server. */
+export class LookupScheduler {
+  readonly slice: number;
+  readonly rate: number;
+  readonly maxBacklog: number;
+  /** Keys with work waiting, in round-robin order (a served key goes to the end). */
+  private readonly queues = new Map<string, Waiter[]>();
+  /** Admitted and not granted look-ups, by key and in all. */
+  private readonly backlogOf = new Map<string, number>();
+  private backlogTotal = 0;
+  private tokens: number;
+  private last: number;
+  private scheduled = false;
+  private timer: ReturnType<typeof setTimeout> | undefined;
+  private closed = false;
+  private readonly now: () => number;
+  /** Look-ups granted so far (stats and tests). */
+  granted = 0;
+  /** `SUB`s refused by `admit` so far. */
+  refused = 0;
+
+  constructor(opts: LookupSchedulerOptions) {
+    this.slice = Math.max(1, Math.floor(opts.slice));
+    this.rate = opts.rate;
+    this.maxBacklog = opts.maxBacklog;
+    this.now = opts.now ?? (() => performance.now());
+    this.tokens = Number.isFinite(this.rate) ? this.rate : 0;
+    this.last = this.now();
+  }
+
+  /** Look-ups admitted and not yet granted, all keys together. */
+  get backlog(): number {
+    return this.backlogTotal;
+  }
+
+  /** Keys with a slice request waiting. */
+  get waitingKeys(): number {
+    return this.queues.size;
+  }
+
+  /**
+   * Admit a `SUB` or poll of `n` look-ups for `key`: its job, or `undefined` when the key
+   * already has look-ups waiting and more than `maxBacklog` wait server-wide (then answer
+   * `NAK rate_limited`; nothing was charged).
+   */
+  admit(key: string, n: number): LookupJob | undefined {
+    const mine = this.backlogOf.get(key) ?? 0;
+    if (mine > 0 && this.backlogTotal + n > this.maxBacklog) {
+      this.refused++;
+      return undefined;
+    }
+    this.backlogOf.set(key, mine + n);
+    this.backlogTotal += n;
+    return new LookupJob(key, n, this);
+  }
+
+  /** Stop granting: every waiting `turn` resolves at once (the server is closing). */
+  close(): void {
+    this.closed = true;
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = undefined;
+    for (const q of this.queues.values()) for (const w of q) w.resolve(w.want);
+    this.queues.clear();
+  }
+
+  /** @internal `LookupJob.turn`. */
+  enqueue(job: LookupJob, want: number): Promise<number> {
+    if (this.closed) return Promise.resolve(want);
+    return new Promise<number>((resolve) => {
+      const q = this.queues.get(job.key);
+      const w: Waiter = { job, want, resolve };
+      if (q) q.push(w);
+      else this.queues.set(job.key, [w]);
+      this.schedule();
+    });
+  }
+
+  /** @internal Take `n` admitted look-ups of `job` off the backlog (granted or given back). */
+  settle(job: LookupJob, n: number): void {
+    if (n <= 0) return;
+    const left = (this.backlogOf.get(job.key) ?? 0) - n;
+    if (left > 0) this.backlogOf.set(job.key, left);
+    else this.backlogOf.delete(job.key);
+    this.backlogTotal = Math.max(0, this.backlogTotal - n);
+  }
+
+  private schedule(): void {
+    if (this.scheduled || this.timer || this.queues.size === 0) return;
+    this.scheduled = true;
+    setImmediate(() => {
+      this.scheduled = false;
+      this.grant();
+    });
+  }
+
+  /** One event-loop turn's grants: at most `slice` look-ups, one request per key per round. */
+  private grant(): void {
+    if (this.closed) return;
+    const limited = Number.isFinite(this.rate);
+    if (limited) {
+      const t = this.now();
+      this.tokens = Math.min(this.rate, this.tokens + ((t - this.last) * this.rate) / 1000);
+      this.last = t;
+    }
+    let room = this.slice;
+    while (room > 0 && this.queues.size > 0) {
+      const [key, q] = this.queues.entries().next().value as [string, Waiter[]];
+      const w = q[0]!;
+      const n = Math.min(w.want, room);
+      if (limited && this.tokens < n) {
+        // Over the server-wide rate: wait until this request's slice is earned.
+        const ms = Math.max(1, Math.ceil(((n - this.tokens) * 1000) / this.rate));
+        this.timer = setTimeout(() => {
+          this.timer = undefined;
+          this.grant();
+        }, ms);
+        return;
+      }
+      if (limited) this.tokens -= n;
+      room -= n;
+      this.granted += n;
+      q.shift();
+      this.queues.delete(key);
+      if (q.length > 0) this.queues.set(key, q); // to the end of the round
+      const charged = Math.min(n, w.job.remaining);
+      w.job.remaining -= charged;
+      this.settle(w.job, charged);
+      w.resolve(n);
+    }
+    this.schedule();
+  }
+}
