@@ -68,6 +68,40 @@ describeWith(REDIS_SERVER, 'redis-server', 'redis store', () => {
     msgs.filter((m) => m.channel === channel).map((m) => m.seq);
   const range = (from: number, to: number) => Array.from({ length: to - from + 1 }, (_, i) => from + i);
 
+  describe('releaseChannels across processes (two stores on one prefix)', () => {
+    it('frees only records no other process looked at; a publication racing the release is kept', async () => {
+      const place = prefix();
+      const a = await open({ prefix: place });
+      const b = await open({ prefix: place });
+      // `shared` was looked at by both (b may have a subscriber holding its epoch): a keeps it.
+      await a.head('shared');
+      const sharedHead = await b.head('shared');
+      // `mine` was only looked at by a: freed at once.
+      await a.head('mine');
+      expect(await a.releaseChannels(['shared', 'mine'], () => true)).toBe(1);
+      expect(await b.hasChannel('mine')).toBe(false);
+      expect(await b.head('shared')).toEqual(sharedHead);
+      // Records a alone made, released by a while b publishes to them at the same time (two
+      // connections): every publication is kept, at seq 1 of the epoch the channel has now.
+      const names = Array.from({ length: 200 }, (_, i) => `race-${i}`);
+      await Promise.all(names.map((n) => a.head(n)));
+      // The release goes first and backwards, the appends forwards: the two orders meet.
+      const release = a.releaseChannels([...names].reverse(), () => true);
+      const [msgs, freed] = await Promise.all([Promise.all(names.map((n) => b.append(n, n))), release]);
+      console.log(
+        `[redis] release racing 200 appends from another process: ${freed} freed before their append`,
+      );
+      for (const [i, n] of names.entries()) {
+        expect(await a.head(n)).toMatchObject({ epoch: msgs[i]!.epoch, seq: 1 });
+        expect((await a.read(n, 0, 10)).map((m) => m.payload)).toEqual([n]);
+      }
+      // A freed record's new epoch is new: never the one it had before.
+      const before = await a.head('again');
+      expect(await a.releaseChannels(['again'], () => true)).toBe(1);
+      expect((await b.head('again')).epoch).not.toBe(before.epoch);
+    });
+  });
+
   describe('fan-out between instances', () => {
     it('delivers concurrent appends from both instances to both, per channel in order, once', async () => {
       const [a, b] = await pair();

@@ -23,7 +23,7 @@ import {
   type MsgEnvelope,
 } from '../protocol/index.js';
 import type { ChannelHead, HistoryStore, StoredMessage } from '../stores/types.js';
-import type { LookupJob } from './lookups.js';
+import type { LookupJob, LookupScheduler } from './lookups.js';
 
 /** Smallest history page read again after a replay had to wait for its socket. */
 const MIN_REPLAY_PAGE = 64;
@@ -100,6 +100,12 @@ export interface ChannelsOptions {
    */
   replayPageBytes: number;
   onError: (err: unknown, where: string) => void;
+  /**
+   * The server-wide look-up scheduler (lookups.ts): records are freed (`release`) a slice at a
+   * time as it grants, charged to the principal that left them. Without it, by slices of 32
+   * with a turn given to the event loop between two.
+   */
+  lookups?: LookupScheduler;
 }
 
 /** How a stored message goes to one recipient: everybody's copy, its author's, or a bare echo. */
@@ -316,6 +322,7 @@ export class Channels {
   /** Live subscriptions per principal key, for the per-principal cap. */
   private readonly perPrincipal = new Map<string, number>();
   private readonly onError: ChannelsOptions['onError'];
+  private readonly lookups: LookupScheduler | undefined;
   private readonly unwatch: () => void;
 
   constructor(opts: ChannelsOptions) {
@@ -323,6 +330,7 @@ export class Channels {
     this.replayLimit = opts.replayLimit;
     this.replayPageBytes = opts.replayPageBytes;
     this.onError = opts.onError;
+    this.lookups = opts.lookups;
     this.unwatch = this.store.watch((msg) => this.fanOut(msg));
   }
 
@@ -432,14 +440,14 @@ export class Channels {
       const sub = peer.subs.get(name);
       if (sub && this.drop(peer, sub)) emptied.push(name);
     }
-    this.release(emptied);
+    this.release(emptied, peer.subscriberKey);
   }
 
   /** Forget a socket that closed. */
   dropPeer(peer: ChannelPeer): void {
     const emptied: string[] = [];
     for (const sub of [...peer.subs.values()]) if (this.drop(peer, sub)) emptied.push(sub.channel);
-    this.release(emptied);
+    this.release(emptied, peer.subscriberKey);
   }
 
   /**
@@ -448,12 +456,18 @@ export class Channels {
    * record behind once nobody follows them, so one principal cannot fill `maxChannels` by
    * subscribing to fresh names and leaving them. Liveness is asked again by the store at the
    * moment of deletion, so a `SUB` made meanwhile keeps its record (and its epoch).
+   * Freeing is store work too: a slice at a time, as the look-up scheduler grants it to `key`
+   * (the principal that left them), never refused.
    */
-  release(names: string[]): void {
-    if (names.length === 0 || !this.store.releaseChannels) return;
-    this.store
-      .releaseChannels(names, (name) => !this.index.has(name))
-      .catch((err: unknown) => this.onError(err, 'store.releaseChannels'));
+  release(names: string[], key = ''): void {
+    const releaseChannels = this.store.releaseChannels?.bind(this.store);
+    if (names.length === 0 || !releaseChannels) return;
+    const job = this.lookups?.background(key, names.length);
+    bySlices(names.length, job, async (start, n) => {
+      await releaseChannels(names.slice(start, start + n), (name) => !this.index.has(name));
+    })
+      .catch((err: unknown) => this.onError(err, 'store.releaseChannels'))
+      .finally(() => job?.done());
   }
 
   /**
@@ -525,7 +539,7 @@ export class Channels {
   /** A subscription cannot go on (store failure, history reset): give up on its socket. */
   failed(sub: Subscription, err: unknown, reason = 'history store failed'): void {
     this.onError(err, `subscription to ${sub.channel}`);
-    if (this.drop(sub.peer, sub)) this.release([sub.channel]);
+    if (this.drop(sub.peer, sub)) this.release([sub.channel], sub.peer.subscriberKey);
     sub.peer.fail(reason);
   }
 

@@ -468,7 +468,7 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
           } finally {
             // A poll follows nothing: the records its look-ups made for never-published
             // channels are freed now, not at the next housekeeping (HistoryStore.releaseChannels).
-            channels.release(polled);
+            channels.release(polled, key);
           }
         }
       }

@@ -559,6 +559,12 @@ export interface SyncServerStats {
    * `maxResponseBufferedBytes` plus one answer per request let in before it was reached).
    */
   responseBufferedBytes: number;
+  /**
+   * Channel look-ups admitted and waiting for their turn in the server-wide scheduler, all
+   * principals together (`maxChannelLookupsPerSecond`; the server refuses a principal that
+   * already waits while this is over that many).
+   */
+  lookupBacklog: number;
 }
 
 export interface SyncServer<Channels extends ChannelMap = ChannelMap> {
@@ -814,18 +820,20 @@ export async function createSyncServer<
     maxPerOwner: o.maxClientIdsPerPrincipal,
     store: dedupeStore,
   });
-  const channels = new Channels({
-    store,
-    replayLimit: o.replayLimit,
-    replayPageBytes: o.replayPageBytes,
-    onError,
-  });
   /** Every SUB's and poll's channel look-ups, server-wide (lookups.ts). */
   const lookups = new LookupScheduler({
     slice: LOOKUP_SLICE,
     rate: o.maxChannelLookupsPerSecond,
     maxBacklog: Math.max(o.maxChannelLookupsPerSecond, o.maxChannelsPerPrincipal),
   });
+  const channels = new Channels({
+    store,
+    replayLimit: o.replayLimit,
+    replayPageBytes: o.replayPageBytes,
+    onError,
+    lookups,
+  });
+
   let closing: Promise<void> | undefined;
   const isClosing = () => closing !== undefined;
   /** Set once running batches drained (or `closeTimeoutMs` passed): publishes are refused. */
@@ -1091,6 +1099,7 @@ export async function createSyncServer<
         queuedBytes: budget.total,
         replayBufferedBytes: ws.replayBufferedBytes,
         responseBufferedBytes: handleHttp.responseBufferedBytes(),
+        lookupBacklog: lookups.backlog,
       };
     },
     subscriptionsOf: (clientId) => ws.subscriptionsOf(clientId),

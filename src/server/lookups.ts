@@ -133,6 +133,13 @@ export class LookupScheduler {
     return new LookupJob(key, n, this);
   }
 
+  /** A job that is never refused (freeing records: work that must happen, charged to `key`). */
+  background(key: string, n: number): LookupJob {
+    this.backlogOf.set(key, (this.backlogOf.get(key) ?? 0) + n);
+    this.backlogTotal += n;
+    return new LookupJob(key, n, this);
+  }
+
   /** Stop granting: every waiting `turn` resolves at once (the server is closing). */
   close(): void {
     this.closed = true;

@@ -127,6 +127,13 @@ export interface RedisHistoryStore extends HistoryStore, DedupeStore {
     payload: unknown,
     opts?: { except?: string; author?: string; key?: string },
   ): Promise<StoredMessage>;
+  /**
+   * `HistoryStore.releaseChannels`: frees a record only while it has no message and no other
+   * process sharing the store ever looked at it (only this process knows who follows it);
+   * the others go at housekeeping (`trim({ free })`). Atomic with appends of every process.
+   */
+  releaseChannels(channels: string[], free: (name: string) => boolean): Promise<number>;
+  hasChannel(channel: string): Promise<boolean>;
   claim(key: string, ttlMs: number): Promise<DedupeClaim>;
   complete(key: string, response: unknown, ttlMs: number, limits?: DedupeLimits): Promise<void>;
   release(key: string): Promise<void>;
@@ -259,9 +266,19 @@ redis.call('SET', KEYS[5], epoch .. ' ' .. seq .. ' ' .. fid .. ' ' .. ARGV[3], 
 return { epoch, seq, fid, ARGV[3] }
 `;
 
-/** KEYS: meta, stream, set, feed. ARGV: channel, newEpoch. Returns { epoch, seq, first, feed id }. */
+/**
+ * KEYS: meta, stream, set, feed. ARGV: channel, newEpoch, process id. Returns { epoch, seq,
+ * first, feed id }. A record never appended to remembers who looked at it (field `o`): the
+ * process that made it, or `*` once another process (or an older version) looked too; only
+ * its maker may free it at once (RELEASE_LUA), since only the maker knows who follows it.
+ */
 const HEAD_LUA = `${ENSURE_LUA}
 local epoch, seq = ensure(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])
+if seq == 0 then
+  local o = redis.call('HGET', KEYS[1], 'o')
+  if epoch == ARGV[2] then redis.call('HSET', KEYS[1], 'o', ARGV[3])
+  elseif o ~= ARGV[3] and o ~= '*' then redis.call('HSET', KEYS[1], 'o', '*') end
+end
 local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
 local first = seq + 1
 if #oldest > 0 then first = tonumber(string.sub(oldest[1][1], 3)) end
@@ -291,6 +308,24 @@ if ARGV[3] == '1' and redis.call('XLEN', KEYS[2]) == 0 then
   redis.call('DEL', KEYS[1], KEYS[2])
   return 0
 end
+return 1
+`;
+
+/**
+ * `releaseChannels` for one channel, atomic with every append and head (Lua scripts run one at
+ * a time): the record goes only while it was never appended to (seq 0, no stream) and only
+ * this process ever looked at it (`o` = this process, see HEAD_LUA), so no other process has a
+ * subscriber holding its epoch. An append that comes after finds no record and starts a new
+ * epoch at seq 1 (nothing lost; an epoch never reused: each is a fresh random id); one that
+ * came before made seq 1 and the record stays. KEYS: meta, stream, set. ARGV: channel,
+ * process id. 1 = freed.
+ */
+const RELEASE_LUA = `
+local m = redis.call('HMGET', KEYS[1], 'seq', 'o')
+if m[1] ~= '0' or m[2] ~= ARGV[2] then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[3], ARGV[1])
 return 1
 `;
 
@@ -514,6 +549,8 @@ export async function redisStore(
   const behindAt = Math.min(FEED_COUNT, Math.floor(feedLength / 2));
   const cutoffArg = () => (Number.isFinite(maxAgeMs) ? String(now() - maxAgeMs) : '');
 
+  /** Who this store is among the processes sharing the Redis (see HEAD_LUA, RELEASE_LUA). */
+  const processId = randomId('p');
   let closed = false;
   const ensureOpen = () => {
     if (closed) throw new SyncError('closed', 'redis store is closed');
@@ -950,6 +987,7 @@ export async function redisStore(
       const [epoch, seq, first, fid] = (await run(SCRIPTS.head, channelKeys(channel), [
         channel,
         randomId('e'),
+        processId,
       ])) as [string, number, number, string];
       // A channel a client asks about is followed from here, wherever it is published.
       afterHead(channel, epoch, seq, parseFeedId(fid));
@@ -976,6 +1014,32 @@ export async function redisStore(
           if (alive === 0) await redis.call('SREM', keys.channels, channel);
         }
       } while (cursor !== '0' && !closed);
+    },
+
+    async releaseChannels(names: string[], free: (name: string) => boolean): Promise<number> {
+      ensureOpen();
+      // `free` is asked as each script is sent; a head this process sends after it (a new
+      // SUB) runs after it on the same connection and makes a new record. EVAL, not EVALSHA:
+      // a NOSCRIPT retry would be sent after such a head and free the record it just read.
+      const sent: Array<Promise<unknown>> = [];
+      for (const name of names) {
+        if (!free(name)) continue;
+        sent.push(
+          redis.call(
+            'EVAL',
+            RELEASE_LUA,
+            3,
+            keys.meta(name),
+            keys.stream(name),
+            keys.channels,
+            name,
+            processId,
+          ),
+        );
+      }
+      let n = 0;
+      for (const r of await Promise.all(sent)) if (Number(r) === 1) n++;
+      return n;
     },
 
     async channelCount() {

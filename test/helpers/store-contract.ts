@@ -104,6 +104,57 @@ export function storeContract(factory: StoreFactory): void {
       expect(await store.hasChannel('yes')).toBe(true);
       expect(await store.channelCount()).toBe(before + 1);
     });
+    it('releaseChannels frees never-published records that free() allows, and nothing else', async () => {
+      const { store } = await open();
+      // Every store of this package frees records at once (memory, SQLite, Redis).
+      expect(typeof store.releaseChannels).toBe('function');
+      if (!store.releaseChannels || !store.channelCount || !store.hasChannel) return;
+      const looked = await store.head('looked');
+      await store.head('kept-live');
+      await store.head('published');
+      await store.append('published', 'x');
+      const before = await store.channelCount();
+      const asked: string[] = [];
+      const freed = await store.releaseChannels(
+        ['looked', 'kept-live', 'published', 'never-seen'],
+        (name) => {
+          asked.push(name);
+          return name !== 'kept-live';
+        },
+      );
+      expect(freed).toBe(1);
+      expect(asked).toContain('looked');
+      expect(await store.hasChannel('looked')).toBe(false);
+      expect(await store.hasChannel('kept-live')).toBe(true);
+      expect(await store.hasChannel('never-seen')).toBe(false);
+      expect(await store.channelCount()).toBe(before - 1);
+      // The published channel keeps its history and epoch.
+      expect((await store.read('published', 0, 10)).map((m) => m.payload)).toEqual(['x']);
+      // A freed record made again is a new epoch at seq 0, and an append to it is kept.
+      const again = await store.head('looked');
+      expect(again).toEqual({ epoch: expect.any(String), seq: 0, first: 1 });
+      expect(again.epoch).not.toBe(looked.epoch);
+      const m = await store.append('looked', 'after');
+      expect([m.seq, m.epoch]).toEqual([1, again.epoch]);
+    });
+
+    it('releaseChannels racing appends to the same fresh channels loses no publication', async () => {
+      const { store } = await open();
+      if (!store.releaseChannels) return;
+      const names = Array.from({ length: 40 }, (_, i) => `race-${i}`);
+      for (const n of names) await store.head(n);
+      // Appends and the release in one step, not awaited in between: each channel is freed
+      // before its append (which then makes a new record) or kept because of it.
+      const appends = names.map((n) => store.append(n, n));
+      const released = store.releaseChannels(names, () => true);
+      const msgs = await Promise.all(appends);
+      await released;
+      for (const [i, n] of names.entries()) {
+        const head = await store.head(n);
+        expect(head).toMatchObject({ epoch: msgs[i]!.epoch, seq: 1 });
+        expect((await store.read(n, 0, 10)).map((m) => m.payload)).toEqual([n]);
+      }
+    });
   });
 
   describe('read', () => {
