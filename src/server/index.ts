@@ -338,11 +338,15 @@ export interface SyncServerOptions<
   /**
    * Most channel records the store keeps (its `channelCount`: memory entries, SQLite rows,
    * Redis key pairs), server-wide. Every socket `SUB` and HTTP poll creates a record for each
-   * channel it names (up to `maxChannelsPerPrincipal` per `SUB`), freed only by housekeeping
-   * (every minute) once no message and no subscriber is left, so many principals or polls
-   * could otherwise grow them without bound. A `SUB` that names a channel the store does not
-   * keep yet while this many are kept is refused whole, `NAK rate_limited` (HTTP 429): the
-   * client asks again after a backoff. Channels created by `publish` are not refused, but
+   * channel it names (up to `maxChannelsPerPrincipal` per `SUB`); one never published to is
+   * freed once nobody here follows it (`HistoryStore.releaseChannels`), others by housekeeping
+   * (every minute), so principals that stay subscribed hold theirs. A `SUB` that names a
+   * channel the store does not keep yet while this many are kept is refused whole,
+   * `NAK rate_limited` (HTTP 429): the client asks again after a backoff. The last tenth is a
+   * reserve (issue 12: 100 principals × 1 000 held channels filled it for everyone): past
+   * `0.9 × maxChannels`, only a `SUB` after which its principal follows at most
+   * `maxChannelsPerPrincipal / 10` channels here may make new records. A record costs ~430 B
+   * of heap (memory store), ~58 B of file (SQLite), ~220 B (Redis). Channels created by `publish` are not refused, but
    * count. Checked before each `SUB`, so concurrent `SUB`s may pass it by one `SUB`'s names.
    * Needs a store with `channelCount` (memory, SQLite and Redis have it).
    * @default 100000
