@@ -80,7 +80,11 @@ describeWith(REDIS_SERVER, 'redis-server', 'channels on redis', () => {
 
   it('channel keys are flat after 100,000 distinct channel names subscribed and abandoned', async () => {
     const prefix = `flat${process.pid}-${++n}:`;
-    const s = await serverOn(prefix, { maxChannelsPerPrincipal: 100_000, maxChannels: 200_000 });
+    const s = await serverOn(prefix, {
+      maxChannelsPerPrincipal: 100_000,
+      maxChannels: 200_000,
+      maxChannelLookupsPerSecond: 1_000_000,
+    });
     const admin = new Redis(redis.url);
     const countKeys = async () => {
       let cursor = '0';
@@ -105,13 +109,15 @@ describeWith(REDIS_SERVER, 'redis-server', 'channels on redis', () => {
         await sock.request({ id: `s${i}`, type: 'SUB', payload: { channels } }, 30_000);
         await sock.request({ id: `u${i}`, type: 'UNS', payload: { channels: Object.keys(channels) } });
       }
+      // Records of never-published channels only this process looked at are freed as soon as
+      // nobody follows them (releaseChannels, in slices after each UNS): no growth.
+      await expect.poll(countKeys, { timeout: 10_000 }).toBe(before);
       const peak = await countKeys();
       await s.housekeeping();
       const after = await countKeys();
       console.log(
         `redis keys under the prefix: before ${before}, after 100,000 abandoned ${peak}, after housekeeping ${after}`,
       );
-      expect(peak).toBeGreaterThanOrEqual(before + 100_000);
       expect(after).toBe(before);
     } finally {
       admin.disconnect();
