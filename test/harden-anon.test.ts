@@ -9,6 +9,7 @@
 
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { request } from 'node:http';
+import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
@@ -500,6 +501,22 @@ describe('strict Host parse', () => {
     expect(await withHost('[::1].evil.example')).toBe(403);
     expect(await withHost(`localhost:${port}`)).toBe(200);
     expect(await withHost(`[::1]:${port}`)).toBe(200);
+    // Two Host headers (Node would keep the first): refused.
+    const twice = await new Promise<string>((resolve, reject) => {
+      const sock = connect(port, '127.0.0.1', () =>
+        sock.write(
+          `POST /sync HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nHost: evil.example\r\nX-Client-Id: h2\r\n` +
+            'Content-Length: 23\r\nConnection: close\r\n\r\n{"id":"a","type":"PNG"}',
+        ),
+      );
+      let text = '';
+      sock.on('data', (d) => {
+        text += d;
+      });
+      sock.on('close', () => resolve(text.split('\r\n')[0]!));
+      sock.on('error', reject);
+    });
+    expect(twice).toBe('HTTP/1.1 403 Forbidden');
     const ws = socketFrom(server, '127.0.0.1', 'hw', { Host: '[::1].evil.example' });
     expect((await ws.status).status).toBe(403);
   });

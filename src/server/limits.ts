@@ -330,7 +330,8 @@ export class FrameBucket implements TokenState {
  *   `server.allowedHosts`.
  * - `'all'` (or `true`): every Host (the check is off).
  * Requests without a `Host` header (HTTP/1.0, non-browser clients) are accepted; a `Host`
- * that is not a valid `host[:port]` (`hostnameOf`) is refused whatever the setting but `'all'`.
+ * that is not a valid `host[:port]` (`hostnameOf`), or a second `Host` header, is refused
+ * whatever the setting but `'all'`.
  */
 export type AllowedHosts = 'auto' | 'all' | true | readonly string[];
 
@@ -372,6 +373,12 @@ export function hostAllowed(
   if (allowed === 'all' || allowed === true) return true;
   const host = req.headers.host;
   if (host === undefined) return true;
+  // Node keeps the first of several `Host` headers; RFC 9112 §3.2 says such a request is bad.
+  let hosts = 0;
+  for (let i = 0; i < req.rawHeaders.length; i += 2) {
+    if (req.rawHeaders[i]!.length === 4 && req.rawHeaders[i]!.toLowerCase() === 'host' && ++hosts > 1)
+      return false;
+  }
   const name = hostnameOf(host);
   if (name === undefined) return false;
   if (isIP(name) !== 0 || name === 'localhost' || name.endsWith('.localhost')) return true;
