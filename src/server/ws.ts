@@ -283,11 +283,14 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     readonly principal: P,
     /**
      * The key this socket's per-principal limits count under and it is revoked by (the
-     * transport's `limitKey`): its `subscriberKey`.
+     * transport's `limitKey`), its `subscriberKey`; `undefined` for an anonymous socket keyed
+     * by its clientId (`anonymousKey: 'clientId'`), which is counted by `maxSocketsPerClient`
+     * and its own frame rate only, as before 0.2 (no string, bucket or index entry per idle
+     * socket).
      */
-    readonly principalKey: string,
-    /** The frame bucket shared by the sockets of `principalKey`. */
-    private readonly principalBucket: FrameBucket,
+    readonly principalKey: string | undefined,
+    /** The frame bucket shared by the sockets of `principalKey`, when it is set. */
+    private readonly principalBucket: FrameBucket | undefined,
   ) {
     this.tokens = ctx.o.maxFrameBurst * 1000;
     this.last = bucketNow();
@@ -310,7 +313,7 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     const { o } = this.ctx;
     if (
       takeToken(this as TokenState, o.maxFramesPerSecond, o.maxFrameBurst, now) &&
-      this.principalBucket.take(now)
+      (this.principalBucket === undefined || this.principalBucket.take(now))
     ) {
       this.refused = 0;
       return true;
@@ -325,7 +328,7 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     const now = bucketNow();
     const { o } = this.ctx;
     drainTokens(this as TokenState, o.maxFramesPerSecond, o.maxFrameBurst, now, n);
-    this.principalBucket.drain(now, n);
+    this.principalBucket?.drain(now, n);
   }
 
   /**
@@ -339,14 +342,20 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     setTimeout(() => this.ws.terminate(), CLOSE_GRACE_MS).unref();
   }
 
-  /** The key its channel subscriptions are counted and revoked by: `principalKey`. */
+  private subKey: string | undefined;
+  /**
+   * The key its channel subscriptions are counted and revoked by: `principalKey`, or
+   * `c:<clientId>` made on first use (most sockets never subscribe).
+   */
   get subscriberKey(): string {
-    return this.principalKey;
+    if (this.principalKey !== undefined) return this.principalKey;
+    this.subKey ??= `c:${this.clientId}`;
+    return this.subKey;
   }
 
   /** `Peer.limitKey`: the same key, for the channel look-up budget. */
   get limitKey(): string {
-    return this.principalKey;
+    return this.subscriberKey;
   }
 
   get conn(): SocketConn<P> {
@@ -588,6 +597,8 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     if (ctx.conns.get(this.sock) === this) {
       ctx.conns.delete(this.sock);
       if (
+        this.principalKey !== undefined &&
+        this.principalBucket &&
         --this.principalBucket.users === 0 &&
         ctx.principalBuckets.get(this.principalKey) === this.principalBucket
       ) {
@@ -595,7 +606,7 @@ class SocketConn<P> implements LivePeer, Peer<P> {
       }
     }
     indexDelete(ctx.byClient, this.clientId, this);
-    indexDelete(ctx.byPrincipal, this.principalKey, this);
+    if (this.principalKey !== undefined) indexDelete(ctx.byPrincipal, this.principalKey, this);
     if (this.subsMap) ctx.o.channels.dropPeer(this);
   }
 }
@@ -750,17 +761,31 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
         old.close(CloseCodes.tooManySockets, 'too many sockets for this clientId');
         old.onClose();
       }
-      let shared = principalBuckets.get(key);
-      if (!shared) {
-        const rate = o.maxFramesPerSecondPerPrincipal;
-        shared = new FrameBucket(rate, rate, bucketNow());
-        principalBuckets.set(key, shared);
+      // A clientId key (`anonymousKey: 'clientId'`) is the clientId's own: maxSocketsPerClient
+      // and the socket's frame rate already bound it.
+      const counted = !key.startsWith('c:');
+      let shared: FrameBucket | undefined;
+      if (counted) {
+        shared = principalBuckets.get(key);
+        if (!shared) {
+          const rate = o.maxFramesPerSecondPerPrincipal;
+          shared = new FrameBucket(rate, rate, bucketNow());
+          principalBuckets.set(key, shared);
+        }
+        shared.users++;
       }
-      shared.users++;
-      const conn = new SocketConn(ctx, ws, socket, clientId, auth.principal, key, shared);
+      const conn = new SocketConn(
+        ctx,
+        ws,
+        socket,
+        clientId,
+        auth.principal,
+        counted ? key : undefined,
+        shared,
+      );
       conns.set(socket, conn);
       indexAdd(ctx.byClient, clientId, conn);
-      indexAdd(ctx.byPrincipal, key, conn);
+      if (counted) indexAdd(ctx.byPrincipal, key, conn);
       // One listener function per event for all sockets (`this` is the socket): closures per
       // socket were a good part of an idle connection's memory.
       ws.on('pong', onPong);
