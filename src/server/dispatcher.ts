@@ -107,7 +107,11 @@ export interface DispatcherOptions<P> {
   maxChannelLookupsPerSecondPerPrincipal?: number;
   /** Told the store's `channelCount` each time it is read (for `stats().channelRecords`). */
   onChannelCount?(n: number): void;
-  /** The key look-ups are charged to: `p:<principalKey>`, or `c:<clientId>` when anonymous. */
+  /**
+   * The key look-ups are charged to when the peer has no `limitKey`: `p:<principalKey>`, or
+   * `c:<clientId>` when anonymous. Both transports set `Peer.limitKey` (for the anonymous
+   * principal, `a:<address>` by default).
+   */
   lookupKey?(principal: P, clientId: string): string;
 }
 

@@ -94,7 +94,11 @@ export interface BudgetOptions {
   total: number;
 }
 
-/** Who holds bytes: the clientId, and the principal's key (`c:<clientId>` for the anonymous one). */
+/**
+ * Who holds bytes: the clientId, and the key its principal's limits count under
+ * (`p:<principalKey>`; for the anonymous principal `a:<address>`, or `c:<clientId>` with
+ * `anonymousKey: 'clientId'`).
+ */
 export interface Holder {
   readonly clientId: string;
   readonly principal: string;
