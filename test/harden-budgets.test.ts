@@ -465,7 +465,13 @@ describe('bytes still being received count against the budgets', () => {
   });
 
   it('unfinished WebSocket messages without authenticate: the server-wide total bounds them', async () => {
-    const server = await h.start({ maxPayloadBytes: 64 * KB, maxQueuedBytes: 1 * MB });
+    // Each clientId on its own (anonymousKey 'clientId'): the test is about the server-wide total,
+    // which the per-address share (4 × 64 KiB, all ten sockets being on 127.0.0.1) would hide.
+    const server = await h.start({
+      maxPayloadBytes: 64 * KB,
+      maxQueuedBytes: 1 * MB,
+      anonymousKey: 'clientId',
+    });
     const { port } = server.address();
     const fragment = wsFrame(
       1,

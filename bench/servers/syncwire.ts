@@ -1,7 +1,9 @@
 /**
  * Benchmark server: the syncwire reference server (src/server), default options except a
  * memory store retaining 100,000 messages per channel (the default 10,000 is exactly the
- * replay size; the bench should not measure a boundary). `onSync` does no work: one result
+ * replay size; the bench should not measure a boundary), and `anonymousKey: 'clientId'`: the
+ * bench connects up to 1000 anonymous clients from 127.0.0.1, which the default per-address
+ * limits (64 sockets, 200 HTTP requests/s) would refuse (docs/benchmarks.md). `onSync` does no work: one result
  * `{ id, ok: true }` per operation. `publish` appends to a channel from inside this process.
  */
 import { createSyncServer, memoryStore } from '../../src/server/index.js';
@@ -10,6 +12,7 @@ import { serve } from './common.js';
 const server = await createSyncServer({
   port: 0,
   store: memoryStore({ maxMessages: 100_000 }),
+  anonymousKey: 'clientId',
   onSync: (ops) => ops.map((op) => ({ id: (op as { id: unknown }).id, ok: true })),
 });
 

@@ -51,12 +51,19 @@ export interface Peer<P> {
   send(env: ServerEnvelope): void;
   /** Set for sockets: subscriptions are live; HTTP gets a one-shot replay. */
   conn?: LivePeer;
+  /**
+   * The key its per-principal limits count under (`p:<principalKey>`, or `a:<address>` /
+   * `c:<clientId>` for the anonymous principal: index.ts `limitKey`); a socket's is its
+   * `subscriberKey`. @default `lookupKey(principal, clientId)`
+   */
+  limitKey?: string;
 }
 
+/** A refusal: the HTTP status, the NAK to refuse with, and extra headers. */
+export type AuthRefusal = { ok: false; status: number; nak: NakEnvelope; headers?: Record<string, string> };
+
 /** What `authenticate` decided: the principal, or the HTTP status and NAK to refuse with. */
-export type AuthResult<P> =
-  | { ok: true; principal: P }
-  | { ok: false; status: number; nak: NakEnvelope; headers?: Record<string, string> };
+export type AuthResult<P> = { ok: true; principal: P } | AuthRefusal;
 
 /** `Retry-After` (seconds) of a `too_many_clients` refusal. */
 const TOO_MANY_CLIENTS_RETRY_S = 30;
@@ -116,7 +123,11 @@ export interface DispatcherOptions<P> {
   reserveShare?: number;
   /** Told the store's `channelCount` each time it is read (for `stats().channelRecords`). */
   onChannelCount?(n: number): void;
-  /** The key look-ups are charged to: `p:<principalKey>`, or `c:<clientId>` when anonymous. */
+  /**
+   * The key look-ups are charged to when the peer has no `limitKey`: `p:<principalKey>`, or
+   * `c:<clientId>` when anonymous. Both transports set `Peer.limitKey` (for the anonymous
+   * principal, `a:<address>` by default).
+   */
   lookupKey?(principal: P, clientId: string): string;
 }
 
@@ -141,11 +152,20 @@ export interface Dispatcher<P> {
   /** Answer one valid envelope. Resolves when its last reply was sent; never rejects. */
   dispatch(env: RequestEnvelope, peer: Peer<P>): Promise<void>;
   /**
-   * Run `authenticate`, then bind `clientId` to the principal (PROTOCOL §1): the principal, or
-   * the status and NAK to refuse with (409 `client_id_taken` when another principal owns
-   * `clientId`). Never rejects.
+   * Run `authenticate`: the principal, or the status and NAK to refuse with. Writes nothing:
+   * the transports check the refusals that need no binding (rates, byte budgets, socket
+   * caps) next, and only then `bind` (issue 12: a rate-limited request wrote its binding to
+   * SQLite). Never rejects.
    */
-  authenticate(req: IncomingMessage, clientId: string): Promise<AuthResult<P>>;
+  authenticate(req: IncomingMessage): Promise<AuthResult<P>>;
+  /**
+   * Bind `clientId` to the principal `authenticate` returned, or refresh that binding
+   * (PROTOCOL §1): `null` when it may use `clientId`, else the refusal (409
+   * `client_id_taken` when another principal owns it, 503 `too_many_clients` when the
+   * table is full, 500 when the store fails). Without `authenticate` nothing is bound.
+   * Never rejects.
+   */
+  bind(clientId: string, principal: P): Promise<AuthRefusal | null>;
   /** Run `onSync` for one batch and check its results; never rejects. */
   applySyn(syn: { id: string; payload: unknown[] }, peer: Peer<P>): Promise<SynResponse>;
   /** Answer a `SUB`: live subscriptions for a socket, a one-shot replay otherwise. */
@@ -179,7 +199,7 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
   };
 
   /** Bind or refresh; `null` when the principal may use `clientId`, else the refusal. */
-  async function bind(clientId: string, principal: P): Promise<Exclude<AuthResult<P>, { ok: true }> | null> {
+  async function bind(clientId: string, principal: P): Promise<AuthRefusal | null> {
     // Without authenticate there is one principal: nobody else can hold a binding.
     if (!hooks.authenticate) return null;
     let outcome: BindOutcome;
@@ -377,7 +397,8 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
     peer.conn?.chargeFrames?.(names.length - 1);
     // Each channel named costs the store a look-up (and a record) and the event loop time, so
     // a SUB is charged by its channels against its principal's budget, not as one frame.
-    const key = o.lookupKey ? o.lookupKey(peer.principal, peer.clientId) : `c:${peer.clientId}`;
+    const key =
+      peer.limitKey ?? (o.lookupKey ? o.lookupKey(peer.principal, peer.clientId) : `c:${peer.clientId}`);
     if (lookups && names.length > 0) {
       if (!lookups.take(key, names.length)) {
         peer.send(
@@ -613,7 +634,7 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
   }
 
   /** Run `authenticate`: the principal, or the status and NAK to refuse with. */
-  async function authenticate(req: IncomingMessage, clientId: string): Promise<AuthResult<P>> {
+  async function authenticate(req: IncomingMessage): Promise<AuthResult<P>> {
     if (!hooks.authenticate) return { ok: true, principal: null as P };
     try {
       const principal = await hooks.authenticate(req);
@@ -624,7 +645,7 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
           nak: nak(null, 'unauthorized', 'authentication required'),
         };
       }
-      return (await bind(clientId, principal)) ?? { ok: true, principal };
+      return { ok: true, principal };
     } catch (err) {
       if (err instanceof SyncError && (err.code === 'forbidden' || err.code === 'unauthorized')) {
         return { ok: false, status: HTTP_STATUS_OF[err.code], nak: nak(null, err.code, err.message) };
@@ -638,5 +659,5 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
     }
   }
 
-  return { publish, dispatch, authenticate, applySyn, subscribe, revoke, recheck };
+  return { publish, dispatch, authenticate, bind, applySyn, subscribe, revoke, recheck };
 }

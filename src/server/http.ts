@@ -66,8 +66,12 @@ export interface HttpTransportOptions<P> {
   cors: CorsOptions | false;
   /** Request bytes held per client, per principal and in all; a body past them answers 429. */
   budget: Budget;
-  /** The principal key bytes are held under (`c:<clientId>` for the anonymous principal). */
-  subscriberKey(principal: P, clientId: string): string;
+  /**
+   * The key a request's per-principal limits count under (request rate, answer bytes,
+   * request bytes, channel look-ups): `p:<principalKey>`, or for the anonymous principal
+   * `a:<address>` / `c:<clientId>` (the server's `anonymousKey`).
+   */
+  limitKey(principal: P, clientId: string, req: IncomingMessage): string;
   /** Milliseconds a body may take to arrive once the handler reads it; then 408. */
   bodyTimeoutMs: number;
   /**
@@ -175,11 +179,11 @@ export function createHttpHandler<P>(o: HttpTransportOptions<P>): HttpHandler {
         Connection: 'close',
       });
     if (Number(req.headers['content-length'] ?? 0) > o.maxPayloadBytes) return tooLarge();
-    const auth = await o.dispatcher.authenticate(req, clientId);
+    const auth = await o.dispatcher.authenticate(req);
     if (!auth.ok) return reply(res, auth.status, [auth.nak], auth.headers);
     // The body's bytes are held against the budget as they arrive, not once complete: a slow
     // body is memory held too (issue 12: 17 slow 1 MiB bodies held 200 MiB outside it).
-    const who: Holder = { clientId, principal: o.subscriberKey(auth.principal, clientId) };
+    const who: Holder = { clientId, principal: o.limitKey(auth.principal, clientId, req) };
     // Before its body is read or parsed: a principal's requests beyond its rate cost little
     // (issue 12: eight concurrent 1000-channel polls of one principal slowed others 18×).
     if (!requestRate.take(who.principal, 1)) {
@@ -195,6 +199,10 @@ export function createHttpHandler<P>(o: HttpTransportOptions<P>): HttpHandler {
     if ((outstandingOf.get(who.principal) ?? 0) >= o.maxResponseBufferedBytesPerPrincipal) {
       return tooManyAnswerBytes(res, 'for this principal');
     }
+    // Only now the clientId's binding is written (a store write on SQLite and Redis): every
+    // refusal that needs none came first (issue 12: rate-limited requests wrote bindings).
+    const refused = await o.dispatcher.bind(clientId, auth.principal);
+    if (refused) return reply(res, refused.status, [refused.nak], refused.headers);
     const body = await readBody(req, o.maxPayloadBytes, o.bodyTimeoutMs, o.budget, who);
     if (body === 'aborted') return;
     if (body === 'too_large') return tooLarge();
@@ -223,6 +231,7 @@ export function createHttpHandler<P>(o: HttpTransportOptions<P>): HttpHandler {
       await o.dispatcher.dispatch(parsed.envelope, {
         clientId,
         principal: auth.principal,
+        limitKey: who.principal,
         send: (env) => out.push(env),
       });
     } finally {

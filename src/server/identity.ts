@@ -13,7 +13,85 @@
  */
 
 import { createHash } from 'node:crypto';
+import type { IncomingMessage } from 'node:http';
+import ipaddr from 'ipaddr.js';
+import proxyaddr from 'proxy-addr';
 import type { DedupeStore } from '../stores/types.js';
+
+/**
+ * Which proxies in front of the server are trusted to say who the client is (the server's
+ * `trustProxy` option; the values Express's `trust proxy` and Fastify's `trustProxy` take,
+ * evaluated by the `proxy-addr` package they use):
+ * - `false` (the default): nobody; the client is the socket's peer address.
+ * - `true`: every hop; the client is the left-most `X-Forwarded-For` entry (only behind a
+ *   proxy that overwrites the header: a client can put anything in it).
+ * - a number `n`: the `n` hops nearest the server (`1`: one reverse proxy).
+ * - addresses / CIDR ranges, or the names `'loopback'`, `'linklocal'`, `'uniquelocal'`, as
+ *   a list or one comma-separated string: hops at those addresses.
+ * - a function `(address, hopIndex) => boolean`: decides per hop (0 is the socket's peer).
+ */
+export type TrustProxy =
+  | boolean
+  | number
+  | string
+  | readonly string[]
+  | ((address: string, hop: number) => boolean);
+
+/**
+ * `trustProxy` as the function `proxy-addr` calls per hop. Throws `TypeError` for an
+ * address or range `proxy-addr` cannot parse (at `createSyncServer`, not per request).
+ */
+export function compileTrust(v: TrustProxy | undefined): (address: string, hop: number) => boolean {
+  if (v === undefined || v === false) return () => false;
+  if (v === true) return () => true;
+  if (typeof v === 'number') {
+    if (!(Number.isInteger(v) && v >= 0))
+      throw new TypeError('trustProxy: a hop count must be an integer ≥ 0');
+    return (_address, hop) => hop < v;
+  }
+  if (typeof v === 'function') return v;
+  const list = typeof v === 'string' ? v.split(',').map((s) => s.trim()) : [...v];
+  return proxyaddr.compile(list);
+}
+
+/**
+ * The client's address: the socket's peer, or, through the trusted proxies, the address the
+ * last trusted one says it served (`proxy-addr`, reading `X-Forwarded-For`). `undefined` when
+ * the socket has none (destroyed).
+ */
+export function clientAddress(
+  req: IncomingMessage,
+  trust: (address: string, hop: number) => boolean,
+): string | undefined {
+  if (!req.socket?.remoteAddress) return undefined;
+  return proxyaddr(req, trust);
+}
+
+/**
+ * The key an anonymous client's limits count under: `a:<address>`, IPv4 as dotted quad
+ * (IPv4-mapped IPv6 too), IPv6 grouped by its /64 (`a:2001:db8:0:1::/64`: one subscriber's
+ * network usually gets a whole /64, so per-address limits by full IPv6 address are dodged by
+ * changing the interface id; express-rate-limit does the same). Never throws; an
+ * unparseable address is used as it is.
+ */
+export function addressKey(address: string | undefined): string {
+  if (!address) return 'a:unknown';
+  let ip: ipaddr.IPv4 | ipaddr.IPv6;
+  try {
+    ip = ipaddr.parse(address);
+  } catch {
+    return `a:${address}`;
+  }
+  if (ip.kind() === 'ipv6') {
+    const v6 = ip as ipaddr.IPv6;
+    if (v6.isIPv4MappedAddress()) return `a:${v6.toIPv4Address().toString()}`;
+    return `a:${v6.parts
+      .slice(0, 4)
+      .map((n) => n.toString(16))
+      .join(':')}::/64`;
+  }
+  return `a:${ip.toString()}`;
+}
 
 /**
  * The default principal key: strings and numbers as they are, objects with a string or

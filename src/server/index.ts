@@ -10,6 +10,7 @@
  * entry point catches, answers the client, and reports through `onError`.
  */
 
+import { readFileSync } from 'node:fs';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { Duplex } from 'node:stream';
@@ -22,7 +23,14 @@ import { Deadlines } from './deadlines.js';
 import { Dedupe } from './dedupe.js';
 import { makeDispatcher, type RevokeMatch } from './dispatcher.js';
 import { createHttpHandler, reply } from './http.js';
-import { Bindings, defaultPrincipalKey } from './identity.js';
+import {
+  addressKey,
+  Bindings,
+  clientAddress,
+  compileTrust,
+  defaultPrincipalKey,
+  type TrustProxy,
+} from './identity.js';
 import { type AllowedHosts, type AllowedOrigins, Budget } from './limits.js';
 import { LookupScheduler } from './lookups.js';
 import { createWsTransport, rejectUpgrade } from './ws.js';
@@ -43,7 +51,7 @@ export type {
   RetentionOptions,
   StoredMessage,
 } from '../stores/types.js';
-export { defaultPrincipalKey } from './identity.js';
+export { defaultPrincipalKey, type TrustProxy } from './identity.js';
 export type { AllowedHosts, AllowedOrigins } from './limits.js';
 
 /**
@@ -366,7 +374,7 @@ export interface SyncServerOptions<
   /**
    * Channel look-ups per second all `SUB`s and HTTP polls together may cost, server-wide.
    * Every look-up goes through one scheduler: at most 32 per event-loop turn, all principals
-   * together, round-robin across principals (each clientId alone without `authenticate`), so
+   * together, round-robin across principals (the key the per-principal limits count under), so
    * another client's frame waits at most about one slice whatever the number of principals,
    * and an honest `SUB` of one channel waits at most one slice per principal with look-ups
    * waiting. Past this rate the look-ups wait their turn (no refusal); a principal that
@@ -441,12 +449,49 @@ export interface SyncServerOptions<
    */
   maxSocketsPerClient?: number;
   /**
-   * Open sockets per principal (counted under `principalKey`; the anonymous principal `null`,
-   * everybody without `authenticate`, is not counted). An upgrade beyond is answered `429`
-   * with `Retry-After`; the client goes on over HTTP meanwhile.
+   * Open sockets per principal (counted under `principalKey`; the anonymous principal, i.e.
+   * without `authenticate`, per client address: `anonymousKey`). An upgrade beyond is
+   * answered `429` with `Retry-After`; the client goes on over HTTP meanwhile.
    * @default 64
    */
   maxSocketsPerPrincipal?: number;
+  /**
+   * Open sockets of this server, all principals together (file descriptors: past the
+   * process's `ulimit -n` nobody can connect, issue 12). An upgrade beyond is answered `503`
+   * with `Retry-After: 5` before `authenticate` and before anything is stored; the reference
+   * client goes on over HTTP meanwhile and redials after its backoff. Refusals are counted in
+   * `stats().socketsRefused`.
+   * @default min(10000, half the process's soft open-files limit (`/proc/self/limits`, Linux;
+   *   10000 elsewhere)): the other half is left to HTTP connections, handshakes in progress,
+   *   the store and the application.
+   */
+  maxSockets?: number;
+  /**
+   * What the per-principal limits of the anonymous principal (a server without
+   * `authenticate`) count under: every `…PerPrincipal` option, the channel look-up budget and
+   * the HTTP request rate.
+   * - `'address'` (the default): the client's address (`a:<ip>`, IPv6 by /64), taken from
+   *   the socket or, with `trustProxy`, from `X-Forwarded-For`. A client cannot dodge it by
+   *   choosing a new clientId (issue 12: eight pollers with a fresh `X-Client-Id` per poll
+   *   slowed another client 49–330×). Clients behind one NAT or proxy share it.
+   * - `'clientId'`: each clientId on its own (before 0.2 the only behaviour). The client
+   *   chooses its clientId, so this protects nothing against a hostile client: for test
+   *   rigs, benchmarks and trusted networks that open many clients from one address.
+   * Authenticated principals count under their `principalKey` either way.
+   * @default 'address'
+   */
+  anonymousKey?: 'address' | 'clientId';
+  /**
+   * Which proxies may say who the client is (`X-Forwarded-For`), for the address anonymous
+   * clients are limited by (`anonymousKey`): Express's `trust proxy` values, evaluated by
+   * `proxy-addr` (`TrustProxy`: `true`, a hop count, addresses/CIDRs/`'loopback'`, or a
+   * function). Unset, the socket's peer is the client; a request that carries
+   * `X-Forwarded-For` or `Forwarded` is then reported once to `onError` (code
+   * `ERR_SYNCWIRE_UNEXPECTED_X_FORWARDED_FOR`): behind a proxy every anonymous client would
+   * share the proxy's address and its limits.
+   * @default false
+   */
+  trustProxy?: TrustProxy;
   /**
    * Milliseconds between WebSocket protocol-level pings to every socket. A socket that sent
    * no pong and no frame since the previous ping is terminated, freeing it and its
@@ -538,6 +583,8 @@ export interface SyncServerOptions<
 export interface SyncServerStats {
   /** Open sockets. */
   sockets: number;
+  /** Upgrades refused since start because `maxSockets` sockets were open. */
+  socketsRefused: number;
   /** Distinct clientIds with an open socket or a `SYN` queued or running. */
   clients: number;
   /** `SYN` responses remembered in this process for dedupe. */
@@ -678,6 +725,7 @@ const DEFAULTS = {
   maxQueuedBytes: 16 * 1024 * 1024,
   maxSocketsPerClient: 4,
   maxSocketsPerPrincipal: 64,
+  anonymousKey: 'address' as 'address' | 'clientId',
   pingIntervalMs: 25_000,
   headersTimeoutMs: 10_000,
   handshakeTimeoutMs: 10_000,
@@ -743,6 +791,20 @@ type ControlMessage =
   | { from: string; kind: 'recheck' }
   | { from: string; kind: 'disconnect'; match: RevokeMatch };
 
+/**
+ * The default `maxSockets`: half the soft open-files limit (Linux `/proc/self/limits`), at
+ * most 10 000; 10 000 where that file cannot be read or says `unlimited`.
+ */
+export function defaultMaxSockets(limits = '/proc/self/limits'): number {
+  try {
+    const m = /^Max open files\s+(\d+|unlimited)/m.exec(readFileSync(limits, 'utf8'));
+    if (!m?.[1] || m[1] === 'unlimited') return 10_000;
+    return Math.max(1, Math.min(10_000, Math.floor(Number(m[1]) / 2)));
+  } catch {
+    return 10_000;
+  }
+}
+
 const defaultOnError = (error: unknown, where: string) => {
   console.error(`[syncwire] ${where}:`, error);
 };
@@ -780,6 +842,12 @@ export async function createSyncServer<
     )
   )
     throw new TypeError("createSyncServer: allowedHosts must be 'auto', 'all', true or a list of host names");
+  if (o.anonymousKey !== 'address' && o.anonymousKey !== 'clientId')
+    throw new TypeError("createSyncServer: anonymousKey must be 'address' or 'clientId'");
+  const trust = compileTrust(o.trustProxy);
+  const maxSockets = o.maxSockets ?? defaultMaxSockets();
+  if (!(Number.isFinite(maxSockets) && maxSockets > 0))
+    throw new RangeError('createSyncServer: maxSockets must be > 0');
   const maxFrameBurst = o.maxFrameBurst ?? o.maxFramesPerSecond;
   if (!(Number.isFinite(maxFrameBurst) && maxFrameBurst >= 1))
     throw new RangeError('createSyncServer: maxFrameBurst must be ≥ 1');
@@ -870,21 +938,55 @@ export async function createSyncServer<
       channelRecords = n;
     },
   });
-  /**
-   * The key channel subscriptions are counted and matched by: the principal's key, or the
-   * clientId for the anonymous principal (no `authenticate`), so each client counts alone.
-   */
-  const subscriberKey = (principal: P, clientId: string): string => {
-    if (principal === null || principal === undefined) return `c:${clientId}`;
+  /** Whether a forwarded request was reported (once per server) while `trustProxy` is unset. */
+  let forwardedReported = false;
+  /** `a:<address>` of an anonymous request (`anonymousKey: 'address'`). */
+  const anonymousAddressKey = (req: IncomingMessage): string => {
+    if (
+      o.trustProxy === undefined &&
+      !forwardedReported &&
+      (req.headers['x-forwarded-for'] !== undefined || req.headers.forwarded !== undefined)
+    ) {
+      forwardedReported = true;
+      onError(
+        Object.assign(
+          new Error(
+            'a request carries X-Forwarded-For or Forwarded but trustProxy is unset: behind a proxy every ' +
+              "anonymous client shares the proxy's address and its limits; set trustProxy (reported once)",
+          ),
+          { code: 'ERR_SYNCWIRE_UNEXPECTED_X_FORWARDED_FOR' },
+        ),
+        'trustProxy',
+      );
+    }
     try {
-      return `p:${(o.principalKey ?? defaultPrincipalKey)(principal)}`;
+      return addressKey(clientAddress(req, trust));
     } catch (err) {
-      onError(err, 'principalKey');
-      return `c:${clientId}`;
+      // A `trustProxy` function that throws: the socket's peer is the client.
+      onError(err, 'trustProxy');
+      return addressKey(req.socket?.remoteAddress);
     }
   };
+  /**
+   * The key every per-principal limit of a request or socket counts under, and live
+   * subscriptions are matched by (`unsubscribe`/`disconnect` by principal): `p:<principalKey>`
+   * for a principal; for the anonymous one `a:<address>` (`anonymousKey: 'address'`) or
+   * `c:<clientId>`. The prefixes keep a principal's key from ever equalling an anonymous one.
+   */
+  const limitKey = (principal: P, clientId: string, req: IncomingMessage | undefined): string => {
+    if (principal !== null && principal !== undefined) {
+      try {
+        return `p:${(o.principalKey ?? defaultPrincipalKey)(principal)}`;
+      } catch (err) {
+        onError(err, 'principalKey');
+      }
+    }
+    return o.anonymousKey === 'clientId' || req === undefined ? `c:${clientId}` : anonymousAddressKey(req);
+  };
+  const subscriberKey = (principal: P, clientId: string): string => limitKey(principal, clientId, undefined);
   const ws = createWsTransport<P>({
-    subscriberKey,
+    limitKey,
+    maxSockets,
     path: o.path,
     maxPayloadBytes: o.maxPayloadBytes,
     maxBufferedBytes: o.maxBufferedBytes,
@@ -904,7 +1006,6 @@ export async function createSyncServer<
     pingIntervalMs: o.pingIntervalMs,
     maxSocketsPerClient: o.maxSocketsPerClient,
     maxSocketsPerPrincipal: o.maxSocketsPerPrincipal,
-    principalKey: o.principalKey ?? defaultPrincipalKey,
     dispatcher,
     channels,
     closing: isClosing,
@@ -919,7 +1020,7 @@ export async function createSyncServer<
     ownHost: ownServer ? o.host : undefined,
     cors: o.cors,
     budget,
-    subscriberKey,
+    limitKey,
     bodyTimeoutMs: o.requestTimeoutMs,
     maxResponseBufferedBytes: o.maxResponseBufferedBytes,
     maxResponseBufferedBytesPerPrincipal: o.maxResponseBufferedBytesPerPrincipal,
@@ -1097,6 +1198,7 @@ export async function createSyncServer<
       for (const id of ws.clientIds()) clients.add(id);
       return {
         sockets: ws.size,
+        socketsRefused: ws.refused,
         clients: clients.size,
         dedupeEntries: dedupe.size,
         dedupeBytes: dedupe.sizeBytes,

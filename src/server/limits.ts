@@ -94,7 +94,11 @@ export interface BudgetOptions {
   total: number;
 }
 
-/** Who holds bytes: the clientId, and the principal's key (`c:<clientId>` for the anonymous one). */
+/**
+ * Who holds bytes: the clientId, and the key its principal's limits count under
+ * (`p:<principalKey>`; for the anonymous principal `a:<address>`, or `c:<clientId>` with
+ * `anonymousKey: 'clientId'`).
+ */
 export interface Holder {
   readonly clientId: string;
   readonly principal: string;
@@ -329,20 +333,39 @@ export class FrameBucket implements TokenState {
  *   subdomain (`'.example.org'`: `example.org`, `a.example.org`), like Vite's
  *   `server.allowedHosts`.
  * - `'all'` (or `true`): every Host (the check is off).
- * Requests without a `Host` header (HTTP/1.0, non-browser clients) are accepted.
+ * Requests without a `Host` header (HTTP/1.0, non-browser clients) are accepted; a `Host`
+ * that is not a valid `host[:port]` (`hostnameOf`), or a second `Host` header, is refused
+ * whatever the setting but `'all'`.
  */
 export type AllowedHosts = 'auto' | 'all' | true | readonly string[];
 
-/** The hostname of a `Host` header, lower case, without port, brackets or trailing dot. */
-function hostnameOf(host: string): string {
-  let h = host.trim().toLowerCase();
+/**
+ * The hostname of a `Host` header (RFC 9110 §7.2: `uri-host [ ":" port ]`, RFC 3986 §3.2.2),
+ * lower case, without port or brackets; `undefined` unless the whole value is one of:
+ * an `[IPv6]` literal, or a name of dot-separated labels of letters, digits, `-` and `_`
+ * (IPv4 literals included), then optionally `:` and up to 5 digits. Nothing is trimmed or
+ * skipped (issue 12: ` localhost`, `[::1].evil.example` passed a lenient parse). A trailing
+ * dot (`localhost.`) is refused: it is another spelling of the name that no page needs, and
+ * browsers treat it as another origin.
+ */
+export function hostnameOf(host: string): string | undefined {
+  const h = host.toLowerCase();
+  let name: string;
+  let rest: string;
   if (h.startsWith('[')) {
     const end = h.indexOf(']');
-    return end > 0 ? h.slice(1, end) : h;
+    if (end < 0) return undefined;
+    name = h.slice(1, end);
+    if (isIP(name) !== 6) return undefined;
+    rest = h.slice(end + 1);
+  } else {
+    const colon = h.indexOf(':');
+    name = colon < 0 ? h : h.slice(0, colon);
+    rest = colon < 0 ? '' : h.slice(colon);
+    if (!/^[a-z0-9_-]+(?:\.[a-z0-9_-]+)*$/.test(name)) return undefined;
   }
-  const colon = h.lastIndexOf(':');
-  if (colon >= 0 && h.indexOf(':') === colon) h = h.slice(0, colon);
-  return h.endsWith('.') ? h.slice(0, -1) : h;
+  if (rest !== '' && !/^:[0-9]{0,5}$/.test(rest)) return undefined;
+  return name;
 }
 
 /** Whether `req`'s `Host` header names a host this server answers to (`AllowedHosts`). Never throws. */
@@ -354,10 +377,16 @@ export function hostAllowed(
   if (allowed === 'all' || allowed === true) return true;
   const host = req.headers.host;
   if (host === undefined) return true;
+  // Node keeps the first of several `Host` headers; RFC 9112 §3.2 says such a request is bad.
+  let hosts = 0;
+  for (let i = 0; i < req.rawHeaders.length; i += 2) {
+    if (req.rawHeaders[i]!.length === 4 && req.rawHeaders[i]!.toLowerCase() === 'host' && ++hosts > 1)
+      return false;
+  }
   const name = hostnameOf(host);
-  if (name === '') return false;
+  if (name === undefined) return false;
   if (isIP(name) !== 0 || name === 'localhost' || name.endsWith('.localhost')) return true;
-  if (ownHost !== undefined && hostnameOf(ownHost) === name) return true;
+  if (ownHost !== undefined && ownHost.toLowerCase() === name) return true;
   if (allowed === 'auto') return false;
   for (const entry of allowed) {
     const e = entry.toLowerCase();

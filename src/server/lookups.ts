@@ -10,9 +10,9 @@
  * - at most `slice` look-ups are granted per event-loop turn, all principals together, and
  *   the next grant waits for the next turn (`setImmediate`), so other sockets' I/O runs in
  *   between whatever the number of principals;
- * - grants go round-robin across keys (the `lookupKey` of the principal, or of the clientId
- *   when anonymous): a key with work waiting is served once per round, whatever how many
- *   `SUB`s it has queued, so an honest `SUB` of one channel waits at most one slice per active
+ * - grants go round-robin across keys (the key the per-principal limits count under:
+ *   `Peer.limitKey`, `p:<principalKey>` or the anonymous client's address or clientId): a
+ *   key with work waiting is served once per round, whatever how many `SUB`s it has queued, so an honest `SUB` of one channel waits at most one slice per active
  *   key;
  * - the grants of all keys together stay under `rate` look-ups per second (a token bucket,
  *   burst one second); past it, work waits its turn;

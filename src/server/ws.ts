@@ -123,15 +123,16 @@ export interface WsTransportOptions<P> {
   maxSocketsPerClient: number;
   /** Open sockets per principal key; an upgrade beyond is answered 429. */
   maxSocketsPerPrincipal: number;
-  /** The key sockets are counted under per principal (the server's `principalKey`). */
-  principalKey(principal: P): string;
+  /** Open sockets in all; an upgrade beyond is answered 503 before `authenticate`. */
+  maxSockets: number;
   dispatcher: Dispatcher<P>;
   channels: Channels;
   /**
-   * The key a socket's channel subscriptions are counted (per-principal channel cap) and
-   * revoked by: `p:<principalKey>`, or `c:<clientId>` for the anonymous principal.
+   * The key a socket's per-principal limits count under (sockets, frame rate, request bytes,
+   * channels, look-ups) and it is revoked by: `p:<principalKey>`, or for the anonymous
+   * principal `a:<address>` / `c:<clientId>` (the server's `anonymousKey`).
    */
-  subscriberKey(principal: P, clientId: string): string;
+  limitKey(principal: P, clientId: string, req: IncomingMessage): string;
   /** Whether the server is closing: upgrades are refused with 503. */
   closing(): boolean;
   onError(err: unknown, where: string): void;
@@ -145,6 +146,8 @@ export interface WsTransport {
   handleUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): boolean;
   /** Open sockets. */
   readonly size: number;
+  /** Upgrades refused because `maxSockets` sockets were open. */
+  readonly refused: number;
   /** Replay bytes sent and not yet handed to the kernel, all sockets together. */
   readonly replayBufferedBytes: number;
   /** clientIds of the open sockets. */
@@ -278,9 +281,15 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     private readonly sock: Duplex,
     readonly clientId: string,
     readonly principal: P,
-    /** The principal key this socket counts under, if any. */
+    /**
+     * The key this socket's per-principal limits count under and it is revoked by (the
+     * transport's `limitKey`), its `subscriberKey`; `undefined` for an anonymous socket keyed
+     * by its clientId (`anonymousKey: 'clientId'`), which is counted by `maxSocketsPerClient`
+     * and its own frame rate only, as before 0.2 (no string, bucket or index entry per idle
+     * socket).
+     */
     readonly principalKey: string | undefined,
-    /** The frame bucket shared by the principal's sockets, if it is counted. */
+    /** The frame bucket shared by the sockets of `principalKey`, when it is set. */
     private readonly principalBucket: FrameBucket | undefined,
   ) {
     this.tokens = ctx.o.maxFrameBurst * 1000;
@@ -335,12 +344,18 @@ class SocketConn<P> implements LivePeer, Peer<P> {
 
   private subKey: string | undefined;
   /**
-   * The key its channel subscriptions are counted and revoked by (`subscriberKey`), made on
-   * first use: most sockets never subscribe, and the string is memory per idle connection.
+   * The key its channel subscriptions are counted and revoked by: `principalKey`, or
+   * `c:<clientId>` made on first use (most sockets never subscribe).
    */
   get subscriberKey(): string {
-    this.subKey ??= this.ctx.o.subscriberKey(this.principal, this.clientId);
+    if (this.principalKey !== undefined) return this.principalKey;
+    this.subKey ??= `c:${this.clientId}`;
     return this.subKey;
+  }
+
+  /** `Peer.limitKey`: the same key, for the channel look-up budget. */
+  get limitKey(): string {
+    return this.subscriberKey;
   }
 
   get conn(): SocketConn<P> {
@@ -581,8 +596,13 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     }
     if (ctx.conns.get(this.sock) === this) {
       ctx.conns.delete(this.sock);
-      if (this.principalKey !== undefined && this.principalBucket) {
-        if (--this.principalBucket.users === 0) ctx.principalBuckets.delete(this.principalKey);
+      if (
+        this.principalKey !== undefined &&
+        this.principalBucket &&
+        --this.principalBucket.users === 0 &&
+        ctx.principalBuckets.get(this.principalKey) === this.principalBucket
+      ) {
+        ctx.principalBuckets.delete(this.principalKey);
       }
     }
     indexDelete(ctx.byClient, this.clientId, this);
@@ -668,6 +688,19 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
   const ofClient = (clientId: string) => slotItems(ctx.byClient.get(clientId));
   const principalCount = (key: string) => slotItems(ctx.byPrincipal.get(key)).length;
 
+  /** Upgrades refused by `maxSockets` (`WsTransport.refused`). */
+  let refusedFull = 0;
+  const refuseFull = (socket: Duplex) => {
+    refusedFull++;
+    rejectUpgrade(socket, 503, nak(null, 'rate_limited', 'too many sockets on this server; use HTTP'), {
+      'Retry-After': '5',
+    });
+  };
+  const refusePrincipal = (socket: Duplex) =>
+    rejectUpgrade(socket, 429, nak(null, 'rate_limited', 'too many sockets for this principal'), {
+      'Retry-After': '5',
+    });
+
   function handleUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): boolean {
     const url = requestUrl(req);
     if (url?.pathname !== o.path) return false;
@@ -702,26 +735,23 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
         nak(null, 'bad_request', `clientId must be 1–${MAX_ID_LENGTH} characters`),
       );
     }
-    const auth = await o.dispatcher.authenticate(req, clientId);
+    // Refusals that cost nothing come first: the server-wide cap before `authenticate` (a
+    // full server spends nothing on a socket it will refuse), the principal's before the
+    // binding is written (issue 12: refused requests wrote bindings to SQLite).
+    if (conns.size >= o.maxSockets) return refuseFull(socket);
+    const auth = await o.dispatcher.authenticate(req);
     if (!auth.ok) return rejectUpgrade(socket, auth.status, auth.nak, auth.headers);
+    const key = o.limitKey(auth.principal, clientId, req);
+    if (principalCount(key) >= o.maxSocketsPerPrincipal) return refusePrincipal(socket);
+    const refused = await o.dispatcher.bind(clientId, auth.principal);
+    if (refused) return rejectUpgrade(socket, refused.status, refused.nak, refused.headers);
     if (socket.destroyed || o.closing()) {
       socket.destroy();
       return;
     }
-    let key: string | undefined;
-    try {
-      // The anonymous principal (no authenticate) is everybody: not a principal to count.
-      key =
-        auth.principal === null || auth.principal === undefined ? undefined : o.principalKey(auth.principal);
-    } catch (err) {
-      onError(err, 'principalKey');
-      key = undefined;
-    }
-    if (key !== undefined && principalCount(key) >= o.maxSocketsPerPrincipal) {
-      return rejectUpgrade(socket, 429, nak(null, 'rate_limited', 'too many sockets for this principal'), {
-        'Retry-After': '5',
-      });
-    }
+    // Again after the awaits: upgrades authenticated meanwhile may have taken the room.
+    if (conns.size >= o.maxSockets) return refuseFull(socket);
+    if (principalCount(key) >= o.maxSocketsPerPrincipal) return refusePrincipal(socket);
     wss.handleUpgrade(req, socket, head, (ws) => {
       socket.off('error', ignore);
       // The newest socket of a clientId is the one its client uses; older ones are most
@@ -731,8 +761,11 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
         old.close(CloseCodes.tooManySockets, 'too many sockets for this clientId');
         old.onClose();
       }
+      // A clientId key (`anonymousKey: 'clientId'`) is the clientId's own: maxSocketsPerClient
+      // and the socket's frame rate already bound it.
+      const counted = !key.startsWith('c:');
       let shared: FrameBucket | undefined;
-      if (key !== undefined) {
+      if (counted) {
         shared = principalBuckets.get(key);
         if (!shared) {
           const rate = o.maxFramesPerSecondPerPrincipal;
@@ -741,10 +774,18 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
         }
         shared.users++;
       }
-      const conn = new SocketConn(ctx, ws, socket, clientId, auth.principal, key, shared);
+      const conn = new SocketConn(
+        ctx,
+        ws,
+        socket,
+        clientId,
+        auth.principal,
+        counted ? key : undefined,
+        shared,
+      );
       conns.set(socket, conn);
       indexAdd(ctx.byClient, clientId, conn);
-      if (key !== undefined) indexAdd(ctx.byPrincipal, key, conn);
+      if (counted) indexAdd(ctx.byPrincipal, key, conn);
       // One listener function per event for all sockets (`this` is the socket): closures per
       // socket were a good part of an idle connection's memory.
       ws.on('pong', onPong);
@@ -782,6 +823,9 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
     handleUpgrade,
     get size() {
       return conns.size;
+    },
+    get refused() {
+      return refusedFull;
     },
     get replayBufferedBytes() {
       return ctx.replay.total;

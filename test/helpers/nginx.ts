@@ -80,6 +80,8 @@ export interface NginxOptions {
   /** nginx time syntax, e.g. '1s'. */
   readTimeout: string;
   path?: string;
+  /** Append the client's address to `X-Forwarded-For` (`$proxy_add_x_forwarded_for`, as docs/nginx.conf). */
+  forwardedFor?: boolean;
 }
 
 export async function startNginx(opts: NginxOptions): Promise<Nginx> {
@@ -114,7 +116,7 @@ http {
       proxy_http_version 1.1;
       proxy_set_header Upgrade $http_upgrade;
       proxy_set_header Connection $connection_upgrade;
-      proxy_set_header Host $host;
+      proxy_set_header Host $host;${opts.forwardedFor ? '\n      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;' : ''}
       proxy_buffering off;
       proxy_read_timeout ${opts.readTimeout};
       proxy_send_timeout ${opts.readTimeout};
