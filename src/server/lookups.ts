@@ -12,8 +12,8 @@
  *   between whatever the number of principals;
  * - grants go round-robin across keys (the key the per-principal limits count under:
  *   `Peer.limitKey`, `p:<principalKey>` or the anonymous client's address or clientId): a
- *   key with work waiting is served once per round, whatever how many `SUB`s it has queued, so an honest `SUB` of one channel waits at most one slice per active
- *   key;
+ *   key with work waiting is served once per round, whatever how many `SUB`s it has queued,
+ *   so an honest `SUB` of one channel waits at most one slice per active key;
  * - the grants of all keys together stay under `rate` look-ups per second (a token bucket,
  *   burst one second); past it, work waits its turn;
  * - the work waiting is bounded: `admit` refuses (the caller answers `NAK rate_limited`) a
