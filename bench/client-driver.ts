@@ -2,9 +2,12 @@
  * Client-side profiling driver (not part of `npm run bench`): runs syncwire's 1-in-flight and
  * throughput scenarios against a real server child, in this process, so that
  * `node --cpu-prof --import tsx bench/client-driver.ts` profiles the client alone.
- * DRIVER_ONLY=latency|throughput|full, DRIVER_N (default 5000).
+ * DRIVER_ONLY=latency|throughput|full|connect|replay (comma-separated), DRIVER_N (default 5000;
+ * connect opens DRIVER_N / 5 clients, replay replays 2 × DRIVER_N missed messages),
+ * DRIVER_REPEAT (default 1: each selected scenario is run that many times), DRIVER_SYSTEM
+ * (replay only: syncwire, the default, or socketio).
  */
-import { latency, throughputAt } from './scenarios.js';
+import { connectTime, latency, replay, throughputAt } from './scenarios.js';
 
 const n = Number(process.env.DRIVER_N ?? 5000);
 const only = (process.env.DRIVER_ONLY ?? 'latency,throughput,full').split(',');
@@ -25,5 +28,21 @@ if (only.includes('full')) {
   console.log(
     `outbox full: ${r.opsPerSec.toFixed(0)} ops/s client ${r.clientCpuUs.toFixed(1)} µs/op server ${r.serverCpuUs.toFixed(1)} µs/op`,
   );
+}
+for (let k = 0; k < Number(process.env.DRIVER_REPEAT ?? 1); k++) {
+  if (only.includes('connect')) {
+    const cpu0 = process.cpuUsage();
+    const r = await connectTime('syncwire', n / 5);
+    const cpu = process.cpuUsage(cpu0);
+    console.log(
+      `connect ${r.clients}: ${r.ms.toFixed(0)} ms, client CPU ${((cpu.user + cpu.system) / r.clients).toFixed(0)} µs/client (warm-up and close included)`,
+    );
+  }
+  if (only.includes('replay')) {
+    const r = await replay((process.env.DRIVER_SYSTEM ?? 'syncwire') as 'syncwire' | 'socketio', 2 * n);
+    console.log(
+      `replay ${r.messages}: ${r.ms.toFixed(0)} ms, lost ${r.lost} dup ${r.duplicated} recovered ${r.recovered}, client CPU ${r.clientCpuUs.toFixed(1)} µs/msg, server peak ${(r.serverPeakBytes / 1e6).toFixed(2)} MB`,
+    );
+  }
 }
 process.exit(0);

@@ -266,6 +266,7 @@ for (let run = 0; run < RUNS; run++) {
           record(`replayMs.${s}`, run, r.ms);
           record(`replayHeap.${s}`, run, r.serverPeakBytes);
           record(`replayClean.${s}`, run, clean);
+          record(`replayCpu.${s}`, run, r.clientCpuUs);
         }
         if (s === 'syncwire') {
           integrity.syncwireLost += r.lost;
@@ -277,7 +278,7 @@ for (let run = 0; run < RUNS; run++) {
           if (!r.recovered) integrity.sioNotRecovered++;
         }
         log(
-          `  replay       ${NAMES[s].padEnd(9)} ${n} msgs in ${num(r.ms)} ms, server peak +${num(r.serverPeakBytes / 1e6)} MB, lost ${r.lost}, dup ${r.duplicated}, recovered ${r.recovered}`,
+          `  replay       ${NAMES[s].padEnd(9)} ${n} msgs in ${num(r.ms)} ms, server peak +${num(r.serverPeakBytes / 1e6)} MB, client ${num(r.clientCpuUs)} µs/msg, lost ${r.lost}, dup ${r.duplicated}, recovered ${r.recovered}`,
         );
       });
     }
@@ -366,6 +367,14 @@ if (ONLY.has('replay')) {
     cell(summarize((series['replayHeap.socketio'] ?? []).map((v) => v / 1e6))),
     '',
     ratioCell(R('replayHeap.syncwire', 'replayHeap.socketio')),
+    '',
+  ]);
+  rows.push([
+    '↳ client CPU µs per message',
+    cell(S('replayCpu.syncwire')),
+    cell(S('replayCpu.socketio')),
+    '',
+    ratioCell(R('replayCpu.syncwire', 'replayCpu.socketio')),
     '',
   ]);
   rows.push([

@@ -517,6 +517,11 @@ export interface ReplayResult {
    * the baseline after GC taken once the missed messages were stored (bench/servers/common.ts).
    */
   serverPeakBytes: number;
+  /**
+   * CPU of this process (the client side) from the redial to the last message, µs per
+   * message, `process.cpuUsage()` user + system (the wait loop's 1 ms polls included).
+   */
+  clientCpuUs: number;
 }
 
 /** Tally received message indexes `from … from + n - 1`; done when all arrived. */
@@ -582,10 +587,14 @@ async function swReplay(n: number): Promise<ReplayResult> {
     let openGate = () => {};
     let timing = false;
     let t0 = Number.NaN;
+    let cpu0 = process.cpuUsage();
     const client = createSyncClient<Op, Result>({
       url: async () => {
         await gate;
-        if (timing && Number.isNaN(t0)) t0 = performance.now();
+        if (timing && Number.isNaN(t0)) {
+          t0 = performance.now();
+          cpu0 = process.cpuUsage();
+        }
         return swUrl(srv.port);
       },
       WebSocket: Tapped as never,
@@ -614,6 +623,7 @@ async function swReplay(n: number): Promise<ReplayResult> {
       await waitFor(() => tally.complete, 60_000, 'replayed messages');
       if (Number.isNaN(t0)) throw new Error('syncwire: the replay arrived without a redial through the gate');
       const ms = performance.now() - t0;
+      const cpu = process.cpuUsage(cpu0);
       const heap = await srv.call<{ baseline: number; peak: number }>('watchStop');
       await new Promise((resolve) => setTimeout(resolve, 50));
       return {
@@ -624,6 +634,7 @@ async function swReplay(n: number): Promise<ReplayResult> {
         duplicated: tally.dup + tally.stray,
         recovered: resets === 0,
         serverPeakBytes: heap.peak - heap.baseline,
+        clientCpuUs: (cpu.user + cpu.system) / n,
       };
     } finally {
       openGate();
@@ -666,10 +677,12 @@ async function sioReplay(n: number): Promise<ReplayResult> {
     await srv.call('watchStart');
     tally = new Tally(1, n);
     const t0 = performance.now();
+    const cpu0 = process.cpuUsage();
     socket.connect();
     await sioOpen(socket);
     await waitFor(() => tally.complete, 60_000, 'recovered messages');
     const ms = performance.now() - t0;
+    const cpu = process.cpuUsage(cpu0);
     const heap = await srv.call<{ baseline: number; peak: number }>('watchStop');
     await new Promise((resolve) => setTimeout(resolve, 50));
     const recovered = socket.recovered;
@@ -682,6 +695,7 @@ async function sioReplay(n: number): Promise<ReplayResult> {
       duplicated: tally.dup + tally.stray,
       recovered,
       serverPeakBytes: heap.peak - heap.baseline,
+      clientCpuUs: (cpu.user + cpu.system) / n,
     };
   });
 }

@@ -430,6 +430,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     onSocket: (ws: WebSocketLike | null) => {
       liveSocket = ws;
     },
+    // MSGs skip the chart's macrostep (see TransportConfig.onMessage); `onMsg` is below.
+    onMessage: (m: MsgEnvelope) => onMsg(m),
   };
   const cursor = { index: 0 };
   /** This client's transport, handed to the shared actors through the chart's `io` input. */
@@ -986,6 +988,31 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     }
   };
 
+  /**
+   * One MSG, in wire order: the cursor decides (deliver, own echo, duplicate, gap), then the
+   * app sees it. Called by the socket directly (`TransportConfig.onMessage`: no chart step) and
+   * for MSGs the chart emits (HTTP replies, and a socket frame that came inside a chart step).
+   */
+  const onMsg = (m: MsgEnvelope) => {
+    const verdict = channels.onMessage(m);
+    if (verdict === 'deliver' || verdict === 'own') {
+      const cm: ChannelMessage = {
+        channel: m.channel,
+        seq: m.seq,
+        epoch: m.epoch,
+        payload: m.payload,
+        replay: m.replay === true,
+        echo: verdict === 'own',
+      };
+      if (channels.snapshotting(m.channel)) {
+        const buf = held$.get(m.channel) ?? [];
+        buf.push(cm);
+        held$.set(m.channel, buf);
+      } else deliver(cm);
+    } else if (verdict === 'gap') resubscribe([m.channel], true, false, 'CATCH_UP');
+    if (verdict !== 'gap' && verdict !== 'unknown' && verdict !== 'duplicate') releaseHeld();
+  };
+
   const onEmitted = (e: ConnectionEmitted) => {
     switch (e.type) {
       case 'settled':
@@ -997,27 +1024,9 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         if (keys.length > 0) void guarded(() => outbox.batch(clientId, { id: e.id, keys }));
         break;
       }
-      case 'message': {
-        const m = e.frame as MsgEnvelope;
-        const verdict = channels.onMessage(m);
-        if (verdict === 'deliver' || verdict === 'own') {
-          const cm: ChannelMessage = {
-            channel: m.channel,
-            seq: m.seq,
-            epoch: m.epoch,
-            payload: m.payload,
-            replay: m.replay === true,
-            echo: verdict === 'own',
-          };
-          if (channels.snapshotting(m.channel)) {
-            const buf = held$.get(m.channel) ?? [];
-            buf.push(cm);
-            held$.set(m.channel, buf);
-          } else deliver(cm);
-        } else if (verdict === 'gap') resubscribe([m.channel], true, false, 'CATCH_UP');
-        if (verdict !== 'gap' && verdict !== 'unknown' && verdict !== 'duplicate') releaseHeld();
+      case 'message':
+        onMsg(e.frame as MsgEnvelope);
         break;
-      }
       case 'revoked': {
         const { code, message } = e.frame.error;
         for (const name of e.frame.payload.channels) refuse(name, code, message, true);

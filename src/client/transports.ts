@@ -8,6 +8,7 @@ import { fromCallback, fromPromise } from 'xstate';
 import type { ConnectionEvent, HttpInput, HttpOutcome, SocketCommand } from '../../machines/connection.js';
 import {
   encodeRequest,
+  type MsgEnvelope,
   parseServerFrame,
   type ServerEnvelope,
   validateServerEnvelope,
@@ -143,6 +144,16 @@ export interface TransportConfig {
   faults: FaultSwitches;
   /** Called with the live socket whenever one is dialled (for `killSocket()`). */
   onSocket?: (ws: WebSocketLike | null) => void;
+  /**
+   * Where the socket delivers `MSG` frames, bypassing the chart (issue 14, replay row): a
+   * `MSG` changes no state of the connection chart, whose `onFrame` only re-emits it as a
+   * `message`, and that macrostep was ~80 % of the client's CPU per replayed message. Frames
+   * keep their order: a held `ACK` is released to the chart first, and a frame that arrives
+   * while the socket actor is itself running a chart command (a socket stand-in answering
+   * inside `send()`) still goes through the chart. Without it, `MSG`s go to the chart as
+   * `FRAME` events (the chart's own tests, and the inspector then sees them).
+   */
+  onMessage?: (frame: MsgEnvelope) => void;
 }
 
 /** Which URL index the last successful or attempted dial used; HTTP follows it. */
@@ -268,6 +279,8 @@ export function socketActor(fixed?: TransportIo) {
     /** Bumped by every DIAL and DROP: an async credential lookup that lost the race is dropped. */
     let generation = 0;
     let stopped = false;
+    /** Chart commands being run now: a frame delivered inside one goes through the chart. */
+    let commands = 0;
 
     const detach = (sock: WebSocketLike | null) => {
       if (!sock) return;
@@ -383,6 +396,10 @@ export function socketActor(fixed?: TransportIo) {
           if ((f.type === 'SYN' || f.type === 'NAK') && f.id === heldAck.id) heldAck = null;
           else releaseAck();
         }
+        if (f.type === 'MSG' && config.onMessage && commands === 0) {
+          config.onMessage(f);
+          return;
+        }
         sendBack({ type: 'FRAME', frame: f } satisfies ConnectionEvent);
       };
       const onDown = (code: number, reason: string) => {
@@ -402,7 +419,7 @@ export function socketActor(fixed?: TransportIo) {
       };
     };
 
-    receive((cmd) => {
+    const command = (cmd: SocketCommand) => {
       if (cmd.type === 'DIAL') dial(cmd.refresh === true);
       else if (cmd.type === 'DROP') {
         generation++;
@@ -420,6 +437,14 @@ export function socketActor(fixed?: TransportIo) {
             // A send on a dying socket: the close event follows and the machine resends.
           }
         }
+      }
+    };
+    receive((cmd) => {
+      commands++;
+      try {
+        command(cmd);
+      } finally {
+        commands--;
       }
     });
     return () => {
