@@ -9,6 +9,7 @@
  *   node --import tsx bench/client-cpu.ts                 # CPU_MODE=seq (1 in flight), N 20000
  *   CPU_MODE=w64 CPU_CORK=1 node --import tsx bench/client-cpu.ts
  *   CPU_MODE=full node --cpu-prof --import tsx bench/client-cpu.ts   # outbox full (10,000)
+ *   CPU_MODE=connect node --import tsx bench/client-cpu.ts   # per client: create, open, 1 op, close
  */
 import { createSyncClient, type WebSocketLike } from '../src/client/index.js';
 import { makeOp, type Op } from './scenarios.js';
@@ -57,8 +58,41 @@ class StandInSocket implements WebSocketLike {
   }
 }
 
+const check = (r: { id: number }, i: number) => {
+  if (r.id !== i) throw new Error(`result for ${r.id} answered op ${i}`);
+};
 const mode = process.env.CPU_MODE ?? 'seq';
 const n = Number(process.env.N ?? 20_000);
+if (mode === 'connect') {
+  // Per client: createSyncClient, open, one operation acknowledged, close; 100 at a time.
+  const one = async (i: number) => {
+    const c = createSyncClient<Op, { id: number; ok: boolean }>({
+      url: 'ws://stand-in/sync',
+      WebSocket: StandInSocket,
+    });
+    await new Promise<void>((resolve) => {
+      c.state$.subscribe((s) => s === 'open' && resolve());
+    });
+    check(await c.send(makeOp(i)), i);
+    await c.close();
+  };
+  const lanes = async (count: number) => {
+    let next = 0;
+    const lane = async () => {
+      while (next < count) await one(next++);
+    };
+    await Promise.all(Array.from({ length: Number(process.env.LANES ?? 100) }, lane));
+  };
+  const clients = Math.min(n, 2000);
+  await lanes(Math.min(clients, 500));
+  const cpu0 = process.cpuUsage();
+  await lanes(clients);
+  const cpu = process.cpuUsage(cpu0);
+  console.log(
+    `connect: ${((cpu.user + cpu.system) / clients).toFixed(1)} µs client CPU per client, ${clients} clients`,
+  );
+  process.exit(0);
+}
 const client = createSyncClient<Op, { id: number; ok: boolean }>({
   url: 'ws://stand-in/sync',
   WebSocket: StandInSocket,
@@ -67,9 +101,6 @@ await new Promise<void>((resolve) => {
   client.state$.subscribe((s) => s === 'open' && resolve());
 });
 
-const check = (r: { id: number }, i: number) => {
-  if (r.id !== i) throw new Error(`result for ${r.id} answered op ${i}`);
-};
 async function sequential(count: number, from: number) {
   for (let i = from; i < from + count; i++) check(await client.send(makeOp(i)), i);
 }

@@ -5,7 +5,7 @@
  * DRIVER_ONLY=latency|throughput|full|connect|replay (comma-separated), DRIVER_N (default 5000;
  * connect opens DRIVER_N / 5 clients, replay replays 2 × DRIVER_N missed messages),
  * DRIVER_REPEAT (default 1: each selected scenario is run that many times), DRIVER_SYSTEM
- * (replay only: syncwire, the default, or socketio).
+ * (connect and replay: syncwire, the default, or socketio).
  */
 import { connectTime, latency, replay, throughputAt } from './scenarios.js';
 
@@ -31,11 +31,9 @@ if (only.includes('full')) {
 }
 for (let k = 0; k < Number(process.env.DRIVER_REPEAT ?? 1); k++) {
   if (only.includes('connect')) {
-    const cpu0 = process.cpuUsage();
-    const r = await connectTime('syncwire', n / 5);
-    const cpu = process.cpuUsage(cpu0);
+    const r = await connectTime((process.env.DRIVER_SYSTEM ?? 'syncwire') as 'syncwire' | 'socketio', n / 5);
     console.log(
-      `connect ${r.clients}: ${r.ms.toFixed(0)} ms, client CPU ${((cpu.user + cpu.system) / r.clients).toFixed(0)} µs/client (warm-up and close included)`,
+      `connect ${r.clients}: ${r.ms.toFixed(0)} ms, CPU µs per client: client ${r.clientCpuUs.toFixed(0)}, server ${r.serverCpuUs.toFixed(0)}`,
     );
   }
   if (only.includes('replay')) {

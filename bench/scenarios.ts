@@ -344,6 +344,9 @@ export interface ConnectResult {
   ready: number;
   clients: number;
   parallel: number;
+  /** CPU µs per client over the timed phase, this process (the clients) and the server child. */
+  clientCpuUs: number;
+  serverCpuUs: number;
 }
 
 /** Open one client, send one operation, wait for its acknowledgement (checked by id). */
@@ -402,6 +405,8 @@ export async function connectTime(system: System, n: number, parallel = 100): Pr
     const open: Closer[] = [];
     try {
       let next = 0;
+      const s0 = await srv.call<number>('cpu');
+      const c0 = process.cpuUsage();
       const t0 = performance.now();
       const lane = async () => {
         while (next < n) {
@@ -411,8 +416,17 @@ export async function connectTime(system: System, n: number, parallel = 100): Pr
       };
       await Promise.all(Array.from({ length: Math.min(parallel, n) }, lane));
       const ms = performance.now() - t0;
+      const c = process.cpuUsage(c0);
+      const s1 = await srv.call<number>('cpu');
       await waitConnections(srv, n);
-      return { ms, ready: open.length, clients: n, parallel };
+      return {
+        ms,
+        ready: open.length,
+        clients: n,
+        parallel,
+        clientCpuUs: (c.user + c.system) / n,
+        serverCpuUs: (s1 - s0) / n,
+      };
     } finally {
       await Promise.all(open.map((c) => c.close()));
     }

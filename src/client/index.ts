@@ -1035,7 +1035,9 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       case 'failure': {
         const f: Failure = { kind: e.kind, state: stateSubject.value, at: Date.now() };
         if (e.kind === 'unauthorized')
-          queueMicrotask(() => shutdown(new SyncError('unauthorized', e.reason ?? 'refused with 401 twice')));
+          queueMicrotask(() =>
+            shutdown(() => new SyncError('unauthorized', e.reason ?? 'refused with 401 twice')),
+          );
         if (e.code !== undefined) f.code = e.code;
         if (e.reason !== undefined) f.reason = e.reason;
         reportFailure(f);
@@ -1246,11 +1248,11 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   }
 
   /**
-   * Stop for good: reject every pending promise with `err` (`closed`, or `unauthorized` when
+   * Stop for good: reject every pending promise with the error `reason` makes (`closed`, or `unauthorized` when
    * the chart gave up after two 401s), complete the streams. Operations stay in the durable
    * outbox either way.
    */
-  const shutdown = async (err: SyncError): Promise<void> => {
+  const shutdown = async (reason: () => SyncError): Promise<void> => {
     if (closed) return;
     // Operations accepted this tick are written to the outbox before the client goes.
     flushBurst();
@@ -1263,7 +1265,9 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     if (ready && actor.getSnapshot().status === 'active') actor.send({ type: 'CLOSE' });
     // The promises end here; the operations stay in the durable outbox, and the next client
     // on the same storage sends them (their outcomes then arrive on its `restored$`).
-    for (const w of waiters.values()) w.reject(err);
+    // Made only when a promise needs it: an Error's stack trace is most of a close's cost.
+    const err = waiters.size > 0 ? reason() : undefined;
+    for (const w of waiters.values()) w.reject(err!);
     waiters.clear();
     opWaiters = 0;
     // Children of the connection actor: they end with it; their state says unsubscribed.
@@ -1413,7 +1417,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       return pending$.value;
     },
     async close() {
-      await shutdown(new SyncError('closed', 'the client was closed before this settled'));
+      await shutdown(CLOSED);
     },
     get actor() {
       return actor;
@@ -1436,6 +1440,9 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     },
   };
 }
+
+/** What `close()` rejects the pending promises with. */
+const CLOSED = () => new SyncError('closed', 'the client was closed before this settled');
 
 /** The chart's event for a platform signal. */
 function signalEvent(sig: NetworkSignal): { type: 'NETWORK_ONLINE' | 'NETWORK_OFFLINE' | 'VISIBLE' } {
