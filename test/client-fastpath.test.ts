@@ -9,6 +9,8 @@
  * and in order.
  * (2) An operation is turned into JSON once, in send(), and that text is what its SYN carries.
  * (3) The chart alone: a send while open (see that describe).
+ * (4) MSGs from the socket reach the client without a chart macrostep (TransportConfig.onMessage),
+ * in wire order with the frames that do go through the chart.
  */
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { WebSocket } from 'ws';
@@ -20,8 +22,13 @@ import {
   type OutgoingFrame,
   type SocketCommand,
 } from '../machines/connection.js';
-import { type ConnectionState, createSyncClient, type SyncClient } from '../src/client/index.js';
-import { next, reach } from './helpers/harness.js';
+import {
+  type ChannelMessage,
+  type ConnectionState,
+  createSyncClient,
+  type SyncClient,
+} from '../src/client/index.js';
+import { next, reach, until } from './helpers/harness.js';
 import { honest, type LyingServer, startLyingServer } from './helpers/lying-server.js';
 
 let liar: LyingServer;
@@ -102,6 +109,74 @@ describe('ACK and response in one write', () => {
     expect((await failure).state).toBe('awaitingSyn');
     await reach(c, 'open');
     expect(roundTrip()).toEqual(['awaitingAck', 'awaitingSyn', 'open']);
+  });
+});
+
+describe('MSGs from the socket skip the chart', () => {
+  /** A second client on the same server whose chart events are recorded (inspect). */
+  const inspected = async () => {
+    const seen: string[] = [];
+    const d = createSyncClient({
+      url: liar.wsUrl,
+      clientId: `msg-${Math.random().toString(36).slice(2)}`,
+      timeout: 2000,
+      WebSocket: WebSocket as never,
+      inspect: (e) => {
+        if (e.type !== '@xstate.event' || e.event.type !== 'FRAME') return;
+        const f = (e.event as unknown as { frame: { type: string; id?: string } }).frame;
+        seen.push(`${f.type}${f.type === 'MSG' ? '' : `:${f.id}`}`);
+      },
+    });
+    await reach(d, 'open');
+    return { d, seen };
+  };
+  const msg = (seq: number) => ({
+    id: `m${seq}`,
+    type: 'MSG',
+    channel: 'news',
+    epoch: 'e1',
+    seq,
+    payload: { seq },
+  });
+
+  it('a MSG is delivered with its cursor advanced, and no FRAME event carrying it reaches the chart', async () => {
+    const { d, seen } = await inspected();
+    try {
+      await d.subscribe('news');
+      const got: ChannelMessage[] = [];
+      d.messages$.subscribe((m) => got.push(m));
+      for (let seq = 1; seq <= 3; seq++) liar.push(msg(seq));
+      await until(() => got.length === 3, 5000, 'three MSGs');
+      expect(got.map((m) => m.seq)).toEqual([1, 2, 3]);
+      expect(d.cursors().news).toEqual({ epoch: 'e1', seq: 3 });
+      expect(seen.filter((s) => s === 'MSG')).toEqual([]);
+      // The chart still saw the SUB's own ACK/response.
+      expect(seen.some((s) => s.startsWith('SYN:'))).toBe(true);
+    } finally {
+      await d.close();
+    }
+  });
+
+  it('ACK, MSGs, then the response in one write: the ACK reaches the chart before the MSGs are delivered, the response after', async () => {
+    const { d, seen } = await inspected();
+    try {
+      await d.subscribe('news');
+      liar.cork = true;
+      const order: string[] = [];
+      d.messages$.subscribe((m) => order.push(`msg ${m.seq} in ${d.state}`));
+      liar.onFrame = (env, reply) => {
+        reply({ id: env.id, type: 'ACK' });
+        reply(msg(1));
+        reply(msg(2));
+        reply({ id: env.id, type: 'SYN', payload: [{ ok: true }] });
+      };
+      expect(await d.send({ x: 1 })).toEqual({ ok: true });
+      // Each MSG came after the ACK was applied (awaitingSyn) and before the response (open).
+      expect(order).toEqual(['msg 1 in awaitingSyn', 'msg 2 in awaitingSyn']);
+      expect(seen.filter((s) => s === 'MSG')).toEqual([]);
+    } finally {
+      await d.close();
+    }
   });
 });
 
