@@ -232,8 +232,10 @@ for (let run = 0; run < RUNS; run++) {
         const r = await connectTime(s, SIZES.connect);
         if (r.ready !== r.clients) throw new Error(`${r.ready} of ${r.clients} clients ready`);
         record(`connect.${s}`, run, r.ms);
+        record(`connectCpuC.${s}`, run, r.clientCpuUs);
+        record(`connectCpuS.${s}`, run, r.serverCpuUs);
         log(
-          `  connect      ${NAMES[s].padEnd(9)} ${r.clients} clients open + 1 round trip each in ${num(r.ms)} ms`,
+          `  connect      ${NAMES[s].padEnd(9)} ${r.clients} clients open + 1 round trip each in ${num(r.ms)} ms, CPU µs per client: client ${num(r.clientCpuUs)}, server ${num(r.serverCpuUs)}`,
         );
       });
     }
@@ -350,8 +352,11 @@ if (ONLY.has('throughput')) {
     ratioCell(R('tp.syncwireOutbox', 'tp.ws')),
   ]);
 }
-if (ONLY.has('connect'))
+if (ONLY.has('connect')) {
   rows.push(row(`${SIZES.connect} clients connected (+1 round trip each), ms`, 'connect'));
+  rows.push(row('↳ client CPU µs per client', 'connectCpuC'));
+  rows.push(row('↳ server CPU µs per client', 'connectCpuS'));
+}
 if (ONLY.has('replay')) {
   rows.push([
     `${SIZES.replay} missed messages recovered after a drop, ms`,
