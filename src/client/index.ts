@@ -430,8 +430,10 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     onSocket: (ws: WebSocketLike | null) => {
       liveSocket = ws;
     },
-    // MSGs skip the chart's macrostep (see TransportConfig.onMessage); `onMsg` is below.
-    onMessage: (m: MsgEnvelope) => onMsg(m),
+    // MSGs skip the chart's macrostep (see TransportConfig.onMessage); `onMsg` is below. Not
+    // with an inspector: it sees every frame as a chart event (syncwire/inspect counts MSGs,
+    // cursors and traffic from them).
+    onMessage: options.inspect ? undefined : (m: MsgEnvelope) => onMsg(m),
   };
   const cursor = { index: 0 };
   /** This client's transport, handed to the shared actors through the chart's `io` input. */
