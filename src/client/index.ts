@@ -169,7 +169,11 @@ export interface SyncClientOptions {
    * `'online' | 'offline' | 'visible'`, e.g. an RxJS Observable. @default none
    */
   signals?: { subscribe(next: (signal: NetworkSignal) => void): { unsubscribe(): void } };
-  /** XState inspection observer (see `syncwire/inspect`). @default none */
+  /**
+   * XState inspection observer (see `syncwire/inspect`). With one, every socket frame, `MSG`s
+   * included, goes through the chart as a `FRAME` event it can see; without one, `MSG`s skip
+   * the chart (they change none of its state). @default none
+   */
   inspect?: Observer<InspectionEvent> | ((event: InspectionEvent) => void);
   /** Telemetry hook: called with every `failures$` event (send them to Sentry). @default none */
   onFailure?: (failure: Failure) => void;
