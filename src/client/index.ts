@@ -1389,7 +1389,23 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       channels.add(channel, opts);
       refusals.delete(channel);
       subActor(channel).send({ type: 'SUBSCRIBE' });
-      const body = (await requestSub([channel], false)) as { channels?: Record<string, unknown> };
+      // The snapshot may come in the answer to another SUB than this one: a SUB of the
+      // `channels` option (or a re-SUB) still queued when this call re-registered the channel
+      // carries `snapshot: true` when it goes on the wire, and this call's own SUB then
+      // resumes from the snapshot's seq. The result still carries the snapshot (README
+      // "Replay"): the last one `snapshots$` emitted for the channel since this call.
+      let seen: SnapshotEvent | undefined;
+      const watch = opts.snapshot
+        ? snapshots$.subscribe((s) => {
+            if (s.channel === channel) seen = s;
+          })
+        : undefined;
+      let body: { channels?: Record<string, unknown> };
+      try {
+        body = (await requestSub([channel], false)) as { channels?: Record<string, unknown> };
+      } finally {
+        watch?.unsubscribe();
+      }
       const entry = entryOf(body.channels, channel);
       if (!entry) {
         if (!channels.has(channel))
@@ -1401,7 +1417,10 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         const code = (entry.error.code as string) === 'unsubscribed' ? 'closed' : entry.error.code;
         throw new SyncError(code, entry.error.message);
       }
-      return entry as ChannelState;
+      const state = entry as ChannelState;
+      if (opts.snapshot && state.snapshot === undefined && seen && seen.epoch === state.epoch)
+        return { ...state, snapshot: { seq: seen.seq, data: seen.data } };
+      return state;
     },
     async unsubscribe(channel) {
       // After close() every subscription is over already; a refused one has nothing on the server.
