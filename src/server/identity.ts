@@ -55,36 +55,69 @@ export function compileTrust(v: TrustProxy | undefined): (address: string, hop: 
 }
 
 /**
+ * An address as an IP address in canonical form, or `undefined` when it is none. What a proxy
+ * may write in `X-Forwarded-For` besides a bare IP is normalised (issue 12, F5: a port made
+ * every connection a new address for the per-address limits): a port (`1.2.3.4:5678`,
+ * `[2001:db8::1]:5678`), brackets (`[::1]`), an IPv6 zone (`fe80::1%eth0`), surrounding
+ * white space; IPv4-mapped IPv6 becomes IPv4, and IPv4 with leading zeros a dotted quad.
+ */
+export function normalizeAddress(raw: string | undefined): string | undefined {
+  if (!raw) return undefined;
+  let s = raw.trim();
+  const bracketed = /^\[([^\]]+)\](?::\d{1,5})?$/.exec(s);
+  if (bracketed?.[1]) s = bracketed[1];
+  else {
+    const v4port = /^([^:]+):\d{1,5}$/.exec(s);
+    if (v4port?.[1]) s = v4port[1];
+  }
+  const zone = s.indexOf('%');
+  if (zone >= 0) s = s.slice(0, zone);
+  if (!ipaddr.isValid(s)) return undefined;
+  try {
+    return ipaddr.process(s).toString();
+  } catch {
+    return undefined;
+  }
+}
+
+/**
  * The client's address: the socket's peer, or, through the trusted proxies, the address the
- * last trusted one says it served (`proxy-addr`, reading `X-Forwarded-For`). `undefined` when
- * the socket has none (destroyed).
+ * last trusted one says it served (`proxy-addr`, reading `X-Forwarded-For`), normalised by
+ * `normalizeAddress`. An entry that is no IP address even then (`unknown`, a host name,
+ * garbage) is not used as a key of its own: the client is then keyed by the address of the
+ * trusted hop that wrote it (the nearest one that is an IP; the socket's peer at worst), so
+ * varying that entry cannot multiply a client's per-address limits. `undefined` when the
+ * socket has none (destroyed).
  */
 export function clientAddress(
   req: IncomingMessage,
   trust: (address: string, hop: number) => boolean,
 ): string | undefined {
-  if (!req.socket?.remoteAddress) return undefined;
-  return proxyaddr(req, trust);
+  const peer = req.socket?.remoteAddress;
+  if (!peer) return undefined;
+  // [peer, …trusted hops, client], nearest first.
+  const chain = proxyaddr.all(req, trust);
+  for (let i = chain.length - 1; i >= 0; i--) {
+    const ip = normalizeAddress(chain[i]);
+    if (ip) return ip;
+  }
+  return peer;
 }
 
 /**
  * The key an anonymous client's limits count under: `a:<address>`, IPv4 as dotted quad
  * (IPv4-mapped IPv6 too), IPv6 grouped by its /64 (`a:2001:db8:0:1::/64`: one subscriber's
  * network usually gets a whole /64, so per-address limits by full IPv6 address are dodged by
- * changing the interface id; express-rate-limit does the same). Never throws; an
- * unparseable address is used as it is.
+ * changing the interface id; express-rate-limit does the same). Never throws; the address is
+ * normalised first (`normalizeAddress`); one that is still no IP is used as it is.
  */
 export function addressKey(address: string | undefined): string {
   if (!address) return 'a:unknown';
-  let ip: ipaddr.IPv4 | ipaddr.IPv6;
-  try {
-    ip = ipaddr.parse(address);
-  } catch {
-    return `a:${address}`;
-  }
+  const normal = normalizeAddress(address);
+  if (normal === undefined) return `a:${address}`;
+  const ip = ipaddr.parse(normal);
   if (ip.kind() === 'ipv6') {
     const v6 = ip as ipaddr.IPv6;
-    if (v6.isIPv4MappedAddress()) return `a:${v6.toIPv4Address().toString()}`;
     return `a:${v6.parts
       .slice(0, 4)
       .map((n) => n.toString(16))

@@ -12,7 +12,7 @@
 
 import { readFileSync } from 'node:fs';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
-import type { AddressInfo } from 'node:net';
+import type { AddressInfo, Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import type { CorsOptions } from 'cors';
 import { DEFAULT_MAX_PAYLOAD_BYTES, randomId } from '../protocol/index.js';
@@ -467,6 +467,34 @@ export interface SyncServerOptions<
    */
   maxSockets?: number;
   /**
+   * Open TCP connections of a server this one creates, of every kind together (idle ones,
+   * HTTP requests, handshakes in progress, WebSockets): Node's `server.maxConnections`. A
+   * connection beyond is closed by Node as soon as it is accepted, so the process never runs
+   * out of file descriptors for its store and application (issue 12: idle connections,
+   * bounded only in time by `handshakeTimeoutMs`, took every descriptor `maxSockets` left
+   * free and new clients got `ECONNRESET`). Counted in `stats().connectionsRefused`. Keep it
+   * above `maxSockets` (WebSockets are connections too). On a `server` of your own set
+   * `server.maxConnections` yourself (README "Limits").
+   * @default the process's soft open-files limit (`/proc/self/limits`, Linux) less a reserve
+   *   of max(64, an eighth of it) (2048 → 1792); no cap where that file cannot be read or
+   *   says `unlimited`
+   */
+  maxConnections?: number;
+  /**
+   * TCP connections from one peer address (IPv6 by /64, as `addressKey`) to a server this
+   * one creates that have not yet sent a complete request or upgrade head. A connection
+   * beyond is destroyed when it is accepted, before a byte is read, and counted in
+   * `stats().connectionsRefused`; once a connection sent its first request head (or was
+   * closed) it no longer counts. Honest clients send their request at once (a browser opens
+   * at most 6 HTTP/1.1 connections per host), so this only bites a peer that opens
+   * connections and stays silent (issue 12). The addresses of trusted proxies (`trustProxy`)
+   * are exempt: behind a proxy every connection comes from it. With `trustProxy: true` or a
+   * hop count every peer may be a proxy, so nobody is capped: list the proxies' addresses.
+   * Only on a server this one creates.
+   * @default 32
+   */
+  maxPendingConnectionsPerAddress?: number;
+  /**
    * What the per-principal limits of the anonymous principal (a server without
    * `authenticate`) count under: every `…PerPrincipal` option, the channel look-up budget and
    * the HTTP request rate.
@@ -585,6 +613,13 @@ export interface SyncServerStats {
   sockets: number;
   /** Upgrades refused since start because `maxSockets` sockets were open. */
   socketsRefused: number;
+  /**
+   * TCP connections closed at accept since start, on a server this one creates: over
+   * `maxConnections` (Node's `drop` event) or over `maxPendingConnectionsPerAddress`.
+   */
+  connectionsRefused: number;
+  /** TCP connections open now that have not yet sent a request or upgrade head. */
+  pendingConnections: number;
   /** Distinct clientIds with an open socket or a `SYN` queued or running. */
   clients: number;
   /** `SYN` responses remembered in this process for dedupe. */
@@ -729,6 +764,7 @@ const DEFAULTS = {
   pingIntervalMs: 25_000,
   headersTimeoutMs: 10_000,
   handshakeTimeoutMs: 10_000,
+  maxPendingConnectionsPerAddress: 32,
   firstFrameTimeoutMs: 60_000,
   maxFramesPerSecond: 10_000,
   maxFramesPerSecondPerPrincipal: 20_000,
@@ -769,6 +805,7 @@ const POSITIVE_OPTIONS = [
   'headersTimeoutMs',
   'requestTimeoutMs',
   'handshakeTimeoutMs',
+  'maxPendingConnectionsPerAddress',
   'firstFrameTimeoutMs',
   'maxFramesPerSecond',
   'maxFramesPerSecondPerPrincipal',
@@ -792,17 +829,36 @@ type ControlMessage =
   | { from: string; kind: 'disconnect'; match: RevokeMatch };
 
 /**
+ * The soft open-files limit (Linux `/proc/self/limits`, "Max open files"); `undefined` where
+ * that file cannot be read or says `unlimited`.
+ */
+function softOpenFiles(limits: string): number | undefined {
+  try {
+    const m = /^Max open files\s+(\d+|unlimited)/m.exec(readFileSync(limits, 'utf8'));
+    if (!m?.[1] || m[1] === 'unlimited') return undefined;
+    return Number(m[1]);
+  } catch {
+    return undefined;
+  }
+}
+
+/**
  * The default `maxSockets`: half the soft open-files limit (Linux `/proc/self/limits`), at
  * most 10 000; 10 000 where that file cannot be read or says `unlimited`.
  */
 export function defaultMaxSockets(limits = '/proc/self/limits'): number {
-  try {
-    const m = /^Max open files\s+(\d+|unlimited)/m.exec(readFileSync(limits, 'utf8'));
-    if (!m?.[1] || m[1] === 'unlimited') return 10_000;
-    return Math.max(1, Math.min(10_000, Math.floor(Number(m[1]) / 2)));
-  } catch {
-    return 10_000;
-  }
+  const n = softOpenFiles(limits);
+  return n === undefined ? 10_000 : Math.max(1, Math.min(10_000, Math.floor(n / 2)));
+}
+
+/**
+ * The default `maxConnections`: the soft open-files limit (Linux `/proc/self/limits`) less a
+ * reserve of max(64, an eighth of it) for the store, log files and the application (2048 →
+ * 1792), at least 1; `undefined` (no cap) where that file cannot be read or says `unlimited`.
+ */
+export function defaultMaxConnections(limits = '/proc/self/limits'): number | undefined {
+  const n = softOpenFiles(limits);
+  return n === undefined ? undefined : Math.max(1, n - Math.max(64, Math.floor(n / 8)));
 }
 
 const defaultOnError = (error: unknown, where: string) => {
@@ -848,6 +904,9 @@ export async function createSyncServer<
   const maxSockets = o.maxSockets ?? defaultMaxSockets();
   if (!(Number.isFinite(maxSockets) && maxSockets > 0))
     throw new RangeError('createSyncServer: maxSockets must be > 0');
+  const maxConnections = o.maxConnections ?? (o.server ? undefined : defaultMaxConnections());
+  if (maxConnections !== undefined && !(Number.isInteger(maxConnections) && maxConnections > 0))
+    throw new RangeError('createSyncServer: maxConnections must be an integer > 0');
   const maxFrameBurst = o.maxFrameBurst ?? o.maxFramesPerSecond;
   if (!(Number.isFinite(maxFrameBurst) && maxFrameBurst >= 1))
     throw new RangeError('createSyncServer: maxFrameBurst must be ≥ 1');
@@ -1101,22 +1160,66 @@ export async function createSyncServer<
   // were ~400 B of every idle connection's memory).
   const handshakes = new Deadlines<Duplex>(o.handshakeTimeoutMs, (socket) => {
     socket.off('close', onEarlyClose);
+    unpend(socket);
     socket.destroy();
   });
+  // Connections not yet identified, per peer address key (maxPendingConnectionsPerAddress),
+  // and each such socket's key (its remoteAddress may be gone once it is destroyed). Both
+  // hold only connections in `handshakes`, so they are bounded by the caps themselves.
+  const pendingBy = new Map<string, number>();
+  const pendingKey = new Map<Duplex, string>();
+  let connectionsRefused = 0;
+  const unpend = (socket: Duplex) => {
+    const key = pendingKey.get(socket);
+    if (key === undefined) return;
+    pendingKey.delete(socket);
+    const n = (pendingBy.get(key) ?? 1) - 1;
+    if (n > 0) pendingBy.set(key, n);
+    else pendingBy.delete(key);
+  };
+  /** A trusted proxy's address (`trustProxy`, asked as hop 0): never capped per address. */
+  const trustedPeer = (address: string): boolean => {
+    if (o.trustProxy === undefined || o.trustProxy === false) return false;
+    try {
+      return trust(address, 0);
+    } catch (err) {
+      onError(err, 'trustProxy');
+      return false;
+    }
+  };
   function onEarlyClose(this: Duplex): void {
     handshakes.delete(this);
+    unpend(this);
   }
   const identified = (req: IncomingMessage) => {
     if (handshakes.has(req.socket)) {
       handshakes.delete(req.socket);
       req.socket.off('close', onEarlyClose);
+      unpend(req.socket);
     }
   };
   const onConnection = (socket: Duplex) => {
+    const peer = (socket as Socket).remoteAddress;
+    if (peer !== undefined && !trustedPeer(peer)) {
+      const key = addressKey(peer);
+      const n = pendingBy.get(key) ?? 0;
+      if (n >= o.maxPendingConnectionsPerAddress) {
+        connectionsRefused++;
+        socket.destroy();
+        return;
+      }
+      pendingBy.set(key, n + 1);
+      pendingKey.set(socket, key);
+    }
     handshakes.add(socket);
     socket.on('close', onEarlyClose);
   };
+  const onDrop = () => {
+    connectionsRefused++;
+  };
   if (ownServer) {
+    if (maxConnections !== undefined) httpServer.maxConnections = maxConnections;
+    httpServer.on('drop', onDrop);
     httpServer.on('connection', onConnection);
     httpServer.prependListener('request', identified);
     httpServer.prependListener('upgrade', identified);
@@ -1144,6 +1247,7 @@ export async function createSyncServer<
     httpServer.off('request', onRequest);
     httpServer.off('upgrade', onUpgrade);
     httpServer.off('connection', onConnection);
+    httpServer.off('drop', onDrop);
     httpServer.off('request', identified);
     httpServer.off('upgrade', identified);
     // No new batch starts; queued ones are left for their clients to resend (their answers
@@ -1199,6 +1303,8 @@ export async function createSyncServer<
       return {
         sockets: ws.size,
         socketsRefused: ws.refused,
+        connectionsRefused,
+        pendingConnections: handshakes.size,
         clients: clients.size,
         dedupeEntries: dedupe.size,
         dedupeBytes: dedupe.sizeBytes,
