@@ -476,7 +476,7 @@ export interface SyncServerOptions<
    * above `maxSockets` (WebSockets are connections too). On a `server` of your own set
    * `server.maxConnections` yourself (README "Limits").
    * @default the process's soft open-files limit (`/proc/self/limits`, Linux) less a reserve
-   *   of max(64, an eighth of it) (2048 → 1792); no cap where that file cannot be read or
+   *   of max(32, an eighth of it) (2048 → 1792); no cap where that file cannot be read or
    *   says `unlimited`
    */
   maxConnections?: number;
@@ -853,12 +853,12 @@ export function defaultMaxSockets(limits = '/proc/self/limits'): number {
 
 /**
  * The default `maxConnections`: the soft open-files limit (Linux `/proc/self/limits`) less a
- * reserve of max(64, an eighth of it) for the store, log files and the application (2048 →
+ * reserve of max(32, an eighth of it) for the store, log files and the application (2048 →
  * 1792), at least 1; `undefined` (no cap) where that file cannot be read or says `unlimited`.
  */
 export function defaultMaxConnections(limits = '/proc/self/limits'): number | undefined {
   const n = softOpenFiles(limits);
-  return n === undefined ? undefined : Math.max(1, n - Math.max(64, Math.floor(n / 8)));
+  return n === undefined ? undefined : Math.max(1, n - Math.max(32, Math.floor(n / 8)));
 }
 
 const defaultOnError = (error: unknown, where: string) => {
