@@ -94,10 +94,29 @@ describe('connections that have not sent a request, per peer address (maxPending
     await eventually(() => server.stats().pendingConnections === 4, 5000, 'the new one accepted');
     expect(late.closed).toBe(false);
     expect(server.stats().connectionsRefused).toBe(6);
-    // And the fifth is refused again.
+    // A fifth makes one go: itself while the four are fresh, else the stalest of them.
     const fifth = idle(server, '127.0.0.2');
-    await eventually(() => fifth.closed, 5000, 'the fifth closed');
-    expect(server.stats().connectionsRefused).toBe(7);
+    await eventually(() => server.stats().connectionsRefused === 7, 5000, 'one more closed');
+    await eventually(() => [...kept, late, fifth].filter((s) => s.closed).length === 1, 5000, 'one closed');
+    expect(server.stats().pendingConnections).toBe(4);
+  });
+
+  it('an address holding silent connections: the stalest goes, so a client sharing it gets in', async () => {
+    const server = await h.start({ maxPendingConnectionsPerAddress: 3 });
+    const hoard = Array.from({ length: 3 }, () => idle(server, '127.0.0.2'));
+    await eventually(() => server.stats().pendingConnections === 3, 5000, 'three pending');
+    // While they are fresh (under 1 s) a newcomer is refused; once they have been silent
+    // for 1 s, it gets in and the oldest silent one is destroyed. Dial until it does.
+    let status = 0;
+    for (let i = 0; status !== 101 && i < 50; i++) {
+      status = await upgrade(server, '127.0.0.2', `nat-${i}`);
+      if (status !== 101) await new Promise((r) => setTimeout(r, 100));
+    }
+    expect(status).toBe(101);
+    await eventually(() => hoard[0]!.closed, 5000, 'the oldest closed');
+    expect(hoard[1]!.closed).toBe(false);
+    expect(hoard[2]!.closed).toBe(false);
+    expect(server.stats().pendingConnections).toBe(2);
   });
 
   it('closed connections stop counting', async () => {

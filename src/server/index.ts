@@ -482,16 +482,20 @@ export interface SyncServerOptions<
   maxConnections?: number;
   /**
    * TCP connections from one peer address (IPv6 by /64, as `addressKey`) to a server this
-   * one creates that have not yet sent a complete request or upgrade head. A connection
-   * beyond is destroyed when it is accepted, before a byte is read, and counted in
-   * `stats().connectionsRefused`; once a connection sent its first request head (or was
-   * closed) it no longer counts. Honest clients send their request at once (a browser opens
-   * at most 6 HTTP/1.1 connections per host), so this only bites a peer that opens
-   * connections and stays silent (issue 12). The addresses of trusted proxies (`trustProxy`)
-   * are exempt: behind a proxy every connection comes from it. With `trustProxy: true` or a
-   * hop count every peer may be a proxy, so nobody is capped: list the proxies' addresses.
-   * Only on a server this one creates.
-   * @default 32
+   * one creates that have not yet sent a complete request or upgrade head (issue 12: one
+   * address held 2 027 silent connections, every descriptor the process had). When a new
+   * connection finds this many: if the address's oldest such connection has been silent for
+   * 1 s or more, that one is destroyed and the new one let in (so a silent hoarder sharing a
+   * NAT address with honest clients cannot lock them out); otherwise (a burst of fresh
+   * connections) the new one is destroyed at accept, before a byte is read. Either way it is
+   * counted in `stats().connectionsRefused`. A connection stops counting at its first request
+   * head, or when it closes or times out (`handshakeTimeoutMs`). Honest clients send their
+   * request within a round trip; a load generator dialling more than this many at once from
+   * one process sees some reset (the reference client redials). The addresses of trusted
+   * proxies (`trustProxy`) are exempt: behind a proxy every connection comes from it. With
+   * `trustProxy: true` or a hop count every peer may be a proxy, so nobody is capped: list
+   * the proxies' addresses. Only on a server this one creates.
+   * @default 128
    */
   maxPendingConnectionsPerAddress?: number;
   /**
@@ -614,8 +618,9 @@ export interface SyncServerStats {
   /** Upgrades refused since start because `maxSockets` sockets were open. */
   socketsRefused: number;
   /**
-   * TCP connections closed at accept since start, on a server this one creates: over
-   * `maxConnections` (Node's `drop` event) or over `maxPendingConnectionsPerAddress`.
+   * TCP connections closed since start by `maxConnections` (at accept, Node's `drop` event)
+   * or `maxPendingConnectionsPerAddress` (the new one at accept, or the address's stalest
+   * silent one to make room), on a server this one creates.
    */
   connectionsRefused: number;
   /** TCP connections open now that have not yet sent a request or upgrade head. */
@@ -764,7 +769,7 @@ const DEFAULTS = {
   pingIntervalMs: 25_000,
   headersTimeoutMs: 10_000,
   handshakeTimeoutMs: 10_000,
-  maxPendingConnectionsPerAddress: 32,
+  maxPendingConnectionsPerAddress: 128,
   firstFrameTimeoutMs: 60_000,
   maxFramesPerSecond: 10_000,
   maxFramesPerSecondPerPrincipal: 20_000,
@@ -818,6 +823,13 @@ const LOOKUP_SLICE = 32;
  * `maxChannelsPerPrincipal / this` channels (README "Limits", `maxChannels`).
  */
 const CHANNEL_RESERVE_DIVISOR = 10;
+
+/**
+ * Milliseconds after which a connection that has not sent a request head counts as silent
+ * (`maxPendingConnectionsPerAddress`): an honest client sends its head one round trip after
+ * connecting.
+ */
+const STALE_PENDING_MS = 1000;
 
 /** How often expired dedupe entries are dropped and the store trimmed, at most. */
 const HOUSEKEEPING_MS = 60_000;
@@ -1164,18 +1176,19 @@ export async function createSyncServer<
     socket.destroy();
   });
   // Connections not yet identified, per peer address key (maxPendingConnectionsPerAddress),
-  // and each such socket's key (its remoteAddress may be gone once it is destroyed). Both
-  // hold only connections in `handshakes`, so they are bounded by the caps themselves.
-  const pendingBy = new Map<string, number>();
-  const pendingKey = new Map<Duplex, string>();
+  // oldest first (Set order is accept order), and each such socket's key and accept time (its
+  // remoteAddress may be gone once it is destroyed). Both hold only connections in
+  // `handshakes`, so they are bounded by the caps themselves.
+  const pendingBy = new Map<string, Set<Duplex>>();
+  const pendingOf = new Map<Duplex, { key: string; at: number }>();
   let connectionsRefused = 0;
   const unpend = (socket: Duplex) => {
-    const key = pendingKey.get(socket);
-    if (key === undefined) return;
-    pendingKey.delete(socket);
-    const n = (pendingBy.get(key) ?? 1) - 1;
-    if (n > 0) pendingBy.set(key, n);
-    else pendingBy.delete(key);
+    const p = pendingOf.get(socket);
+    if (p === undefined) return;
+    pendingOf.delete(socket);
+    const set = pendingBy.get(p.key);
+    set?.delete(socket);
+    if (set?.size === 0) pendingBy.delete(p.key);
   };
   /** A trusted proxy's address (`trustProxy`, asked as hop 0): never capped per address. */
   const trustedPeer = (address: string): boolean => {
@@ -1202,14 +1215,29 @@ export async function createSyncServer<
     const peer = (socket as Socket).remoteAddress;
     if (peer !== undefined && !trustedPeer(peer)) {
       const key = addressKey(peer);
-      const n = pendingBy.get(key) ?? 0;
-      if (n >= o.maxPendingConnectionsPerAddress) {
+      const now = performance.now();
+      const mine = pendingBy.get(key);
+      if (mine && mine.size >= o.maxPendingConnectionsPerAddress) {
         connectionsRefused++;
-        socket.destroy();
-        return;
+        const oldest = mine.values().next().value as Duplex;
+        const since = pendingOf.get(oldest)?.at ?? now;
+        if (now - since < STALE_PENDING_MS) {
+          // A burst of fresh connections: the new one goes.
+          socket.destroy();
+          return;
+        }
+        // The address holds connections silent for a while: the stalest goes, the new one
+        // comes in (a silent hoarder sharing an address with honest clients cannot lock
+        // them out).
+        oldest.off('close', onEarlyClose);
+        handshakes.delete(oldest);
+        unpend(oldest);
+        oldest.destroy();
       }
-      pendingBy.set(key, n + 1);
-      pendingKey.set(socket, key);
+      let set = pendingBy.get(key);
+      if (!set) pendingBy.set(key, (set = new Set()));
+      set.add(socket);
+      pendingOf.set(socket, { key, at: now });
     }
     handshakes.add(socket);
     socket.on('close', onEarlyClose);
