@@ -1234,8 +1234,8 @@ export async function createSyncServer<
         unpend(oldest);
         oldest.destroy();
       }
-      let set = pendingBy.get(key);
-      if (!set) pendingBy.set(key, (set = new Set()));
+      const set = pendingBy.get(key) ?? new Set<Duplex>();
+      if (set.size === 0) pendingBy.set(key, set);
       set.add(socket);
       pendingOf.set(socket, { key, at: now });
     }
