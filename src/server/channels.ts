@@ -23,7 +23,7 @@ import {
   type MsgEnvelope,
 } from '../protocol/index.js';
 import type { ChannelHead, HistoryStore, StoredMessage } from '../stores/types.js';
-import type { LookupJob, LookupScheduler } from './lookups.js';
+import { type LookupJob, type LookupScheduler, RequesterGone } from './lookups.js';
 
 /** Smallest history page read again after a replay had to wait for its socket. */
 const MIN_REPLAY_PAGE = 64;
@@ -35,6 +35,7 @@ const SUB_YIELD_EVERY = 32;
  * Cut `names` into slices granted by `job` (the server-wide look-up scheduler, lookups.ts), or
  * without one into slices of `SUB_YIELD_EVERY` with a turn given to the event loop between two.
  * `each` gets a slice's start index and length; the next slice is asked for only after it.
+ * Throws `RequesterGone` when `job`'s requester left.
  */
 async function bySlices(
   count: number,
@@ -43,8 +44,11 @@ async function bySlices(
 ): Promise<void> {
   for (let start = 0; start < count; ) {
     let n: number;
-    if (job) n = Math.min(await job.turn(count - start), count - start);
-    else {
+    if (job) {
+      n = Math.min(await job.turn(count - start), count - start);
+      // Its requester left (socket closed, request aborted): stop here (lookups.ts).
+      if (n <= 0) throw new RequesterGone();
+    } else {
       if (start > 0) await yieldTurn();
       n = Math.min(SUB_YIELD_EVERY, count - start);
     }
@@ -351,9 +355,9 @@ export class Channels {
     job?: LookupJob,
   ): Promise<Record<string, ChannelState>> {
     const names = Object.keys(cursors);
-    // Registered before the head is read, so no live message can slip between the read and
-    // the registration; whatever arrives meanwhile waits in `pending`.
-    const subs = names.map((name) => {
+    const subs: Subscription[] = [];
+    /** Register one channel's subscription (cancelling the socket's old one to it). */
+    const register = (name: string): Subscription => {
       const old = peer.subs.get(name);
       if (old) {
         old.cancel();
@@ -368,17 +372,23 @@ export class Channels {
       }
       set.add(sub);
       return sub;
-    });
+    };
     const recovered: boolean[] = [];
     const snapshots: Array<ChannelSnapshot | undefined> = [];
     try {
       // A SUB of many channels must not hold the event loop, and N principals' SUBs together
       // must not either: the look-ups go a slice at a time, as the server-wide scheduler grants
       // them (lookups.ts). A slice's heads are read at once when the store can (one SQLite
-      // transaction), still after the subscriptions were registered: what is appended after a
-      // head read waits in `pending`.
-      await bySlices(subs.length, job, async (start, n) => {
+      // transaction).
+      await bySlices(names.length, job, async (start, n) => {
+        // The socket closed: nothing more is registered or looked up (FIX1).
+        if (!peer.open) throw new RequesterGone();
         const slice = names.slice(start, start + n);
+        // A slice's subscriptions are registered when its look-ups are granted (FIX1: not all
+        // of a SUB's ahead of them, 897 001 entries waited for 1 000 attackers' look-ups), and
+        // before its heads are read, so no live message can slip between the read and the
+        // registration; whatever arrives meanwhile waits in `pending`.
+        for (const name of slice) subs.push(register(name));
         const heads = slice.length > 1 && this.store.heads ? await this.store.heads(slice) : undefined;
         for (let j = 0; j < n; j++) {
           const i = start + j;
@@ -404,7 +414,10 @@ export class Channels {
         }
       });
     } catch (err) {
-      for (const sub of subs) this.drop(peer, sub);
+      // What was registered goes, and the records its look-ups made with it.
+      const emptied: string[] = [];
+      for (const sub of subs) if (this.drop(peer, sub)) emptied.push(sub.channel);
+      this.release(emptied, peer.subscriberKey);
       throw err;
     }
     const states = channelRecord<ChannelState>();

@@ -39,7 +39,7 @@ import type { Dedupe, SynResponse } from './dedupe.js';
 import { type Bindings, type BindOutcome, ownerOf } from './identity.js';
 import type { PublishOptions, PublishResult, SyncContext, SyncServerOptions } from './index.js';
 import { KeyedBuckets } from './limits.js';
-import type { LookupJob, LookupScheduler } from './lookups.js';
+import { type LookupJob, type LookupScheduler, RequesterGone } from './lookups.js';
 
 /** A peer whose subscriptions are live (a socket): `Channels` delivers to it directly. */
 export type LivePeer = ChannelPeer;
@@ -57,6 +57,11 @@ export interface Peer<P> {
    * `subscriberKey`. @default `lookupKey(principal, clientId)`
    */
   limitKey?: string;
+  /**
+   * Whether the requester left (its HTTP request aborted): a `SUB` then stops at its next
+   * look-up turn. A socket's is `!conn.open`. @default never
+   */
+  gone?(): boolean;
 }
 
 /** A refusal: the HTTP status, the NAK to refuse with, and extra headers. */
@@ -340,16 +345,73 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
    * was refused a new channel): past `maxChannels - channelReserve`, only a `SUB` after which
    * its principal (`key`) follows at most `reserveShare` channels here may make new records.
    */
-  async function overChannelCap(names: string[], key: string, job?: LookupJob): Promise<boolean> {
-    if (o.maxChannels === undefined || !store.channelCount) return false;
+  /**
+   * New channel records that admitted `SUB`s and polls may still make (issue 12, FIX1): a
+   * `SUB` admitted under `maxChannels` holds here, from the moment of its decision (synchronous)
+   * until it is answered, the number of fresh names it may create, so `SUB`s arriving at once
+   * cannot all pass the same count (150 principals' SUBs of 1 000 fresh channels at the same
+   * moment made 150 000 records of a 100 000 bound). By key too, for the reserve's share.
+   */
+  let reservedTotal = 0;
+  const reservedBy = new Map<string, number>();
+  /**
+   * Reservations given back so far, all time: a `SUB` that read the store's count before some
+   * were given back (their records made after the read) counts them as still reserved.
+   */
+  let releasedTotal = 0;
+  const unreserve = (key: string, n: number): void => {
+    if (n <= 0) return;
+    reservedTotal -= n;
+    releasedTotal += n;
+    const left = (reservedBy.get(key) ?? 0) - n;
+    if (left > 0) reservedBy.set(key, left);
+    else reservedBy.delete(key);
+  };
+
+  /**
+   * Whether looking `names` up would take the store past `maxChannels` channel records; if
+   * not, the number of records reserved for the `SUB` (give them back with `unreserve(key, n)`
+   * once it is answered). Every HTTP poll and socket `SUB` creates the records of the channels
+   * it names (`head`); `releaseChannels` frees those never published to once nobody here
+   * follows them, housekeeping the others.
+   *
+   * The count read from the store is taken with every reservation held by `SUB`s still being
+   * answered and every one given back since just before the read (their records may be
+   * missing from it), so concurrent `SUB`s cannot pass the same count. Only when that is
+   * close to the bound is each name checked, and then a name the store does not keep yet (and
+   * no socket here follows) is one too many; the decision and the reservation are made in
+   * the same synchronous step.
+   *
+   * The last `channelReserve` records are kept for principals that hold few (issue 12: 100
+   * principals holding 1 000 new channels each filled the 100 000 and every later principal
+   * was refused a new channel): past `maxChannels - channelReserve`, only a `SUB` after which
+   * its principal (`key`) follows at most `reserveShare` channels here (counting its other
+   * `SUB`s' reservations) may make new records.
+   */
+  async function overChannelCap(
+    names: string[],
+    key: string,
+    job?: LookupJob,
+  ): Promise<{ over: true } | { over: false; reserved: number }> {
+    if (o.maxChannels === undefined || !store.channelCount) return { over: false, reserved: 0 };
+    const cap = o.maxChannels;
+    const released0 = releasedTotal;
     const kept = await store.channelCount();
     o.onChannelCount?.(kept);
-    const reserve = Math.min(o.channelReserve ?? 0, o.maxChannels);
-    if (kept + names.length <= o.maxChannels - reserve) return false;
+    const reserve = Math.min(o.channelReserve ?? 0, cap);
+    /** Records that may exist once the others' reservations are used, as of now. */
+    const taken = () => kept + reservedTotal + (releasedTotal - released0);
+    const take = (n: number) => {
+      reservedTotal += n;
+      reservedBy.set(key, (reservedBy.get(key) ?? 0) + n);
+      return { over: false as const, reserved: n };
+    };
+    if (taken() + names.length <= cap - reserve) return take(names.length);
     let fresh = 0;
     for (let i = 0; i < names.length; ) {
       // These are look-ups too: a slice at a time, as the scheduler grants them.
       const n = job ? await job.turn(names.length - i) : names.length - i;
+      if (n <= 0) throw new RequesterGone();
       for (const name of names.slice(i, i + n)) {
         if (channels.isLive(name)) continue;
         if (store.hasChannel && (await store.hasChannel(name))) continue;
@@ -357,9 +419,10 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
       }
       i += n;
     }
-    if (fresh === 0) return false;
-    const small = channels.countOf(key) + fresh <= (o.reserveShare ?? 0);
-    return kept + fresh > (small ? o.maxChannels : o.maxChannels - reserve);
+    if (fresh === 0) return { over: false, reserved: 0 };
+    const small = channels.countOf(key) + (reservedBy.get(key) ?? 0) + fresh <= (o.reserveShare ?? 0);
+    if (taken() + fresh > (small ? cap : cap - reserve)) return { over: true };
+    return take(fresh);
   }
 
   /**
@@ -377,6 +440,9 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
         );
 
   async function subscribe(env: SubEnvelope, peer: Peer<P>): Promise<void> {
+    // Queued behind others on a socket that closed meanwhile (or an aborted request): no work
+    // for a requester that left (FIX1: 700 attackers' SUBs were looked up ~2 minutes after).
+    if (peer.conn ? !peer.conn.open : peer.gone?.()) return;
     const cursors = env.payload.channels;
     const names = Object.keys(cursors);
     // More channels in one SUB than a principal may hold at all is refused whole, before any
@@ -414,7 +480,8 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
     // Then server-wide: the look-ups wait for their turn in one scheduler for every principal;
     // a principal that already has look-ups waiting while the server's backlog is full is
     // refused (lookups.ts).
-    const job = o.lookups && names.length > 0 ? o.lookups.admit(key, names.length) : undefined;
+    const gone = peer.conn ? () => !peer.conn?.open : peer.gone;
+    const job = o.lookups && names.length > 0 ? o.lookups.admit(key, names.length, gone) : undefined;
     if (o.lookups && names.length > 0 && !job) {
       peer.send(nak(env.id, 'rate_limited', 'the server has too many channel look-ups waiting; retry later'));
       return;
@@ -434,18 +501,35 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
   ): Promise<void> {
     const cursors = env.payload.channels;
     const names = Object.keys(cursors);
-    let over: boolean;
+    let cap: Awaited<ReturnType<typeof overChannelCap>>;
     try {
-      over = await overChannelCap(names, key, job);
+      cap = await overChannelCap(names, key, job);
     } catch (err) {
+      if (err instanceof RequesterGone) return;
       onError(err, 'subscribe');
       peer.send(nak(env.id, 'server_error', 'subscription failed'));
       return;
     }
-    if (over) {
+    if (cap.over) {
       peer.send(nak(env.id, 'rate_limited', `this server keeps ${o.maxChannels} channels; retry later`));
       return;
     }
+    try {
+      await answerAdmitted(env, peer, key, job);
+    } finally {
+      // The records are made (or were not): the store's count has them from now on.
+      unreserve(key, cap.reserved);
+    }
+  }
+
+  async function answerAdmitted(
+    env: SubEnvelope,
+    peer: Peer<P>,
+    key: string,
+    job: LookupJob | undefined,
+  ): Promise<void> {
+    const cursors = env.payload.channels;
+    const names = Object.keys(cursors);
     const entries = channelRecord<ChannelEntry>();
     const allowed = channelRecord<ChannelCursor>();
     for (const name of names) {
@@ -498,6 +582,8 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
       for (const name of names) ordered[name] = entries[name]!;
       peer.send({ id: env.id, type: 'SYN', payload: [{ channels: ordered }] });
     } catch (err) {
+      // The socket closed or the request was aborted: nobody to answer (lookups.ts).
+      if (err instanceof RequesterGone) return;
       onError(err, 'subscribe');
       peer.send(nak(env.id, 'server_error', 'subscription failed'));
     }

@@ -233,6 +233,8 @@ export function createHttpHandler<P>(o: HttpTransportOptions<P>): HttpHandler {
         principal: auth.principal,
         limitKey: who.principal,
         send: (env) => out.push(env),
+        // The client went away: a SUB stops at its next look-up turn (lookups.ts).
+        gone: () => res.destroyed || req.socket.destroyed,
       });
     } finally {
       o.budget.release(who, body.byteLength);

@@ -967,10 +967,16 @@ export async function createSyncServer<
     store: dedupeStore,
   });
   /** Every SUB's and poll's channel look-ups, server-wide (lookups.ts). */
+  // Backlog: one second of look-ups (at least one full SUB); twice that refuses everybody;
+  // below it, a SUB of at most the reserve's share from a key with nothing waiting is admitted
+  // (README "Limits", maxChannelLookupsPerSecond).
+  const lookupBacklog = Math.max(o.maxChannelLookupsPerSecond, o.maxChannelsPerPrincipal);
   const lookups = new LookupScheduler({
     slice: LOOKUP_SLICE,
     rate: o.maxChannelLookupsPerSecond,
-    maxBacklog: Math.max(o.maxChannelLookupsPerSecond, o.maxChannelsPerPrincipal),
+    maxBacklog: lookupBacklog,
+    hardBacklog: 2 * lookupBacklog,
+    smallJob: Math.max(1, Math.floor(o.maxChannelsPerPrincipal / CHANNEL_RESERVE_DIVISOR)),
   });
   const channels = new Channels({
     store,

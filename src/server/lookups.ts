@@ -17,10 +17,32 @@
  * - the grants of all keys together stay under `rate` look-ups per second (a token bucket,
  *   burst one second); past it, work waits its turn;
  * - the work waiting is bounded: `admit` refuses (the caller answers `NAK rate_limited`) a
- *   `SUB` whose key already has look-ups waiting while more than `maxBacklog` are waiting
- *   server-wide. A key with nothing waiting is always admitted, so a principal that `SUB`s
- *   rarely is never refused by the others' backlog.
+ *   `SUB` that would take the look-ups admitted and not granted, server-wide, past
+ *   `maxBacklog`, unless it is small (at most `smallJob` look-ups) and its key has nothing
+ *   waiting: so a principal that `SUB`s a few channels rarely is not refused by the others'
+ *   backlog. Past `hardBacklog` everybody is refused, small or not (issue 12, FIX1: 1 000
+ *   addresses each with nothing waiting were all admitted, 897 001 look-ups waited, the heap
+ *   reached 503 MiB and the process aborted). The backlog therefore never passes
+ *   `hardBacklog` (plus the never-refused `background` jobs that free records).
+ * - a job whose requester left (`gone()`: its socket closed, its HTTP request aborted) is
+ *   granted nothing more: its waiting `turn` resolves with 0 at once (swept at least every
+ *   `GONE_SWEEP_MS`), and its backlog is given back when it calls `done` (FIX1: the look-ups
+ *   of 700 attackers' SUBs went on ~2 minutes after they all closed).
  */
+
+/** Most milliseconds between two sweeps of the queues for jobs whose requester left. */
+const GONE_SWEEP_MS = 50;
+
+/**
+ * Thrown where a job's `turn` granted nothing because its requester left: the `SUB` or poll
+ * stops there (nothing to answer, nothing to report).
+ */
+export class RequesterGone extends Error {
+  constructor() {
+    super('the requester left');
+    this.name = 'RequesterGone';
+  }
+}
 
 /** Options of `LookupScheduler`. */
 export interface LookupSchedulerOptions {
@@ -29,10 +51,18 @@ export interface LookupSchedulerOptions {
   /** Look-ups granted per second, all keys together; `Infinity` for no rate. */
   rate: number;
   /**
-   * Look-ups admitted and not yet granted, all keys together, past which a key that already
-   * has some waiting is refused (`admit` returns `undefined`).
+   * Look-ups admitted and not yet granted, all keys together, past which a job is refused
+   * (`admit` returns `undefined`) unless it is small (≤ `smallJob`) and its key has nothing
+   * waiting.
    */
   maxBacklog: number;
+  /**
+   * Look-ups admitted and not yet granted, all keys together, past which every job is
+   * refused. @default `2 × maxBacklog`
+   */
+  hardBacklog?: number;
+  /** Most look-ups of a job exempt from `maxBacklog` when its key has nothing waiting. @default 0 */
+  smallJob?: number;
   /** Clock in milliseconds (tests). @default performance.now */
   now?: () => number;
 }
@@ -56,13 +86,16 @@ export class LookupJob {
     readonly key: string,
     admitted: number,
     private readonly owner: LookupScheduler,
+    /** Whether the requester left (socket closed, request aborted): then nothing more is granted. */
+    readonly gone: () => boolean = () => false,
   ) {
     this.remaining = admitted;
   }
 
   /**
    * Wait for this job's turn to make up to `want` look-ups; resolves with how many it may make
-   * now (1 ≤ n ≤ want, at most the scheduler's slice). Do them before the next `turn`.
+   * now (1 ≤ n ≤ want, at most the scheduler's slice), or 0 once the requester is `gone`
+   * (stop then, and call `done`). Do them before the next `turn`.
    */
   turn(want: number): Promise<number> {
     return this.owner.enqueue(this, Math.max(1, Math.floor(want)));
@@ -82,6 +115,9 @@ export class LookupScheduler {
   readonly slice: number;
   readonly rate: number;
   readonly maxBacklog: number;
+  readonly hardBacklog: number;
+  readonly smallJob: number;
+  private lastSweep = Number.NEGATIVE_INFINITY;
   /** Keys with work waiting, in round-robin order (a served key goes to the end). */
   private readonly queues = new Map<string, Waiter[]>();
   /** Admitted and not granted look-ups, by key and in all. */
@@ -102,6 +138,8 @@ export class LookupScheduler {
     this.slice = Math.max(1, Math.floor(opts.slice));
     this.rate = opts.rate;
     this.maxBacklog = opts.maxBacklog;
+    this.hardBacklog = Math.max(opts.maxBacklog, opts.hardBacklog ?? 2 * opts.maxBacklog);
+    this.smallJob = opts.smallJob ?? 0;
     this.now = opts.now ?? (() => performance.now());
     this.tokens = Number.isFinite(this.rate) ? this.rate : 0;
     this.last = this.now();
@@ -118,19 +156,22 @@ export class LookupScheduler {
   }
 
   /**
-   * Admit a `SUB` or poll of `n` look-ups for `key`: its job, or `undefined` when the key
-   * already has look-ups waiting and more than `maxBacklog` wait server-wide (then answer
-   * `NAK rate_limited`; nothing was charged).
+   * Admit a `SUB` or poll of `n` look-ups for `key`: its job, or `undefined` (then answer
+   * `NAK rate_limited`; nothing was charged) when the backlog would pass `hardBacklog`, or
+   * `maxBacklog` unless the job is small (`n ≤ smallJob`) and `key` has nothing waiting.
+   * `gone` tells whether the requester left (see `LookupJob.turn`).
    */
-  admit(key: string, n: number): LookupJob | undefined {
+  admit(key: string, n: number, gone?: () => boolean): LookupJob | undefined {
     const mine = this.backlogOf.get(key) ?? 0;
-    if (mine > 0 && this.backlogTotal + n > this.maxBacklog) {
+    const after = this.backlogTotal + n;
+    const exempt = mine === 0 && n <= this.smallJob;
+    if (after > this.hardBacklog || (after > this.maxBacklog && !exempt)) {
       this.refused++;
       return undefined;
     }
     this.backlogOf.set(key, mine + n);
     this.backlogTotal += n;
-    return new LookupJob(key, n, this);
+    return new LookupJob(key, n, this, gone);
   }
 
   /** A job that is never refused (freeing records: work that must happen, charged to `key`). */
@@ -152,6 +193,7 @@ export class LookupScheduler {
   /** @internal `LookupJob.turn`. */
   enqueue(job: LookupJob, want: number): Promise<number> {
     if (this.closed) return Promise.resolve(want);
+    if (job.gone()) return Promise.resolve(0);
     return new Promise<number>((resolve) => {
       const q = this.queues.get(job.key);
       const w: Waiter = { job, want, resolve };
@@ -188,10 +230,18 @@ export class LookupScheduler {
       this.tokens = Math.min(this.rate, this.tokens + ((t - this.last) * this.rate) / 1000);
       this.last = t;
     }
+    this.sweep();
     let room = this.slice;
     while (room > 0 && this.queues.size > 0) {
       const [key, q] = this.queues.entries().next().value as [string, Waiter[]];
       const w = q[0]!;
+      if (w.job.gone()) {
+        // Its requester left: nothing granted, no token spent.
+        q.shift();
+        if (q.length === 0) this.queues.delete(key);
+        w.resolve(0);
+        continue;
+      }
       const n = Math.min(w.want, room);
       if (limited && this.tokens < n) {
         // Over the server-wide rate: wait until this request's slice is earned.
@@ -214,5 +264,24 @@ export class LookupScheduler {
       w.resolve(n);
     }
     this.schedule();
+  }
+
+  /**
+   * Resolve with 0 every waiting request whose requester left, at most every `GONE_SWEEP_MS`
+   * (so while the rate makes the others wait, the backlog of the ones that left still goes).
+   */
+  private sweep(): void {
+    const t = this.now();
+    if (t - this.lastSweep < GONE_SWEEP_MS) return;
+    this.lastSweep = t;
+    for (const [key, q] of [...this.queues]) {
+      const kept = q.filter((w) => {
+        if (!w.job.gone()) return true;
+        w.resolve(0);
+        return false;
+      });
+      if (kept.length === 0) this.queues.delete(key);
+      else if (kept.length !== q.length) this.queues.set(key, kept);
+    }
   }
 }
