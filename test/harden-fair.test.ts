@@ -129,8 +129,10 @@ describe('channel look-ups are fair across principals, server-wide', () => {
       server = await h.start<{ id: string }>({
         authenticate,
         store: counted.store,
-        // 4 000 look-ups at 2 000 per second (burst 2 000): about one second of work waiting.
+        // 4 000 look-ups at 2 000 per second (burst 2 000): about one second of work waiting
+        // (the backlog bound, max(rate, maxChannelsPerPrincipal), admits all 8 SUBs).
         maxChannelLookupsPerSecond: 2000,
+        maxChannelsPerPrincipal: 4000,
         maxChannelLookupsPerSecondPerPrincipal: 1_000_000,
       });
       const honest = await open(server, 'c-honest', 'honest');
@@ -186,6 +188,7 @@ describe('channel look-ups are fair across principals, server-wide', () => {
         authenticate,
         store: counted.store,
         maxChannelLookupsPerSecond: 2000,
+        maxChannelsPerPrincipal: 4000,
         maxChannelLookupsPerSecondPerPrincipal: 1_000_000,
       });
       const honest = await open(server, 'c-honest', 'honest');
@@ -223,45 +226,59 @@ describe('channel look-ups are fair across principals, server-wide', () => {
 });
 
 describe('the server-wide look-up rate (maxChannelLookupsPerSecond)', () => {
-  it('past the backlog, a principal with look-ups waiting is refused rate_limited; one without is admitted; the shipped client retries', async () => {
+  it('past the backlog, a principal with look-ups waiting, or any SUB larger than the reserve share, is refused rate_limited; a small one without is admitted; the shipped client retries', async () => {
     const server = await h.start<{ id: string }>({
       authenticate,
-      // 50 look-ups per second server-wide (burst 50); backlog bound
-      // max(50, maxChannelsPerPrincipal) = 200.
-      maxChannelLookupsPerSecond: 50,
+      // 40 look-ups per second server-wide (burst 40); backlog bound
+      // max(40, maxChannelsPerPrincipal) = 200, hard bound 400; small SUBs: ≤ 200 / 10 = 20.
+      maxChannelLookupsPerSecond: 40,
       maxChannelsPerPrincipal: 200,
       maxChannelLookupsPerSecondPerPrincipal: 1_000_000,
     });
-    const socks = await Promise.all(Array.from({ length: 4 }, (_, u) => open(server, `c-r-${u}`, `r${u}`)));
+    const socks = await Promise.all(Array.from({ length: 2 }, (_, u) => open(server, `c-r-${u}`, `r${u}`)));
     // (A socket's SUBs are answered one after the other: the second SUBs come on other sockets.)
-    const others = await Promise.all(Array.from({ length: 4 }, (_, u) => open(server, `c-r2-${u}`, `r${u}`)));
-    // Each of 4 principals sends a SUB of 100 fresh channels: admitted (it had nothing
-    // waiting); 350 wait after the burst, draining at 50 per second…
+    const others = await Promise.all(Array.from({ length: 2 }, (_, u) => open(server, `c-r2-${u}`, `r${u}`)));
+    // Each of 2 principals sends a SUB of 100 fresh channels: admitted (200 ≤ 200); 160 wait
+    // after the burst, draining at 40 per second…
     const firsts = socks.map((s, u) =>
       s.request({ id: `f${u}`, type: 'SUB', payload: { channels: fresh(`r${u}a`, 100) } }, 30_000),
     );
-    await eventually(() => server.stats().lookupBacklog >= 300, 10_000);
-    // …so a second SUB of each principal, on another socket, is refused (300 + 100 > 200).
+    await eventually(() => server.stats().lookupBacklog >= 150, 10_000);
+    // …6 principals with nothing waiting and small SUBs (20) are admitted past the bound (under
+    // the hard one)…
+    const smalls = await Promise.all(Array.from({ length: 6 }, (_, u) => open(server, `c-s-${u}`, `s${u}`)));
+    const smallAnswers = smalls.map((s, u) =>
+      s.request({ id: `m${u}`, type: 'SUB', payload: { channels: fresh(`s${u}`, 20) } }, 30_000),
+    );
+    await eventually(() => server.stats().lookupBacklog > 240, 10_000);
+    // …so a second SUB of each principal, on another socket, is refused (its key has some waiting)…
     const seconds = others.map((s, u) =>
       s.request({ id: `s${u}`, type: 'SUB', payload: { channels: fresh(`r${u}b`, 100) } }, 30_000),
     );
     for (const [u, r] of (await Promise.all(seconds)).entries()) {
       expect(r.at(-1)).toMatchObject({ id: `s${u}`, type: 'NAK', error: { code: 'rate_limited' } });
     }
+    // …and so is a principal with nothing waiting whose SUB is larger than the small share
+    // (before FIX1 it was admitted).
+    const big = await open(server, 'c-big', 'big');
+    const rb = await big.request({ id: 'b1', type: 'SUB', payload: { channels: fresh('big', 21) } }, 30_000);
+    expect(rb.at(-1)).toMatchObject({ id: 'b1', type: 'NAK', error: { code: 'rate_limited' } });
+    expect(server.stats().lookupBacklog).toBeGreaterThan(210);
     // The shipped client of a principal with look-ups waiting: refused, then asks again after
     // its backoff and gets the channel once the backlog is under the bound.
-    expect(server.stats().lookupBacklog).toBeGreaterThan(220);
     const client = createSyncClient({
       url: `ws://127.0.0.1:${server.address().port}/sync?user=r0`,
       WebSocket: WebSocket as never,
-      timeout: 500,
+      // Long enough for the retried SUB's look-ups, which wait behind r0's first SUB's.
+      timeout: 10_000,
     });
     clients.push(client);
+    client.failures$.subscribe((f) => console.log('[fair] client failure', JSON.stringify(f)));
     const first = client.subscribe('r-board').then(
       () => 'subscribed',
       (e: { code?: string }) => e.code,
     );
-    // A principal with nothing waiting is admitted whatever the backlog, and answered.
+    // A principal with nothing waiting and a small SUB is admitted under the hard bound, and answered.
     const honest = await open(server, 'c-honest', 'honest');
     const reply = await honest.request(
       { id: 'h1', type: 'SUB', payload: { channels: { 'h-board': {} } } },
@@ -275,6 +292,9 @@ describe('the server-wide look-up rate (maxChannelLookupsPerSecond)', () => {
     // Every admitted SUB is answered in the end.
     for (const [u, r] of (await Promise.all(firsts)).entries()) {
       expect(r.at(-1)).toMatchObject({ id: `f${u}`, type: 'SYN' });
+    }
+    for (const [u, r] of (await Promise.all(smallAnswers)).entries()) {
+      expect(r.at(-1)).toMatchObject({ id: `m${u}`, type: 'SYN' });
     }
   }, 60_000);
 });
