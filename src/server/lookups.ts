@@ -150,6 +150,11 @@ export class LookupScheduler {
     return this.backlogTotal;
   }
 
+  /** Look-ups admitted for `key` and not yet granted. */
+  backlogFor(key: string): number {
+    return this.backlogOf.get(key) ?? 0;
+  }
+
   /** Keys with a slice request waiting. */
   get waitingKeys(): number {
     return this.queues.size;
@@ -245,7 +250,9 @@ export class LookupScheduler {
       const n = Math.min(w.want, room);
       if (limited && this.tokens < n) {
         // Over the server-wide rate: wait until this request's slice is earned.
-        const ms = Math.max(1, Math.ceil(((n - this.tokens) * 1000) / this.rate));
+        // (At most GONE_SWEEP_MS at a time: the requests of requesters that left are swept
+        // meanwhile, their backlog given back while the others wait.)
+        const ms = Math.min(GONE_SWEEP_MS, Math.max(1, Math.ceil(((n - this.tokens) * 1000) / this.rate)));
         this.timer = setTimeout(() => {
           this.timer = undefined;
           this.grant();
