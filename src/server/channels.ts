@@ -488,13 +488,15 @@ export class Channels {
    * `replayPageBytes` of `MSG` text in all (always at least one message when any is missed),
    * at once. A channel cut short, or not read because the answer is full, says `more: true`
    * with `seq` the last one included (PROTOCOL §3 rule 8). No live subscription is made;
-   * polling is repeating the request with the new cursors.
+   * polling is repeating the request with the new cursors. `looked` gets the names looked up
+   * (whose records the caller frees), also when the poll stops early (`RequesterGone`).
    */
   async poll(
     clientId: string,
     cursors: Record<string, ChannelCursor>,
     snapshot?: SnapshotReader,
     job?: LookupJob,
+    looked?: string[],
   ): Promise<{ messages: MsgEnvelope[]; states: Record<string, ChannelState> }> {
     const messages: MsgEnvelope[] = [];
     const states = channelRecord<ChannelState>();
@@ -504,6 +506,7 @@ export class Channels {
     // A slice of look-ups at a time, as the server-wide scheduler grants them (lookups.ts).
     await bySlices(names.length, job, async (start, n) => {
       const slice = names.slice(start, start + n);
+      looked?.push(...slice);
       const heads = slice.length > 1 && this.store.heads ? await this.store.heads(slice) : undefined;
       for (let j = 0; j < n; j++) {
         const name = slice[j]!;

@@ -565,9 +565,10 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
         if (conn) {
           Object.assign(entries, await channels.subscribe(conn, allowed, snapshot, job));
         } else {
-          const polled = Object.keys(allowed);
+          /** The names looked up, so far: a poll stopped early made no record for the rest. */
+          const polled: string[] = [];
           try {
-            const { messages, states } = await channels.poll(peer.clientId, allowed, snapshot, job);
+            const { messages, states } = await channels.poll(peer.clientId, allowed, snapshot, job, polled);
             for (const m of messages) peer.send(m);
             Object.assign(entries, states);
           } finally {
