@@ -152,6 +152,34 @@ describe('anonymous limits count per client address, whatever the clientId', () 
     await honestAnswered(server, '127.0.0.3', 'polls');
   });
 
+  it('a poll naming many channels costs the request rate in proportion: once the look-ups ran out, the next polls are refused 429 before their bodies are read', async () => {
+    // Defaults: 2000 look-ups and 200 requests per second per principal, so a channel named
+    // costs a tenth of a request, and a 1000-channel poll 1 + 100.
+    const server = await h.start({});
+    const { port } = server.address();
+    const first = await postFrom(port, '127.0.0.2', 'seq-1', sub('q1', names('s1', 1000)));
+    expect(first.status).toBe(200);
+    expect(first.body.at(-1)).toMatchObject({ id: 'q1', type: 'SYN' });
+    const second = await postFrom(port, '127.0.0.2', 'seq-2', sub('q2', names('s2', 1000)));
+    expect(second.status).toBe(200);
+    // Before: every further poll was read, parsed and answered 200 with NAK rate_limited by
+    // the look-up budget (issue 12: each refused poll still cost its parse; 200 of them per
+    // second per principal). Now the two polls put the address's request rate into debt
+    // (~1 s of it), so the next ones are refused 429 before their bodies are read.
+    const statuses: number[] = [];
+    for (let i = 3; i <= 10; i++) {
+      const r = await postFrom(port, '127.0.0.2', `seq-${i}`, sub(`q${i}`, names(`s${i}`, 1000)));
+      statuses.push(r.status);
+      if (r.status === 429) {
+        expect(r.body[0].error.message).toMatch(/HTTP requests per second/);
+        expect(r.headers['retry-after']).toBe('1');
+      }
+    }
+    expect(statuses.filter((s) => s === 429).length, String(statuses)).toBeGreaterThanOrEqual(6);
+    // A small poll of another address is not charged for it.
+    await honestAnswered(server, '127.0.0.3', 'charge');
+  });
+
   it("anonymousKey 'clientId' keeps the old keying: the same polls are all served", async () => {
     const server = await h.start({ anonymousKey: 'clientId' });
     const { port } = server.address();

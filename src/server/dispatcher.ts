@@ -62,6 +62,12 @@ export interface Peer<P> {
    * look-up turn. A socket's is `!conn.open`. @default never
    */
   gone?(): boolean;
+  /**
+   * HTTP only: charge the request rate for the `n` channels a `SUB` names (http.ts), so a
+   * principal's polls after its look-ups ran out are refused before their bodies are read,
+   * as a socket's `chargeFrames` does for its frames.
+   */
+  chargeChannels?(n: number): void;
 }
 
 /** A refusal: the HTTP status, the NAK to refuse with, and extra headers. */
@@ -461,6 +467,7 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
     // On a socket, the SUB counts as a frame per channel it names (the frame itself took one):
     // SUBs that keep coming after a refusal are then refused before they are parsed.
     peer.conn?.chargeFrames?.(names.length - 1);
+    peer.chargeChannels?.(names.length);
     // Each channel named costs the store a look-up (and a record) and the event loop time, so
     // a SUB is charged by its channels against its principal's budget, not as one frame.
     const key =

@@ -86,6 +86,13 @@ export interface HttpTransportOptions<P> {
   maxResponseBufferedBytesPerPrincipal: number;
   /** HTTP requests per second one principal may make (burst the same); past it, 429. */
   maxHttpRequestsPerSecondPerPrincipal: number;
+  /**
+   * The channel look-up rate per principal: a `SUB` in a request costs the request rate
+   * `channels × maxHttpRequestsPerSecondPerPrincipal / this` more requests (after the fact,
+   * into debt down to minus one burst: `KeyedBuckets.charge`), so the two budgets run out
+   * together and the polls that follow are refused 429 before their bodies are read or parsed.
+   */
+  maxChannelLookupsPerSecondPerPrincipal: number;
   /** Milliseconds an answer may take to flush; then its response is destroyed. */
   responseDrainTimeoutMs: number;
   dispatcher: Dispatcher<P>;
@@ -118,6 +125,11 @@ export function createHttpHandler<P>(o: HttpTransportOptions<P>): HttpHandler {
     o.maxHttpRequestsPerSecondPerPrincipal,
     o.maxHttpRequestsPerSecondPerPrincipal,
   );
+  /** Requests a channel named in a `SUB` costs (`maxChannelLookupsPerSecondPerPrincipal`). */
+  const requestsPerLookup =
+    o.maxChannelLookupsPerSecondPerPrincipal > 0 && Number.isFinite(o.maxChannelLookupsPerSecondPerPrincipal)
+      ? o.maxHttpRequestsPerSecondPerPrincipal / o.maxChannelLookupsPerSecondPerPrincipal
+      : 0;
   const tooManyAnswerBytes = (res: ServerResponse, what: string) =>
     reply(res, 429, [nak(null, 'rate_limited', `too many answer bytes waiting to be read ${what}`)], {
       'Retry-After': '1',
@@ -235,6 +247,7 @@ export function createHttpHandler<P>(o: HttpTransportOptions<P>): HttpHandler {
         send: (env) => out.push(env),
         // The client went away: a SUB stops at its next look-up turn (lookups.ts).
         gone: () => res.destroyed || req.socket.destroyed,
+        chargeChannels: (n) => requestRate.charge(who.principal, n * requestsPerLookup),
       });
     } finally {
       o.budget.release(who, body.byteLength);

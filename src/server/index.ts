@@ -1102,6 +1102,7 @@ export async function createSyncServer<
     maxResponseBufferedBytes: o.maxResponseBufferedBytes,
     maxResponseBufferedBytesPerPrincipal: o.maxResponseBufferedBytesPerPrincipal,
     maxHttpRequestsPerSecondPerPrincipal: o.maxHttpRequestsPerSecondPerPrincipal,
+    maxChannelLookupsPerSecondPerPrincipal: o.maxChannelLookupsPerSecondPerPrincipal,
     responseDrainTimeoutMs: o.responseDrainTimeoutMs,
     dispatcher,
     closing: isClosing,

@@ -281,6 +281,26 @@ export class KeyedBuckets {
     return takeTokens(b, this.rate, this.burst, now, cost);
   }
 
+  /**
+   * Charge `cost` tokens to `key`'s bucket after the fact (work already done), into debt down
+   * to minus one burst: the key's next `take` succeeds only once the debt is earned back, so
+   * expensive work admitted by one token is paid for at the bucket's rate.
+   */
+  charge(key: string, cost: number, now: number = bucketNow()): void {
+    let b = this.buckets.get(key);
+    if (!b) {
+      if (this.buckets.size >= 1024) this.prune(now);
+      b = { tokens: this.burst * 1000, last: now };
+      this.buckets.set(key, b);
+    }
+    const elapsed = now - b.last;
+    if (elapsed > 0) {
+      b.tokens = Math.min(this.burst * 1000, b.tokens + elapsed * this.rate);
+      b.last = now;
+    }
+    b.tokens = Math.max(-this.burst * 1000, b.tokens - cost * 1000);
+  }
+
   /** Buckets kept (keys that spent tokens recently). */
   get size(): number {
     return this.buckets.size;
