@@ -11,7 +11,7 @@
  */
 
 import { readFileSync } from 'node:fs';
-import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import { createServer, type IncomingMessage, type Server, ServerResponse } from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import type { CorsOptions } from 'cors';
@@ -623,7 +623,11 @@ export interface SyncServerStats {
    * silent one to make room), on a server this one creates.
    */
   connectionsRefused: number;
-  /** TCP connections open now that have not yet sent a request or upgrade head. */
+  /**
+   * TCP connections open now that have not yet sent a request or upgrade head, and keep-alive
+   * connections waiting for their next request from an untrusted peer (both count against
+   * `maxPendingConnectionsPerAddress`).
+   */
   pendingConnections: number;
   /** Distinct clientIds with an open socket or a `SYN` queued or running. */
   clients: number;
@@ -1189,7 +1193,10 @@ export async function createSyncServer<
   const pendingBy = new Map<string, Set<Duplex>>();
   const pendingOf = new Map<Duplex, { key: string; at: number }>();
   let connectionsRefused = 0;
+  /** Keep-alive connections pending again after an answer (counted in `pendingConnections`). */
+  const idleKeepAlive = new Set<Duplex>();
   const unpend = (socket: Duplex) => {
+    idleKeepAlive.delete(socket);
     const p = pendingOf.get(socket);
     if (p === undefined) return;
     pendingOf.delete(socket);
@@ -1211,41 +1218,67 @@ export async function createSyncServer<
     handshakes.delete(this);
     unpend(this);
   }
-  const identified = (req: IncomingMessage) => {
-    if (handshakes.has(req.socket)) {
-      handshakes.delete(req.socket);
-      req.socket.off('close', onEarlyClose);
-      unpend(req.socket);
+  /**
+   * Count `socket` as pending for its peer address (`maxPendingConnectionsPerAddress`); `false`
+   * when it was destroyed for it. Past the cap, the address's stalest pending connection goes
+   * if it has been silent for `STALE_PENDING_MS`, else this one.
+   */
+  const pend = (socket: Duplex): boolean => {
+    const peer = (socket as Socket).remoteAddress;
+    if (peer === undefined || trustedPeer(peer)) return true;
+    const key = addressKey(peer);
+    const now = performance.now();
+    const mine = pendingBy.get(key);
+    if (mine && mine.size >= o.maxPendingConnectionsPerAddress) {
+      connectionsRefused++;
+      const oldest = mine.values().next().value as Duplex;
+      const since = pendingOf.get(oldest)?.at ?? now;
+      if (now - since < STALE_PENDING_MS) {
+        // A burst of fresh connections: the new one goes.
+        socket.destroy();
+        return false;
+      }
+      // The address holds connections silent for a while: the stalest goes, the new one
+      // comes in (a silent hoarder sharing an address with honest clients cannot lock
+      // them out).
+      oldest.off('close', onEarlyClose);
+      handshakes.delete(oldest);
+      unpend(oldest);
+      oldest.destroy();
+    }
+    const set = pendingBy.get(key) ?? new Set<Duplex>();
+    if (set.size === 0) pendingBy.set(key, set);
+    set.add(socket);
+    pendingOf.set(socket, { key, at: now });
+    return true;
+  };
+  /**
+   * A keep-alive connection whose answer went out is pending again until its next request
+   * head (issue 12: one address held 1 791 connections that each sent an `OPTIONS`, then half
+   * of a second head, each held for `headersTimeoutMs`). Node's `keepAliveTimeout` and
+   * `headersTimeout` still bound how long; this bounds how many per address.
+   */
+  const onAnswered = (socket: Duplex) => {
+    if (socket.destroyed || pendingOf.has(socket)) return;
+    // A trusted proxy's connection is not counted (and gets no listener per request).
+    if (pend(socket) && pendingOf.has(socket)) {
+      idleKeepAlive.add(socket);
+      socket.on('close', onEarlyClose);
     }
   };
-  const onConnection = (socket: Duplex) => {
-    const peer = (socket as Socket).remoteAddress;
-    if (peer !== undefined && !trustedPeer(peer)) {
-      const key = addressKey(peer);
-      const now = performance.now();
-      const mine = pendingBy.get(key);
-      if (mine && mine.size >= o.maxPendingConnectionsPerAddress) {
-        connectionsRefused++;
-        const oldest = mine.values().next().value as Duplex;
-        const since = pendingOf.get(oldest)?.at ?? now;
-        if (now - since < STALE_PENDING_MS) {
-          // A burst of fresh connections: the new one goes.
-          socket.destroy();
-          return;
-        }
-        // The address holds connections silent for a while: the stalest goes, the new one
-        // comes in (a silent hoarder sharing an address with honest clients cannot lock
-        // them out).
-        oldest.off('close', onEarlyClose);
-        handshakes.delete(oldest);
-        unpend(oldest);
-        oldest.destroy();
-      }
-      const set = pendingBy.get(key) ?? new Set<Duplex>();
-      if (set.size === 0) pendingBy.set(key, set);
-      set.add(socket);
-      pendingOf.set(socket, { key, at: now });
+  const identified = (req: IncomingMessage, res?: unknown) => {
+    const socket = req.socket;
+    if (handshakes.has(socket)) handshakes.delete(socket);
+    if (pendingOf.has(socket)) {
+      socket.off('close', onEarlyClose);
+      unpend(socket);
     }
+    // A request (an upgrade's second argument is its socket). The response is detached from
+    // its socket before `finish` listeners run, so the socket is kept here.
+    if (res !== socket && res instanceof ServerResponse) res.once('finish', () => onAnswered(socket));
+  };
+  const onConnection = (socket: Duplex) => {
+    if (!pend(socket)) return;
     handshakes.add(socket);
     socket.on('close', onEarlyClose);
   };
@@ -1339,7 +1372,7 @@ export async function createSyncServer<
         sockets: ws.size,
         socketsRefused: ws.refused,
         connectionsRefused,
-        pendingConnections: handshakes.size,
+        pendingConnections: handshakes.size + idleKeepAlive.size,
         clients: clients.size,
         dedupeEntries: dedupe.size,
         dedupeBytes: dedupe.sizeBytes,

@@ -333,13 +333,13 @@ class SocketConn<P> implements LivePeer, Peer<P> {
 
   /**
    * Close with `code` and stop reading: a flooding or silent peer gets the close frame but
-   * no more of its bytes are read, and the socket is destroyed after `CLOSE_GRACE_MS`.
+   * no more of its bytes are read, and the socket is destroyed after `CLOSE_GRACE_MS` (as
+   * every socket the server closes, `close`).
    */
   private cut(code: number, reason: string): void {
     if (this.ended) return;
     this.close(code, reason);
     this.ws.pause();
-    setTimeout(() => this.ws.terminate(), CLOSE_GRACE_MS).unref();
   }
 
   private subKey: string | undefined;
@@ -488,7 +488,15 @@ class SocketConn<P> implements LivePeer, Peer<P> {
       this.ws.close(code, reason);
     } catch {
       this.ws.terminate();
+      return;
     }
+    // A peer that does not answer the close frame is destroyed after the grace: it has left
+    // every count already (issue 12: evicted sockets of one clientId, their close frames never
+    // answered, were held by ws's own 30 s close timeout, 1 791 of them from one address).
+    const ws = this.ws;
+    setTimeout(() => {
+      if (ws.readyState !== WebSocket.CLOSED) ws.terminate();
+    }, CLOSE_GRACE_MS).unref();
   }
 
   /** Who this socket's bytes are held for in the budget. */
