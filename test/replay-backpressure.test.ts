@@ -157,7 +157,9 @@ async function scenario(store: string): Promise<void> {
     }
     return true;
   });
-  // ... and reads 4429 once it reads again.
+  // ... and its connection is gone: it reads 4429 if it got to the close frame within the close
+  // grace (1 s), else the server cut the TCP connection after it (1006 on this side) rather than
+  // keep a peer that does not read (fifth round, F1: unanswered close frames held descriptors).
   const codes = await Promise.all(
     attackers.map(
       (ws) =>
@@ -168,7 +170,7 @@ async function scenario(store: string): Promise<void> {
         }),
     ),
   );
-  expect(codes).toEqual(Array(ATTACKERS).fill(CloseCodes.slowConsumer));
+  for (const code of codes) expect([CloseCodes.slowConsumer, 1006]).toContain(code);
   const after = await server.call<Memory>('counts');
   expect(after.stats.replayBufferedBytes).toBe(0);
   expect(await honest.send({ id: 'after' })).toEqual({ id: 'after' });
