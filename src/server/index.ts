@@ -660,9 +660,16 @@ export interface SyncServerStats {
   /**
    * Channel look-ups admitted and waiting for their turn in the server-wide scheduler, all
    * principals together (`maxChannelLookupsPerSecond`; the server refuses a principal that
-   * already waits while this is over that many).
+   * already waits while this is over that many). Never more than 2 × B (README "Limits").
+   * The freeing of records of channels left is not in it: see `lookupFreeing`.
    */
   lookupBacklog: number;
+  /**
+   * Look-ups waiting to free the records of channels nobody here follows any more (`UNS`,
+   * sockets closed, polls answered): never refused, refuse nobody, and share the turns of
+   * the principal that left them (README "Limits", maxChannelLookupsPerSecond).
+   */
+  lookupFreeing: number;
 }
 
 export interface SyncServer<Channels extends ChannelMap = ChannelMap> {
@@ -1383,6 +1390,7 @@ export async function createSyncServer<
         replayBufferedBytes: ws.replayBufferedBytes,
         responseBufferedBytes: handleHttp.responseBufferedBytes(),
         lookupBacklog: lookups.backlog,
+        lookupFreeing: lookups.freeing,
       };
     },
     subscriptionsOf: (clientId) => ws.subscriptionsOf(clientId),
