@@ -484,9 +484,9 @@ function decode(frame: string | Uint8Array): string {
  * array), and `SUB`s refused after parsing (rate limits) were most of a flooded server's CPU.
  * So the `channels` object of `payload` is parsed as an array of alternating names and
  * cursors: `subChannelsText` rewrites `{"a":{},"b":{}}` to `["a",{},"b",{}]` (same length)
- * when it can tell for sure which object that is, and `pairsToMap` then the envelope's record are made
- * (`pairsToMap`, then the envelope's `channelRecord`) with `JSON.parse`'s semantics (a repeated name: the
- * last cursor, at the first place). Anything unusual (an escaped key at the top or payload
+ * when it can tell for sure which object that is, and the names are then gathered
+ * (`pairsToMap`, then the envelope's `channelRecord`) with `JSON.parse`'s semantics (a repeated
+ * name: the last cursor, at the first place). Anything unusual (an escaped key at the top or payload
  * level, `payload` or `channels` twice, a malformed `channels` object) is left as it is, and
  * then parsed as before. @internal exported for tests only.
  */
