@@ -238,3 +238,12 @@ for (const { name, make } of stores) {
     }, 60_000);
   });
 }
+
+describe('FIX3 minor: option messages', () => {
+  it('maxChannelLookupsPerSecond: Infinity is refused as not finite; maxSockets: 1.5 as not an integer', async () => {
+    await expect(h.start({ maxChannelLookupsPerSecond: Number.POSITIVE_INFINITY })).rejects.toThrow(
+      /maxChannelLookupsPerSecond must be a finite number > 0/,
+    );
+    await expect(h.start({ maxSockets: 1.5 })).rejects.toThrow(/maxSockets must be an integer ≥ 1/);
+  });
+});

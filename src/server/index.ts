@@ -902,7 +902,7 @@ export async function createSyncServer<
   if (typeof o.onSync !== 'function') throw new TypeError('createSyncServer: onSync is required');
   for (const key of POSITIVE_OPTIONS) {
     if (!(Number.isFinite(o[key]) && o[key] > 0))
-      throw new RangeError(`createSyncServer: ${key} must be > 0`);
+      throw new RangeError(`createSyncServer: ${key} must be a finite number > 0`);
   }
   const maxQueuedBytesPerClient = o.maxQueuedBytesPerClient ?? 2 * o.maxPayloadBytes;
   if (!(Number.isFinite(maxQueuedBytesPerClient) && maxQueuedBytesPerClient >= o.maxPayloadBytes))
@@ -925,8 +925,8 @@ export async function createSyncServer<
     throw new TypeError("createSyncServer: anonymousKey must be 'address' or 'clientId'");
   const trust = compileTrust(o.trustProxy);
   const maxSockets = o.maxSockets ?? defaultMaxSockets();
-  if (!(Number.isFinite(maxSockets) && maxSockets > 0))
-    throw new RangeError('createSyncServer: maxSockets must be > 0');
+  if (!(Number.isInteger(maxSockets) && maxSockets >= 1))
+    throw new RangeError('createSyncServer: maxSockets must be an integer ≥ 1');
   const maxConnections = o.maxConnections ?? (o.server ? undefined : defaultMaxConnections());
   if (maxConnections !== undefined && !(Number.isInteger(maxConnections) && maxConnections > 0))
     throw new RangeError('createSyncServer: maxConnections must be an integer > 0');
