@@ -29,7 +29,25 @@ const shown = (r: ReturnType<typeof parseClientFrame>) =>
   r.ok ? JSON.stringify(['ok', r.envelope]) : JSON.stringify(['err', r.code, r.message, r.id]);
 
 const name = fc.oneof(
-  fc.constantFrom('a', 'b', '__proto__', 'constructor', '10', '2', 'x:y', 'p,q', 'c"d', 'e\\f', '{', '}'),
+  fc.constantFrom(
+    'a',
+    'b',
+    '__proto__',
+    'constructor',
+    '10',
+    '2',
+    '0',
+    '01',
+    '4294967294',
+    '4294967295',
+    '-1',
+    'x:y',
+    'p,q',
+    'c"d',
+    'e\\f',
+    '{',
+    '}',
+  ),
   fc.string({ maxLength: 6 }),
 );
 const cursor = fc.oneof(
@@ -109,6 +127,13 @@ describe('SUB channels parsed as pairs: the same result as before, whatever the 
     expect(Object.keys(r.envelope.payload.channels)).toEqual(['2', '10', 'b', '__proto__']);
     expect(r.envelope.payload.channels.b).toEqual({ since: 3 });
     expect(Object.getPrototypeOf(r.envelope.payload.channels)).toBe(null);
+    expect(shown(r)).toBe(shown(reference(t)));
+  });
+
+  it('regression (seed 293195723): an integer-like name is validated first, as JSON.parse orders it', () => {
+    const t = '{"id":"s1","type":"SUB","payload":{"channels":{"":[],"2":[]}}}';
+    const r = parseClientFrame(t);
+    expect(r.ok ? '' : r.message).toBe('cursor of 2 must be an object');
     expect(shown(r)).toBe(shown(reference(t)));
   });
 

@@ -651,6 +651,19 @@ function pairsToMap(pairs: unknown[]): Map<string, unknown> {
   return map;
 }
 
+/** Whether `k` is an array index (`0`–`2³² − 2`, canonical): objects list those keys first, ascending. */
+const isArrayIndex = (k: string): boolean => /^(?:0|[1-9]\d{0,9})$/.test(k) && Number(k) < 4_294_967_295;
+
+/** A `Map`'s entries in the order `Object.entries` lists an object's: array indices first, ascending. */
+function objectOrder(map: Map<string, unknown>): Array<[string, unknown]> {
+  const indices: Array<[string, unknown]> = [];
+  const rest: Array<[string, unknown]> = [];
+  for (const e of map) (isArrayIndex(e[0]) ? indices : rest).push(e);
+  if (indices.length === 0) return rest;
+  indices.sort((a, b) => Number(a[0]) - Number(b[0]));
+  return indices.concat(rest);
+}
+
 const fail = (code: NakCode, message: string, id: string | null = null) =>
   ({ ok: false, code, message, id }) as const;
 
@@ -734,7 +747,7 @@ function parseClientFrameUnsafe(
       }
       const channels = channelRecord<ChannelCursor>();
       const entries =
-        payload.channels instanceof Map ? [...payload.channels] : Object.entries(payload.channels);
+        payload.channels instanceof Map ? objectOrder(payload.channels) : Object.entries(payload.channels);
       if (entries.length === 0) return fail('bad_request', 'SUB names no channel', id);
       for (const [name, c] of entries) {
         if (!isValidChannel(name)) return fail('bad_request', 'bad channel name', id);
