@@ -15,7 +15,6 @@
  */
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
-import type { IncomingMessage } from 'node:http';
 import { connect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -29,16 +28,9 @@ import { sqliteStore } from '../src/stores/sqlite.js';
 import { type ChildServer, startChildServer } from './helpers/child-server.js';
 import { deferred, harness, httpUrl, post, RawSocket, wsUrl } from './helpers/raw.js';
 import { describeWith, REDIS_SERVER, type RedisServer, startRedis } from './helpers/redis.js';
+import { authenticate } from './helpers/users.js';
 
 const h = harness();
-/** The principal from `?user=` (socket) or `X-User` (HTTP); none → 401. */
-const authenticate = (req: IncomingMessage): { id: string } | null => {
-  const q = new URL(req.url ?? '/', 'http://x').searchParams.get('user');
-  const header = req.headers['x-user'];
-  const id = q ?? (typeof header === 'string' ? header : null);
-  return id ? { id } : null;
-};
-
 const MB = 1024 * 1024;
 const mb = (n: number) => Math.round((n / MB) * 10) / 10;
 

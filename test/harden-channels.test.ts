@@ -15,7 +15,6 @@
  */
 
 import { mkdtempSync, rmSync } from 'node:fs';
-import type { IncomingMessage } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
@@ -25,18 +24,11 @@ import type { HistoryStore, SyncServer } from '../src/server/index.js';
 import { memoryStore } from '../src/stores/memory.js';
 import { sqliteStore } from '../src/stores/sqlite.js';
 import { harness, httpUrl, post, RawSocket, wsUrl } from './helpers/raw.js';
+import { authenticate, fresh } from './helpers/users.js';
 
 const h = harness();
 const dir = mkdtempSync(join(tmpdir(), 'syncwire-hc-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
-
-/** The principal from `?user=` (socket) or `X-User` (HTTP); none → 401. */
-const authenticate = (req: IncomingMessage): { id: string } | null => {
-  const q = new URL(req.url ?? '/', 'http://x').searchParams.get('user');
-  const header = req.headers['x-user'];
-  const id = q ?? (typeof header === 'string' ? header : null);
-  return id ? { id } : null;
-};
 
 const clients: SyncClient[] = [];
 afterEach(async () => {
@@ -47,9 +39,6 @@ const open = async (server: SyncServer, clientId: string, user: string): Promise
   const sock = await RawSocket.open(`${wsUrl(server, clientId)}&user=${user}`);
   return sock;
 };
-
-const fresh = (prefix: string, n: number) =>
-  Object.fromEntries(Array.from({ length: n }, (_, i) => [`${prefix}-${i}`, {}]));
 
 const stores: Array<{ name: string; make: () => HistoryStore }> = [
   { name: 'memory', make: () => memoryStore() },

@@ -17,7 +17,6 @@
  */
 
 import { mkdtempSync, rmSync } from 'node:fs';
-import type { IncomingMessage } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
@@ -30,6 +29,7 @@ import { sqliteStore } from '../src/stores/sqlite.js';
 import type { HistoryStore } from '../src/stores/types.js';
 import { eventually, harness, httpUrl, post, RawSocket, wsUrl } from './helpers/raw.js';
 import { describeWith, REDIS_SERVER, type RedisServer, startRedis } from './helpers/redis.js';
+import { authenticate, fresh } from './helpers/users.js';
 
 const h = harness();
 const dir = mkdtempSync(join(tmpdir(), 'syncwire-fair-'));
@@ -46,22 +46,11 @@ afterEach(async () => {
   for (const s of sockets.splice(0)) s.ws.terminate();
 });
 
-/** The principal from `?user=` (socket) or `X-User` (HTTP); none → 401. */
-const authenticate = (req: IncomingMessage): { id: string } | null => {
-  const q = new URL(req.url ?? '/', 'http://x').searchParams.get('user');
-  const header = req.headers['x-user'];
-  const id = q ?? (typeof header === 'string' ? header : null);
-  return id ? { id } : null;
-};
-
 const open = async (server: SyncServer, clientId: string, user: string): Promise<RawSocket> => {
   const sock = await RawSocket.open(`${wsUrl(server, clientId)}&user=${user}`);
   sockets.push(sock);
   return sock;
 };
-
-const fresh = (prefix: string, n: number) =>
-  Object.fromEntries(Array.from({ length: n }, (_, i) => [`${prefix}-${i}`, {}]));
 
 /**
  * `store` with its look-ups (`head`, `heads`) counted per event-loop turn: a `setImmediate`

@@ -18,7 +18,6 @@
  */
 
 import { mkdtempSync, rmSync } from 'node:fs';
-import type { IncomingMessage } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
@@ -29,6 +28,7 @@ import { memoryStore } from '../src/stores/memory.js';
 import { sqliteStore } from '../src/stores/sqlite.js';
 import type { HistoryStore } from '../src/stores/types.js';
 import { eventually, harness, RawSocket, wsUrl } from './helpers/raw.js';
+import { authenticate, fresh } from './helpers/users.js';
 
 const h = harness();
 const dir = mkdtempSync(join(tmpdir(), 'syncwire-small-subs-'));
@@ -41,18 +41,10 @@ afterEach(() => {
   for (const s of honestSockets.splice(0)) s.ws.terminate();
 });
 
-const authenticate = (req: IncomingMessage): { id: string } | null => {
-  const id = new URL(req.url ?? '/', 'http://x').searchParams.get('user');
-  return id ? { id } : null;
-};
-
 const stores: Array<{ name: string; make: () => HistoryStore }> = [
   { name: 'memory', make: () => memoryStore() },
   { name: 'sqlite', make: () => sqliteStore({ file: join(dir, `s-${Date.now()}-${Math.random()}.db`) }) },
 ];
-
-const fresh = (prefix: string, n: number) =>
-  Object.fromEntries(Array.from({ length: n }, (_, i) => [`${prefix}-${i}`, {}]));
 
 /** An attacker's socket, opened. */
 function dial(server: SyncServer, user: string): Promise<WebSocket> {
