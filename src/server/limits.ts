@@ -207,6 +207,15 @@ const BUCKET_EPOCH = Date.now();
  */
 export const bucketNow = (): number => Date.now() - BUCKET_EPOCH;
 
+/** Add what `rate` tokens per second earned since `b.last`, up to `burst`, at `now`. */
+function refill(b: TokenState, rate: number, burst: number, now: number): void {
+  const elapsed = now - b.last;
+  if (elapsed > 0) {
+    b.tokens = Math.min(burst * 1000, b.tokens + elapsed * rate);
+    b.last = now;
+  }
+}
+
 /**
  * Take one token from a token bucket (RFC 2697's single-rate shape): `rate` tokens per second
  * refill it up to `burst`; each frame takes one. `false` when it is empty. `now` is
@@ -216,11 +225,7 @@ export const bucketNow = (): number => Date.now() - BUCKET_EPOCH;
  * `FrameBucket`.
  */
 export function takeToken(b: TokenState, rate: number, burst: number, now: number): boolean {
-  const elapsed = now - b.last;
-  if (elapsed > 0) {
-    b.tokens = Math.min(burst * 1000, b.tokens + elapsed * rate);
-    b.last = now;
-  }
+  refill(b, rate, burst, now);
   if (b.tokens < 1000) return false;
   b.tokens -= 1000;
   return true;
@@ -231,11 +236,7 @@ export function takeToken(b: TokenState, rate: number, burst: number, now: numbe
  * taken, when fewer are left. A cost above `burst` can never pass.
  */
 export function takeTokens(b: TokenState, rate: number, burst: number, now: number, cost: number): boolean {
-  const elapsed = now - b.last;
-  if (elapsed > 0) {
-    b.tokens = Math.min(burst * 1000, b.tokens + elapsed * rate);
-    b.last = now;
-  }
+  refill(b, rate, burst, now);
   if (b.tokens < cost * 1000) return false;
   b.tokens -= cost * 1000;
   return true;
@@ -248,11 +249,7 @@ export function takeTokens(b: TokenState, rate: number, burst: number, now: numb
  * they are parsed.
  */
 export function drainTokens(b: TokenState, rate: number, burst: number, now: number, cost: number): void {
-  const elapsed = now - b.last;
-  if (elapsed > 0) {
-    b.tokens = Math.min(burst * 1000, b.tokens + elapsed * rate);
-    b.last = now;
-  }
+  refill(b, rate, burst, now);
   b.tokens = Math.max(0, b.tokens - cost * 1000);
 }
 
@@ -272,13 +269,7 @@ export class KeyedBuckets {
 
   /** Take `cost` tokens from `key`'s bucket at `now` (`bucketNow()`); `false` when too few are left. */
   take(key: string, cost: number, now: number = bucketNow()): boolean {
-    let b = this.buckets.get(key);
-    if (!b) {
-      if (this.buckets.size >= 1024) this.prune(now);
-      b = { tokens: this.burst * 1000, last: now };
-      this.buckets.set(key, b);
-    }
-    return takeTokens(b, this.rate, this.burst, now, cost);
+    return takeTokens(this.bucket(key, now), this.rate, this.burst, now, cost);
   }
 
   /**
@@ -287,18 +278,20 @@ export class KeyedBuckets {
    * expensive work admitted by one token is paid for at the bucket's rate.
    */
   charge(key: string, cost: number, now: number = bucketNow()): void {
+    const b = this.bucket(key, now);
+    refill(b, this.rate, this.burst, now);
+    b.tokens = Math.max(-this.burst * 1000, b.tokens - cost * 1000);
+  }
+
+  /** `key`'s bucket, made full when it has none (pruning full ones when the map is large). */
+  private bucket(key: string, now: number): TokenState {
     let b = this.buckets.get(key);
     if (!b) {
       if (this.buckets.size >= 1024) this.prune(now);
       b = { tokens: this.burst * 1000, last: now };
       this.buckets.set(key, b);
     }
-    const elapsed = now - b.last;
-    if (elapsed > 0) {
-      b.tokens = Math.min(this.burst * 1000, b.tokens + elapsed * this.rate);
-      b.last = now;
-    }
-    b.tokens = Math.max(-this.burst * 1000, b.tokens - cost * 1000);
+    return b;
   }
 
   /** Buckets kept (keys that spent tokens recently). */
