@@ -494,7 +494,7 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
       return;
     }
     try {
-      await answerSub(env, peer, key, job);
+      await answerSub(env, peer, names, key, job);
     } finally {
       job?.done();
     }
@@ -503,11 +503,10 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
   async function answerSub(
     env: SubEnvelope,
     peer: Peer<P>,
+    names: string[],
     key: string,
     job: LookupJob | undefined,
   ): Promise<void> {
-    const cursors = env.payload.channels;
-    const names = Object.keys(cursors);
     let cap: Awaited<ReturnType<typeof overChannelCap>>;
     try {
       cap = await overChannelCap(names, key, job);
@@ -522,7 +521,7 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
       return;
     }
     try {
-      await answerAdmitted(env, peer, key, job);
+      await answerAdmitted(env, peer, names, key, job);
     } finally {
       // The records are made (or were not): the store's count has them from now on.
       unreserve(key, cap.reserved);
@@ -532,11 +531,11 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
   async function answerAdmitted(
     env: SubEnvelope,
     peer: Peer<P>,
+    names: string[],
     key: string,
     job: LookupJob | undefined,
   ): Promise<void> {
     const cursors = env.payload.channels;
-    const names = Object.keys(cursors);
     const entries = channelRecord<ChannelEntry>();
     const allowed = channelRecord<ChannelCursor>();
     for (const name of names) {
