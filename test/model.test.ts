@@ -206,15 +206,19 @@ function expectedDelay(name: string, c: ConnectionContext): number {
     case 'synTimeout':
       return c.timeout;
     case 'pollInterval':
-      return c.pollInterval * (0.5 + c.random() / 2);
+      return c.settings.pollInterval * (0.5 + c.settings.random() / 2);
     case 'httpTimeout':
       return 2 * c.timeout;
     case 'redialBackoff':
-      return Math.min(c.maxBackoff, (c.timeout / 2) * 2 ** c.dialAttempt) * (0.5 + c.random() / 2);
+      return (
+        Math.min(c.settings.maxBackoff, (c.timeout / 2) * 2 ** c.dialAttempt) *
+        (0.5 + c.settings.random() / 2)
+      );
     case 'httpBackoff':
       return c.retryAfterMs !== null
-        ? c.retryAfterMs * (1 + c.random() / 2)
-        : Math.min(c.maxBackoff, (c.timeout / 4) * 2 ** c.httpAttempt) * (0.5 + c.random() / 2);
+        ? c.retryAfterMs * (1 + c.settings.random() / 2)
+        : Math.min(c.settings.maxBackoff, (c.timeout / 4) * 2 ** c.httpAttempt) *
+            (0.5 + c.settings.random() / 2);
     case 'healthyAfter':
       return 2 * c.timeout;
     default:
