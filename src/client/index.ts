@@ -782,15 +782,13 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     const items = burst;
     burst = [];
     if (closed) return;
-    const stored = items.map((i) => entries.get(i.key)).filter((e) => e !== undefined);
-    steps.push({
-      write: () =>
-        outbox.add(
-          clientId,
-          stored.map(({ key, at, n, op }) => ({ key, at, n, op })),
-        ),
-      event: { type: 'SEND', items },
-    });
+    // What the durable outbox keeps of each (without the client's `restored` mark).
+    const stored: OutboxEntry[] = [];
+    for (const i of items) {
+      const x = entries.get(i.key);
+      if (x !== undefined) stored.push({ key: x.key, at: x.at, n: x.n, op: x.op });
+    }
+    steps.push({ write: () => outbox.add(clientId, stored), event: { type: 'SEND', items } });
     pump();
   };
   const enqueue = (item: QueueItem, waiter: Waiter, front = false) => {
@@ -856,16 +854,25 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   };
 
   const settle = (e: Extract<ConnectionEmitted, { type: 'settled' }>) => {
-    const ws = e.keys.map((k) => waiters.get(k));
-    const es = e.keys.map((k) => entries.get(k));
-    for (let i = 0; i < e.keys.length; i++) {
+    // One pass over the keys (once per round trip: no map/filter chains).
+    const n = e.keys.length;
+    const ws: Array<Waiter | undefined> = new Array(n);
+    const es: Array<(OutboxEntry & { restored: boolean }) | undefined> = new Array(n);
+    const storeKeys: string[] = [];
+    for (let i = 0; i < n; i++) {
       const k = e.keys[i]!;
-      if (ws[i]?.kind === 'op') opWaiters--;
-      if (es[i]?.restored) restoredLeft--;
+      const w = waiters.get(k);
+      const x = entries.get(k);
+      ws[i] = w;
+      es[i] = x;
+      if (w?.kind === 'op') opWaiters--;
+      if (x !== undefined) {
+        if (x.restored) restoredLeft--;
+        storeKeys.push(x.key);
+        entries.delete(k);
+      }
       waiters.delete(k);
-      entries.delete(k);
     }
-    const storeKeys = es.filter((x) => x !== undefined).map((x) => x.key);
     // A result or a NAK is final: the operations leave the durable outbox.
     if (storeKeys.length > 0) void guarded(() => outbox.remove(clientId, storeKeys));
     const restoredError = (err: SyncError) => {
@@ -914,12 +921,13 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         if (published.length === 0 && held.length === 0) {
           // Nothing to wait for and nothing older waiting: settle now, as releaseHeld would,
           // without the held record (closures, Map, Set per batch).
-          e.payload.forEach((result, i) => {
+          for (let i = 0; i < n; i++) {
+            const result = e.payload[i];
             fanOutLists(result, LISTS);
             const x = es[i];
             if (x?.restored) restored$.next({ id: e.id, clientId, op: x.op, result });
             else ws[i]?.resolve(result);
-          });
+          }
           return;
         }
         heldOps += e.payload.length;
@@ -1026,7 +1034,11 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         break;
       case 'batched': {
         // Durable before the SYN leaves: a new instance must resend this id with these ops.
-        const keys = e.keys.map((k) => entries.get(k)?.key).filter((k) => k !== undefined);
+        const keys: string[] = [];
+        for (const k of e.keys) {
+          const x = entries.get(k);
+          if (x !== undefined) keys.push(x.key);
+        }
         if (keys.length > 0) void guarded(() => outbox.batch(clientId, { id: e.id, keys }));
         break;
       }
