@@ -12,6 +12,7 @@
  * (4) MSGs from the socket reach the client without a chart macrostep (TransportConfig.onMessage),
  * in wire order with the frames that do go through the chart.
  */
+import { firstValueFrom } from 'rxjs';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { WebSocket } from 'ws';
 import { createActor, fromCallback } from 'xstate';
@@ -109,6 +110,103 @@ describe('ACK and response in one write', () => {
     expect((await failure).state).toBe('awaitingSyn');
     await reach(c, 'open');
     expect(roundTrip()).toEqual(['awaitingAck', 'awaitingSyn', 'open']);
+  });
+});
+
+/**
+ * The fold holds an ACK until the end of its run of frames; a server that lies or a socket that
+ * dies must still get each operation settled exactly once, with its own result.
+ */
+describe('the ACK fold with odd servers', () => {
+  /** SYNs the server got for `id`. */
+  const synsFor = (id: string) => liar.received.filter((e) => e.type === 'SYN' && e.id === id).length;
+
+  it('a response with no ACK at all settles the send once: awaitingAck → open', async () => {
+    liar.onFrame = (env, reply) => reply(honest(env)[1]);
+    for (let i = 0; i < 3; i++) {
+      states = [];
+      expect(await c.send({ noAck: i })).toEqual({ ok: { noAck: i } });
+      await reach(c, 'open');
+      expect(roundTrip()).toEqual(['awaitingAck', 'open']);
+    }
+    expect(liar.received.filter((e) => e.type === 'SYN').length).toBe(3);
+    expect(await firstValueFrom(c.pending$)).toBe(0);
+  });
+
+  it('a stray ACK (another id) in the same write as the response is ignored; the send settles once', async () => {
+    liar.cork = true;
+    liar.onFrame = (env, reply) => {
+      reply({ id: 'someone-else:9', type: 'ACK' });
+      reply(honest(env)[1]);
+    };
+    expect(await c.send({ stray: true })).toEqual({ ok: { stray: true } });
+    await reach(c, 'open');
+    expect(roundTrip()).toEqual(['awaitingAck', 'open']);
+    expect(synsFor(liar.received.at(-1)!.id)).toBe(1);
+  });
+
+  it('a duplicate ACK then the response in one write: the first ACK reaches the chart, the send settles once', async () => {
+    liar.cork = true;
+    liar.onFrame = (env, reply) => {
+      reply({ id: env.id, type: 'ACK' });
+      reply({ id: env.id, type: 'ACK' });
+      reply(honest(env)[1]);
+    };
+    expect(await c.send({ dup: true })).toEqual({ ok: { dup: true } });
+    await reach(c, 'open');
+    expect(roundTrip()).toEqual(['awaitingAck', 'awaitingSyn', 'open']);
+    // The next send is answered with its own result, not a leftover of the first.
+    liar.onFrame = (env, reply) => {
+      for (const f of honest(env)) reply(f);
+    };
+    expect(await c.send({ after: true })).toEqual({ ok: { after: true } });
+  });
+
+  it('the response before its ACK (same write, or the ACK in a later task): settled once, the late ACK changes nothing', async () => {
+    for (const cork of [true, false]) {
+      liar.cork = cork;
+      liar.onFrame = (env, reply) => {
+        const [ack, res] = honest(env);
+        reply(res);
+        reply(ack);
+      };
+      states = [];
+      expect(await c.send({ cork })).toEqual({ ok: { cork } });
+      await reach(c, 'open');
+      // The late ACK arrives while open: no state left open, nothing settled twice.
+      liar.onFrame = (env, reply) => {
+        for (const f of honest(env)) reply(f);
+      };
+      expect(await c.send({ next: cork })).toEqual({ ok: { next: cork } });
+      expect(states.filter((s) => s === 'degraded')).toEqual([]);
+    }
+    expect(await firstValueFrom(c.pending$)).toBe(0);
+  });
+
+  it('an ACK, then the socket dies before the response: the ACK is delivered before WS.DOWN, the resend (same id) settles once', async () => {
+    liar.cork = true;
+    let first = true;
+    liar.onFrame = (env, reply) => {
+      if (!first) {
+        for (const f of honest(env)) reply(f);
+        return;
+      }
+      first = false;
+      reply({ id: env.id, type: 'ACK' });
+      // Close the socket in the same turn: the close frame shares the ACK's write.
+      liar.closeSockets();
+    };
+    const result = await c.send({ dies: true });
+    expect(result).toEqual({ ok: { dies: true } });
+    const id = liar.received.find((e) => e.type === 'SYN')!.id;
+    const seen = states.join(',');
+    expect(seen.indexOf('awaitingSyn')).toBeGreaterThan(-1);
+    expect(seen.indexOf('awaitingSyn')).toBeLessThan(seen.indexOf('degraded'));
+    // Resent with the same id (over HTTP or on a new socket), answered once.
+    const resent =
+      liar.received.filter((e) => e.id === id).length + liar.posted.filter((e) => e.id === id).length;
+    expect(resent).toBeGreaterThanOrEqual(2);
+    expect(await firstValueFrom(c.pending$)).toBe(0);
   });
 });
 

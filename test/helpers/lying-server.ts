@@ -40,6 +40,11 @@ export interface LyingServer {
   /** Send a raw frame (a string, an object to encode, or a Buffer as binary) on every socket. */
   push(frame: unknown, binary?: boolean): void;
   sockets(): number;
+  /**
+   * Close every socket now with `code` (a close frame, not a cut): called inside `onFrame` with
+   * `cork`, the close frame leaves in the same TCP write as the frames replied before it.
+   */
+  closeSockets(code?: number): void;
   close(): Promise<void>;
 }
 
@@ -129,6 +134,9 @@ export async function startLyingServer(): Promise<LyingServer> {
       }
     },
     sockets: () => socks.size,
+    closeSockets(code = 1012) {
+      for (const ws of socks) ws.close(code, 'closed by the test');
+    },
     async close() {
       for (const ws of socks) ws.terminate();
       wss.close();
