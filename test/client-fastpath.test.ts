@@ -12,6 +12,8 @@
  * (4) MSGs from the socket reach the client without a chart macrostep (TransportConfig.onMessage),
  * in wire order with the frames that do go through the chart.
  */
+import { execFileSync } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
 import { firstValueFrom } from 'rxjs';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { WebSocket } from 'ws';
@@ -416,6 +418,31 @@ describe('a send while open (the chart alone)', () => {
       maxBatch: expect.any(Number),
     });
     actor.stop();
+  });
+
+  it('V8 keeps every context of a round trip a fast (non-dictionary) object (checked with %HasFastProperties in a child node)', () => {
+    // The property itself, not only the field count above: a context that V8 turns into a
+    // dictionary costs ~6 µs per assign copy (docs/benchmarks.md, session 5).
+    const script = [
+      "import { createActor, fromCallback } from 'xstate';",
+      "import { connectionMachine } from './machines/connection.ts';",
+      'const m = connectionMachine.provide({ actors: { socket: fromCallback(({ receive }) => { receive(() => {}); return () => {}; }) } });',
+      "const a = createActor(m, { input: { clientId: 'c', instance: 'i', timeout: 60000, maxBatch: 64, pollInterval: 60000, maxBackoff: 60000 } });",
+      "a.start(); a.send({ type: 'WS.OPEN' });",
+      'const fast = [];',
+      'a.subscribe((s) => fast.push(%HasFastProperties(s.context)));',
+      "a.send({ type: 'SEND', items: [{ key: 1, kind: 'op', op: 1, json: '1' }] });",
+      "a.send({ type: 'FRAME', frame: { id: 'i:1', type: 'ACK' } });",
+      "a.send({ type: 'FRAME', frame: { id: 'i:1', type: 'SYN', payload: [1] } });",
+      'a.stop();',
+      'console.log(JSON.stringify(fast));',
+    ].join('\n');
+    const out = execFileSync(
+      process.execPath,
+      ['--allow-natives-syntax', '--import', 'tsx', '--input-type=module', '-e', script],
+      { cwd: fileURLToPath(new URL('..', import.meta.url)), encoding: 'utf8', timeout: 60_000 },
+    );
+    expect(JSON.parse(out.trim())).toEqual([true, true, true]);
   });
 
   it('an empty send while open leaves it open with nothing sent', () => {
