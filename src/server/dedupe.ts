@@ -145,6 +145,9 @@ const notKept = (id: string) =>
 /** How often a process polls a shared store for a duplicate another process is processing. */
 const POLL_MS = 20;
 
+/** The settled promise an idle client's queue starts from. */
+const SETTLED: Promise<unknown> = Promise.resolve();
+
 const sleep = (ms: number) =>
   new Promise<void>((resolve) => {
     setTimeout(resolve, ms).unref?.();
@@ -210,27 +213,59 @@ export class Dedupe {
       return Promise.resolve(nak(syn.id, 'rate_limited', 'too many batches queued for this client'));
     }
     const shared = this.opts.store;
-    const promise = this.enqueue(clientId, () => {
+    const start = (): Promise<SynResponse> => {
       // Queued behind others when the server began to close: left for the client to resend.
       if (this.stopping) return Promise.resolve(nak(syn.id, 'server_error', 'server is shutting down'));
       const started = shared ? this.runShared(shared, key, fp, syn, process) : process();
       this.running.add(started);
-      const forget = () => this.running.delete(started);
-      started.then(forget, forget);
       return started;
-    }).then(
-      (response) => {
-        this.inflight.delete(key);
-        if (!shared) this.remember(key, fp, response);
-        return response;
-      },
-      (err: unknown) => {
-        // Not remembered: nothing says whether the batch was applied, so a retry decides.
-        this.inflight.delete(key);
-        this.opts.onError(err, 'dedupe');
-        return nak(syn.id, 'server_error', 'internal error');
-      },
-    );
+    };
+    const settle = (response: SynResponse, started: Promise<SynResponse> | undefined) => {
+      this.inflight.delete(key);
+      if (started !== undefined) this.running.delete(started);
+      if (!shared) this.remember(key, fp, response);
+      return response;
+    };
+    const failed = (err: unknown, started: Promise<SynResponse> | undefined) => {
+      // Not remembered: nothing says whether the batch was applied, so a retry decides.
+      this.inflight.delete(key);
+      if (started !== undefined) this.running.delete(started);
+      this.opts.onError(err, 'dedupe');
+      return nak(syn.id, 'server_error', 'internal error');
+    };
+    let promise: Promise<SynResponse>;
+    if (queue) {
+      queue.size++;
+      const result = queue.tail.then(() => {
+        const started = start();
+        const forget = () => this.running.delete(started);
+        started.then(forget, forget);
+        return started;
+      });
+      promise = result.then(
+        (response) => settle(response, undefined),
+        (err: unknown) => failed(err, undefined),
+      );
+      queue.tail = promise.then(() => this.dequeue(clientId, queue));
+    } else {
+      // Nothing of this client's is queued or running (the usual case: one batch in flight):
+      // started now, in this turn, not a microtask later behind an empty queue. Its queue
+      // entry makes the client's batches arriving meanwhile wait for it.
+      const q = { tail: SETTLED, size: 1 };
+      this.queues.set(clientId, q);
+      const started = start();
+      promise = started.then(
+        (response) => {
+          this.dequeue(clientId, q);
+          return settle(response, started);
+        },
+        (err: unknown) => {
+          this.dequeue(clientId, q);
+          return failed(err, started);
+        },
+      );
+      q.tail = promise;
+    }
     this.inflight.set(key, { fp, promise });
     return promise;
   }
@@ -342,22 +377,6 @@ export class Dedupe {
       const oldest = this.done.keys().next().value as string;
       this.drop(oldest, this.done.get(oldest)!);
     }
-  }
-
-  private enqueue<T>(clientId: string, task: () => Promise<T>): Promise<T> {
-    let queue = this.queues.get(clientId);
-    if (!queue) {
-      queue = { tail: Promise.resolve(), size: 0 };
-      this.queues.set(clientId, queue);
-    }
-    const q = queue;
-    q.size++;
-    const result = q.tail.then(task);
-    q.tail = result.then(
-      () => this.dequeue(clientId, q),
-      () => this.dequeue(clientId, q),
-    );
-    return result;
   }
 
   private dequeue(clientId: string, q: { size: number }): void {
