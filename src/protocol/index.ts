@@ -629,6 +629,20 @@ export function subChannelsText(text: string): string | undefined {
   return `${out}${text.slice(from, close)}]${text.slice(close + 1)}`;
 }
 
+/**
+ * Whether `frame` holds at least `n` commas (a native search per comma, stopping at `n`):
+ * a payload of more than `n` elements has `n` commas between them, so a frame with fewer
+ * needs no `payloadOver` scan (a small SYN, the usual case: ~0.2 µs instead of ~3 µs).
+ */
+function hasCommas(frame: string | Uint8Array, n: number): boolean {
+  let at = -1;
+  for (let k = 0; k < n; k++) {
+    at = typeof frame === 'string' ? frame.indexOf(',', at + 1) : frame.indexOf(COMMA, at + 1);
+    if (at < 0) return false;
+  }
+  return true;
+}
+
 /** Index of the `"` closing the string opened at `start`, or −1. */
 function stringEnd(text: string, start: number): number {
   for (let i = start + 1; i < text.length; i++) {
@@ -698,7 +712,12 @@ function parseClientFrameUnsafe(
   // refused from a scan that allocates nothing. n elements take at least 2n − 1 bytes, so
   // frames too short to hold more than maxBatch skip the scan.
   const maxBatch = opts.maxBatch;
-  if (maxBatch !== undefined && frame.length > 2 * maxBatch + 1 && payloadOver(frame, maxBatch)) {
+  if (
+    maxBatch !== undefined &&
+    frame.length > 2 * maxBatch + 1 &&
+    hasCommas(frame, maxBatch) &&
+    payloadOver(frame, maxBatch)
+  ) {
     return fail('too_large', `SYN of more than ${maxBatch} operations`, scannedId(frame));
   }
   const text = decode(frame);

@@ -3,7 +3,8 @@
  * `(principal, clientId, SYN id)` with the fingerprint of its payload and its response, on
  * either transport, and runs one client's batches one at a time in arrival order.
  *
- * A known key whose payload fingerprint (SHA-256 of the payload's JSON) differs is refused
+ * A known key whose payload fingerprint (SHA-256 of the payload's JSON; in this process's own
+ * memory, the JSON itself when short: `localFingerprint`) differs is refused
  * `NAK id_reused`, whether the first copy is finished or still in flight: a request is never
  * answered with another's result (idempotency keys at Stripe work the same way).
  *
@@ -137,6 +138,34 @@ export function fingerprint(payload: unknown): string {
   return hash.digest('base64url');
 }
 
+/**
+ * Longest payload JSON (UTF-16 code units) `localFingerprint` keeps as it is; longer ones are
+ * hashed. At most 256 + 16 bytes per remembered entry, counted against `maxBytes`.
+ */
+export const LOCAL_FP_MAX_CHARS = 256;
+
+/**
+ * What tells two payloads apart in this process's dedupe memory (never stored elsewhere):
+ * the payload's JSON text when it is at most `LOCAL_FP_MAX_CHARS` (a small operation, the
+ * usual case: no SHA-256 per batch), else its `fingerprint`. Equal exactly when the payloads'
+ * JSON texts are equal, as `fingerprint`s are: a payload's JSON is one text, a SYN payload's
+ * text starts with `[`, which no base64url digest holds, and a text of at most
+ * `LOCAL_FP_MAX_CHARS` nests too little to overflow `JSON.stringify` (so deep payloads are
+ * hashed whatever the stack left, and the same payload always gets the same form).
+ */
+export function localFingerprint(payload: unknown): string {
+  let text: string | undefined;
+  try {
+    text = JSON.stringify(payload);
+  } catch {
+    // Nested deeper than the stack allows (so longer than the bound): hashed below.
+  }
+  return text !== undefined && text.length <= LOCAL_FP_MAX_CHARS ? text : fingerprint(payload);
+}
+
+/** Heap bytes a remembered fingerprint takes beyond the 43-character digest `ENTRY_OVERHEAD` counts. */
+const fpExtraBytes = (fp: string) => (fp.length > 43 ? stringBytes(fp) : 0);
+
 const idReused = (id: string) =>
   nak(id, 'id_reused', 'this request id was used before with a different payload; use a new id');
 const notKept = (id: string) =>
@@ -201,7 +230,10 @@ export class Dedupe {
   ): Promise<SynResponse> {
     // Length-prefixed so that no (owner, clientId, id) triple can collide with another.
     const key = `${owner.length}:${owner}:${clientId.length}:${clientId}:${syn.id}`;
-    const fp = fingerprint(syn.payload);
+    const shared = this.opts.store;
+    // A shared store compares fingerprints made by other processes and versions: SHA-256.
+    // In this process, the cheaper `localFingerprint` tells payloads apart as well.
+    const fp = shared ? fingerprint(syn.payload) : localFingerprint(syn.payload);
     const running = this.inflight.get(key);
     if (running) return running.fp === fp ? running.promise : Promise.resolve(idReused(syn.id));
     const known = this.lookup(key);
@@ -212,39 +244,13 @@ export class Dedupe {
       // Not remembered: the batch was refused before processing, a later retry may pass.
       return Promise.resolve(nak(syn.id, 'rate_limited', 'too many batches queued for this client'));
     }
-    const shared = this.opts.store;
-    const start = (): Promise<SynResponse> => {
-      // Queued behind others when the server began to close: left for the client to resend.
-      if (this.stopping) return Promise.resolve(nak(syn.id, 'server_error', 'server is shutting down'));
-      const started = shared ? this.runShared(shared, key, fp, syn, process) : process();
-      this.running.add(started);
-      return started;
-    };
-    const settle = (response: SynResponse, started: Promise<SynResponse> | undefined) => {
-      this.inflight.delete(key);
-      if (started !== undefined) this.running.delete(started);
-      if (!shared) this.remember(key, fp, response);
-      return response;
-    };
-    const failed = (err: unknown, started: Promise<SynResponse> | undefined) => {
-      // Not remembered: nothing says whether the batch was applied, so a retry decides.
-      this.inflight.delete(key);
-      if (started !== undefined) this.running.delete(started);
-      this.opts.onError(err, 'dedupe');
-      return nak(syn.id, 'server_error', 'internal error');
-    };
     let promise: Promise<SynResponse>;
     if (queue) {
       queue.size++;
-      const result = queue.tail.then(() => {
-        const started = start();
-        const forget = () => this.running.delete(started);
-        started.then(forget, forget);
-        return started;
-      });
+      const result = queue.tail.then(() => this.start(key, fp, syn, process));
       promise = result.then(
-        (response) => settle(response, undefined),
-        (err: unknown) => failed(err, undefined),
+        (response) => this.settled(key, fp, response),
+        (err: unknown) => this.failed(key, syn.id, err),
       );
       queue.tail = promise.then(() => this.dequeue(clientId, queue));
     } else {
@@ -253,21 +259,54 @@ export class Dedupe {
       // entry makes the client's batches arriving meanwhile wait for it.
       const q = { tail: SETTLED, size: 1 };
       this.queues.set(clientId, q);
-      const started = start();
+      const started = this.start(key, fp, syn, process);
       promise = started.then(
         (response) => {
           this.dequeue(clientId, q);
-          return settle(response, started);
+          return this.settled(key, fp, response);
         },
         (err: unknown) => {
           this.dequeue(clientId, q);
-          return failed(err, started);
+          return this.failed(key, syn.id, err);
         },
       );
       q.tail = promise;
     }
     this.inflight.set(key, { fp, promise });
     return promise;
+  }
+
+  /** Start processing a batch (its turn came); counted in `running` until it settles. */
+  private start(
+    key: string,
+    fp: string,
+    syn: SynEnvelope,
+    process: () => Promise<SynResponse>,
+  ): Promise<SynResponse> {
+    // Queued behind others when the server began to close: left for the client to resend.
+    if (this.stopping) return Promise.resolve(nak(syn.id, 'server_error', 'server is shutting down'));
+    const shared = this.opts.store;
+    const started = shared ? this.runShared(shared, key, fp, syn, process) : process();
+    this.running.add(started);
+    started.then(
+      () => this.running.delete(started),
+      () => this.running.delete(started),
+    );
+    return started;
+  }
+
+  /** A batch was answered: no longer in flight, and remembered (without a shared store). */
+  private settled(key: string, fp: string, response: SynResponse): SynResponse {
+    this.inflight.delete(key);
+    if (!this.opts.store) this.remember(key, fp, response);
+    return response;
+  }
+
+  /** A batch failed: not remembered, since nothing says whether it was applied (a retry decides). */
+  private failed(key: string, id: string, err: unknown): SynResponse {
+    this.inflight.delete(key);
+    this.opts.onError(err, 'dedupe');
+    return nak(id, 'server_error', 'internal error');
   }
 
   /** Drop expired responses; called on a timer so idle memory shrinks too. */
@@ -348,7 +387,7 @@ export class Dedupe {
     // The cap is on the response's UTF-8 size (what the stores keep, what the docs promise);
     // the memory counted is the string's size on the heap.
     const kept = text !== undefined && Buffer.byteLength(text) <= this.opts.maxResponseBytes;
-    const base = ENTRY_OVERHEAD + stringBytes(key);
+    const base = ENTRY_OVERHEAD + stringBytes(key) + fpExtraBytes(fp);
     const entry: Remembered = { fp, at: this.now(), bytes: base + (kept ? stringBytes(text) : 0) };
     if (kept) {
       entry.text = text;
@@ -367,7 +406,7 @@ export class Dedupe {
     for (const k of this.full) {
       if (this.bytes <= this.opts.maxBytes) break;
       const e = this.done.get(k)!;
-      const reduced = ENTRY_OVERHEAD + stringBytes(k);
+      const reduced = ENTRY_OVERHEAD + stringBytes(k) + fpExtraBytes(e.fp);
       this.bytes -= e.bytes - reduced;
       e.bytes = reduced;
       delete e.text;

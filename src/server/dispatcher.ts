@@ -192,6 +192,10 @@ const ANONYMOUS = 'anonymous';
 
 const isNakCode = (v: unknown): v is NakCode => (NAK_CODES as readonly unknown[]).includes(v);
 
+/** Whether `v` is a promise or promise-like (what `await` would wait for). */
+const isThenable = (v: unknown): v is PromiseLike<unknown> =>
+  typeof v === 'object' && v !== null && typeof (v as { then?: unknown }).then === 'function';
+
 /** Build the dispatcher; it owns no transport, timer or connection. */
 export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
   const { hooks, store, dedupe, channels, bindings, onError } = o;
@@ -264,25 +268,29 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
     return { seq: msg.seq, epoch: msg.epoch };
   }
 
-  async function applySyn(syn: { id: string; payload: unknown[] }, peer: Peer<P>): Promise<SynResponse> {
+  function applySyn(syn: { id: string; payload: unknown[] }, peer: Peer<P>): Promise<SynResponse> {
     // A batch still queued at shutdown is left for the client to resend to the next server.
-    if (o.closing()) return nak(syn.id, 'server_error', 'server is closing');
+    if (o.closing()) return Promise.resolve(nak(syn.id, 'server_error', 'server is closing'));
     const { clientId } = peer;
-    // The n-th publish of this batch has the same key whichever process runs it, so a batch
-    // re-run after its process died publishes nothing twice (with a store that honours keys).
-    const batchKey = `${clientId.length}:${clientId}:${syn.id}`;
     let n = 0;
-    // Every publication of the batch, in call order, for the response's `published`.
-    const publications: Array<Promise<Publication | undefined>> = [];
+    // Every publication of the batch, in call order, for the response's `published` (made on
+    // the first publish: most batches publish nothing).
+    let publications: Array<Promise<Publication | undefined>> | undefined;
     const ctx: SyncContext<P> = {
       clientId,
       principal: peer.principal,
-      publish: (channel, payload, opts) => {
+      // A method, not an arrow: destructuring it (`const { publish } = ctx`) still works (it
+      // uses no `this`).
+      publish(channel, payload, opts) {
         const made = publish(channel, payload, {
           except: opts?.except,
           author: opts && 'author' in opts ? opts.author : clientId,
-          key: opts?.key ?? `${batchKey}#${n++}`,
+          // The n-th publish of this batch has the same key whichever process runs it, so a
+          // batch re-run after its process died publishes nothing twice (with a store that
+          // honours keys).
+          key: opts?.key ?? `${clientId.length}:${clientId}:${syn.id}#${n++}`,
         });
+        publications ??= [];
         publications.push(
           made.then(
             ({ seq, epoch }) => ({ channel, seq, epoch }),
@@ -294,14 +302,36 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
     };
     let results: unknown;
     try {
-      results = await hooks.onSync(syn.payload, ctx);
+      results = hooks.onSync(syn.payload, ctx);
     } catch (err) {
-      // A NAK here says the batch was not completed, not that nothing of it was applied:
-      // what onSync did (and published) before throwing stays (SyncServerOptions.onSync).
-      if (err instanceof SyncError && isNakCode(err.code)) return nak(syn.id, err.code, err.message);
-      onError(err, 'onSync');
-      return nak(syn.id, 'server_error', 'the server failed to apply the batch');
+      return Promise.resolve(onSyncFailed(syn.id, err));
     }
+    // A synchronous onSync (results, not a promise) is answered without a turn of the
+    // microtask queue; a promise is awaited as before.
+    if (isThenable(results)) {
+      return Promise.resolve(results).then(
+        (r) => synResponse(syn, r, publications),
+        (err: unknown) => onSyncFailed(syn.id, err),
+      );
+    }
+    return Promise.resolve(synResponse(syn, results, publications));
+  }
+
+  /** What a batch whose `onSync` threw (or rejected with) `err` is answered. */
+  function onSyncFailed(id: string, err: unknown): SynResponse {
+    // A NAK here says the batch was not completed, not that nothing of it was applied:
+    // what onSync did (and published) before throwing stays (SyncServerOptions.onSync).
+    if (err instanceof SyncError && isNakCode(err.code)) return nak(id, err.code, err.message);
+    onError(err, 'onSync');
+    return nak(id, 'server_error', 'the server failed to apply the batch');
+  }
+
+  /** The response to a batch `onSync` answered with `results` (checked here). */
+  function synResponse(
+    syn: { id: string; payload: unknown[] },
+    results: unknown,
+    publications: Array<Promise<Publication | undefined>> | undefined,
+  ): SynResponse | Promise<SynResponse> {
     if (!Array.isArray(results) || results.length !== syn.payload.length) {
       onError(
         new Error(
@@ -313,16 +343,23 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
     }
     const response: SynResponse = { id: syn.id, type: 'SYN', payload: results };
     // Publications onSync started, also those it did not await; failed ones are left out.
-    if (publications.length > 0) {
-      const published = (await Promise.all(publications)).filter((p): p is Publication => p !== undefined);
-      if (published.length > 0) response.published = published;
+    if (publications !== undefined) {
+      return Promise.all(publications).then((all) => {
+        const published = all.filter((p): p is Publication => p !== undefined);
+        if (published.length > 0) response.published = published;
+        return checked(syn.id, response);
+      });
     }
+    return checked(syn.id, response);
+  }
+
+  /** `response`, its JSON text made (kept for the dedupe memory's size and for sending). */
+  function checked(id: string, response: SynResponse): SynResponse {
     try {
-      // Checked here; the text is kept for the dedupe memory's size and for sending.
       encodeOnce(response);
     } catch (err) {
       onError(err, 'onSync results');
-      return nak(syn.id, 'server_error', 'the server returned results that are not JSON');
+      return nak(id, 'server_error', 'the server returned results that are not JSON');
     }
     return response;
   }

@@ -1,0 +1,73 @@
+/**
+ * Server CPU per operation, 1 in flight, with syncwire's own work isolated from the client's:
+ * the reference server (bench/servers/syncwire.ts's options) in this process, one real `ws`
+ * client socket on 127.0.0.1 whose received bytes are discarded unread, and each `SYN` handed
+ * to the server's socket as `ws` hands a received message over (its `message` event), then one
+ * `setImmediate` for the ACK and the response to be written. Measured: `process.cpuUsage()`
+ * over SERVER_N operations (default 20000) after 2000 of warm-up: the server's frame handling,
+ * `ws`'s send path and the write syscalls, without `ws`'s frame parsing or any client work.
+ * Not part of `npm run bench` and not a test: a steadier signal than the bench on a loaded
+ * machine, for comparing two versions of the server (run each a few times, interleaved).
+ *
+ *   node --import tsx bench/server-cpu.ts
+ *   node --cpu-prof --import tsx bench/server-cpu.ts
+ */
+import { WebSocket, WebSocketServer } from 'ws';
+import { createSyncServer, memoryStore } from '../src/server/index.js';
+import { makeOp } from './scenarios.js';
+
+// The server-side socket of the one connection, as `ws` hands it to the server.
+let serverSide: WebSocket | undefined;
+const handleUpgrade = WebSocketServer.prototype.handleUpgrade;
+WebSocketServer.prototype.handleUpgrade = function (this: WebSocketServer, req, socket, head, cb) {
+  return handleUpgrade.call(this, req, socket, head, (ws, r) => {
+    serverSide = ws;
+    cb(ws, r);
+  });
+};
+
+const server = await createSyncServer({
+  port: 0,
+  store: memoryStore({ maxMessages: 100_000 }),
+  anonymousKey: 'clientId',
+  onSync: (ops) => ops.map((op) => ({ id: (op as { id: unknown }).id, ok: true })),
+});
+const client = new WebSocket(`ws://127.0.0.1:${server.address().port}/sync?clientId=bench-cpu`);
+await new Promise<void>((resolve, reject) => {
+  client.once('open', () => resolve());
+  client.once('error', reject);
+});
+// The replies are read off the socket and dropped: no client-side parsing in this process.
+const tcp = (client as unknown as { _socket: import('node:net').Socket })._socket;
+tcp.removeAllListeners('data');
+let received = '';
+let naks = 0;
+tcp.on('data', (b: Buffer) => {
+  const text = b.toString('latin1');
+  if (text.includes('"NAK"')) naks++;
+  received = (received + text).slice(-2000);
+});
+while (serverSide === undefined) await new Promise((r) => setImmediate(r));
+const ws = serverSide;
+
+const turn = () => new Promise<void>((resolve) => setImmediate(resolve));
+async function run(from: number, n: number): Promise<void> {
+  for (let i = from; i < from + n; i++) {
+    const frame = Buffer.from(JSON.stringify({ id: `s-${i}`, type: 'SYN', payload: [makeOp(i)] }));
+    ws.emit('message', frame, false);
+    await turn();
+  }
+}
+
+const n = Number(process.env.SERVER_N ?? 20_000);
+await run(0, 2000);
+const t0 = process.cpuUsage();
+await run(2000, n);
+const d = process.cpuUsage(t0);
+console.log(`server CPU per op (1 in flight, in process): ${((d.user + d.system) / n).toFixed(1)} µs`);
+// Every op must have been answered (not refused): the first frames the client got, as a check.
+if (!received.includes('"ok":true') || naks > 0)
+  throw new Error(`unexpected replies: ${received.slice(0, 300)}`);
+client.terminate();
+await server.close();
+process.exit(0);
