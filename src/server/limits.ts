@@ -320,6 +320,8 @@ export class FrameBucket implements TokenState {
     private readonly rate: number,
     private readonly burst: number,
     now: number,
+    /** The principal key whose sockets share this bucket (`''` when not shared by key). */
+    readonly key = '',
   ) {
     this.tokens = burst * 1000;
     this.last = now;

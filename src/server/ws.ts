@@ -250,23 +250,39 @@ const flushConn = (conn: { flush(): void }) => conn.flush();
 /** The settled promise every socket's serial lane starts from (one for all: idle memory). */
 const SETTLED: Promise<unknown> = Promise.resolve();
 
+/** `SocketConn.flags`: a pong or a frame arrived since the last ping. */
+const ALIVE = 1;
+/** `SocketConn.flags`: closed (by either side); nothing more is sent or read. */
+const ENDED = 2;
+/** `SocketConn.flags`: the TCP socket is corked, frames sent are held until `flush`. */
+const CORKED = 4;
+/** `SocketConn.flags`: no frame arrived yet, the socket is in `ctx.firstFrame`. */
+const AWAITING_FIRST = 8;
+
+/**
+ * What few sockets need, made on first use (an idle socket holds one field for all of it):
+ * subscriptions, the serial lane, replay bytes, bytes of an unfinished message.
+ */
+interface ConnExtras {
+  subs: Map<string, Subscription> | undefined;
+  tail: Promise<unknown>;
+  replayHeld: number;
+  receiving: number;
+}
+
 class SocketConn<P> implements LivePeer, Peer<P> {
-  private subsMap: Map<string, Subscription> | undefined;
   badFrames = 0;
   /** Frames refused in a row for passing the frame rate. */
   private refused = 0;
-  /** A pong or a frame arrived since the last ping. */
-  alive = true;
-  /** Bytes of an unfinished message held against the budget (`accountReceiving`). */
-  private receiving = 0;
-  private tail: Promise<unknown> = SETTLED;
-  private ended = false;
-  /** The TCP socket is corked: frames sent are held until `flush` (one write for them all). */
-  private corked = false;
-  /** Replay bytes this socket sent that are not yet handed to the kernel (`ReplayBudget`). */
-  private replayHeld = 0;
-  /** No frame arrived yet: the socket is in `ctx.firstFrame` (`firstFrameTimeoutMs`). */
-  private awaitingFirst = true;
+  /**
+   * `ALIVE | ENDED | CORKED | AWAITING_FIRST` in one small integer (one field, not four:
+   * idle memory), read and written through the accessors below.
+   */
+  private flags = ALIVE | AWAITING_FIRST;
+  /** `ConnExtras`, once one of them is needed. */
+  private more: ConnExtras | undefined;
+  /** `subscriberKey` of a socket without a `principalKey`, made on first use. */
+  private subKey: string | undefined;
   /**
    * The socket's own frame bucket (`takeToken`), inline: numbers on this object, no object
    * of their own (idle memory).
@@ -282,19 +298,75 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     readonly clientId: string,
     readonly principal: P,
     /**
-     * The key this socket's per-principal limits count under and it is revoked by (the
-     * transport's `limitKey`), its `subscriberKey`; `undefined` for an anonymous socket keyed
-     * by its clientId (`anonymousKey: 'clientId'`), which is counted by `maxSocketsPerClient`
-     * and its own frame rate only, as before 0.2 (no string, bucket or index entry per idle
-     * socket).
+     * The frame bucket shared by the sockets of this socket's `principalKey` (its `key`);
+     * `undefined` for an anonymous socket keyed by its clientId (`anonymousKey: 'clientId'`).
      */
-    readonly principalKey: string | undefined,
-    /** The frame bucket shared by the sockets of `principalKey`, when it is set. */
     private readonly principalBucket: FrameBucket | undefined,
   ) {
     this.tokens = ctx.o.maxFrameBurst * 1000;
     this.last = bucketNow();
     ctx.firstFrame.add(this);
+  }
+
+  /**
+   * The key this socket's per-principal limits count under and it is revoked by (the
+   * transport's `limitKey`), its `subscriberKey`; `undefined` for an anonymous socket keyed
+   * by its clientId (`anonymousKey: 'clientId'`), which is counted by `maxSocketsPerClient`
+   * and its own frame rate only, as before 0.2 (no string, bucket or index entry per idle
+   * socket). Kept by its shared frame bucket (one field less per socket).
+   */
+  get principalKey(): string | undefined {
+    return this.principalBucket?.key;
+  }
+
+  /** A pong or a frame arrived since the last ping. */
+  get alive(): boolean {
+    return (this.flags & ALIVE) !== 0;
+  }
+  set alive(v: boolean) {
+    this.flags = v ? this.flags | ALIVE : this.flags & ~ALIVE;
+  }
+  private get ended(): boolean {
+    return (this.flags & ENDED) !== 0;
+  }
+  private set ended(v: boolean) {
+    this.flags = v ? this.flags | ENDED : this.flags & ~ENDED;
+  }
+  private get corked(): boolean {
+    return (this.flags & CORKED) !== 0;
+  }
+  private set corked(v: boolean) {
+    this.flags = v ? this.flags | CORKED : this.flags & ~CORKED;
+  }
+  private get awaitingFirst(): boolean {
+    return (this.flags & AWAITING_FIRST) !== 0;
+  }
+  private set awaitingFirst(v: boolean) {
+    this.flags = v ? this.flags | AWAITING_FIRST : this.flags & ~AWAITING_FIRST;
+  }
+
+  private extras(): ConnExtras {
+    this.more ??= { subs: undefined, tail: SETTLED, replayHeld: 0, receiving: 0 };
+    return this.more;
+  }
+  private get subsMap(): Map<string, Subscription> | undefined {
+    return this.more?.subs;
+  }
+  /** Replay bytes this socket sent that are not yet handed to the kernel (`ReplayBudget`). */
+  private get replayHeld(): number {
+    return this.more?.replayHeld ?? 0;
+  }
+  private set replayHeld(v: number) {
+    if (v === 0 && this.more === undefined) return;
+    this.extras().replayHeld = v;
+  }
+  /** Bytes of an unfinished message held against the budget (`accountReceiving`). */
+  private get receiving(): number {
+    return this.more?.receiving ?? 0;
+  }
+  private set receiving(v: number) {
+    if (v === 0 && this.more === undefined) return;
+    this.extras().receiving = v;
   }
 
   /** No frame within `firstFrameTimeoutMs` (called by `ctx.firstFrame`). */
@@ -342,13 +414,13 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     this.ws.pause();
   }
 
-  private subKey: string | undefined;
   /**
    * The key its channel subscriptions are counted and revoked by: `principalKey`, or
    * `c:<clientId>` made on first use (most sockets never subscribe).
    */
   get subscriberKey(): string {
-    if (this.principalKey !== undefined) return this.principalKey;
+    const key = this.principalKey;
+    if (key !== undefined) return key;
     this.subKey ??= `c:${this.clientId}`;
     return this.subKey;
   }
@@ -364,8 +436,9 @@ class SocketConn<P> implements LivePeer, Peer<P> {
 
   /** The socket's subscriptions by channel (made on first use: most sockets have none). */
   get subs(): Map<string, Subscription> {
-    this.subsMap ??= new Map();
-    return this.subsMap;
+    const more = this.extras();
+    more.subs ??= new Map();
+    return more.subs;
   }
 
   get open(): boolean {
@@ -473,8 +546,9 @@ class SocketConn<P> implements LivePeer, Peer<P> {
   }
 
   serial<T>(task: () => Promise<T>): Promise<T> {
-    const run = this.tail.then(task);
-    this.tail = run.catch(() => undefined);
+    const more = this.extras();
+    const run = more.tail.then(task);
+    more.tail = run.catch(() => undefined);
     return run;
   }
 
@@ -604,17 +678,13 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     }
     if (ctx.conns.get(this.sock) === this) {
       ctx.conns.delete(this.sock);
-      if (
-        this.principalKey !== undefined &&
-        this.principalBucket &&
-        --this.principalBucket.users === 0 &&
-        ctx.principalBuckets.get(this.principalKey) === this.principalBucket
-      ) {
-        ctx.principalBuckets.delete(this.principalKey);
+      const bucket = this.principalBucket;
+      if (bucket && --bucket.users === 0 && ctx.principalBuckets.get(bucket.key) === bucket) {
+        ctx.principalBuckets.delete(bucket.key);
       }
     }
     indexDelete(ctx.byClient, this.clientId, this);
-    if (this.principalKey !== undefined) indexDelete(ctx.byPrincipal, this.principalKey, this);
+    if (this.principalBucket) indexDelete(ctx.byPrincipal, this.principalBucket.key, this);
     if (this.subsMap) ctx.o.channels.dropPeer(this);
   }
 }
@@ -777,20 +847,12 @@ export function createWsTransport<P>(o: WsTransportOptions<P>): WsTransport {
         shared = principalBuckets.get(key);
         if (!shared) {
           const rate = o.maxFramesPerSecondPerPrincipal;
-          shared = new FrameBucket(rate, rate, bucketNow());
+          shared = new FrameBucket(rate, rate, bucketNow(), key);
           principalBuckets.set(key, shared);
         }
         shared.users++;
       }
-      const conn = new SocketConn(
-        ctx,
-        ws,
-        socket,
-        clientId,
-        auth.principal,
-        counted ? key : undefined,
-        shared,
-      );
+      const conn = new SocketConn(ctx, ws, socket, clientId, auth.principal, shared);
       conns.set(socket, conn);
       indexAdd(ctx.byClient, clientId, conn);
       if (counted) indexAdd(ctx.byPrincipal, key, conn);
