@@ -1,0 +1,192 @@
+/**
+ * The server's per-operation shortcuts (session 5, LANE2) keep the rules they shortcut:
+ * - in-process dedupe fingerprints (`localFingerprint`: the payload's JSON when short, else its
+ *   SHA-256 `fingerprint`) tell payloads apart exactly when their JSON texts differ, so a
+ *   reused id with another payload is still refused `id_reused` (PROTOCOL §3 rule 4), short
+ *   or long, in flight or answered, and the same payload is still answered from memory;
+ * - a batch of a client with nothing queued starts at once, but a client's batches still run
+ *   one at a time in arrival order, and its queue is dropped once idle;
+ * - the comma count that spares small frames the `payloadOver` scan never lets a SYN of more
+ *   than `maxBatch` operations through (it is refused `too_large` as before).
+ * fast-check properties with bounded runs; the seed is printed (SEED=… replays).
+ */
+import fc from 'fast-check';
+import { describe, expect, it } from 'vitest';
+import { parseClientFrame, type SynEnvelope } from '../src/protocol/index.js';
+import {
+  Dedupe,
+  fingerprint,
+  LOCAL_FP_MAX_CHARS,
+  localFingerprint,
+  type SynResponse,
+} from '../src/server/dedupe.js';
+
+const SEED = Number(process.env.SEED ?? Date.now() % 2 ** 31);
+console.log(`[server-perop] seed ${SEED} (SEED=${SEED} replays)`);
+
+const newDedupe = () =>
+  new Dedupe({
+    windowMs: 60_000,
+    maxEntries: 1000,
+    maxBytes: 10_000_000,
+    maxResponseBytes: 100_000,
+    maxQueuedPerClient: 10,
+    store: undefined,
+    onError: () => {},
+  });
+
+const syn = (id: string, payload: unknown[]): SynEnvelope => ({ id, type: 'SYN', payload });
+const answer = (id: string, v: unknown): Promise<SynResponse> =>
+  Promise.resolve({ id, type: 'SYN', payload: [v] });
+
+function deferred<T>() {
+  let resolve!: (v: T) => void;
+  const promise = new Promise<T>((r) => {
+    resolve = r;
+  });
+  return { promise, resolve };
+}
+
+describe('localFingerprint', () => {
+  it('is equal for two payloads exactly when their JSON texts are equal (property)', () => {
+    const payload = fc.array(fc.jsonValue({ maxDepth: 3 }), { minLength: 1, maxLength: 4 });
+    fc.assert(
+      fc.property(payload, payload, (a, b) => {
+        // Through JSON, as the server gets them (a parsed frame holds no -0 or undefined).
+        const x = JSON.parse(JSON.stringify(a)) as unknown[];
+        const y = JSON.parse(JSON.stringify(b)) as unknown[];
+        const same = JSON.stringify(x) === JSON.stringify(y);
+        expect(localFingerprint(x) === localFingerprint(y)).toBe(same);
+        expect(localFingerprint(x)).toBe(localFingerprint(JSON.parse(JSON.stringify(x))));
+      }),
+      { seed: SEED, numRuns: 300 },
+    );
+  });
+
+  it('is the JSON up to LOCAL_FP_MAX_CHARS, the SHA-256 fingerprint beyond and for payloads deeper than the stack', () => {
+    const short = [{ a: 1 }];
+    expect(localFingerprint(short)).toBe('[{"a":1}]');
+    const long = ['x'.repeat(LOCAL_FP_MAX_CHARS)];
+    expect(localFingerprint(long)).toBe(fingerprint(long));
+    const atBound = ['y'.repeat(LOCAL_FP_MAX_CHARS - 4)]; // ["…"] is exactly the bound
+    expect(localFingerprint(atBound)).toBe(JSON.stringify(atBound));
+    const deep = JSON.parse(`[${'['.repeat(100_000)}${']'.repeat(100_000)}]`) as unknown[];
+    expect(localFingerprint(deep)).toBe(fingerprint(deep));
+  });
+});
+
+describe('dedupe without a shared store', () => {
+  for (const [name, make] of [
+    ['short', (v: string) => [{ op: v }]],
+    ['long (hashed)', (v: string) => [{ op: v, pad: 'p'.repeat(2 * LOCAL_FP_MAX_CHARS) }]],
+  ] as const) {
+    it(`refuses a reused id with another ${name} payload id_reused, answered or in flight; the same payload is answered from memory`, async () => {
+      const dedupe = newDedupe();
+      let runs = 0;
+      const first = await dedupe.run('o', 'c', syn('k:1', make('one')), () => {
+        runs++;
+        return answer('k:1', 'ONE');
+      });
+      expect(first).toEqual({ id: 'k:1', type: 'SYN', payload: ['ONE'] });
+      const reused = await dedupe.run('o', 'c', syn('k:1', make('two')), () => {
+        runs++;
+        return answer('k:1', 'TWO');
+      });
+      expect(reused).toMatchObject({ id: 'k:1', type: 'NAK', error: { code: 'id_reused' } });
+      const again = await dedupe.run('o', 'c', syn('k:1', make('one')), () => {
+        runs++;
+        return answer('k:1', 'AGAIN');
+      });
+      expect(again).toEqual(first);
+
+      // In flight: the first copy is still running when the other payload arrives.
+      const gate = deferred<void>();
+      const slow = dedupe.run('o', 'c', syn('k:2', make('slow')), async () => {
+        runs++;
+        await gate.promise;
+        return answer('k:2', 'SLOW');
+      });
+      const inflight = await dedupe.run('o', 'c', syn('k:2', make('other')), () => {
+        runs++;
+        return answer('k:2', 'OTHER');
+      });
+      expect(inflight).toMatchObject({ id: 'k:2', type: 'NAK', error: { code: 'id_reused' } });
+      const duplicate = dedupe.run('o', 'c', syn('k:2', make('slow')), () => {
+        runs++;
+        return answer('k:2', 'TWICE');
+      });
+      gate.resolve();
+      expect(await slow).toEqual({ id: 'k:2', type: 'SYN', payload: ['SLOW'] });
+      expect(await duplicate).toEqual({ id: 'k:2', type: 'SYN', payload: ['SLOW'] });
+      expect(runs).toBe(2);
+    });
+  }
+
+  it("runs a client's batches one at a time in arrival order, the first at once, and drops its queue when idle", async () => {
+    const dedupe = newDedupe();
+    const log: string[] = [];
+    const gates = [deferred<void>(), deferred<void>(), deferred<void>()];
+    const runs = [0, 1, 2].map((i) =>
+      dedupe.run('o', 'c', syn(`q:${i}`, [i]), async () => {
+        log.push(`start ${i}`);
+        await gates[i]!.promise;
+        log.push(`end ${i}`);
+        return { id: `q:${i}`, type: 'SYN', payload: [i] };
+      }),
+    );
+    // The first started in the same turn (nothing of this client's was queued)…
+    expect(log).toEqual(['start 0']);
+    // …another client's batch is not held behind it.
+    const other = await dedupe.run('o', 'd', syn('q:9', [9]), () => answer('q:9', 9));
+    expect(other).toEqual({ id: 'q:9', type: 'SYN', payload: [9] });
+    expect([...dedupe.activeClientIds()]).toEqual(['c']);
+    gates[2]!.resolve();
+    gates[1]!.resolve();
+    await new Promise((r) => setImmediate(r));
+    expect(log).toEqual(['start 0']);
+    gates[0]!.resolve();
+    expect(await Promise.all(runs)).toEqual(
+      [0, 1, 2].map((i) => ({ id: `q:${i}`, type: 'SYN', payload: [i] })),
+    );
+    expect(log).toEqual(['start 0', 'end 0', 'start 1', 'end 1', 'start 2', 'end 2']);
+    expect([...dedupe.activeClientIds()]).toEqual([]);
+    // Idle again: the next batch starts at once.
+    const next = dedupe.run('o', 'c', syn('q:3', [3]), async () => {
+      log.push('start 3');
+      return { id: 'q:3', type: 'SYN', payload: [3] };
+    });
+    expect(log.at(-1)).toBe('start 3');
+    await next;
+  });
+
+  it('answers server_error (not remembered) when processing rejects, and the client goes on', async () => {
+    const dedupe = newDedupe();
+    const failed = await dedupe.run('o', 'c', syn('f:1', [1]), () => Promise.reject(new Error('boom')));
+    expect(failed).toMatchObject({ id: 'f:1', type: 'NAK', error: { code: 'server_error' } });
+    // Not remembered: a retry runs.
+    const retry = await dedupe.run('o', 'c', syn('f:1', [1]), () => answer('f:1', 'ok'));
+    expect(retry).toEqual({ id: 'f:1', type: 'SYN', payload: ['ok'] });
+    expect([...dedupe.activeClientIds()]).toEqual([]);
+    expect(dedupe.runningCount).toBe(0);
+  });
+});
+
+describe('the maxBatch pre-scan', () => {
+  it('refuses every SYN of more than maxBatch operations too_large, and passes every one within (property)', () => {
+    fc.assert(
+      fc.property(
+        fc.integer({ min: 1, max: 40 }),
+        fc.integer({ min: 1, max: 60 }),
+        fc.constantFrom('1', '"a,b"', '{}', '[]', '{"k":[1,2]}', '"x"'),
+        fc.boolean(),
+        (maxBatch, n, op, binary) => {
+          const text = JSON.stringify({ id: 'b', type: 'SYN', payload: Array(n).fill(JSON.parse(op)) });
+          const r = parseClientFrame(binary ? Buffer.from(text) : text, { maxBatch });
+          if (n > maxBatch) expect(r).toMatchObject({ ok: false, code: 'too_large', id: 'b' });
+          else expect(r).toMatchObject({ ok: true, envelope: { id: 'b', type: 'SYN' } });
+        },
+      ),
+      { seed: SEED, numRuns: 300 },
+    );
+  });
+});
