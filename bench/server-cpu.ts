@@ -26,16 +26,30 @@ WebSocketServer.prototype.handleUpgrade = function (this: WebSocketServer, req, 
   });
 };
 
-const server = await createSyncServer({
-  port: 0,
-  store: memoryStore({ maxMessages: 100_000 }),
-  anonymousKey: 'clientId',
-  // One socket sends far more frames per second here than the default rate lets through
-  // (the bucket is still charged per frame, as in the bench).
-  maxFramesPerSecond: 1_000_000,
-  onSync: (ops) => ops.map((op) => ({ id: (op as { id: unknown }).id, ok: true })),
+// SERVER_CPU_SYSTEM=ws: bench/servers/ws.ts's raw ws handler instead (the floor: `ws`'s send
+// path and the write syscalls alone).
+const raw = process.env.SERVER_CPU_SYSTEM === 'ws';
+const server = raw
+  ? undefined
+  : await createSyncServer({
+      port: 0,
+      store: memoryStore({ maxMessages: 100_000 }),
+      anonymousKey: 'clientId',
+      // One socket sends far more frames per second here than the default rate lets through
+      // (the bucket is still charged per frame, as in the bench).
+      maxFramesPerSecond: 1_000_000,
+      onSync: (ops) => ops.map((op) => ({ id: (op as { id: unknown }).id, ok: true })),
+    });
+const wss = raw ? new WebSocketServer({ host: '127.0.0.1', port: 0, perMessageDeflate: false }) : undefined;
+wss?.on('connection', (ws) => {
+  ws.on('message', (data) => {
+    const op = JSON.parse(String(data)) as { id: unknown };
+    ws.send(JSON.stringify({ id: op.id, ok: true }));
+  });
 });
-const client = new WebSocket(`ws://127.0.0.1:${server.address().port}/sync?clientId=bench-cpu`);
+if (wss) await new Promise<void>((resolve) => wss.once('listening', () => resolve()));
+const port = server ? server.address().port : (wss!.address() as { port: number }).port;
+const client = new WebSocket(`ws://127.0.0.1:${port}/sync?clientId=bench-cpu`);
 await new Promise<void>((resolve, reject) => {
   client.once('open', () => resolve());
   client.once('error', reject);
@@ -72,5 +86,6 @@ console.log(`server CPU per op (1 in flight, in process): ${((d.user + d.system)
 if (!received.includes('"ok":true') || naks > 0)
   throw new Error(`unexpected replies: ${received.slice(0, 300)}`);
 client.terminate();
-await server.close();
+await server?.close();
+wss?.close();
 process.exit(0);

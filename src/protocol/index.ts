@@ -906,26 +906,40 @@ function isPublication(v: unknown): v is Publication {
   );
 }
 
-/** Wire text already made for an envelope, by `encodeOnce`. */
+/** Wire text already made for an envelope of `ENCODED_MIN_CHARS` or more, by `encodeOnce`. */
 const encoded = new WeakMap<object, string>();
+/**
+ * Texts shorter than this are not kept in `encoded`: a `WeakMap` entry per response cost more
+ * (~1–2 µs, measured) than encoding a small envelope again; the last one `encodeOnce` made is
+ * kept (`lastEnvelope`), which is the one sent next in the usual case.
+ */
+const ENCODED_MIN_CHARS = 1024;
+/** The envelope `encodeOnce` encoded last, and its text (one entry: bounded memory). */
+let lastEnvelope: object | undefined;
+let lastText = '';
 
 /**
  * Serialize an envelope for the wire: `JSON.stringify`, or the text `encodeOnce` already made
  * for this very object (which must not have changed since).
  */
-export const encode = (env: Envelope | Envelope[]): string => encoded.get(env) ?? JSON.stringify(env);
+export const encode = (env: Envelope | Envelope[]): string =>
+  env === lastEnvelope ? lastText : (encoded.get(env) ?? JSON.stringify(env));
 
 /**
  * Serialize an envelope and remember the text for later `encode` calls on the same object, so
- * a response checked for JSON-ness, measured for the dedupe memory and sent is encoded once.
- * Throws like `JSON.stringify`. The envelope must not be changed afterwards.
+ * a response checked for JSON-ness, measured for the dedupe memory and sent is encoded once
+ * (a small one: as long as it is the last one encoded). Throws like `JSON.stringify`. The
+ * envelope must not be changed afterwards.
  */
 export function encodeOnce(env: Envelope): string {
+  if (env === lastEnvelope) return lastText;
   let text = encoded.get(env);
   if (text === undefined) {
     text = JSON.stringify(env);
-    encoded.set(env, text);
+    if (text.length >= ENCODED_MIN_CHARS) encoded.set(env, text);
   }
+  lastEnvelope = env;
+  lastText = text;
   return text;
 }
 

@@ -174,6 +174,10 @@ const notKept = (id: string) =>
 /** How often a process polls a shared store for a duplicate another process is processing. */
 const POLL_MS = 20;
 
+/** Whether `v` is a promise (what `process` returns when it does not answer at once). */
+const isPromise = <T>(v: T | Promise<T>): v is Promise<T> =>
+  typeof (v as { then?: unknown } | null)?.then === 'function';
+
 /** The settled promise an idle client's queue starts from. */
 const SETTLED: Promise<unknown> = Promise.resolve();
 
@@ -220,14 +224,17 @@ export class Dedupe {
    * Answer a `SYN` of `owner` (the principal's key, see identity.ts): the remembered response
    * of a duplicate, `NAK id_reused` for a known id with another payload, `NAK result_not_kept`
    * for a duplicate whose response was not kept, or `process(ops)` run in this client's turn.
-   * Never rejects: `process` is expected to turn its own failures into NAKs.
+   * The response itself when it is known in this turn (a refusal, a remembered answer, or a
+   * `process` that answered synchronously with nothing of the client's queued), else a
+   * promise of it. Never throws or rejects: `process` is expected to turn its own failures
+   * into NAKs (one that throws or rejects anyway is answered `server_error`, not remembered).
    */
   run(
     owner: string,
     clientId: string,
     syn: SynEnvelope,
-    process: () => Promise<SynResponse>,
-  ): Promise<SynResponse> {
+    process: () => SynResponse | Promise<SynResponse>,
+  ): SynResponse | Promise<SynResponse> {
     // Length-prefixed so that no (owner, clientId, id) triple can collide with another.
     const key = `${owner.length}:${owner}:${clientId.length}:${clientId}:${syn.id}`;
     const shared = this.opts.store;
@@ -235,14 +242,14 @@ export class Dedupe {
     // In this process, the cheaper `localFingerprint` tells payloads apart as well.
     const fp = shared ? fingerprint(syn.payload) : localFingerprint(syn.payload);
     const running = this.inflight.get(key);
-    if (running) return running.fp === fp ? running.promise : Promise.resolve(idReused(syn.id));
+    if (running) return running.fp === fp ? running.promise : idReused(syn.id);
     const known = this.lookup(key);
-    if (known) return Promise.resolve(answerText(syn.id, known.fp, known.text, fp));
+    if (known) return answerText(syn.id, known.fp, known.text, fp);
 
     const queue = this.queues.get(clientId);
     if (queue && queue.size >= this.opts.maxQueuedPerClient) {
       // Not remembered: the batch was refused before processing, a later retry may pass.
-      return Promise.resolve(nak(syn.id, 'rate_limited', 'too many batches queued for this client'));
+      return nak(syn.id, 'rate_limited', 'too many batches queued for this client');
     }
     let promise: Promise<SynResponse>;
     if (queue) {
@@ -255,11 +262,22 @@ export class Dedupe {
       queue.tail = promise.then(() => this.dequeue(clientId, queue));
     } else {
       // Nothing of this client's is queued or running (the usual case: one batch in flight):
-      // started now, in this turn, not a microtask later behind an empty queue. Its queue
-      // entry makes the client's batches arriving meanwhile wait for it.
+      // started now, in this turn, not a microtask later behind an empty queue.
+      if (this.stopping) return nak(syn.id, 'server_error', 'server is shutting down');
+      let out: SynResponse | Promise<SynResponse>;
+      try {
+        out = shared ? this.runShared(shared, key, fp, syn, process) : process();
+      } catch (err) {
+        return this.failed(key, syn.id, err);
+      }
+      // Answered in this very turn (a synchronous onSync): nothing ran meanwhile, so nothing
+      // was queued behind it or could see it in flight; remembered, and answered as it is.
+      if (!isPromise(out)) return this.settled(key, fp, out);
+      const started = Promise.resolve(out);
+      this.track(started);
+      // Its queue entry makes the client's batches arriving meanwhile wait for it.
       const q = { tail: SETTLED, size: 1 };
       this.queues.set(clientId, q);
-      const started = this.start(key, fp, syn, process);
       promise = started.then(
         (response) => {
           this.dequeue(clientId, q);
@@ -281,18 +299,23 @@ export class Dedupe {
     key: string,
     fp: string,
     syn: SynEnvelope,
-    process: () => Promise<SynResponse>,
+    process: () => SynResponse | Promise<SynResponse>,
   ): Promise<SynResponse> {
     // Queued behind others when the server began to close: left for the client to resend.
     if (this.stopping) return Promise.resolve(nak(syn.id, 'server_error', 'server is shutting down'));
     const shared = this.opts.store;
-    const started = shared ? this.runShared(shared, key, fp, syn, process) : process();
+    const started = shared ? this.runShared(shared, key, fp, syn, process) : Promise.resolve(process());
+    this.track(started);
+    return started;
+  }
+
+  /** Count `started` in `running` (what `drain` waits for) until it settles. */
+  private track(started: Promise<SynResponse>): void {
     this.running.add(started);
     started.then(
       () => this.running.delete(started),
       () => this.running.delete(started),
     );
-    return started;
   }
 
   /** A batch was answered: no longer in flight, and remembered (without a shared store). */
@@ -428,7 +451,7 @@ export class Dedupe {
     key: string,
     fp: string,
     syn: SynEnvelope,
-    process: () => Promise<SynResponse>,
+    process: () => SynResponse | Promise<SynResponse>,
   ): Promise<SynResponse> {
     const deadline = this.now() + this.opts.windowMs;
     const limits: DedupeLimits = { maxEntries: this.opts.maxEntries, maxBytes: this.opts.maxBytes };

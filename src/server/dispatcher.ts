@@ -160,8 +160,11 @@ export interface Dispatcher<P> {
   recheck(): Promise<number>;
   /** `server.publish`: append to a channel's history. */
   publish(channel: string, payload: unknown, opts?: PublishOptions): Promise<PublishResult>;
-  /** Answer one valid envelope. Resolves when its last reply was sent; never rejects. */
-  dispatch(env: RequestEnvelope, peer: Peer<P>): Promise<void>;
+  /**
+   * Answer one valid envelope: `undefined` when its last reply was sent synchronously, else
+   * a promise that resolves when it was. Never throws or rejects.
+   */
+  dispatch(env: RequestEnvelope, peer: Peer<P>): Promise<void> | undefined;
   /**
    * Run `authenticate`: the principal, or the status and NAK to refuse with. Writes nothing:
    * the transports check the refusals that need no binding (rates, byte budgets, socket
@@ -724,10 +727,41 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
     }
   }
 
-  /** Answer one valid envelope. Resolves when its last reply was sent; never rejects. */
-  async function dispatch(env: RequestEnvelope, peer: Peer<P>): Promise<void> {
+  /**
+   * Answer one valid envelope: `undefined` when its last reply was sent in this turn, else a
+   * promise that resolves when it was. Never throws or rejects.
+   */
+  function dispatch(env: RequestEnvelope, peer: Peer<P>): Promise<void> | undefined {
     // ACK on receipt, before any processing (PROTOCOL §3 rule 1).
     peer.send({ id: env.id, type: 'ACK' });
+    // A SYN without `authenticate` (no binding to refresh): answered in this turn when onSync
+    // is synchronous, with no turn of the microtask queue between the ACK and the response.
+    if (env.type === 'SYN' && !hooks.authenticate) {
+      try {
+        const answered = dedupe.run(ANONYMOUS, peer.clientId, env, () => applySyn(env, peer));
+        if (!isThenable(answered)) {
+          peer.send(answered);
+          return undefined;
+        }
+        return Promise.resolve(answered).then(
+          (response) => peer.send(response),
+          (err: unknown) => dispatchFailed(env, peer, err),
+        );
+      } catch (err) {
+        dispatchFailed(env, peer, err);
+        return undefined;
+      }
+    }
+    return answer(env, peer);
+  }
+
+  function dispatchFailed(env: RequestEnvelope, peer: Peer<P>, err: unknown): void {
+    onError(err, `dispatch ${env.type}`);
+    peer.send(nak(env.id, 'server_error', 'internal error'));
+  }
+
+  /** `dispatch` once the ACK was sent: every envelope but an unauthenticated SYN. */
+  async function answer(env: RequestEnvelope, peer: Peer<P>): Promise<void> {
     try {
       switch (env.type) {
         case 'PNG':
@@ -758,8 +792,7 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
           return;
       }
     } catch (err) {
-      onError(err, `dispatch ${env.type}`);
-      peer.send(nak(env.id, 'server_error', 'internal error'));
+      dispatchFailed(env, peer, err);
     }
   }
 

@@ -660,7 +660,14 @@ class SocketConn<P> implements LivePeer, Peer<P> {
       return;
     }
     this.badFrames = 0;
-    void o.dispatcher.dispatch(parsed.envelope, this).finally(() => {
+    const pending = o.dispatcher.dispatch(parsed.envelope, this);
+    if (pending === undefined) {
+      // Answered in this turn: the ACK and the response leave in one write now.
+      o.budget.release(who, held);
+      this.flush();
+      return;
+    }
+    void pending.finally(() => {
       o.budget.release(who, held);
       this.flush();
     });
