@@ -247,6 +247,21 @@ function slotItems<V extends object>(slot: Slot<V> | undefined): V[] {
 /** `setImmediate` callback: write out what a socket corked (no closure per socket). */
 const flushConn = (conn: { flush(): void }) => conn.flush();
 
+/** Sockets answered in this turn, written out by one microtask for all (`flushSoon`). */
+const toFlush: Array<{ flush(): void }> = [];
+function flushQueued(): void {
+  // A socket may be listed once per frame it answered; `flush` is a no-op once done.
+  try {
+    for (let i = 0; i < toFlush.length; i++) toFlush[i]!.flush();
+  } finally {
+    toFlush.length = 0;
+  }
+}
+/** Write out what `conn` corked once the current synchronous work is done. */
+function flushSoon(conn: { flush(): void }): void {
+  if (toFlush.push(conn) === 1) queueMicrotask(flushQueued);
+}
+
 /** The settled promise every socket's serial lane starts from (one for all: idle memory). */
 const SETTLED: Promise<unknown> = Promise.resolve();
 
@@ -660,13 +675,28 @@ class SocketConn<P> implements LivePeer, Peer<P> {
       return;
     }
     this.badFrames = 0;
-    const pending = o.dispatcher.dispatch(parsed.envelope, this);
-    if (pending === undefined) {
-      // Answered in this turn: the ACK and the response leave in one write now.
-      o.budget.release(who, held);
-      this.flush();
-      return;
+    // Corked here, so the ACK and a response made in this turn leave in one write.
+    const corkedHere = !this.corked;
+    if (corkedHere) {
+      this.corked = true;
+      this.sock.cork();
     }
+    let pending: Promise<void> | undefined;
+    try {
+      pending = o.dispatcher.dispatch(parsed.envelope, this);
+    } finally {
+      if (pending === undefined) {
+        // Answered in this turn: written out once this turn's synchronous work is done (the
+        // frames `ws` read in the same chunk are answered in the same write), no timer.
+        o.budget.release(who, held);
+        flushSoon(this);
+      } else if (corkedHere) {
+        // The ACK leaves with the response when that comes in a microtask, else in this
+        // turn's check phase at the latest (as every frame `sendText` corks).
+        setImmediate(flushConn, this);
+      }
+    }
+    if (pending === undefined) return;
     void pending.finally(() => {
       o.budget.release(who, held);
       this.flush();
