@@ -8,6 +8,8 @@
  *   one at a time in arrival order, and its queue is dropped once idle;
  * - the comma count that spares small frames the `payloadOver` scan never lets a SYN of more
  *   than `maxBatch` operations through (it is refused `too_large` as before).
+ * - `peerAddress` reads a socket's peer as `remoteAddress` does, without the cache that getter
+ *   leaves on every socket (idle memory).
  * fast-check properties with bounded runs; the seed is printed (SEED=… replays).
  */
 import fc from 'fast-check';
@@ -20,6 +22,7 @@ import {
   localFingerprint,
   type SynResponse,
 } from '../src/server/dedupe.js';
+import { peerAddress } from '../src/server/index.js';
 
 const SEED = Number(process.env.SEED ?? Date.now() % 2 ** 31);
 console.log(`[server-perop] seed ${SEED} (SEED=${SEED} replays)`);
@@ -188,5 +191,28 @@ describe('the maxBatch pre-scan', () => {
       ),
       { seed: SEED, numRuns: 300 },
     );
+  });
+});
+
+describe('peerAddress', () => {
+  it("reads an accepted socket's peer address as remoteAddress does, without leaving remoteAddress's cache on the socket", async () => {
+    const net = await import('node:net');
+    const server = net.createServer();
+    const accepted = new Promise<import('node:net').Socket>((resolve) => {
+      server.once('connection', resolve);
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const client = net.connect((server.address() as import('node:net').AddressInfo).port, '127.0.0.1');
+    try {
+      const socket = await accepted;
+      const address = peerAddress(socket);
+      expect(Object.hasOwn(socket, '_peername')).toBe(false);
+      expect(address).toBe(socket.remoteAddress);
+      expect(address).toMatch(/127\.0\.0\.1$/);
+      socket.destroy();
+    } finally {
+      client.destroy();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    }
   });
 });
