@@ -13,10 +13,12 @@
 import {
   type ActorRefFrom,
   assign,
+  cancel,
   emit,
   enqueueActions,
   fromCallback,
   fromPromise,
+  raise,
   type SnapshotFrom,
   sendTo,
   setup,
@@ -422,12 +424,26 @@ export const connectionMachine = setup({
       if (context.probation) enqueue.cancel('healthy');
       enqueue.assign({ socketOpen: false, pingId: null, probation: false });
     }),
-    socketOpened: enqueueActions(({ enqueue }) => {
-      enqueue.assign({ socketOpen: true, missedPings: 0, pingId: null, authRetry: false });
-      enqueue.cancel('healthy');
-      enqueue.raise({ type: 'HEALTHY' }, { id: 'healthy', delay: 'healthyAfter' });
-      enqueue.assign({ probation: true });
+    /**
+     * A socket opened: one context update (probation starts with it), then `armHealthy`.
+     * Built-in actions, not one `enqueueActions` with two `assign`s: each `assign` copies the
+     * whole context and the snapshot, and `enqueueActions` allocates its `enqueue` helper on
+     * every call (issue 14, connect row).
+     */
+    socketOpened: assign({
+      socketOpen: true,
+      missedPings: 0,
+      pingId: null,
+      authRetry: false,
+      probation: true,
     }),
+    /**
+     * The probation timer, re-armed after `socketOpened`: `cancelHealthy` first, so that a timer
+     * still armed (none should be: probation ends with every failure) is never doubled, then
+     * `armHealthy` raises `HEALTHY` after `healthyAfter`.
+     */
+    cancelHealthy: cancel('healthy'),
+    armHealthy: raise({ type: 'HEALTHY' }, { id: 'healthy', delay: 'healthyAfter' }),
     socketDown: enqueueActions(({ context, enqueue }) => {
       if (context.probation) enqueue.cancel('healthy');
       enqueue.assign({
@@ -548,7 +564,10 @@ export const connectionMachine = setup({
     connecting: {
       entry: 'dial',
       on: {
-        'WS.OPEN': { target: 'open', actions: ['socketOpened', 'socketReady'] },
+        'WS.OPEN': {
+          target: 'open',
+          actions: ['socketOpened', 'cancelHealthy', 'armHealthy', 'socketReady'],
+        },
         'WS.DOWN': [
           {
             guard: 'dialRefusedFirst',
@@ -722,7 +741,10 @@ export const connectionMachine = setup({
             dialling: {
               entry: 'dial',
               on: {
-                'WS.OPEN': { target: 'rePinging', actions: ['socketOpened', 'sendPing'] },
+                'WS.OPEN': {
+                  target: 'rePinging',
+                  actions: ['socketOpened', 'cancelHealthy', 'armHealthy', 'sendPing'],
+                },
                 'WS.DOWN': [
                   { guard: 'dialRefusedAgain', target: '#connection.unauthorized' },
                   {

@@ -246,6 +246,8 @@ export interface RefusedEvent {
 
 const LISTS = ['changes', 'successes', 'allowed', 'disallowed', 'errors'] as const;
 type ListName = (typeof LISTS)[number];
+/** A batch that published: its changes come from the channels, at their seq. */
+const NOT_CHANGES = LISTS.filter((n) => n !== 'changes');
 
 type EventMap = {
   changes: unknown[];
@@ -443,10 +445,13 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   /** This client's transport, handed to the shared actors through the chart's `io` input. */
   const io: TransportIo = { config: transport, cursor, clientId: () => clientId };
 
-  const lists = Object.fromEntries(LISTS.map((n) => [n, new Subject<unknown[]>()])) as Record<
-    ListName,
-    Subject<unknown[]>
-  >;
+  const lists: Record<ListName, Subject<unknown[]>> = {
+    changes: new Subject(),
+    successes: new Subject(),
+    allowed: new Subject(),
+    disallowed: new Subject(),
+    errors: new Subject(),
+  };
   const messages$ = new Subject<ChannelMessage>();
   const failures$ = new Subject<Failure>();
   const resets$ = new Subject<ResetEvent>();
@@ -645,8 +650,6 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       if (Array.isArray(list) && list.length > 0) lists[name].next(list);
     }
   };
-  /** A batch that published: its changes come from the channels, at their seq. */
-  const NOT_CHANGES = LISTS.filter((n) => n !== 'changes');
 
   /** One channel message to the app: its own carry only `changes` (the rest came with the result). */
   const deliver = (m: ChannelMessage) => {
@@ -1351,15 +1354,20 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   }
   if (channels.names.length > 0) resubscribe(channels.names, false);
 
-  const streams: { [K in keyof EventMap]: Observable<EventMap[K]> } = {
-    ...lists,
-    message: messages$,
-    state: state$,
-    failure: failures$,
-    reset: resets$,
-    refused: refused$,
-    subscriptions: subscriptionsSubject,
-    snapshot: snapshots$,
+  /** `on()`'s streams by event name, made at its first call (most clients never call it). */
+  let streams: { [K in keyof EventMap]: Observable<EventMap[K]> } | undefined;
+  const streamOf = <K extends keyof EventMap>(event: K): Observable<EventMap[K]> => {
+    streams ??= {
+      ...lists,
+      message: messages$,
+      state: state$,
+      failure: failures$,
+      reset: resets$,
+      refused: refused$,
+      subscriptions: subscriptionsSubject,
+      snapshot: snapshots$,
+    };
+    return streams[event];
   };
 
   return {
@@ -1385,7 +1393,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     pending$: pending$.pipe(distinctUntilChanged()),
     loaded,
     on(event, handler) {
-      const sub = (streams[event] as Observable<unknown>).subscribe(handler as (v: unknown) => void);
+      const sub = (streamOf(event) as Observable<unknown>).subscribe(handler as (v: unknown) => void);
       return () => sub.unsubscribe();
     },
     async subscribe(channel, opts = {}) {
