@@ -5,12 +5,28 @@
  * returns numbers. The same code runs `npm run bench` (bench/run.ts) and the smoke test
  * (test/bench.smoke.test.ts, tiny sizes, correctness only).
  */
+
+import { resolve } from 'node:path';
 import { performance } from 'node:perf_hooks';
+import { pathToFileURL } from 'node:url';
 import { filter, firstValueFrom, timeout as rxTimeout } from 'rxjs';
 import { type Socket as SioSocket, io as sioConnect } from 'socket.io-client';
 import { WebSocket } from 'ws';
-import { createSyncClient, type SyncClient } from '../src/client/index.js';
+import type { SyncClient } from '../src/client/index.js';
+import * as sourceClient from '../src/client/index.js';
 import { type ServerProc, type System, startServer } from './proc.js';
+
+/**
+ * The syncwire client the scenarios drive: its TypeScript source through tsx (the default),
+ * or, with `BENCH_CLIENT=dist/src/client/index.js` (after `npm run build`), the built package
+ * as it ships. tsx compiles with esbuild's `keepNames`, which wraps every named function
+ * created at run time in a `__name(fn, 'name')` call (`Object.defineProperty`): the client's
+ * per-client closures then cost more CPU and heap than they do in the package (issue 14,
+ * connect row, docs/benchmarks.md "session 5"). socket.io and ws are always their built JS.
+ */
+const { createSyncClient }: typeof sourceClient = process.env.BENCH_CLIENT
+  ? await import(pathToFileURL(resolve(process.env.BENCH_CLIENT)).href)
+  : sourceClient;
 
 /** ~200 bytes of JSON per operation (checked by `opBytes`), the same for every contender. */
 const FILLER = 'x'.repeat(108);
