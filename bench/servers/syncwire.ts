@@ -5,9 +5,19 @@
  * bench connects up to 1000 anonymous clients from 127.0.0.1, which the default per-address
  * limits (64 sockets, 200 HTTP requests/s) would refuse (docs/benchmarks.md). `onSync` does no work: one result
  * `{ id, ok: true }` per operation. `publish` appends to a channel from inside this process.
+ *
+ * Which build: `BENCH_SERVER=<path to the built server index.js>` (what `npm run bench` sets,
+ * after building: the package as it ships), otherwise the TypeScript source through tsx, whose
+ * `keepNames` wraps every function created at run time in a `__name` call (docs/benchmarks.md).
  */
-import { createSyncServer, memoryStore } from '../../src/server/index.js';
+import { resolve } from 'node:path';
+import { pathToFileURL } from 'node:url';
+import type * as SourceServer from '../../src/server/index.js';
 import { serve } from './common.js';
+
+const { createSyncServer, memoryStore }: typeof SourceServer = process.env.BENCH_SERVER
+  ? await import(pathToFileURL(resolve(process.env.BENCH_SERVER)).href)
+  : await import('../../src/server/index.js');
 
 const server = await createSyncServer({
   port: 0,
