@@ -31,6 +31,8 @@ import {
 import {
   type ChannelState,
   channelRecord,
+  channelRefusalOf,
+  channelStateProblem,
   cursorProblem,
   entryOf,
   isChannelRefusal,
@@ -440,6 +442,10 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     // with an inspector: it sees every frame as a chart event (syncwire/inspect counts MSGs,
     // cursors and traffic from them).
     onMessage: options.inspect ? undefined : (m: MsgEnvelope) => onMsg(m),
+    // A bad frame inside an HTTP 200 reply: reported like one on the socket (PROTOCOL §4).
+    onBadFrame: (reason: string) => {
+      if (!closed) reportFailure({ kind: 'bad_frame', state: stateSubject.value, at: Date.now(), reason });
+    },
   };
   const cursor = { index: 0 };
   /** This client's transport, handed to the shared actors through the chart's `io` input. */
@@ -808,9 +814,23 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     pump();
   };
 
+  /**
+   * SUBs queued or in flight (not answered yet) naming each channel. When a socket becomes
+   * ready every one of them goes out on it (the request in flight is resent there first, then
+   * the queue), each reading the cursor as it leaves: such a channel needs no re-SUB of its own.
+   */
+  const subsWaiting = new Map<string, number>();
+  const subDone = (names: string[]) => {
+    for (const name of names) {
+      const n = (subsWaiting.get(name) ?? 0) - 1;
+      if (n > 0) subsWaiting.set(name, n);
+      else subsWaiting.delete(name);
+    }
+  };
   const requestSub = (names: string[], front: boolean, poll = false): Promise<unknown> =>
     new Promise((resolve, reject) => {
       if (names.length === 0) return resolve({ channels: {} });
+      for (const name of names) subsWaiting.set(name, (subsWaiting.get(name) ?? 0) + 1);
       const cursors = channels.subPayload(names);
       // Serialized when it goes on the wire: a channel refused or unsubscribed meanwhile is
       // left out, and a SUB left with none is not sent at all (the server would NAK it) but
@@ -837,10 +857,12 @@ export function createSyncClient<Op = unknown, Result = unknown>(
           poll,
           resolve: (v) => {
             if (poll) pollQueued = false;
+            subDone(names);
             resolve(v);
           },
           reject: (e) => {
             if (poll) pollQueued = false;
+            subDone(names);
             reject(e);
           },
         },
@@ -916,6 +938,13 @@ export function createSyncClient<Op = unknown, Result = unknown>(
             `server answered ${e.payload.length} results for ${e.keys.length} operations`,
             { id: e.id },
           );
+          // A frame the client could not accept (PROTOCOL §4): reported, as the socket's are.
+          reportFailure({
+            kind: 'bad_frame',
+            state: stateSubject.value,
+            at: Date.now(),
+            reason: err.message,
+          });
           for (const w of ws) w?.reject(err);
           restoredError(err);
           return;
@@ -957,25 +986,64 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       }
       // SUB / UNS: one waiter, payload [{ channels: {…} }] or [{}].
       const w = ws[0];
-      const body = (e.payload[0] ?? {}) as { channels?: Record<string, ChannelState> };
+      let body = (e.payload[0] ?? {}) as { channels?: Record<string, unknown> };
       if (e.request === 'SUB' && w?.channels) {
-        // Each channel on its own (PROTOCOL §3 rule 7): refusals end that channel only.
+        // Each channel on its own (PROTOCOL §3 rule 7): refusals end that channel only, and an
+        // entry the protocol forbids (docs/PROTOCOL.md §2 "SUB answers") fails that channel
+        // only: reported as bad_frame, its cursor untouched, asked for again after a backoff.
         const granted = channelRecord<ChannelState>();
-        const answer = body.channels as Record<string, unknown> | undefined;
+        // What the waiter (subscribe()) sees: entries checked, refusals' codes normalized.
+        const checked = channelRecord<unknown>();
+        const raw = body as unknown;
+        const answer =
+          raw !== null && typeof raw === 'object' && !Array.isArray(raw)
+            ? (body.channels as unknown)
+            : undefined;
+        const record =
+          answer !== null && typeof answer === 'object' && !Array.isArray(answer)
+            ? (answer as Record<string, unknown>)
+            : undefined;
+        const invalid: string[] = [];
         for (const name of w.channels) {
-          const entry = entryOf(answer, name);
-          if (isChannelRefusal(entry)) refuse(name, entry.error.code, entry.error.message, false);
-          else if (entry) granted[name] = entry as ChannelState;
+          const entry = entryOf(record, name);
+          if (isChannelRefusal(entry)) {
+            const r = channelRefusalOf(entry);
+            checked[name] = r;
+            refuse(name, r.error.code, r.error.message, false);
+            continue;
+          }
+          // A channel no longer wanted (unsubscribed, refused meanwhile) has nothing to fail.
+          const problem =
+            entry === undefined ? 'the answer does not name the channel' : channelStateProblem(entry);
+          if (problem === undefined) {
+            granted[name] = entry as ChannelState;
+            checked[name] = entry;
+          } else if (channels.has(name)) {
+            invalid.push(name);
+            const message = `SUB answer entry for ${name}: ${problem}`;
+            checked[name] = { error: { code: 'bad_response', message } };
+            reportFailure({ kind: 'bad_frame', state: stateSubject.value, at: Date.now(), reason: message });
+          }
         }
+        body = { channels: checked };
         // Granted but no longer wanted (unsubscribed or revoked while the SUB travelled): the
         // server must not keep a subscription the client does not know of.
         const stale = Object.keys(granted).filter((name) => !channels.has(name));
         if (stale.length > 0) sendUns(stale, true);
-        const { resets, resub, snapshots, settled } = channels.onSubResponse(
-          w.channels,
-          body.channels ? granted : undefined,
-        );
+        const { resets, resub, snapshots, settled } = channels.onSubResponse(w.channels, granted);
         for (const name of Object.keys(granted)) subFailures.delete(name);
+        if (invalid.length > 0) {
+          // As a SUB that failed whole: the channel keeps its state with the error, sends waiting
+          // for its publications stop waiting, and it is asked for again after the backoff (a
+          // poll needs no retry: the next poll asks again).
+          giveUpOn(invalid);
+          for (const name of invalid) {
+            const message = (checked[name] as { error: { message: string } }).error.message;
+            tell(name, { type: 'FAILED', error: { code: 'bad_response', message } });
+            if (!w.poll && !closed) subFailures.set(name, (subFailures.get(name) ?? 0) + 1);
+          }
+          if (!w.poll) scheduleRetry();
+        }
         // recovered: false → `resetting` while the app hears the reset, then `subscribed`
         // (or still `resetting` while a catch-up SUB is needed).
         const resetNames = new Set(resets.map((r) => r.channel));
@@ -995,7 +1063,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         for (const name of Object.keys(granted))
           if (channels.has(name) && !(resetNames.has(name) && resub.includes(name)))
             tell(name, { type: 'GRANTED' });
-        checkHeld(w.channels, body.channels, new Set(resub));
+        checkHeld(w.channels, granted, new Set([...resub, ...invalid]));
         if (resub.length > 0) resubscribe(resub, true, false, 'CATCH_UP');
       }
       w?.resolve(body);
@@ -1073,7 +1141,17 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         if (lingering.length > 0) sendUns(lingering, true);
         unsubscribedSinceSocket.clear();
         cancelRetry();
-        if (channels.names.length > 0) resubscribe(channels.names, true, false, 'RESUBSCRIBE');
+        // One SUB per channel (PROTOCOL §5): a channel with a SUB already queued or in flight
+        // (subscribe() before the socket opened, the `channels` option, a poll) gets it on this
+        // socket; a second one from the cursor would be a round trip for nothing.
+        if (channels.names.length > 0) {
+          const names: string[] = [];
+          for (const name of channels.names) {
+            if (subsWaiting.has(name)) tell(name, { type: 'RESUBSCRIBE' });
+            else names.push(name);
+          }
+          if (names.length > 0) resubscribe(names, true, false, 'RESUBSCRIBE');
+        }
         break;
       }
       case 'poll':

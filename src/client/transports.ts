@@ -154,6 +154,13 @@ export interface TransportConfig {
    * `FRAME` events (the chart's own tests, and the inspector then sees them).
    */
   onMessage?: (frame: MsgEnvelope) => void;
+  /**
+   * Told of each envelope of an HTTP `200` reply that is not a valid server frame (it is
+   * skipped, as on the socket, where such a frame is the chart's `BAD_FRAME`), with the
+   * reason (`bad_request: …`): the client reports it on `failures$` as `bad_frame`
+   * (PROTOCOL §4).
+   */
+  onBadFrame?: (reason: string) => void;
 }
 
 /** Which URL index the last successful or attempted dial used; HTTP follows it. */
@@ -516,6 +523,9 @@ export function httpActor(fixed?: TransportIo) {
       for (const raw of body) {
         const parsed = validateServerEnvelope(raw);
         if (parsed.ok) frames.push(parsed.envelope);
+        // A bad frame in a syncwire reply is skipped and reported, as the socket's are; the
+        // body of another status is no word from a syncwire server (retried below).
+        else if (status === 200) config.onBadFrame?.(`${parsed.code}: ${parsed.message}`);
       }
     }
     if (status === 200) {

@@ -306,6 +306,47 @@ export function cursorProblem(c: Record<string, unknown>): string | undefined {
   return undefined;
 }
 
+/** A `NAK` or refusal code as the client reads it: a code it does not know is `server_error`. */
+export function knownNakCode(code: unknown): NakCode {
+  return (NAK_CODES as readonly unknown[]).includes(code) ? (code as NakCode) : 'server_error';
+}
+
+/**
+ * A refusal entry of a `SUB` response, read the way a `NAK` is (PROTOCOL §2, `NAK` codes): a
+ * code the client does not know becomes `server_error` (its text kept in the message), a
+ * missing message `refused`. `unsubscribed` (the server ended the channel: rule 11) is kept.
+ */
+export function channelRefusalOf(e: ChannelRefusal): ChannelRefusal {
+  const err = e.error as { code?: unknown; message?: unknown };
+  const message = typeof err.message === 'string' ? err.message : 'refused';
+  if (err.code === 'unsubscribed' || (NAK_CODES as readonly unknown[]).includes(err.code))
+    return { error: { code: err.code as NakCode, message } };
+  const raw = typeof err.code === 'string' ? err.code.slice(0, 64) : typeof err.code;
+  return { error: { code: 'server_error', message: `${message} (unknown code ${raw})` } };
+}
+
+/**
+ * What is wrong with one granted channel entry of a `SUB` response (PROTOCOL §2, `SUB` row:
+ * `{ epoch, seq, recovered, more?, snapshot? }`), or `undefined` when nothing is: `epoch` a
+ * string of at most 128 characters (what the client sends back in its next cursor, where the
+ * server accepts no more), `seq` an integer ≥ 0 no larger than `Number.MAX_SAFE_INTEGER`,
+ * `recovered` a boolean, `more` absent or a boolean, `snapshot` absent or
+ * `{ seq: integer ≥ 0, data }`. Refusals (`{ error }`, `isChannelRefusal`) are not checked here.
+ * The reference client treats an entry with a problem as that channel's `bad_response`.
+ */
+export function channelStateProblem(e: unknown): string | undefined {
+  if (!isObject(e))
+    return `entry must be an object, got ${e === null ? 'null' : Array.isArray(e) ? 'an array' : typeof e}`;
+  if (typeof e.epoch !== 'string' || e.epoch.length > MAX_ID_LENGTH)
+    return 'epoch must be a string of at most 128 characters';
+  if (!isSeq(e.seq)) return 'seq must be an integer ≥ 0 (a safe integer)';
+  if (typeof e.recovered !== 'boolean') return 'recovered must be a boolean';
+  if (e.more !== undefined && typeof e.more !== 'boolean') return 'more must be a boolean';
+  if (e.snapshot !== undefined && (!isObject(e.snapshot) || !isSeq(e.snapshot.seq)))
+    return 'snapshot must be { seq: integer ≥ 0, data }';
+  return undefined;
+}
+
 function byteLength(frame: string | Uint8Array, max: number): number {
   if (typeof frame !== 'string') return frame.byteLength;
   // Fast path: a string can never be more bytes than 3 × its UTF-16 length, so one that
@@ -849,12 +890,13 @@ export function validateServerEnvelope(raw: unknown): ParseResult<ServerEnvelope
       return { ok: true, envelope: { id, type, payload: raw.payload } };
     case 'NAK': {
       if (id !== null && !validId(id)) return fail('bad_request', 'NAK with a bad id');
+      // A code the client does not know is `server_error`, as in a SUB entry's refusal
+      // (`channelRefusalOf`); its text is kept in the message (PROTOCOL §2, NAK codes).
       const err = raw.error;
-      const code =
-        isObject(err) && (NAK_CODES as readonly string[]).includes(err.code as string)
-          ? (err.code as NakCode)
-          : 'server_error';
-      const message = isObject(err) && typeof err.message === 'string' ? err.message : 'refused';
+      const code = isObject(err) ? knownNakCode(err.code) : 'server_error';
+      let message = isObject(err) && typeof err.message === 'string' ? err.message : 'refused';
+      if (isObject(err) && err.code !== undefined && code !== err.code)
+        message = `${message} (unknown code ${typeof err.code === 'string' ? err.code.slice(0, 64) : typeof err.code})`;
       return { ok: true, envelope: { id, type, error: { code, message } } };
     }
     case 'MSG': {
