@@ -4,6 +4,8 @@
  */
 import { describe, expect, it } from 'vitest';
 import {
+  channelRefusalOf,
+  channelStateProblem,
   encode,
   isValidChannel,
   MAX_ID_LENGTH,
@@ -151,7 +153,59 @@ describe('parseServerFrame (a server that lies)', () => {
 
   it('an unknown NAK code becomes server_error rather than an unknown code', () => {
     const r = parseServerFrame('{"id":"a","type":"NAK","error":{"code":"weird"}}');
-    expect(r).toMatchObject({ ok: true, envelope: { error: { code: 'server_error', message: 'refused' } } });
+    expect(r).toMatchObject({
+      ok: true,
+      envelope: { error: { code: 'server_error', message: 'refused (unknown code weird)' } },
+    });
+  });
+
+  it('a SUB answer entry: channelStateProblem accepts the documented shape and names what is wrong', () => {
+    expect(channelStateProblem({ epoch: 'e1', seq: 0, recovered: true })).toBeUndefined();
+    expect(
+      channelStateProblem({
+        epoch: 'e1',
+        seq: 4,
+        recovered: false,
+        more: true,
+        snapshot: { seq: 3, data: [] },
+      }),
+    ).toBeUndefined();
+    expect(
+      channelStateProblem({ epoch: 'e1', seq: 3, recovered: true, snapshot: { seq: 3 } }),
+    ).toBeUndefined();
+    const bad: Array<[unknown, string]> = [
+      [5, 'entry must be an object'],
+      [null, 'entry must be an object'],
+      [[], 'entry must be an object'],
+      [{ seq: 0, recovered: true }, 'epoch'],
+      [{ epoch: 'e'.repeat(129), seq: 0, recovered: true }, 'epoch'],
+      [{ epoch: 'e1', seq: 'x', recovered: true }, 'seq'],
+      [{ epoch: 'e1', seq: -5, recovered: true }, 'seq'],
+      [{ epoch: 'e1', seq: 1.5, recovered: true }, 'seq'],
+      [{ epoch: 'e1', seq: 1e300, recovered: true }, 'seq'],
+      [{ epoch: 'e1', seq: 2 ** 53, recovered: true }, 'seq'],
+      [{ epoch: 'e1', seq: 0 }, 'recovered'],
+      [{ epoch: 'e1', seq: 0, recovered: true, more: 'yes' }, 'more'],
+      [{ epoch: 'e1', seq: 3, recovered: true, snapshot: 7 }, 'snapshot'],
+      [{ epoch: 'e1', seq: 3, recovered: true, snapshot: { seq: -1, data: 1 } }, 'snapshot'],
+    ];
+    for (const [entry, what] of bad)
+      expect(channelStateProblem(entry), JSON.stringify(entry)).toContain(what);
+  });
+
+  it('a SUB answer refusal: an unknown code is server_error (as a NAK), known ones and unsubscribed are kept', () => {
+    expect(channelRefusalOf({ error: { code: 'forbidden', message: 'no' } })).toEqual({
+      error: { code: 'forbidden', message: 'no' },
+    });
+    expect(channelRefusalOf({ error: { code: 'unsubscribed' as never, message: 'x' } }).error.code).toBe(
+      'unsubscribed',
+    );
+    expect(channelRefusalOf({ error: { code: 'weird' as never, message: 'm' } })).toEqual({
+      error: { code: 'server_error', message: 'm (unknown code weird)' },
+    });
+    expect(channelRefusalOf({ error: { code: 7 as never, message: 8 as never } })).toEqual({
+      error: { code: 'server_error', message: 'refused (unknown code number)' },
+    });
   });
 
   it.each([
