@@ -989,7 +989,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       let body = (e.payload[0] ?? {}) as { channels?: Record<string, unknown> };
       if (e.request === 'SUB' && w?.channels) {
         // Each channel on its own (PROTOCOL §3 rule 7): refusals end that channel only, and an
-        // entry the protocol forbids (docs/PROTOCOL.md §2 "SUB answers") fails that channel
+        // entry the protocol forbids (docs/PROTOCOL.md §2 "SUB answers the client checks") fails that channel
         // only: reported as bad_frame, its cursor untouched, asked for again after a backoff.
         const granted = channelRecord<ChannelState>();
         // What the waiter (subscribe()) sees: entries checked, refusals' codes normalized.
