@@ -30,6 +30,10 @@ const message = (err: unknown) => String((err as Error)?.message ?? err);
  *   A second live client on the same file (another process, or another client in this one)
  *   gets a `storage` failure saying the file is in use, never loads or writes that file, and
  *   works from memory with its own random identity (nothing of it survives its process).
+ * - **What was sent.** The outbox keeps each operation as the JSON text `send()` made of it:
+ *   changing the object after `send()` changes neither the file nor what a restart resends.
+ *   The file's format is unchanged (`op` is the operation as JSON), so a file written by an
+ *   earlier version loads, and an earlier version loads this one's.
  * - **Atomic.** Every write goes through a temporary file and a rename, so a crash never leaves
  *   half a file. Outbox changes are written synchronously, before the operation is sent (so a
  *   process that exits right after `send()` keeps it); cursor changes are coalesced to one write
@@ -103,7 +107,11 @@ export function fileStorage(path: string, options: FileStorageOptions = {}): Syn
     dirty = false;
     try {
       const tmp = `${path}.${process.pid}.tmp`;
-      writeFileSync(tmp, JSON.stringify({ ...data, [OUTBOX]: outbox.toJSON() }));
+      // The outbox's operations go in as the JSON text send() made (MapOutbox.toText), not
+      // re-serialized from objects the app may have changed since.
+      const head = JSON.stringify(data);
+      const box = `${JSON.stringify(OUTBOX)}:${outbox.toText()}`;
+      writeFileSync(tmp, head === '{}' ? `{${box}}` : `${head.slice(0, -1)},${box}}`);
       renameSync(tmp, path);
     } catch (err) {
       fail(err);

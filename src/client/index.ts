@@ -423,7 +423,14 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   if (options.clientId === undefined) storage.set(idKey, clientId);
   /** The random part of this instance's request ids and outbox keys (64 bits). */
   const instance = randomInstance();
-  const outbox: SyncOutbox = storage.outbox ?? new MapOutbox();
+  /**
+   * The storage in use: `storage`, or a memory storage of this client's own when another live
+   * client holds this identity in it (`SyncLocks.refused: 'private'`, memoryStorage).
+   */
+  let store: SyncStorage = storage;
+  /** Key/value access through `store` (the cursors keep this, not `storage`). */
+  const kv: SyncStorage = { get: (k) => store.get(k), set: (k, v) => store.set(k, v) };
+  let outbox: SyncOutbox = storage.outbox ?? new MapOutbox();
 
   const faults: FaultSwitches = { dropAcks: false, blackhole: false, blockHttp: false };
   let liveSocket: WebSocketLike | null = null;
@@ -485,7 +492,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   const rejected$ = new Subject<{ op: Op; error: SyncError }>();
   const restored$ = new Subject<Restored>();
   const pending$ = new BehaviorSubject<number>(0);
-  const channels = new ChannelCursors(storage, `${storageKey}:cursors`);
+  const channels = new ChannelCursors(kv, `${storageKey}:cursors`);
   const refused$ = new Subject<RefusedEvent>();
   /** One subscription actor per channel ever subscribed, children of the connection actor. */
   const subActors = new Map<string, SubscriptionActor>();
@@ -791,11 +798,12 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     const items = burst;
     burst = [];
     if (closed) return;
-    // What the durable outbox keeps of each (without the client's `restored` mark).
+    // What the durable outbox keeps of each: the JSON send() made, never the app's object
+    // (without the client's `restored` mark).
     const stored: OutboxEntry[] = [];
     for (const i of items) {
       const x = entries.get(i.key);
-      if (x !== undefined) stored.push({ key: x.key, at: x.at, n: x.n, op: x.op });
+      if (x !== undefined) stored.push({ key: x.key, at: x.at, n: x.n, json: x.json });
     }
     steps.push({ write: () => outbox.add(clientId, stored), event: { type: 'SEND', items } });
     pump();
@@ -1162,7 +1170,32 @@ export function createSyncClient<Op = unknown, Result = unknown>(
 
   /** Queue what the stored outbox holds, before anything sent by this instance. */
   const restore = (snap: { ops: OutboxEntry[]; batches: { id: string; keys: string[] }[] }): number => {
-    const byKey = new Map(snap.ops.map((o) => [o.key, o]));
+    // Each entry's operation as a value (for restored$ and a batch's payload) and its JSON
+    // (resent as it is): from `json` (what send() made), or from `op` (IndexedDB rows, and
+    // entries written by earlier versions). One that yields neither cannot be resent: reported,
+    // and left out (a batch holding it is dropped below, as for a missing member).
+    const usable: OutboxEntry[] = [];
+    const unusable: string[] = [];
+    for (const o of snap.ops) {
+      try {
+        if (typeof o.json === 'string')
+          usable.push({ key: o.key, at: o.at, n: o.n, json: o.json, op: JSON.parse(o.json) });
+        else {
+          const json = o.op === undefined ? undefined : JSON.stringify(o.op);
+          if (json === undefined) throw new Error('no operation');
+          usable.push({ key: o.key, at: o.at, n: o.n, json, op: o.op });
+        }
+      } catch (err) {
+        unusable.push(o.key);
+        storageFailed(
+          new Error(
+            `stored operation ${o.key} is not JSON (${String((err as Error)?.message ?? err)}); dropped`,
+          ),
+        );
+      }
+    }
+    if (unusable.length > 0) void guarded(() => outbox.remove(clientId, unusable));
+    const byKey = new Map(usable.map((o) => [o.key, o]));
     const order = (o: OutboxEntry) => [o.at, o.n] as const;
     const before = (a: OutboxEntry, b: OutboxEntry) => {
       const [x, y] = [order(a), order(b)];
@@ -1193,9 +1226,9 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       const first = [...ms].sort(before)[0]!;
       units.push({ first, item: { key: keys[0]!, kind: 'batch', id: b.id, ops: ms.map((m) => m.op), keys } });
     }
-    for (const o of snap.ops) {
+    for (const o of usable) {
       if (inBatch.has(o.key)) continue;
-      units.push({ first: o, item: { key: 0, kind: 'op', op: o.op } });
+      units.push({ first: o, item: { key: 0, kind: 'op', op: o.op, json: o.json } });
     }
     units.sort((a, b) => before(a.first, b.first));
     const items: QueueItem[] = [];
@@ -1281,23 +1314,75 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       return finish(snap as Parameters<typeof restore>[0]);
     };
     if (!locks) return load();
-    const claim = async () => {
-      let release: (() => void | Promise<void>) | null = null;
-      try {
-        release = await locks.claim(clientId);
-        if (!release && options.clientId === undefined) {
-          // Another live client holds this identity (a duplicated tab copies sessionStorage).
-          clientId = randomId('c');
-          storage.set(idKey, clientId);
-          actor = makeActor();
-          release = await locks.claim(clientId);
-        }
-      } catch (err) {
-        storageFailed(err);
-      }
+    type Release = (() => void | Promise<void>) | null;
+    type Claimed = Release | Promise<Release>;
+    const isPromise = (r: Claimed): r is Promise<Release> =>
+      r !== null && typeof (r as Promise<Release>).then === 'function';
+    const held = (release: Release) => {
       if (closed) void Promise.resolve(release?.()).catch(storageFailed);
       else releaseLock = release;
       return load();
+    };
+    /** Another live client holds this identity in this storage. */
+    const refused = (): Claimed => {
+      if (locks.refused === 'private') {
+        // One key/value store shared with that client (memoryStorage): leave it alone, as
+        // fileStorage's second client does, and go on from a memory storage of our own.
+        const own = memoryStorage();
+        store = own;
+        outbox = own.outbox!;
+        if (options.clientId === undefined) {
+          clientId = randomId('c');
+          actor = makeActor();
+        }
+        own.set(idKey, clientId);
+        const reason = new Error(
+          `the storage is in use by another live client (clientId ${storedId ?? options.clientId}); this client works from memory with its own identity`,
+        );
+        // After createSyncClient has returned, so that failures$ subscribers see it.
+        queueMicrotask(() => storageFailed(reason));
+        return own.locks!.claim(clientId);
+      }
+      if (options.clientId !== undefined) return null;
+      // A duplicated tab copies sessionStorage: take a new identity in this storage.
+      clientId = randomId('c');
+      storage.set(idKey, clientId);
+      actor = makeActor();
+      return locks.claim(clientId);
+    };
+    let first: Claimed;
+    try {
+      first = locks.claim(clientId);
+    } catch (err) {
+      storageFailed(err);
+      return held(null);
+    }
+    // Synchronous locks (memoryStorage) keep the whole start synchronous.
+    if (!isPromise(first)) {
+      let release: Claimed = first;
+      if (!release) {
+        try {
+          release = refused();
+        } catch (err) {
+          storageFailed(err);
+          release = null;
+        }
+      }
+      if (!isPromise(release)) return held(release);
+      return release.then(held, (err: unknown) => {
+        storageFailed(err);
+        return held(null);
+      });
+    }
+    const claim = async () => {
+      let release: Release = null;
+      try {
+        release = await first;
+        if (!release) release = await refused();
+      } catch (err) {
+        storageFailed(err);
+      }
+      return held(release);
     };
     return claim();
   };
@@ -1409,7 +1494,9 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       if ('problem' in j) return reject(new SyncError('bad_request', j.problem));
       const key = nextKey++;
       const n = nextOp++;
-      entries.set(key, { key: `${instance}:o${n}`, at: Date.now(), n, op, restored: false });
+      // The outbox keeps `j.json`, the text the SYN carries: changing `op` later changes
+      // neither (README "Operations are JSON").
+      entries.set(key, { key: `${instance}:o${n}`, at: Date.now(), n, json: j.json, restored: false });
       enqueue(
         { key, kind: 'op', op, json: j.json },
         { kind: 'op', resolve: resolve as (v: unknown) => void, reject },

@@ -10,15 +10,26 @@
  * client keeps working from memory.
  */
 
-/** One operation waiting in a durable outbox. */
+/**
+ * One operation waiting in a durable outbox.
+ *
+ * The client hands `add` entries with `json`: the operation as the JSON text `send()` made of
+ * it, once, when it was called (README "Operations are JSON"), which is what its `SYN` carries.
+ * A storage keeps that text (or a value parsed from it), never a reference to the caller's
+ * object, which the caller may change after `send()`. `load` returns entries with `json`, or
+ * with the operation as a value in `op` (IndexedDB rows, state files, and anything an earlier
+ * version wrote, whose entries had only `op`); the client resends `json` as it is.
+ */
 export interface OutboxEntry {
   /** Unique for the clientId across instances: `${instance}:o${n}`. */
   key: string;
   /** Milliseconds since the epoch when `send()` accepted it, then `n`: the replay order. */
   at: number;
   n: number;
-  /** The operation, as given to `send()` (must be JSON / structured-clone serializable). */
-  op: unknown;
+  /** The operation as JSON text, exactly as `send()` made it. Set on every entry given to `add`. */
+  json?: string;
+  /** The operation as a value (parsed from `json`): what `load` may return instead of `json`. */
+  op?: unknown;
 }
 
 /** A SYN formed from outbox entries: resent after a restart with this id and exactly these keys. */
@@ -58,12 +69,24 @@ export interface SyncOutbox {
  */
 export interface SyncLocks {
   /**
-   * Take the exclusive lock of `clientId` (the browser) or of the whole storage (a file) for
-   * this instance's life. Resolves with its release function (the client awaits it in
-   * `close()`), or `null` when another live instance holds it (a duplicated tab, a second
-   * process on the same file).
+   * Take the exclusive lock of `clientId` (the browser, memory) or of the whole storage (a
+   * file) for this instance's life. Gives (or resolves with) its release function (the client
+   * awaits it in `close()`), or `null` when another live instance holds it (a duplicated tab,
+   * a second process on the same file, a second live client on one `memoryStorage()` object).
+   * May complete synchronously (memory).
    */
-  claim(clientId: string): Promise<(() => void | Promise<void>) | null>;
+  claim(clientId: string): Promise<(() => void | Promise<void>) | null> | (() => void | Promise<void>) | null;
+  /**
+   * What a client whose `claim` gave `null` does (and it was given no `clientId` option):
+   * `'rename'` takes a new clientId in this same storage (webStorage: the key/value store is
+   * the tab's own `sessionStorage`, a duplicated tab's copy); `'private'` leaves this storage
+   * alone, as fileStorage's second live client does: it reports a `storage` failure saying the
+   * storage is in use and works from a new `memoryStorage()` of its own, under a new clientId
+   * (or the `clientId` option), so nothing of it is kept in, or read from, the shared storage
+   * (memoryStorage: the key/value store is shared by every client of the object).
+   * @default 'rename'
+   */
+  refused?: 'rename' | 'private';
   /**
    * Watch for orphaned outboxes: `adopt(clientId)` runs, holding that clientId's lock, for each
    * clientId of this app whose owner went away leaving operations; the lock is released when the
@@ -83,7 +106,27 @@ export interface SyncStorage {
   onError?(handler: (err: unknown) => void): void;
 }
 
-/** An outbox kept in a Map: what a memory or file storage builds on. */
+/** The entry a Map outbox keeps: `json` only (never the caller's object); null when unusable. */
+function keep(e: Partial<OutboxEntry> | null | undefined): OutboxEntry | null {
+  if (!e || typeof e.key !== 'string') return null;
+  let json = e.json;
+  if (typeof json !== 'string') {
+    // Written by an earlier version (or a value read from a file): its JSON, made once here.
+    try {
+      json = JSON.stringify(e.op);
+    } catch {
+      return null;
+    }
+    if (json === undefined) return null;
+  }
+  return { key: e.key, at: Number(e.at) || 0, n: Number(e.n) || 0, json };
+}
+
+/**
+ * An outbox kept in a Map: what a memory or file storage builds on. It keeps each operation's
+ * JSON text (`OutboxEntry.json`), never the object given to `send()`: changing that object
+ * afterwards changes nothing stored or resent.
+ */
 export class MapOutbox implements SyncOutbox {
   readonly data = new Map<string, { ops: Map<string, OutboxEntry>; batches: Map<string, OutboxBatch> }>();
 
@@ -105,7 +148,11 @@ export class MapOutbox implements SyncOutbox {
 
   add(clientId: string, entries: OutboxEntry[]): void {
     const d = this.of(clientId);
-    for (const e of entries) d.ops.set(e.key, e);
+    for (const e of entries) {
+      // The client's entries carry `json` (and no `op`): kept as they are, no copy per op.
+      const k = e.json !== undefined && e.op === undefined ? e : keep(e);
+      if (k) d.ops.set(k.key, k);
+    }
     this.changed();
   }
 
@@ -125,21 +172,42 @@ export class MapOutbox implements SyncOutbox {
     this.changed();
   }
 
-  /** JSON form, for the file storage (clientIds with nothing stored are left out). */
-  toJSON(): Record<string, OutboxSnapshot> {
-    const out: Record<string, OutboxSnapshot> = {};
-    for (const [id, d] of this.data) if (d.ops.size > 0 || d.batches.size > 0) out[id] = this.load(id);
-    return out;
+  /**
+   * JSON text of the whole outbox, for the file storage (clientIds with nothing stored are
+   * left out): `{ [clientId]: { ops: [{ key, at, n, op }], batches: [{ id, keys }] } }`, each
+   * `op` written as the entry's JSON text as it is (no second stringify per operation). The
+   * format is the one earlier versions wrote, so either version reads the other's file.
+   */
+  toText(): string {
+    let out = '{';
+    for (const [id, d] of this.data) {
+      if (d.ops.size === 0 && d.batches.size === 0) continue;
+      if (out.length > 1) out += ',';
+      out += `${JSON.stringify(id)}:{"ops":[`;
+      let first = true;
+      for (const e of d.ops.values()) {
+        out += `${first ? '' : ','}{"key":${JSON.stringify(e.key)},"at":${JSON.stringify(e.at)},"n":${JSON.stringify(e.n)},"op":${e.json}}`;
+        first = false;
+      }
+      out += `],"batches":${JSON.stringify([...d.batches.values()])}}`;
+    }
+    return `${out}}`;
   }
 
-  /** Inverse of toJSON; ignores malformed entries. */
+  /** The outbox as a value (`toText` parsed). */
+  toJSON(): Record<string, OutboxSnapshot> {
+    return JSON.parse(this.toText()) as Record<string, OutboxSnapshot>;
+  }
+
+  /** Inverse of toText/toJSON (entries with `op` or `json`); ignores malformed entries. */
   static fromJSON(raw: unknown, changed?: () => void): MapOutbox {
     const o = new MapOutbox(changed);
     if (!raw || typeof raw !== 'object') return o;
     for (const [id, snap] of Object.entries(raw as Record<string, Partial<OutboxSnapshot>>)) {
       const d = o.of(id);
       for (const e of Array.isArray(snap?.ops) ? snap.ops : []) {
-        if (e && typeof e.key === 'string') d.ops.set(e.key, e);
+        const k = keep(e);
+        if (k) d.ops.set(k.key, k);
       }
       for (const b of Array.isArray(snap?.batches) ? snap.batches : []) {
         if (b && typeof b.id === 'string' && Array.isArray(b.keys)) d.batches.set(b.id, b);
@@ -152,10 +220,34 @@ export class MapOutbox implements SyncOutbox {
 /**
  * In memory: survives nothing across processes or reloads; the outbox survives a `close()` and a
  * new client on the same storage object (same process). The default.
+ *
+ * **One live client per clientId.** A client holds its clientId's claim on this object from
+ * its creation until `close()` (synchronous `locks`, `refused: 'private'`). A second live
+ * client on the same object that would take the same clientId (the stored one, or the same
+ * `clientId` option) gets a `storage` failure saying the storage is in use, and works from a
+ * memory storage of its own under its own new clientId (or the option's): it never loads the
+ * first one's outbox (which would send its operations twice) nor writes its identity or
+ * cursors here. Once the first is closed, a new client on the object takes the identity and
+ * sends what is left. Clients with different `storageKey`s have different clientIds and
+ * share the object freely. No orphan adoption (nothing outlives the process).
  */
 export function memoryStorage(): SyncStorage {
   const map = new Map<string, string>();
-  return { get: (k) => map.get(k) ?? null, set: (k, v) => void map.set(k, v), outbox: new MapOutbox() };
+  const held = new Set<string>();
+  return {
+    get: (k) => map.get(k) ?? null,
+    set: (k, v) => void map.set(k, v),
+    outbox: new MapOutbox(),
+    locks: {
+      claim(clientId) {
+        if (held.has(clientId)) return null;
+        held.add(clientId);
+        return () => void held.delete(clientId);
+      },
+      refused: 'private',
+      watch: () => () => {},
+    },
+  };
 }
 
 export { type WebStorageOptions, webStorage } from './web-storage.js';

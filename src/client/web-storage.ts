@@ -108,14 +108,22 @@ function idbOutbox(name: string, local: Storage): SyncOutbox & { owners(): Promi
       const d = await open();
       const rows = (await d.getAllFromIndex('ops', 'clientId', clientId)) as Row[];
       return {
-        ops: rows.map(({ key, at, n, op }) => ({ key, at, n, op })),
+        // Rows hold the operation as a value (`op`), as every version wrote them.
+        ops: rows.map(({ key, at, n, op, json }) =>
+          typeof json === 'string' ? { key, at, n, json } : { key, at, n, op },
+        ),
         batches: readBatches(clientId),
       };
     },
     async add(clientId, entries) {
       const d = await open();
       const tx = d.transaction('ops', 'readwrite');
-      for (const e of entries) void tx.store.put({ ...e, clientId });
+      // The value parsed from the JSON send() made (never the app's object, which it may change
+      // after send()): the row format earlier versions wrote and read, `op` as a value.
+      for (const e of entries) {
+        const op = e.json !== undefined ? JSON.parse(e.json) : e.op;
+        void tx.store.put({ key: e.key, at: e.at, n: e.n, op, clientId });
+      }
       await tx.done;
     },
     batch(clientId, batch) {
