@@ -250,6 +250,50 @@ describe.skipIf(!HAVE_CHROMIUM && !IN_CI)('tabs, reloads and the outbox in Chrom
     await expect.poll(() => stored(a), { timeout: SOON }).toBe(0);
   });
 
+  it('edits changed after send() (same tick, and once stored) and restored by a reload: sent as send() accepted them', async () => {
+    const ctx = await profile();
+    const p = await ownProxy();
+    const a = await tab(ctx, p);
+    await waitOpen(a);
+    offline(p);
+    await a.waitForFunction(() => (window as any).app.client.state !== 'open', null, { timeout: SOON });
+    const now = [unique('mutnow'), unique('mutnow')];
+    const later = [unique('mutlater'), unique('mutlater')];
+    // Changed in the tick of send(), before the outbox's IndexedDB write.
+    await a.evaluate((ids) => {
+      for (const id of ids) {
+        const op = { id };
+        (window as any).app.client.send(op).catch(() => {});
+        op.id = `${id}-MUT`;
+      }
+    }, now);
+    await a.evaluate((ids) => {
+      (window as any).kept = ids.map((id) => {
+        const op = { id };
+        (window as any).app.client.send(op).catch(() => {});
+        return op;
+      });
+    }, later);
+    await expect.poll(() => stored(a), { timeout: SOON }).toBe(4);
+    // Changed once stored.
+    await a.evaluate(() => {
+      for (const op of (window as any).kept) op.id = `${op.id}-MUT`;
+    });
+    await a.reload();
+    await a.waitForFunction(() => (window as any).app?.client, null, { timeout: SOON });
+    expect(await a.evaluate(() => (window as any).app.client.loaded)).toBe(4);
+    online(p);
+    await a.waitForFunction(() => (window as any).app.restored.length === 4, null, { timeout: SOON });
+    const restored = await a.evaluate(() => (window as any).app.restored);
+    const all = [...now, ...later];
+    expect(restored.map((x: { op: unknown }) => x.op)).toEqual(all.map((id) => ({ id })));
+    expect(restored.map((x: { result: unknown }) => x.result)).toEqual(
+      all.map((o) => ({ id: o, successes: [o] })),
+    );
+    appliedOnce(r.ledger, all);
+    for (const id of all) expect(r.ledger.applied.has(`${id}-MUT`)).toBe(false);
+  });
+
   it('a tab closed with unsent edits: another live tab of the app flushes them, each applied once', async () => {
     const ctx = await profile();
     const b = await tab(ctx);
