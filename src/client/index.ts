@@ -126,7 +126,11 @@ export interface SyncClientOptions {
    * Keeps clientId, cursors and the outbox across reloads: `memoryStorage()` (nothing survives
    * the process), `webStorage()` (per tab, outbox in IndexedDB), `fileStorage(path)` from
    * `syncwire/storage/file` (Node; one live client per file: a second one reports a `storage`
-   * failure and works from memory). @default memoryStorage()
+   * failure and works from memory). One live client per clientId on a `memoryStorage()`
+   * object too: a second one reports a `storage` failure ("in use") and works from a memory
+   * storage of its own under its own clientId; after `close()` resolves, a new client on the
+   * object takes the identity and the outbox. The outbox keeps the JSON `send()` made of each
+   * operation, in every storage. @default memoryStorage()
    */
   storage?: SyncStorage;
   /** Prefix of the storage keys, for several clients in one storage. @default 'syncwire' */
