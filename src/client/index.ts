@@ -1291,7 +1291,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
 
   /** Identity (lock), then the stored outbox; synchronous when the storage is. */
   const init = (): number | Promise<number> => {
-    const locks = storage.locks;
+    // The default memoryStorage() is this client's alone: nothing to claim.
+    const locks = options.storage ? storage.locks : undefined;
     const load = () => {
       if (closed) return 0;
       const finish = (snap: Parameters<typeof restore>[0]) => {
