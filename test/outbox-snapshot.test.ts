@@ -265,6 +265,43 @@ describe('memoryStorage: one live client per clientId', () => {
     await c.close();
   });
 
+  it("one fileStorage object given to two live clients (made in one tick): the second works from memory; the file keeps the first one's identity and outbox", async () => {
+    r = await rig();
+    const path = tempFile();
+    const storage = fileStorage(path);
+    r.proxy.refuse = true;
+    r.proxy.httpScript = Array.from({ length: 10_000 }, () => 'network' as const);
+    const a = r.client({ storage });
+    const b = r.client({ storage });
+    const bFailures: Failure[] = [];
+    b.failures$.subscribe((f) => bFailures.push(f));
+    expect(await a.loaded).toBe(0);
+    expect(await b.loaded).toBe(0);
+    expect(b.clientId).not.toBe(a.clientId);
+    await until(() => bFailures.some((f) => f.kind === 'storage'), 5000, 'in use failure');
+    expect(bFailures.find((f) => f.kind === 'storage')!.reason).toMatch(/in use by another live client/);
+    const pa = ['fa-0', 'fa-1'].map((id) => a.send({ id }).catch((e: SyncError) => e.code));
+    const pb = b.send({ id: 'fb-0' }).catch((e: SyncError) => e.code);
+    await turn();
+    const file = JSON.parse(readFileSync(path, 'utf8'));
+    expect(file['syncwire:clientId']).toBe(a.clientId);
+    expect(Object.keys(file['#outbox'])).toEqual([a.clientId]);
+    await a.close();
+    await b.close();
+    expect(await Promise.all([...pa, pb])).toEqual(['closed', 'closed', 'closed']);
+    r.proxy.refuse = false;
+    r.proxy.httpScript = [];
+    const c = r.client({ storage: fileStorage(path) });
+    expect(c.clientId).toBe(a.clientId);
+    const restored: Restored[] = [];
+    c.restored$.subscribe((x) => restored.push(x));
+    expect(await c.loaded).toBe(2);
+    await until(() => restored.length === 2, 10_000, 'restored');
+    expect(r.ledger.applied.get('fa-0')).toBe(1);
+    expect(r.ledger.applied.get('fa-1')).toBe(1);
+    expect(r.ledger.applied.has('fb-0')).toBe(false);
+  });
+
   it('the same clientId option twice on one memoryStorage: the second is refused the storage; different storageKeys share it', async () => {
     r = await rig();
     const storage = memoryStorage();

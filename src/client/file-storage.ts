@@ -96,6 +96,10 @@ export function fileStorage(path: string, options: FileStorageOptions = {}): Syn
    * `elsewhere`: another live client holds it, memory only; `lost`: the lock was taken from us.
    */
   let mode: 'waiting' | 'owner' | 'elsewhere' | 'lost' = 'waiting';
+  /** ClientIds held by live clients of this object (one live client per clientId). */
+  const held = new Set<string>();
+  /** The claim under way, if any. */
+  let claiming: Promise<void> | null = null;
   // Read once, unlocked (writes are atomic renames), for the identity `createSyncClient` reads
   // synchronously; read again once the lock is held.
   let data: Record<string, unknown> = read(false);
@@ -146,65 +150,35 @@ export function fileStorage(path: string, options: FileStorageOptions = {}): Syn
     },
     outbox,
     locks: {
-      async claim() {
-        if (mode !== 'waiting') return () => {};
-        let release: () => Promise<void>;
-        try {
-          // Only a held lock is waited for (long enough to see a dead holder's go stale); any
-          // other error (a missing folder) is final at once.
-          const deadline = Date.now() + stale + 1000;
-          for (;;) {
-            try {
-              release = await lock(path, {
-                stale,
-                realpath: false,
-                onCompromised: (err) => {
-                  mode = 'lost';
-                  fail(
-                    new Error(`lost the lock of ${path} (${message(err)}); this client goes on from memory`),
-                  );
-                },
-              });
-              break;
-            } catch (err) {
-              if ((err as NodeJS.ErrnoException)?.code !== 'ELOCKED' || Date.now() >= deadline) throw err;
-              await new Promise((resolve) => setTimeout(resolve, 250));
-            }
-          }
-        } catch (err) {
-          if ((err as NodeJS.ErrnoException)?.code === 'ELOCKED') {
-            mode = 'elsewhere';
-            adopt(Object.fromEntries(local));
-            fail(
-              new Error(
-                `state file ${path} is in use by another live client (lock ${path}.lock); this client works from memory with its own identity`,
-              ),
-            );
-            return null;
-          }
-          // No lock possible (a missing folder, a read-only one): reported; the file is used
-          // unlocked, its writes then fail and are reported in turn.
-          fail(err);
-          mode = 'owner';
-          adopt(read(true));
-          local.clear();
-          if (dirty) flush();
-          return () => {};
+      async claim(clientId) {
+        // One claim at a time on this object (two clients made in one tick on one object).
+        while (claiming) await claiming;
+        if (mode === 'owner') {
+          // Another client on this same object: one live client per clientId (different
+          // storageKeys share the object); refused, it goes on from memory (`refused`).
+          if (held.has(clientId)) return null;
+          held.add(clientId);
+          return () => void held.delete(clientId);
         }
-        mode = 'owner';
-        adopt(read(true));
-        local.clear();
-        if (dirty) flush();
-        return async () => {
-          if (mode !== 'owner') return;
-          if (dirty) flush();
-          mode = 'waiting';
-          try {
-            await release();
-          } catch (err) {
-            fail(err);
-          }
-        };
+        if (mode !== 'waiting') return () => {};
+        const first = takeFile(clientId);
+        claiming = first.then(
+          () => {},
+          () => {},
+        );
+        try {
+          return await first;
+        } finally {
+          claiming = null;
+        }
+      },
+      /**
+       * Refused by this object (its owner already holds the clientId): the client leaves the
+       * object alone and works from memory; refused by the file's lock (another process or
+       * object), the storage has already gone memory-only and the client takes a new identity.
+       */
+      get refused() {
+        return mode === 'owner' ? ('private' as const) : ('rename' as const);
       },
       watch: () => () => {},
     },
@@ -213,6 +187,68 @@ export function fileStorage(path: string, options: FileStorageOptions = {}): Syn
       for (const err of early.splice(0)) fail(err);
     },
   };
+
+  /** Take the file's lock for `clientId`'s client (the first claim on this object). */
+  async function takeFile(clientId: string): Promise<(() => Promise<void>) | null> {
+    let release: () => Promise<void>;
+    try {
+      // Only a held lock is waited for (long enough to see a dead holder's go stale); any
+      // other error (a missing folder) is final at once.
+      const deadline = Date.now() + stale + 1000;
+      for (;;) {
+        try {
+          release = await lock(path, {
+            stale,
+            realpath: false,
+            onCompromised: (err) => {
+              mode = 'lost';
+              fail(new Error(`lost the lock of ${path} (${message(err)}); this client goes on from memory`));
+            },
+          });
+          break;
+        } catch (err) {
+          if ((err as NodeJS.ErrnoException)?.code !== 'ELOCKED' || Date.now() >= deadline) throw err;
+          await new Promise((resolve) => setTimeout(resolve, 250));
+        }
+      }
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException)?.code === 'ELOCKED') {
+        mode = 'elsewhere';
+        adopt(Object.fromEntries(local));
+        fail(
+          new Error(
+            `state file ${path} is in use by another live client (lock ${path}.lock); this client works from memory with its own identity`,
+          ),
+        );
+        return null;
+      }
+      // No lock possible (a missing folder, a read-only one): reported; the file is used
+      // unlocked, its writes then fail and are reported in turn.
+      fail(err);
+      mode = 'owner';
+      adopt(read(true));
+      local.clear();
+      if (dirty) flush();
+      held.add(clientId);
+      return async () => void held.delete(clientId);
+    }
+    mode = 'owner';
+    adopt(read(true));
+    local.clear();
+    if (dirty) flush();
+    held.add(clientId);
+    return async () => {
+      held.delete(clientId);
+      if (mode !== 'owner') return;
+      if (dirty) flush();
+      mode = 'waiting';
+      try {
+        await release();
+      } catch (err) {
+        fail(err);
+      }
+    };
+  }
 }
 
 export type { SyncStorage } from './storage.js';
