@@ -30,6 +30,9 @@ const message = (err: unknown) => String((err as Error)?.message ?? err);
  *   A second live client on the same file (another process, or another client in this one)
  *   gets a `storage` failure saying the file is in use, never loads or writes that file, and
  *   works from memory with its own random identity (nothing of it survives its process).
+ *   The same when one `fileStorage` object is given to two live clients that would share a
+ *   clientId (the second reports the storage in use and works from a memory storage of its
+ *   own); clients with different `storageKey`s share an object.
  * - **What was sent.** The outbox keeps each operation as the JSON text `send()` made of it:
  *   changing the object after `send()` changes neither the file nor what a restart resends.
  *   The file's format is unchanged (`op` is the operation as JSON), so a file written by an
