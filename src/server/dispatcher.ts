@@ -180,8 +180,12 @@ export interface Dispatcher<P> {
    * Never rejects.
    */
   bind(clientId: string, principal: P): Promise<AuthRefusal | null>;
-  /** Run `onSync` for one batch and check its results; never rejects. */
-  applySyn(syn: { id: string; payload: unknown[] }, peer: Peer<P>): Promise<SynResponse>;
+  /**
+   * Run `onSync` for one batch and check its results: the response itself when `onSync`
+   * returned its results (not a promise) and published nothing, else a promise of it. Never
+   * throws or rejects.
+   */
+  applySyn(syn: { id: string; payload: unknown[] }, peer: Peer<P>): SynResponse | Promise<SynResponse>;
   /** Answer a `SUB`: live subscriptions for a socket, a one-shot replay otherwise. */
   subscribe(env: SubEnvelope, peer: Peer<P>): Promise<void>;
 }
@@ -271,9 +275,12 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
     return { seq: msg.seq, epoch: msg.epoch };
   }
 
-  function applySyn(syn: { id: string; payload: unknown[] }, peer: Peer<P>): Promise<SynResponse> {
+  function applySyn(
+    syn: { id: string; payload: unknown[] },
+    peer: Peer<P>,
+  ): SynResponse | Promise<SynResponse> {
     // A batch still queued at shutdown is left for the client to resend to the next server.
-    if (o.closing()) return Promise.resolve(nak(syn.id, 'server_error', 'server is closing'));
+    if (o.closing()) return nak(syn.id, 'server_error', 'server is closing');
     const { clientId } = peer;
     let n = 0;
     // Every publication of the batch, in call order, for the response's `published` (made on
@@ -307,17 +314,18 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
     try {
       results = hooks.onSync(syn.payload, ctx);
     } catch (err) {
-      return Promise.resolve(onSyncFailed(syn.id, err));
+      return onSyncFailed(syn.id, err);
     }
     // A synchronous onSync (results, not a promise) is answered without a turn of the
-    // microtask queue; a promise is awaited as before.
+    // microtask queue: the response itself goes back to `Dedupe.run`, which then answers in
+    // this turn too (docs/benchmarks.md, session 5 LANE2, FIX14C); a promise is awaited.
     if (isThenable(results)) {
       return Promise.resolve(results).then(
         (r) => synResponse(syn, r, publications),
         (err: unknown) => onSyncFailed(syn.id, err),
       );
     }
-    return Promise.resolve(synResponse(syn, results, publications));
+    return synResponse(syn, results, publications);
   }
 
   /** What a batch whose `onSync` threw (or rejected with) `err` is answered. */
