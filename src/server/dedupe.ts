@@ -24,6 +24,7 @@
 
 import { createHash, type Hash, hash as oneShotHash } from 'node:crypto';
 import { encode, type NakEnvelope, nak, type SynEnvelope } from '../protocol/index.js';
+import { evictionSlack, shed } from '../stores/evict.js';
 import type { DedupeClaim, DedupeLimits, DedupeStore } from '../stores/types.js';
 
 export type SynResponse = SynEnvelope | NakEnvelope;
@@ -55,6 +56,21 @@ interface Remembered {
   text?: string;
   at: number;
   /** What this entry counts against `maxBytes`. */
+  bytes: number;
+  /** Whose entries it counts among (`Holder`): eviction takes from the largest first. */
+  holder: Holding;
+}
+
+/**
+ * What one holder (the key its client's limits count under: `p:<principalKey>`, `a:<address>`
+ * or `c:<clientId>`) has remembered: its entries oldest first, those still holding their
+ * response oldest first, and their count and bytes. Under the caps, eviction takes from the
+ * largest holder first (FIX14C): a flooding principal evicts its own answers, not another's.
+ */
+interface Holding {
+  name: string;
+  keys: Set<string>;
+  full: Set<string>;
   bytes: number;
 }
 
@@ -187,9 +203,10 @@ const sleep = (ms: number) =>
   });
 
 export class Dedupe {
+  /** Every remembered entry, oldest first (expired ones are at the front). */
   private readonly done = new Map<string, Remembered>();
-  /** Keys of `done` entries that still hold a response, oldest first (reduced first). */
-  private readonly full = new Set<string>();
+  /** Each holder's entries (see `Holding`); a holder with none is removed. */
+  private readonly holders = new Map<string, Holding>();
   private bytes = 0;
   /** Batches being processed or queued in this process, so duplicates share one promise. */
   private readonly inflight = new Map<string, { fp: string; promise: Promise<SynResponse> }>();
@@ -234,6 +251,7 @@ export class Dedupe {
     clientId: string,
     syn: SynEnvelope,
     process: () => SynResponse | Promise<SynResponse>,
+    holder: string = owner,
   ): SynResponse | Promise<SynResponse> {
     // Length-prefixed so that no (owner, clientId, id) triple can collide with another.
     const key = `${owner.length}:${owner}:${clientId.length}:${clientId}:${syn.id}`;
@@ -254,9 +272,9 @@ export class Dedupe {
     let promise: Promise<SynResponse>;
     if (queue) {
       queue.size++;
-      const result = queue.tail.then(() => this.start(key, fp, syn, process));
+      const result = queue.tail.then(() => this.start(key, fp, syn, process, holder));
       promise = result.then(
-        (response) => this.settled(key, fp, response),
+        (response) => this.settled(key, fp, response, holder),
         (err: unknown) => this.failed(key, syn.id, err),
       );
       queue.tail = promise.then(() => this.dequeue(clientId, queue));
@@ -266,13 +284,13 @@ export class Dedupe {
       if (this.stopping) return nak(syn.id, 'server_error', 'server is shutting down');
       let out: SynResponse | Promise<SynResponse>;
       try {
-        out = shared ? this.runShared(shared, key, fp, syn, process) : process();
+        out = shared ? this.runShared(shared, key, fp, syn, process, holder) : process();
       } catch (err) {
         return this.failed(key, syn.id, err);
       }
       // Answered in this very turn (a synchronous onSync): nothing ran meanwhile, so nothing
       // was queued behind it or could see it in flight; remembered, and answered as it is.
-      if (!isPromise(out)) return this.settled(key, fp, out);
+      if (!isPromise(out)) return this.settled(key, fp, out, holder);
       const started = Promise.resolve(out);
       this.track(started);
       // Its queue entry makes the client's batches arriving meanwhile wait for it.
@@ -281,7 +299,7 @@ export class Dedupe {
       promise = started.then(
         (response) => {
           this.dequeue(clientId, q);
-          return this.settled(key, fp, response);
+          return this.settled(key, fp, response, holder);
         },
         (err: unknown) => {
           this.dequeue(clientId, q);
@@ -300,11 +318,14 @@ export class Dedupe {
     fp: string,
     syn: SynEnvelope,
     process: () => SynResponse | Promise<SynResponse>,
+    holder: string,
   ): Promise<SynResponse> {
     // Queued behind others when the server began to close: left for the client to resend.
     if (this.stopping) return Promise.resolve(nak(syn.id, 'server_error', 'server is shutting down'));
     const shared = this.opts.store;
-    const started = shared ? this.runShared(shared, key, fp, syn, process) : Promise.resolve(process());
+    const started = shared
+      ? this.runShared(shared, key, fp, syn, process, holder)
+      : Promise.resolve(process());
     this.track(started);
     return started;
   }
@@ -319,9 +340,9 @@ export class Dedupe {
   }
 
   /** A batch was answered: no longer in flight, and remembered (without a shared store). */
-  private settled(key: string, fp: string, response: SynResponse): SynResponse {
+  private settled(key: string, fp: string, response: SynResponse, holder: string): SynResponse {
     this.inflight.delete(key);
-    if (!this.opts.store) this.remember(key, fp, response);
+    if (!this.opts.store) this.remember(key, fp, response, holder);
     return response;
   }
 
@@ -381,7 +402,7 @@ export class Dedupe {
     this.stopping = true;
     this.closed = true;
     this.done.clear();
-    this.full.clear();
+    this.holders.clear();
     this.bytes = 0;
   }
 
@@ -397,11 +418,90 @@ export class Dedupe {
 
   private drop(key: string, entry: Remembered): void {
     this.done.delete(key);
-    this.full.delete(key);
+    const h = entry.holder;
+    h.keys.delete(key);
+    h.full.delete(key);
+    h.bytes -= entry.bytes;
     this.bytes -= entry.bytes;
+    if (h.keys.size === 0 && this.holders.get(h.name) === h) this.holders.delete(h.name);
   }
 
-  private remember(key: string, fp: string, response: SynResponse): void {
+  /** Reduce a kept response to its fingerprint (a replay of it is still known as applied). */
+  private reduce(key: string, entry: Remembered): void {
+    const reduced = ENTRY_OVERHEAD + stringBytes(key) + fpExtraBytes(entry.fp);
+    const freed = entry.bytes - reduced;
+    entry.bytes = reduced;
+    entry.holder.bytes -= freed;
+    this.bytes -= freed;
+    delete entry.text;
+    entry.holder.full.delete(key);
+  }
+
+  /**
+   * Keep the caps (FIX14C): past `maxEntries`, drop entries of the holders with the most,
+   * oldest first, down to a slack below the cap; past `maxBytes`, reduce the responses of the
+   * holders with the most bytes to fingerprints, oldest first, then drop whole entries the
+   * same way if fingerprints alone exceed it. Holders are levelled from the top (`shed`): one
+   * is taken from only while it holds more than the others taken from, so one with few
+   * entries keeps them while anyone holds more. One scan and sort of the holders per
+   * `evictionSlack` entries or bytes, not per completion.
+   */
+  private evict(): void {
+    const { maxEntries, maxBytes } = this.opts;
+    if (this.done.size > maxEntries) {
+      shed(
+        this.holders.values(),
+        (h) => h.keys.size,
+        this.done.size - maxEntries + evictionSlack(maxEntries),
+        (h) => {
+          const k = h.keys.values().next().value as string;
+          this.drop(k, this.done.get(k)!);
+          return 1;
+        },
+      );
+    }
+    if (this.bytes > maxBytes) {
+      const need = () => this.bytes - maxBytes + evictionSlack(maxBytes);
+      const withResponses = [...this.holders.values()].filter((h) => h.full.size > 0);
+      shed(
+        withResponses,
+        (h) => h.bytes,
+        need(),
+        (h) => {
+          const k = h.full.values().next().value as string | undefined;
+          if (k === undefined) return 0;
+          const before = this.bytes;
+          this.reduce(k, this.done.get(k)!);
+          return before - this.bytes;
+        },
+      );
+      if (this.bytes > maxBytes) {
+        shed(
+          this.holders.values(),
+          (h) => h.bytes,
+          need(),
+          (h) => {
+            const k = h.keys.values().next().value as string | undefined;
+            if (k === undefined) return 0;
+            const before = this.bytes;
+            this.drop(k, this.done.get(k)!);
+            return before - this.bytes;
+          },
+        );
+      }
+    }
+  }
+
+  /** Remembered entries and bytes per holder (for tests and stats): name → count, bytes. */
+  holdings(): Map<string, { entries: number; bytes: number; kept: number; keys: string[] }> {
+    const out = new Map<string, { entries: number; bytes: number; kept: number; keys: string[] }>();
+    for (const h of this.holders.values()) {
+      out.set(h.name, { entries: h.keys.size, bytes: h.bytes, kept: h.full.size, keys: [...h.keys] });
+    }
+    return out;
+  }
+
+  private remember(key: string, fp: string, response: SynResponse, holderName: string): void {
     // While closing, this memory is about to go: a shutdown NAK must not be kept as an answer.
     if (this.closed || this.stopping) return;
     const old = this.done.get(key);
@@ -411,34 +511,22 @@ export class Dedupe {
     // the memory counted is the string's size on the heap.
     const kept = text !== undefined && Buffer.byteLength(text) <= this.opts.maxResponseBytes;
     const base = ENTRY_OVERHEAD + stringBytes(key) + fpExtraBytes(fp);
-    const entry: Remembered = { fp, at: this.now(), bytes: base + (kept ? stringBytes(text) : 0) };
+    let holder = this.holders.get(holderName);
+    if (!holder) {
+      holder = { name: holderName, keys: new Set(), full: new Set(), bytes: 0 };
+      this.holders.set(holderName, holder);
+    }
+    const entry: Remembered = { fp, at: this.now(), bytes: base + (kept ? stringBytes(text) : 0), holder };
     if (kept) {
       entry.text = text;
-      this.full.add(key);
+      holder.full.add(key);
     }
     this.done.set(key, entry);
+    holder.keys.add(key);
+    holder.bytes += entry.bytes;
     this.bytes += entry.bytes;
     this.sweep();
-    // Evict the oldest: Map iteration starts with the least recently inserted.
-    while (this.done.size > this.opts.maxEntries) {
-      const oldest = this.done.keys().next().value as string;
-      this.drop(oldest, this.done.get(oldest)!);
-    }
-    // Over the byte cap: reduce the oldest responses to their fingerprints first (a replay of
-    // them is still known as applied), then drop whole entries if fingerprints alone exceed it.
-    for (const k of this.full) {
-      if (this.bytes <= this.opts.maxBytes) break;
-      const e = this.done.get(k)!;
-      const reduced = ENTRY_OVERHEAD + stringBytes(k) + fpExtraBytes(e.fp);
-      this.bytes -= e.bytes - reduced;
-      e.bytes = reduced;
-      delete e.text;
-      this.full.delete(k);
-    }
-    while (this.bytes > this.opts.maxBytes && this.done.size > 0) {
-      const oldest = this.done.keys().next().value as string;
-      this.drop(oldest, this.done.get(oldest)!);
-    }
+    this.evict();
   }
 
   private dequeue(clientId: string, q: { size: number }): void {
@@ -452,9 +540,10 @@ export class Dedupe {
     fp: string,
     syn: SynEnvelope,
     process: () => SynResponse | Promise<SynResponse>,
+    holder: string,
   ): Promise<SynResponse> {
     const deadline = this.now() + this.opts.windowMs;
-    const limits: DedupeLimits = { maxEntries: this.opts.maxEntries, maxBytes: this.opts.maxBytes };
+    const limits: DedupeLimits = { maxEntries: this.opts.maxEntries, maxBytes: this.opts.maxBytes, holder };
     for (;;) {
       if (this.closed || this.stopping) return nak(syn.id, 'server_error', 'server is shutting down');
       let claim: DedupeClaim;

@@ -746,7 +746,7 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
     // is synchronous, with no turn of the microtask queue between the ACK and the response.
     if (env.type === 'SYN' && !hooks.authenticate) {
       try {
-        const answered = dedupe.run(ANONYMOUS, peer.clientId, env, () => applySyn(env, peer));
+        const answered = dedupe.run(ANONYMOUS, peer.clientId, env, () => applySyn(env, peer), holderOf(peer));
         if (!isThenable(answered)) {
           peer.send(answered);
           return undefined;
@@ -761,6 +761,14 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
       }
     }
     return answer(env, peer);
+  }
+
+  /**
+   * Whose dedupe entry a peer's batch makes: the key its limits count under, so eviction under
+   * the dedupe caps takes from the largest holder first (dedupe.ts `shed`, FIX14C).
+   */
+  function holderOf(peer: Peer<P>): string {
+    return peer.limitKey ?? (o.lookupKey ? o.lookupKey(peer.principal, peer.clientId) : `c:${peer.clientId}`);
   }
 
   function dispatchFailed(env: RequestEnvelope, peer: Peer<P>, err: unknown): void {
@@ -780,7 +788,7 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
           const refused = hooks.authenticate ? await bind(peer.clientId, peer.principal) : null;
           if (refused) return peer.send({ ...refused.nak, id: env.id });
           const owner = ownerKey(peer.principal);
-          peer.send(await dedupe.run(owner, peer.clientId, env, () => applySyn(env, peer)));
+          peer.send(await dedupe.run(owner, peer.clientId, env, () => applySyn(env, peer), holderOf(peer)));
           return;
         }
         case 'SUB':

@@ -631,7 +631,11 @@ export interface SyncServerStats {
   pendingConnections: number;
   /** Distinct clientIds with an open socket or a `SYN` queued or running. */
   clients: number;
-  /** `SYN` responses remembered in this process for dedupe. */
+  /**
+   * `SYN` responses remembered for dedupe: in this process, or in the dedupe store when it
+   * reports them (`DedupeStore.dedupeStats`: sqliteStore does, counting this process's file;
+   * redisStore does not, read Redis's own memory there).
+   */
   dedupeEntries: number;
   /** Bytes those entries count against `dedupeMaxBytes`. */
   dedupeBytes: number;
@@ -1403,8 +1407,8 @@ export async function createSyncServer<
         connectionsRefused,
         pendingConnections: handshakes.size + idleKeepAlive.size,
         clients: clients.size,
-        dedupeEntries: dedupe.size,
-        dedupeBytes: dedupe.sizeBytes,
+        dedupeEntries: dedupeStore?.dedupeStats?.().entries ?? dedupe.size,
+        dedupeBytes: dedupeStore?.dedupeStats?.().bytes ?? dedupe.sizeBytes,
         channels: channels.size,
         channelRecords,
         bindings: bindings.size,

@@ -17,6 +17,7 @@
 import { createRequire } from 'node:module';
 import type BetterSqlite3 from 'better-sqlite3';
 import { randomId, SyncError } from '../protocol/index.js';
+import { evictionSlack, shed } from './evict.js';
 import {
   type ChannelHead,
   DEFAULT_RETENTION,
@@ -103,6 +104,15 @@ export function sqliteStore(options: SqliteStoreOptions): HistoryStore & DedupeS
   if (!dedupeColumns.some((c) => c.name === 'bytes')) {
     db.exec('ALTER TABLE dedupe ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0');
   }
+  // Files made before eviction took from the largest holder first (FIX14C): old rows belong
+  // to one holder '' and count as still holding their response.
+  if (!dedupeColumns.some((c) => c.name === 'holder')) {
+    db.exec("ALTER TABLE dedupe ADD COLUMN holder TEXT NOT NULL DEFAULT ''");
+    db.exec('ALTER TABLE dedupe ADD COLUMN kept INTEGER NOT NULL DEFAULT 1');
+  }
+  // A holder's entries in rowid (age) order, and those still holding their response.
+  db.exec('CREATE INDEX IF NOT EXISTS dedupe_holder ON dedupe (holder)');
+  db.exec('CREATE INDEX IF NOT EXISTS dedupe_holder_kept ON dedupe (holder, kept)');
   // Files made before the author column (docs/consistency.md) get it; old rows have none.
   const columns = db.prepare<[], { name: string }>('PRAGMA table_info(messages)').all();
   if (!columns.some((c) => c.name === 'author_id')) db.exec('ALTER TABLE messages ADD COLUMN author_id TEXT');
@@ -151,8 +161,23 @@ export function sqliteStore(options: SqliteStoreOptions): HistoryStore & DedupeS
     dedupeClaim: db.prepare<[string, number]>(
       'INSERT OR REPLACE INTO dedupe (key, response, expires) VALUES (?, NULL, ?)',
     ),
-    dedupeComplete: db.prepare<[string, number, number, string]>(
-      'UPDATE dedupe SET response = ?, expires = ?, bytes = ? WHERE key = ?',
+    dedupeComplete: db.prepare<[string, number, number, string, number, string]>(
+      'UPDATE dedupe SET response = ?, expires = ?, bytes = ?, holder = ?, kept = ? WHERE key = ?',
+    ),
+    dedupeHolders: db.prepare<[], { holder: string; n: number; bytes: number; kept: number }>(
+      `SELECT holder, COUNT(*) AS n, COALESCE(SUM(bytes), 0) AS bytes, COALESCE(SUM(kept), 0) AS kept
+       FROM dedupe WHERE response IS NOT NULL GROUP BY holder`,
+    ),
+    // A holder's oldest answered entry (rowid grows with every claim), or its oldest that still
+    // holds its response (kept = 1).
+    dedupeHolderOldest: db.prepare<[string], { key: string; bytes: number; kept: number }>(
+      'SELECT key, bytes, kept FROM dedupe WHERE holder = ? AND response IS NOT NULL ORDER BY rowid LIMIT 1',
+    ),
+    dedupeHolderOldestKept: db.prepare<[string], { key: string; bytes: number; response: string }>(
+      'SELECT key, bytes, response FROM dedupe WHERE holder = ? AND kept = 1 AND response IS NOT NULL ORDER BY rowid LIMIT 1',
+    ),
+    dedupeReduce: db.prepare<[string, number, string]>(
+      'UPDATE dedupe SET response = ?, bytes = ?, kept = 0 WHERE key = ?',
     ),
     dedupeTotals: db.prepare<[], { n: number; bytes: number }>(
       'SELECT COUNT(*) AS n, COALESCE(SUM(bytes), 0) AS bytes FROM dedupe WHERE response IS NOT NULL',
@@ -161,7 +186,9 @@ export function sqliteStore(options: SqliteStoreOptions): HistoryStore & DedupeS
     dedupeOldest: db.prepare<[number], { key: string; bytes: number }>(
       'SELECT key, bytes FROM dedupe WHERE response IS NOT NULL ORDER BY rowid LIMIT ?',
     ),
-    dedupeBytes: db.prepare<[string], { bytes: number }>('SELECT bytes FROM dedupe WHERE key = ?'),
+    dedupeBytes: db.prepare<[string], { bytes: number; holder: string; kept: number }>(
+      'SELECT bytes, holder, kept FROM dedupe WHERE key = ?',
+    ),
     dedupeDrop: db.prepare<[string]>('DELETE FROM dedupe WHERE key = ?'),
     bindGet: db.prepare<[string], { owner: string; expires: number }>(
       'SELECT owner, expires FROM bindings WHERE client_id = ?',
@@ -185,10 +212,32 @@ export function sqliteStore(options: SqliteStoreOptions): HistoryStore & DedupeS
   // Totals of answered entries, kept beside the table so `complete` need not count rows; one
   // process owns the file, and `trim` recounts after expiring.
   const totals = { n: 0, bytes: 0 };
+  /** The same per holder (`DedupeLimits.holder`): entries, bytes, and entries still holding a response. */
+  const holders = new Map<string, { name: string; n: number; bytes: number; kept: number }>();
+  const holderOf = (name: string) => {
+    let h = holders.get(name);
+    if (!h) {
+      h = { name, n: 0, bytes: 0, kept: 0 };
+      holders.set(name, h);
+    }
+    return h;
+  };
+  /** Count a row in (`sign` 1) or out (-1) of the totals. */
+  const count = (holder: string, bytes: number, kept: number, sign: 1 | -1) => {
+    totals.n += sign;
+    totals.bytes += sign * bytes;
+    const h = holderOf(holder);
+    h.n += sign;
+    h.bytes += sign * bytes;
+    h.kept += sign * kept;
+    if (h.n <= 0) holders.delete(holder);
+  };
   const recount = () => {
     const t = q.dedupeTotals.get()!;
     totals.n = t.n;
     totals.bytes = t.bytes;
+    holders.clear();
+    for (const r of q.dedupeHolders.all()) holders.set(r.holder, { name: r.holder, ...r });
   };
   recount();
 
@@ -202,32 +251,70 @@ export function sqliteStore(options: SqliteStoreOptions): HistoryStore & DedupeS
     }
     if (row?.response != null) {
       // An expired answer replaced by this claim leaves the totals.
-      totals.n--;
-      totals.bytes -= q.dedupeBytes.get(key)?.bytes ?? 0;
+      const old = q.dedupeBytes.get(key);
+      if (old) count(old.holder, old.bytes, old.kept, -1);
     }
     q.dedupeClaim.run(key, at + ttlMs);
     return { status: 'new' };
   });
 
+  /** Drop a holder's oldest answered entry; the bytes freed (0 when it has none). */
+  const dropOldest = (h: { name: string }): number => {
+    const r = q.dedupeHolderOldest.get(h.name);
+    if (!r) return 0;
+    q.dedupeDrop.run(r.key);
+    count(h.name, r.bytes, r.kept, -1);
+    return Math.max(1, r.bytes);
+  };
+
+  /**
+   * Reduce a holder's oldest kept response to the request's fingerprint (the server's
+   * `{ f, r }` loses `r`: a replay is answered `result_not_kept`, still known as applied);
+   * the bytes freed (0 when it has none).
+   */
+  const reduceOldest = (h: { name: string }): number => {
+    const r = q.dedupeHolderOldestKept.get(h.name);
+    if (!r) return 0;
+    let reduced = r.response;
+    try {
+      const v = JSON.parse(r.response) as { f?: unknown } | null;
+      reduced = JSON.stringify(typeof v?.f === 'string' ? { f: v.f } : null);
+    } catch {
+      reduced = 'null';
+    }
+    const bytes = Buffer.byteLength(reduced);
+    q.dedupeReduce.run(reduced, bytes, r.key);
+    count(h.name, r.bytes, 1, -1);
+    count(h.name, bytes, 0, 1);
+    return Math.max(1, r.bytes - bytes);
+  };
+
   const completeTx = db.transaction(
     (key: string, json: string, expires: number, limits: DedupeLimits | undefined) => {
       const bytes = Buffer.byteLength(json);
-      const before = q.dedupeGet.get(key);
-      const info = q.dedupeComplete.run(json, expires, bytes, key);
+      const holder = limits?.holder ?? '';
+      const before = q.dedupeBytes.get(key);
+      const wasAnswered = q.dedupeGet.get(key)?.response != null;
+      const info = q.dedupeComplete.run(json, expires, bytes, holder, 1, key);
       if (info.changes === 0) return;
-      if (before?.response === null) totals.n++;
-      totals.bytes += bytes;
+      if (wasAnswered && before) count(before.holder, before.bytes, before.kept, -1);
+      count(holder, bytes, 1, 1);
       if (!limits) return;
-      while (totals.n > limits.maxEntries || totals.bytes > limits.maxBytes) {
-        const over = Math.max(1, totals.n - limits.maxEntries);
-        const rows = q.dedupeOldest.all(Math.min(over, 500));
-        if (rows.length === 0) break;
-        for (const r of rows) {
-          if (totals.n <= limits.maxEntries && totals.bytes <= limits.maxBytes) break;
-          q.dedupeDrop.run(r.key);
-          totals.n--;
-          totals.bytes -= r.bytes;
-        }
+      // Largest holder first, oldest first within it, a slack below the cap (evict.ts).
+      if (totals.n > limits.maxEntries) {
+        const need = totals.n - limits.maxEntries + evictionSlack(limits.maxEntries);
+        shed(
+          holders.values(),
+          (h) => h.n,
+          need,
+          (h) => (dropOldest(h) > 0 ? 1 : 0),
+        );
+      }
+      if (totals.bytes > limits.maxBytes) {
+        const need = () => totals.bytes - limits.maxBytes + evictionSlack(limits.maxBytes);
+        const withKept = [...holders.values()].filter((h) => h.kept > 0);
+        shed(withKept, (h) => h.bytes, need(), reduceOldest);
+        if (totals.bytes > limits.maxBytes) shed([...holders.values()], (h) => h.bytes, need(), dropOldest);
       }
     },
   );
@@ -405,6 +492,10 @@ export function sqliteStore(options: SqliteStoreOptions): HistoryStore & DedupeS
     async bind(clientId, owner, ttlMs) {
       ensureOpen();
       return bindTx(clientId, owner, ttlMs);
+    },
+
+    dedupeStats() {
+      return { entries: totals.n, bytes: totals.bytes };
     },
 
     async release(key) {

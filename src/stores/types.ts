@@ -133,6 +133,13 @@ export interface DedupeLimits {
   maxEntries: number;
   /** Most bytes of stored values kept, UTF-8 of their JSON (the server's `dedupeMaxBytes`). */
   maxBytes: number;
+  /**
+   * Whose entry this is: the key the client's limits count under (`p:<principalKey>`,
+   * `a:<address>` or `c:<clientId>`). Under the caps a store evicts from the holder with the
+   * most entries (or bytes) first, oldest first within it (FIX14C), so one principal's flood
+   * evicts its own answers. Absent: one holder for all (oldest first overall).
+   */
+  holder?: string;
 }
 
 /**
@@ -157,6 +164,12 @@ export interface DedupeStore {
    * claim stays `pending` until its `ttlMs` lapses.
    */
   release?(key: string): Promise<void>;
+  /**
+   * Answered entries the store holds now and the bytes they count against `maxBytes` (what
+   * the server's `stats().dedupeEntries`/`dedupeBytes` report with this store). Optional:
+   * without it those stats report the server's in-process memory (0 with a store).
+   */
+  dedupeStats?(): { entries: number; bytes: number };
   /**
    * The principal binding of a clientId (docs/PROTOCOL.md §1): atomically, when `clientId` is
    * unbound, or bound to `owner`, bind it to `owner` for `ttlMs` from now and resolve `true`;
