@@ -41,8 +41,8 @@ describe('Dedupe eviction: largest holder first, oldest within it (property)', (
   it('holds the entry cap and takes only from holders left with at least as many as any other, oldest first', () => {
     fc.assert(
       fc.property(
-        fc.integer({ min: 1, max: 40 }),
-        fc.array(step, { minLength: 1, maxLength: 300 }),
+        fc.integer({ min: 1, max: 150 }),
+        fc.array(step, { minLength: 1, maxLength: 400 }),
         (cap, steps) => {
           const d = new Dedupe({
             windowMs: 1e9,

@@ -7,11 +7,11 @@
  */
 
 /**
- * How far below a cap eviction goes once it is passed (a 64th of the cap, at least 1): the
- * largest holder is found by a scan of the holders, so that scan is paid once per this many
- * completions, not per completion.
+ * How far below a cap eviction goes once it is passed: a 64th of the cap (0 below 64, so a
+ * small cap is kept exactly). The largest holders are found by a scan and sort of the
+ * holders, so that is paid once per this many completions at a large cap, not per completion.
  */
-export const evictionSlack = (cap: number): number => Math.max(1, Math.floor(cap / 64));
+export const evictionSlack = (cap: number): number => Math.floor(cap / 64);
 
 /**
  * Take `need` (entries or bytes, as `size` measures them) from the largest holders first:

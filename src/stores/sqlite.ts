@@ -275,13 +275,9 @@ export function sqliteStore(options: SqliteStoreOptions): HistoryStore & DedupeS
   const reduceOldest = (h: { name: string }): number => {
     const r = q.dedupeHolderOldestKept.get(h.name);
     if (!r) return 0;
-    let reduced = r.response;
-    try {
-      const v = JSON.parse(r.response) as { f?: unknown } | null;
-      reduced = JSON.stringify(typeof v?.f === 'string' ? { f: v.f } : null);
-    } catch {
-      reduced = 'null';
-    }
+    // Only rows completed with the server's `{ f, r }` are marked kept (`complete`).
+    const v = JSON.parse(r.response) as { f: string };
+    const reduced = JSON.stringify({ f: v.f });
     const bytes = Buffer.byteLength(reduced);
     q.dedupeReduce.run(reduced, bytes, r.key);
     count(h.name, r.bytes, 1, -1);
@@ -290,15 +286,16 @@ export function sqliteStore(options: SqliteStoreOptions): HistoryStore & DedupeS
   };
 
   const completeTx = db.transaction(
-    (key: string, json: string, expires: number, limits: DedupeLimits | undefined) => {
+    (key: string, json: string, reducible: boolean, expires: number, limits: DedupeLimits | undefined) => {
       const bytes = Buffer.byteLength(json);
       const holder = limits?.holder ?? '';
+      const kept = reducible ? 1 : 0;
       const before = q.dedupeBytes.get(key);
       const wasAnswered = q.dedupeGet.get(key)?.response != null;
-      const info = q.dedupeComplete.run(json, expires, bytes, holder, 1, key);
+      const info = q.dedupeComplete.run(json, expires, bytes, holder, kept, key);
       if (info.changes === 0) return;
       if (wasAnswered && before) count(before.holder, before.bytes, before.kept, -1);
-      count(holder, bytes, 1, 1);
+      count(holder, bytes, kept, 1);
       if (!limits) return;
       // Largest holder first, oldest first within it, a slack below the cap (evict.ts).
       if (totals.n > limits.maxEntries) {
@@ -486,7 +483,11 @@ export function sqliteStore(options: SqliteStoreOptions): HistoryStore & DedupeS
 
     async complete(key, response, ttlMs, limits) {
       ensureOpen();
-      completeTx(key, JSON.stringify(response) ?? 'null', now() + ttlMs, limits);
+      // The server's `{ f, r }` (dedupe.ts `StoredAnswer`) can be reduced to `{ f }` under byte
+      // pressure; any other value is opaque and only dropped whole.
+      const v = response as { f?: unknown; r?: unknown } | null;
+      const reducible = typeof v?.f === 'string' && v.r !== undefined;
+      completeTx(key, JSON.stringify(response) ?? 'null', reducible, now() + ttlMs, limits);
     },
 
     async bind(clientId, owner, ttlMs) {
