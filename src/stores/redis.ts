@@ -25,8 +25,9 @@
  * Dedupe (`claim`/`complete`/`release`): `SET NX` of a pending marker with a lease the owner
  * renews while it processes, then the response with the dedupe TTL. A retry that lands on
  * another process waits for the response; a claim whose process died lapses after the lease.
- * Answers are indexed in `<prefix>dedupe-index` (a sorted set by time) with their sizes, so
- * `complete` drops the oldest to honour the server's `dedupeMaxEntries` and `dedupeMaxBytes`.
+ * Answers are indexed in `<prefix>dedupe-index` (a sorted set by time) with their sizes, and
+ * by holder (`DedupeLimits.holder`), so `complete` honours the server's `dedupeMaxEntries` and
+ * `dedupeMaxBytes` taking from the largest holder first, oldest first within it (FIX14C).
  * ClientId bindings (`bind`, docs/PROTOCOL.md "Principal binding") are `<prefix>bind:<clientId>`
  * keys holding the owner, with the dedupe window as TTL, refreshed on use. Redis must not evict
  * them: a `maxmemory-policy` other than `noeviction` is reported to `onError`
@@ -352,43 +353,136 @@ return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 `;
 
 /**
- * Store an answer and keep the answered entries under the caps, oldest first.
+ * Store an answer and keep the answered entries under the caps: the largest holder first,
+ * oldest first within it (FIX14C; the policy of src/stores/evict.ts, here with sorted sets so
+ * each step finds the largest holder in O(log n), atomically for every process).
  * KEYS: dedupe key, index (zset member → time answered), sizes (hash member → bytes), total
- * bytes. ARGV: value, ttl ms, now ms, max entries ('' = none), max bytes ('' = none), member,
- * key prefix of dedupe keys. An entry still pending (claimed again after it lapsed) is never
- * deleted here, only taken out of the index until its own answer puts it back.
+ * bytes, holders by count (zset holder → entries), holders by bytes (zset holder → bytes),
+ * holders with kept responses by bytes (zset), member → holder (hash).
+ * ARGV: value, ttl ms, now ms, max entries ('' = none), max bytes ('' = none), member,
+ * key prefix of dedupe keys, holder, key prefix of a holder's entries (zset member → time),
+ * key prefix of a holder's entries that still hold their response, '1' when the value is the
+ * server's `{ f, r }` (reducible to `{ f }`).
+ * Past max entries: drop the oldest entries of the holder with the most, while it still has
+ * more than the runner-up. Past max bytes: reduce the oldest kept responses of the holder
+ * with the most bytes among those with kept ones to `{ f }`, the same way, then drop whole
+ * entries of the holder with the most bytes if that is not enough. An entry still pending
+ * (claimed again after it lapsed) is never deleted here, only taken out of the index until
+ * its own answer puts it back. Entries made before holders existed (no holder) are dropped
+ * oldest first only when no holder is left to take from.
  */
 const COMPLETE_LUA = `
 local idx, sizes, total = KEYS[2], KEYS[3], KEYS[4]
+local hn, hb, hkb, hof = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local HP, HK = ARGV[9], ARGV[10]
+local function addBytes(h, d)
+  redis.call('ZINCRBY', hb, d, h)
+  if redis.call('ZSCORE', hkb, h) then redis.call('ZINCRBY', hkb, d, h) end
+end
 local function forget(m)
   redis.call('ZREM', idx, m)
-  local sz = redis.call('HGET', sizes, m)
-  if sz then
-    redis.call('DECRBY', total, sz)
-    redis.call('HDEL', sizes, m)
+  local sz = tonumber(redis.call('HGET', sizes, m) or '0')
+  if redis.call('HDEL', sizes, m) == 1 then redis.call('DECRBY', total, sz) end
+  local h = redis.call('HGET', hof, m)
+  if h then
+    redis.call('HDEL', hof, m)
+    addBytes(h, -sz)
+    redis.call('ZREM', HP .. h, m)
+    if redis.call('ZREM', HK .. h, m) == 1 and redis.call('ZCARD', HK .. h) == 0 then redis.call('ZREM', hkb, h) end
+    if tonumber(redis.call('ZINCRBY', hn, -1, h)) <= 0 then
+      redis.call('ZREM', hn, h)
+      redis.call('ZREM', hb, h)
+      redis.call('ZREM', hkb, h)
+    end
   end
   local k = ARGV[7] .. m
   local v = redis.call('GET', k)
   if v and string.sub(v, 1, 2) == 'd:' then redis.call('DEL', k) end
 end
-local old = redis.call('HGET', sizes, ARGV[6])
-if old then redis.call('DECRBY', total, old) end
+local function reduce(m, h)
+  redis.call('ZREM', HK .. h, m)
+  if redis.call('ZCARD', HK .. h) == 0 then redis.call('ZREM', hkb, h) end
+  local k = ARGV[7] .. m
+  local v = redis.call('GET', k)
+  if not v or string.sub(v, 1, 2) ~= 'd:' then return end
+  local ok, obj = pcall(cjson.decode, string.sub(v, 3))
+  if not ok or type(obj) ~= 'table' or type(obj.f) ~= 'string' then return end
+  local nv = 'd:' .. cjson.encode({ f = obj.f })
+  local ttl = redis.call('PTTL', k)
+  if ttl > 0 then redis.call('SET', k, nv, 'PX', ttl) else redis.call('SET', k, nv) end
+  local old = tonumber(redis.call('HGET', sizes, m) or '0')
+  local new = string.len(nv)
+  redis.call('HSET', sizes, m, new)
+  redis.call('DECRBY', total, old - new)
+  addBytes(h, new - old)
+end
+local function top2(z)
+  local r = redis.call('ZREVRANGE', z, 0, 1, 'WITHSCORES')
+  return r[1], tonumber(r[4] or '0')
+end
+local function score(z, h) return tonumber(redis.call('ZSCORE', z, h) or '0') end
+local function bytes() return tonumber(redis.call('GET', total) or '0') end
+local function oldestOverall()
+  local o = redis.call('ZRANGE', idx, 0, 0)
+  if #o == 0 then return false end
+  forget(o[1])
+  return true
+end
+local m, h = ARGV[6], ARGV[8]
+if redis.call('HEXISTS', sizes, m) == 1 then forget(m) end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 local size = string.len(ARGV[1])
-redis.call('HSET', sizes, ARGV[6], size)
+redis.call('HSET', sizes, m, size)
 redis.call('INCRBY', total, size)
-redis.call('ZADD', idx, ARGV[3], ARGV[6])
+redis.call('ZADD', idx, ARGV[3], m)
+redis.call('HSET', hof, m, h)
+redis.call('ZINCRBY', hn, 1, h)
+addBytes(h, size)
+redis.call('ZADD', HP .. h, ARGV[3], m)
+if ARGV[11] == '1' then
+  redis.call('ZADD', HK .. h, ARGV[3], m)
+  redis.call('ZADD', hkb, score(hb, h), h)
+end
 local cutoff = tonumber(ARGV[3]) - tonumber(ARGV[2])
-for _, m in ipairs(redis.call('ZRANGEBYSCORE', idx, '-inf', cutoff, 'LIMIT', 0, 100)) do forget(m) end
+for _, e in ipairs(redis.call('ZRANGEBYSCORE', idx, '-inf', cutoff, 'LIMIT', 0, 100)) do forget(e) end
 local maxN = tonumber(ARGV[4])
 local maxB = tonumber(ARGV[5])
-while true do
-  local over = (maxN and redis.call('ZCARD', idx) > maxN)
-    or (maxB and tonumber(redis.call('GET', total) or '0') > maxB)
-  if not over then break end
-  local oldest = redis.call('ZRANGE', idx, 0, 0)
-  if #oldest == 0 then break end
-  forget(oldest[1])
+if maxN then
+  while redis.call('ZCARD', idx) > maxN do
+    local top, nxt = top2(hn)
+    if not top then
+      if not oldestOverall() then break end
+    else
+      repeat
+        local o = redis.call('ZRANGE', HP .. top, 0, 0)
+        if #o == 0 then redis.call('ZREM', hn, top) break end
+        forget(o[1])
+      until redis.call('ZCARD', idx) <= maxN or score(hn, top) <= nxt
+    end
+  end
+end
+if maxB then
+  while bytes() > maxB do
+    local top, nxt = top2(hkb)
+    if not top then break end
+    repeat
+      local o = redis.call('ZRANGE', HK .. top, 0, 0)
+      if #o == 0 then redis.call('ZREM', hkb, top) break end
+      reduce(o[1], top)
+    until bytes() <= maxB or score(hkb, top) <= nxt
+  end
+  while bytes() > maxB do
+    local top, nxt = top2(hb)
+    if not top then
+      if not oldestOverall() then break end
+    else
+      repeat
+        local o = redis.call('ZRANGE', HP .. top, 0, 0)
+        if #o == 0 then redis.call('ZREM', hb, top) break end
+        forget(o[1])
+      until bytes() <= maxB or score(hb, top) <= nxt
+    end
+  end
 end
 return 1
 `;
@@ -536,6 +630,12 @@ export async function redisStore(
     dedupeIndex: `${prefix}dedupe-index`,
     dedupeSizes: `${prefix}dedupe-sizes`,
     dedupeBytes: `${prefix}dedupe-bytes`,
+    dedupeHoldersN: `${prefix}dedupe-holders-n`,
+    dedupeHoldersB: `${prefix}dedupe-holders-b`,
+    dedupeHoldersKB: `${prefix}dedupe-holders-kb`,
+    dedupeHolderOf: `${prefix}dedupe-holder-of`,
+    dedupeHolder: `${prefix}dedupe-h:`,
+    dedupeHolderKept: `${prefix}dedupe-hk:`,
     binding: (clientId: string) => `${prefix}bind:${clientId}`,
     token: (token: string) => `${prefix}append:${token}`,
     feed: `${prefix}feed`,
@@ -1104,11 +1204,24 @@ export async function redisStore(
       ensureOpen();
       dropClaim(key);
       const json = JSON.stringify(response) ?? 'null';
+      // The server's `{ f, r }` (dedupe.ts `StoredAnswer`) may be reduced to `{ f }` under byte
+      // pressure; any other value is opaque and only dropped whole.
+      const v = response as { f?: unknown; r?: unknown } | null;
+      const reducible = typeof v?.f === 'string' && v.r !== undefined;
       const cap = (n: number | undefined) =>
         n !== undefined && Number.isFinite(n) ? String(Math.max(0, Math.floor(n))) : '';
       await run(
         SCRIPTS.complete,
-        [keys.dedupe(key), keys.dedupeIndex, keys.dedupeSizes, keys.dedupeBytes],
+        [
+          keys.dedupe(key),
+          keys.dedupeIndex,
+          keys.dedupeSizes,
+          keys.dedupeBytes,
+          keys.dedupeHoldersN,
+          keys.dedupeHoldersB,
+          keys.dedupeHoldersKB,
+          keys.dedupeHolderOf,
+        ],
         [
           `d:${json}`,
           Math.max(1, Math.floor(ttlMs)),
@@ -1117,6 +1230,10 @@ export async function redisStore(
           cap(limits?.maxBytes),
           key,
           keys.dedupe(''),
+          limits?.holder ?? '',
+          keys.dedupeHolder,
+          keys.dedupeHolderKept,
+          reducible ? '1' : '0',
         ],
       );
     },
