@@ -187,6 +187,20 @@ const idReused = (id: string) =>
 const notKept = (id: string) =>
   nak(id, 'result_not_kept', 'this request was applied before; its result was not kept');
 
+/** Responses `notRemembered` marked: answered, but not kept as their id's answer. */
+const UNREMEMBERED = new WeakSet<object>();
+
+/**
+ * Mark `response` as not to be remembered as its id's answer (FIX14C, PROTOCOL §2
+ * `server_error`): a NAK for a batch whose `onSync` threw or rejected (an `onSync` is
+ * all-or-nothing, README, so a throw applied nothing and a retry runs it again: it may pass),
+ * or one refused before `onSync` ran (the server closing). Returns `response`.
+ */
+export function notRemembered<T extends object>(response: T): T {
+  UNREMEMBERED.add(response);
+  return response;
+}
+
 /** How often a process polls a shared store for a duplicate another process is processing. */
 const POLL_MS = 20;
 
@@ -244,7 +258,8 @@ export class Dedupe {
    * The response itself when it is known in this turn (a refusal, a remembered answer, or a
    * `process` that answered synchronously with nothing of the client's queued), else a
    * promise of it. Never throws or rejects: `process` is expected to turn its own failures
-   * into NAKs (one that throws or rejects anyway is answered `server_error`, not remembered).
+   * into NAKs, marked `notRemembered` when a retry should run it again (one that throws or
+   * rejects anyway is answered `server_error`, not remembered either).
    */
   run(
     owner: string,
@@ -342,7 +357,7 @@ export class Dedupe {
   /** A batch was answered: no longer in flight, and remembered (without a shared store). */
   private settled(key: string, fp: string, response: SynResponse, holder: string): SynResponse {
     this.inflight.delete(key);
-    if (!this.opts.store) this.remember(key, fp, response, holder);
+    if (!this.opts.store && !UNREMEMBERED.has(response)) this.remember(key, fp, response, holder);
     return response;
   }
 
@@ -570,6 +585,11 @@ export class Dedupe {
         } catch (err) {
           await store.release?.(key).catch((e: unknown) => this.opts.onError(e, 'store.release'));
           throw err;
+        }
+        if (UNREMEMBERED.has(response)) {
+          // onSync threw (nothing applied, README): the claim is dropped, a retry runs it again.
+          await store.release?.(key).catch((e: unknown) => this.opts.onError(e, 'store.release'));
+          return response;
         }
         const stored: StoredAnswer = { f: fp };
         if (responseBytes(response) <= this.opts.maxResponseBytes) stored.r = response;

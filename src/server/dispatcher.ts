@@ -35,7 +35,7 @@ import {
 } from '../protocol/index.js';
 import type { AppendOptions, HistoryStore } from '../stores/types.js';
 import type { ChannelPeer, Channels } from './channels.js';
-import type { Dedupe, SynResponse } from './dedupe.js';
+import { type Dedupe, notRemembered, type SynResponse } from './dedupe.js';
 import { type Bindings, type BindOutcome, ownerOf } from './identity.js';
 import type { PublishOptions, PublishResult, SyncContext, SyncServerOptions } from './index.js';
 import { KeyedBuckets } from './limits.js';
@@ -280,7 +280,7 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
     peer: Peer<P>,
   ): SynResponse | Promise<SynResponse> {
     // A batch still queued at shutdown is left for the client to resend to the next server.
-    if (o.closing()) return nak(syn.id, 'server_error', 'server is closing');
+    if (o.closing()) return notRemembered(nak(syn.id, 'server_error', 'server is closing'));
     const { clientId } = peer;
     let n = 0;
     // Every publication of the batch, in call order, for the response's `published` (made on
@@ -328,13 +328,19 @@ export function makeDispatcher<P>(o: DispatcherOptions<P>): Dispatcher<P> {
     return synResponse(syn, results, publications);
   }
 
-  /** What a batch whose `onSync` threw (or rejected with) `err` is answered. */
+  /**
+   * What a batch whose `onSync` threw (or rejected with) `err` is answered: not remembered as
+   * its id's answer (FIX14C; PROTOCOL §2 `server_error`, "HTTP 5xx is retried"): an `onSync`
+   * is all-or-nothing (README "A throwing `onSync` is not a rollback"), so a throw applied
+   * nothing and a retry of the same id runs `onSync` again. Results not aligned with the
+   * operations (`synResponse`) are remembered instead: that `onSync` returned, so it applied.
+   */
   function onSyncFailed(id: string, err: unknown): SynResponse {
     // A NAK here says the batch was not completed, not that nothing of it was applied:
     // what onSync did (and published) before throwing stays (SyncServerOptions.onSync).
-    if (err instanceof SyncError && isNakCode(err.code)) return nak(id, err.code, err.message);
+    if (err instanceof SyncError && isNakCode(err.code)) return notRemembered(nak(id, err.code, err.message));
     onError(err, 'onSync');
-    return nak(id, 'server_error', 'the server failed to apply the batch');
+    return notRemembered(nak(id, 'server_error', 'the server failed to apply the batch'));
   }
 
   /** The response to a batch `onSync` answered with `results` (checked here). */
