@@ -722,6 +722,25 @@ function objectOrder(map: Map<string, unknown>): Array<[string, unknown]> {
 const fail = (code: NakCode, message: string, id: string | null = null) =>
   ({ ok: false, code, message, id }) as const;
 
+/** What a JSON text holding a number beyond a double's range must contain (`hasNonFinite`). */
+const MAYBE_NON_FINITE = /[eE]\+?\d{3}|\d{100}/;
+
+/** Whether `value` holds a number that is not finite (walked with a stack: no recursion). */
+function hasNonFinite(value: unknown): boolean {
+  const stack: unknown[] = [value];
+  while (stack.length > 0) {
+    const v = stack.pop();
+    if (typeof v === 'number') {
+      if (!Number.isFinite(v)) return true;
+    } else if (Array.isArray(v)) {
+      for (const x of v) stack.push(x);
+    } else if (typeof v === 'object' && v !== null) {
+      for (const x of Object.values(v)) stack.push(x);
+    }
+  }
+  return false;
+}
+
 /**
  * Parse and validate a frame a server received from a client. Never throws, whatever the
  * input: every way a frame can be wrong comes back as `{ ok: false, code, message, id }`
@@ -797,6 +816,13 @@ function parseClientFrameUnsafe(
       }
       if (opts.maxBatch !== undefined && payload.length > opts.maxBatch) {
         return fail('too_large', `SYN of ${payload.length} operations exceeds ${opts.maxBatch}`, id);
+      }
+      // A number beyond a double's range (1e400) parses as ±Infinity, which JSON cannot carry
+      // (it would be stored, fingerprinted and published as null): refused (FIX14C). Only
+      // texts that could hold one (an exponent of 3 digits or more, or a 100-digit run) are
+      // walked, so ordinary frames pay one native scan.
+      if (MAYBE_NON_FINITE.test(text) && hasNonFinite(payload)) {
+        return fail('bad_request', 'a number in the payload is beyond the range of a double', id);
       }
       return { ok: true, envelope: { id, type, payload } };
     case 'PNG':
