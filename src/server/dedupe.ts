@@ -11,10 +11,13 @@
  * Memory stays bounded in count and bytes: remembered responses by age (`windowMs`), count
  * (`maxEntries`) and bytes (`maxBytes`: responses are kept as their JSON text, so the bytes
  * counted are the bytes held, and decoded again on replay); a response over `maxResponseBytes` is kept as its
- * fingerprint only, and under byte pressure the oldest responses are reduced to fingerprints
- * before any entry is dropped. A replay of an id whose response was not kept is answered
- * `NAK result_not_kept` ("applied, result not kept"). Per-client queues are dropped when idle,
- * queued batches per client capped.
+ * fingerprint only, and under byte pressure responses are reduced to fingerprints before any
+ * entry is dropped. Under either cap, eviction takes from the largest holder first (the key
+ * the client's limits count under), oldest first within it (`shed`, stores/evict.ts; FIX14C):
+ * one principal's flood evicts its own answers. A replay of an id whose response was not kept
+ * is answered `NAK result_not_kept` ("applied, result not kept"). A NAK marked
+ * `notRemembered` (onSync threw) is answered but not kept. Per-client queues are dropped when
+ * idle, queued batches per client capped.
  *
  * When given a `DedupeStore` (`claim/complete/release`, e.g. a store shared by several server
  * processes), it is the memory of record, so a retry that lands on another process is still

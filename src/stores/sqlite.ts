@@ -6,8 +6,10 @@
  *
  * Dedupe memory lives in the same file (`claim/complete/release`), so a batch answered just
  * before a restart and retried just after it is answered from the file, not applied again;
- * `complete` drops the oldest answers to honour the server's `dedupeMaxEntries` and
- * `dedupeMaxBytes`. ClientId bindings (`bind`, docs/PROTOCOL.md "Principal binding") live
+ * `complete` honours the server's `dedupeMaxEntries` and `dedupeMaxBytes` taking from the
+ * largest holder first (`DedupeLimits.holder`), oldest first within it, reducing the server's
+ * `{ f, r }` answers to `{ f }` before dropping rows (stores/evict.ts, FIX14C); `dedupeStats`
+ * reports its totals. ClientId bindings (`bind`, docs/PROTOCOL.md "Principal binding") live
  * there too, expired by `trim()`.
  *
  * better-sqlite3 is an optional peer dependency, loaded with `require` only when a store is
