@@ -316,19 +316,28 @@ describe('dedupe', () => {
     expect(calls).toBe(1);
   });
 
-  it('remembers a NAK as the response', async () => {
+  // FIX14C (PROTOCOL §2 `server_error`): a throwing onSync applied nothing (it must be
+  // all-or-nothing), so its NAK is not remembered and a retry runs it again; results not
+  // aligned with the operations are remembered (onSync returned: it applied).
+  it('does not remember the NAK of a throwing onSync (a retry runs it again); remembers a misaligned result NAK', async () => {
     let calls = 0;
     const server = await h.start({
-      onSync: () => {
+      onSync: (ops) => {
         calls++;
-        throw new Error('nope');
+        if ((ops[0] as number) === 1) throw new Error('nope');
+        return [];
       },
     });
     const a = await post(httpUrl(server), 'c1', { id: 'n1', type: 'SYN', payload: [1] });
     const b = await post(httpUrl(server), 'c1', { id: 'n1', type: 'SYN', payload: [1] });
-    expect(b.body).toEqual(a.body);
     expect(a.body[1]).toMatchObject({ type: 'NAK', error: { code: 'server_error' } });
-    expect(calls).toBe(1);
+    expect(b.body).toEqual(a.body);
+    expect(calls).toBe(2);
+    const c = await post(httpUrl(server), 'c1', { id: 'n2', type: 'SYN', payload: [2] });
+    const d = await post(httpUrl(server), 'c1', { id: 'n2', type: 'SYN', payload: [2] });
+    expect(c.body[1]).toMatchObject({ type: 'NAK', error: { code: 'server_error' } });
+    expect(d.body).toEqual(c.body);
+    expect(calls).toBe(3);
   });
 
   it('stays within dedupeMaxEntries, forgetting the oldest first', async () => {
