@@ -107,6 +107,15 @@ export interface SyncClientOptions {
   timeout?: number;
   /** Operations per SYN. @default 100 */
   maxBatch?: number;
+  /**
+   * Bytes of operations per SYN, counted as the length of each operation's JSON (UTF-16 code
+   * units: a byte each for ASCII, up to 3 bytes each for other text). A batch is cut before the
+   * operation that would pass it; an operation alone over it is sent alone (and gets the
+   * server's answer: `too_large` over its `maxPayloadBytes`). Integer 1 to 2^31−1.
+   * @default 262144 (256 KiB: a batch stays under the reference server's `maxPayloadBytes`,
+   * 1 MiB, whatever its text; README "Limits")
+   */
+  maxBatchBytes?: number;
   /** Operations the outbox holds before `send()` rejects with `queue_full`. @default 10000 */
   maxQueue?: number;
   /** Polling period while degraded to HTTP. @default timeout */
@@ -608,6 +617,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         instance,
         timeout,
         maxBatch,
+        maxBatchBytes: options.maxBatchBytes,
         pollInterval: options.pollInterval ?? timeout,
         maxBackoff: options.maxBackoff ?? DEFAULTS.maxBackoff,
         random: options.random,
