@@ -101,6 +101,14 @@ export interface ConnectionInput {
   /** T, in milliseconds. */
   timeout: number;
   maxBatch: number;
+  /**
+   * Bytes of operations per `SYN`, counted as the length of each operation's JSON (`QueueItem`
+   * `json`; UTF-16 code units: a byte each for ASCII text, up to 3 bytes each otherwise): a run
+   * is cut before the operation that would pass it; an operation alone over it goes alone.
+   * @default 262144 (256 KiB: under the reference server's `maxPayloadBytes`, 1 MiB, even at
+   * 3 bytes per unit)
+   */
+  maxBatchBytes?: number;
   /** Polling period while degraded. */
   pollInterval: number;
   /** Upper bound of the redial and HTTP retry backoff. */
@@ -122,6 +130,8 @@ export interface ConnectionSettings {
   /** `ConnectionInput.instance` (or the random default). */
   instance: string;
   maxBatch: number;
+  /** `ConnectionInput.maxBatchBytes` (or its default). */
+  maxBatchBytes: number;
   pollInterval: number;
   maxBackoff: number;
   random: () => number;
@@ -527,6 +537,7 @@ export const connectionMachine = setup({
     settings: {
       instance: input.instance ?? randomInstance(),
       maxBatch: input.maxBatch,
+      maxBatchBytes: input.maxBatchBytes ?? MAX_BATCH_BYTES,
       pollInterval: input.pollInterval,
       maxBackoff: input.maxBackoff,
       random: input.random ?? Math.random,
@@ -797,6 +808,9 @@ export function randomInstance(): string {
   return s;
 }
 
+/** `ConnectionInput.maxBatchBytes`'s default: 256 KiB of operations' JSON per `SYN`. */
+export const MAX_BATCH_BYTES = 262_144;
+
 /** The outbox after a `SEND` event (the same outbox for any other event). */
 function queued(queue: QueueItem[], event: ConnectionEvent): QueueItem[] {
   if (event.type !== 'SEND') return queue;
@@ -836,9 +850,16 @@ function take(
   const keys: number[] = [];
   let json: string | undefined = '[';
   let i = 0;
-  for (; i < queue.length && ops.length < context.settings.maxBatch; i++) {
+  const { maxBatch, maxBatchBytes } = context.settings;
+  let bytes = 0;
+  for (; i < queue.length && ops.length < maxBatch; i++) {
     const item = queue[i]!;
     if (item.kind !== 'op') break;
+    // Bounded in bytes too (a frame the server refuses `too_large`, or closes 1009, would fail
+    // every operation in it): an operation that would pass the budget starts the next SYN.
+    const size = item.json === undefined ? 0 : item.json.length;
+    if (i > 0 && bytes + size > maxBatchBytes) break;
+    bytes += size;
     ops.push(item.op);
     keys.push(item.key);
     if (json !== undefined)

@@ -38,9 +38,11 @@ const message = (err: unknown) => String((err as Error)?.message ?? err);
  *   The file's format is unchanged (`op` is the operation as JSON), so a file written by an
  *   earlier version loads, and an earlier version loads this one's.
  * - **Atomic.** Every write goes through a temporary file and a rename, so a crash never leaves
- *   half a file. Outbox changes are written synchronously, before the operation is sent (so a
- *   process that exits right after `send()` keeps it); cursor changes are coalesced to one write
- *   per tick.
+ *   half a file. Each outbox change the client makes is written synchronously, before the
+ *   operation is sent; the client makes one per tick for the operations `send()` accepted in
+ *   it (one microtask after the first, once `loaded` has resolved), so a process that exits in
+ *   the same tick as `send()` loses them: `await client.close()` before exiting writes them
+ *   (README "When an operation is on disk"). Cursor changes are coalesced to one write per tick.
  * - **Failures are reported, never thrown** (`failures$`/`onFailure`, kind `storage`): a write
  *   that fails (missing folder, read-only directory, full disk) keeps the data in memory and the
  *   next change tries the whole file again; a file that cannot be parsed (truncated JSON) is

@@ -107,6 +107,15 @@ export interface SyncClientOptions {
   timeout?: number;
   /** Operations per SYN. @default 100 */
   maxBatch?: number;
+  /**
+   * Bytes of operations per SYN, counted as the length of each operation's JSON (UTF-16 code
+   * units: a byte each for ASCII, up to 3 bytes each for other text). A batch is cut before the
+   * operation that would pass it; an operation alone over it is sent alone (and gets the
+   * server's answer: `too_large` over its `maxPayloadBytes`). Integer 1 to 2^31−1.
+   * @default 262144 (256 KiB: a batch stays under the reference server's `maxPayloadBytes`,
+   * 1 MiB, whatever its text; README "Limits")
+   */
+  maxBatchBytes?: number;
   /** Operations the outbox holds before `send()` rejects with `queue_full`. @default 10000 */
   maxQueue?: number;
   /** Polling period while degraded to HTTP. @default timeout */
@@ -353,6 +362,12 @@ export interface SyncClient<Op = unknown, Result = unknown> {
    * or applied and waiting for their publications to reach this client (docs/consistency.md).
    */
   readonly pending: number;
+  /**
+   * Stop for good: pending promises reject with `closed`, their operations stay in the durable
+   * outbox for the next client on the same storage (written now if `send()` accepted them this
+   * tick). Called before `loaded` resolves, it waits for the storage (`fileStorage`: its lock,
+   * at most `stale` + 1 s), writes them, then releases it (README "When an operation is on disk").
+   */
   close(): Promise<void>;
   readonly actor: ConnectionActor;
   /** Fault switches and a socket killer, for the playground and chaos testing. */
@@ -602,6 +617,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         instance,
         timeout,
         maxBatch,
+        maxBatchBytes: options.maxBatchBytes,
         pollInterval: options.pollInterval ?? timeout,
         maxBackoff: options.maxBackoff ?? DEFAULTS.maxBackoff,
         random: options.random,
@@ -1289,13 +1305,30 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     }
   };
 
+  /**
+   * Closed before the storage was ready (its claim or load still under way): the outbox writes
+   * of the operations `send()` accepted, which the lane held back, are made now, in order, and
+   * nothing is handed to the machine (never started). Resolves with 0 (nothing restored).
+   */
+  const keepSteps = (): number | Promise<number> => {
+    while (steps.length > 0) {
+      const write = steps.shift()!.write;
+      if (!write) continue;
+      const r = guarded(write);
+      if (r) return r.then(keepSteps);
+    }
+    return 0;
+  };
+
   /** Identity (lock), then the stored outbox; synchronous when the storage is. */
   const init = (): number | Promise<number> => {
     // The default memoryStorage() is this client's alone: nothing to claim.
     const locks = options.storage ? storage.locks : undefined;
-    const load = () => {
-      if (closed) return 0;
-      const finish = (snap: Parameters<typeof restore>[0]) => {
+    const load = (): number | Promise<number> => {
+      if (closed) return keepSteps();
+      const finish = (snap: Parameters<typeof restore>[0]): number | Promise<number> => {
+        // Closed while the outbox was loading (IndexedDB): write what send() accepted, start nothing.
+        if (closed) return keepSteps();
         const n = restore(snap);
         ready = true;
         if (!closed) start();
@@ -1323,10 +1356,20 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     type Claimed = Release | Promise<Release>;
     const isPromise = (r: Claimed): r is Promise<Release> =>
       r !== null && typeof (r as Promise<Release>).then === 'function';
-    const held = (release: Release) => {
-      if (closed) void Promise.resolve(release?.()).catch(storageFailed);
-      else releaseLock = release;
-      return load();
+    const held = (release: Release): number | Promise<number> => {
+      if (!closed) {
+        releaseLock = release;
+        return load();
+      }
+      // Closed while the claim was under way: what send() accepted is written to the outbox
+      // (now that this instance holds it), then the lock goes (README "close()").
+      const free = (n: number) =>
+        Promise.resolve()
+          .then(() => release?.())
+          .catch(storageFailed)
+          .then(() => n);
+      const n = load();
+      return typeof n === 'number' ? free(n) : n.then(free);
     };
     /** Another live client holds this identity in this storage. */
     const refused = (): Claimed => {
@@ -1463,6 +1506,9 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     for (const a of subActors.values()) a.send({ type: 'UNSUBSCRIBE' });
     stopWatching?.();
     await Promise.all([...adopted].map((c) => c.close()));
+    // Closed before the storage was ready: init writes what send() accepted once it holds the
+    // storage (fileStorage: the lock, ≤ its `stale` + 1 s), then releases it; wait for that.
+    if (!ready) await loaded.catch(() => 0);
     try {
       await releaseLock?.();
     } catch (lockErr) {

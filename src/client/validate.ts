@@ -51,7 +51,7 @@ const isUrlList = (v: unknown) =>
 /**
  * Throws `RangeError` for a number out of range, `TypeError` for a value of the wrong kind.
  * Ranges: `timeout` [1, 2^31−1] ms; `pollInterval` [1, 2^31−1] ms; `maxBackoff` [1, 2^31−1] ms;
- * `maxBatch` integer [1, 100 000]; `maxQueue` integer [1, 2^31−1].
+ * `maxBatch` integer [1, 100 000]; `maxBatchBytes` integer [1, 2^31−1]; `maxQueue` integer [1, 2^31−1].
  */
 export function validateOptions(o: SyncClientOptions): void {
   if (!o || typeof o !== 'object') throw new TypeError('syncwire: options object is required');
@@ -87,6 +87,7 @@ export function validateOptions(o: SyncClientOptions): void {
   durationIn('pollInterval', o.pollInterval, 1);
   durationIn('maxBackoff', o.maxBackoff, 1);
   integerIn('maxBatch', o.maxBatch, 1, 100_000);
+  integerIn('maxBatchBytes', o.maxBatchBytes, 1, 2 ** 31 - 1);
   integerIn('maxQueue', o.maxQueue, 1, 2 ** 31 - 1);
   if (o.params !== undefined && !isResolvable(o.params, isRecordOfStrings)) {
     throw new TypeError('syncwire: option params must be a record of strings or a function returning one');
