@@ -16,6 +16,8 @@
  * - `refused`: the server refused it (`forbidden`, `too_many_channels`, `server_error`) or
  *   revoked it. The client stops asking for it until the app calls `subscribe()` again;
  *   `context.error` says why.
+ * - `forgotten` (final, internal): the client dropped an `unsubscribed` channel's actor; it
+ *   is never reported (the channel reads `unsubscribed` from then on).
  *
  * A `SUB` that fails as a whole for another reason (`server_error`, `bad_response`, …) is
  * not a refusal: the channel stays where it was (`subscribing` / `resetting`) with
@@ -68,7 +70,12 @@ export type SubscriptionEvent =
   /** The server ended it (server `UNS`): `forbidden` → refused, `unsubscribed` → unsubscribed. */
   | { type: 'REVOKED'; error: SubscriptionError }
   /** The app called `unsubscribe()`, or the client closed. */
-  | { type: 'UNSUBSCRIBE' };
+  | { type: 'UNSUBSCRIBE' }
+  /**
+   * The client forgets an `unsubscribed` channel (FIX14E F5): the actor ends (a final state,
+   * which removes it from the actor system); a later `subscribe()` makes a new one.
+   */
+  | { type: 'FORGET' };
 
 export const subscriptionMachine = setup({
   types: {
@@ -92,8 +99,10 @@ export const subscriptionMachine = setup({
   initial: 'unsubscribed',
   states: {
     unsubscribed: {
-      on: { SUBSCRIBE: { target: 'subscribing', actions: 'clear' } },
+      on: { SUBSCRIBE: { target: 'subscribing', actions: 'clear' }, FORGET: 'forgotten' },
     },
+    /** Not a subscription state: the actor's end, never reported (it has left the client). */
+    forgotten: { type: 'final' },
     subscribing: {
       on: {
         GRANTED: { target: 'subscribed', actions: 'clear' },

@@ -25,6 +25,7 @@ const EVENTS: SubscriptionEvent[] = [
   { type: 'REVOKED', error: { code: 'forbidden', message: 'revoked' } },
   { type: 'REVOKED', error: { code: 'unsubscribed', message: 'ended' } },
   { type: 'UNSUBSCRIBE' },
+  { type: 'FORGET' },
 ];
 const key = (e: SubscriptionEvent) => ('error' in e ? `${e.type}:${e.error.code}` : e.type);
 
@@ -96,7 +97,11 @@ describe('model-based: the subscription chart', () => {
         if (snap.value === 'refused') expect(snap.context.error, where).not.toBeNull();
         if (snap.value === 'subscribing' || snap.value === 'subscribed' || snap.value === 'resetting')
           if (step.event.type === 'SUBSCRIBE') expect(snap.context.error, where).toBeNull();
-        if (step.event.type === 'UNSUBSCRIBE') expect(snap.value, where).toBe('unsubscribed');
+        if (step.event.type === 'UNSUBSCRIBE' && snap.value !== 'forgotten')
+          expect(snap.value, where).toBe('unsubscribed');
+        // FORGET ends the actor only from `unsubscribed` (FIX14E F5); anywhere else it is ignored.
+        if (step.event.type === 'FORGET')
+          expect(snap.status === 'done', where).toBe(snap.value === 'forgotten');
         if (
           step.event.type === 'GRANTED' &&
           String(path.steps[i - 1]?.state.value ?? '').match(/subscribing|resetting/)

@@ -59,6 +59,8 @@ export interface SubscribeOptions {
 export class ChannelCursors {
   private readonly cursors = new Map<string, Cursor>();
   private dirty = false;
+  /** The stored cursors, parsed once per tick (not once per add(): FIX14E F6, quadratic). */
+  private storedCache: Record<string, { epoch?: string; seq?: number }> | undefined;
 
   constructor(
     private readonly storage: SyncStorage,
@@ -67,6 +69,10 @@ export class ChannelCursors {
 
   get names(): string[] {
     return [...this.cursors.keys()];
+  }
+
+  get size(): number {
+    return this.cursors.size;
   }
 
   has(channel: string): boolean {
@@ -83,7 +89,13 @@ export class ChannelCursors {
   /** Start tracking a channel. A stored cursor is resumed unless the options say otherwise. */
   add(channel: string, opts: SubscribeOptions = {}): void {
     const stored = entryOf(this.loadStored(), channel);
-    const c: Cursor = { subsInFlight: 0, jumped: false, wantsSnapshot: false, snapshotPending: false };
+    // Re-registering keeps the count of SUBs still out for it (their answers come back).
+    const c: Cursor = {
+      subsInFlight: this.cursors.get(channel)?.subsInFlight ?? 0,
+      jumped: false,
+      wantsSnapshot: false,
+      snapshotPending: false,
+    };
     if (opts.snapshot) {
       c.wantsSnapshot = true;
       c.snapshotPending = true;
@@ -110,7 +122,10 @@ export class ChannelCursors {
    * when it was queued: a re-SUB that waited behind other requests asks from where the
    * client is now, not from where it was.
    */
-  subPayload(channels: string[] = this.names): { toJSON(): { channels: Record<string, ChannelCursor> } } {
+  subPayload(
+    channels: string[] = this.names,
+    sent?: Map<string, { epoch?: string; seq?: number }>,
+  ): { toJSON(): { channels: Record<string, ChannelCursor> } } {
     for (const name of channels) {
       const c = this.cursors.get(name);
       if (!c) continue;
@@ -122,14 +137,19 @@ export class ChannelCursors {
         c.epoch = undefined;
       }
     }
-    return { toJSON: () => ({ channels: this.cursorsOf(channels) }) };
+    return { toJSON: () => ({ channels: this.cursorsOf(channels, sent) }) };
   }
 
-  private cursorsOf(channels: string[]): Record<string, ChannelCursor> {
+  private cursorsOf(
+    channels: string[],
+    sent?: Map<string, { epoch?: string; seq?: number }>,
+  ): Record<string, ChannelCursor> {
     const out = channelRecord<ChannelCursor>();
     for (const name of channels) {
       const c = this.cursors.get(name);
       if (!c) continue;
+      // What went on the wire (the last serialization): its answer is judged against it.
+      sent?.set(name, c.snapshotPending ? { seq: Number.NaN } : { epoch: c.epoch, seq: c.seq });
       if (c.snapshotPending) out[name] = { snapshot: true };
       else if (c.seq !== undefined) out[name] = c.epoch ? { since: c.seq, epoch: c.epoch } : { since: c.seq };
       else if (c.rewind !== undefined) out[name] = { rewind: c.rewind };
@@ -178,15 +198,36 @@ export class ChannelCursors {
   onSubResponse(
     requested: string[],
     entries: Record<string, ChannelState> | undefined,
+    sent?: Map<string, { epoch?: string; seq?: number }>,
   ): {
     resets: Array<{ channel: string; epoch: string }>;
     resub: string[];
     snapshots: SnapshotEvent[];
     /** Channels whose snapshot wait ended (with or without a snapshot): flush their MSGs. */
     settled: string[];
+    /**
+     * Channels whose answer asked for more (`more`, or a head past the cursor) while the
+     * cursor did not move from what the SUB sent: a bad answer (FIX14E F4), not re-SUBbed at
+     * once (a lying server would get a tight loop) but retried after the SUB backoff.
+     */
+    stalled: string[];
   } {
     const resets: Array<{ channel: string; epoch: string }> = [];
     const resub: string[] = [];
+    let stalled: string[] = [];
+    // Another SUB at once only when the answer made progress (PROTOCOL §3 rule 8). An honest
+    // server may leave a channel's cursor where it was when the page filled before its turn
+    // (rule 8: `seq` = the cursor), but then it replayed others: the answer is judged as a
+    // whole, and a channel is stalled only when no channel of it moved.
+    let moved = false;
+    const unmoved = (name: string, c: Cursor) => {
+      const s = sent?.get(name);
+      return s !== undefined && s.epoch === c.epoch && s.seq === c.seq;
+    };
+    const wantMore = (name: string, c: Cursor) => {
+      if (unmoved(name, c)) stalled.push(name);
+      else resub.push(name);
+    };
     const snapshots: SnapshotEvent[] = [];
     const settled: string[] = [];
     for (const name of requested) {
@@ -207,7 +248,7 @@ export class ChannelCursors {
         if (c.epoch !== e.epoch || c.seq === undefined || c.seq < e.snapshot.seq) c.seq = e.snapshot.seq;
         c.epoch = e.epoch;
         c.jumped = false;
-        if (e.more || c.seq < e.seq) resub.push(name);
+        if (e.more || c.seq < e.seq) wantMore(name, c);
         continue;
       }
       if (!e.recovered || c.jumped) {
@@ -231,10 +272,22 @@ export class ChannelCursors {
         c.epoch = e.epoch;
         c.seq = e.seq;
       } else if (c.seq === undefined) c.seq = e.seq;
-      if (e.more || (c.seq !== undefined && c.seq < e.seq)) resub.push(name);
+      if (e.more || (c.seq !== undefined && c.seq < e.seq)) wantMore(name, c);
+    }
+    if (stalled.length > 0)
+      for (const name of requested) {
+        const c = this.cursors.get(name);
+        if (c && sent?.has(name) && entryOf(entries, name) && !unmoved(name, c)) {
+          moved = true;
+          break;
+        }
+      }
+    if (moved && stalled.length > 0) {
+      resub.push(...stalled);
+      stalled = [];
     }
     this.persist();
-    return { resets, resub, snapshots, settled };
+    return { resets, resub, snapshots, settled, stalled };
   }
 
   /** Waiting for a snapshot: the channel's MSGs are held back until it arrives. */
@@ -263,11 +316,19 @@ export class ChannelCursors {
   }
 
   private loadStored(): Record<string, { epoch?: string; seq?: number }> {
+    if (this.storedCache) return this.storedCache;
+    let out: Record<string, { epoch?: string; seq?: number }>;
     try {
-      return JSON.parse(this.storage.get(this.storageKey) ?? '{}') ?? {};
+      out = JSON.parse(this.storage.get(this.storageKey) ?? '{}') ?? {};
     } catch {
-      return {};
+      out = {};
     }
+    if (out === null || typeof out !== 'object') out = {};
+    this.storedCache = out;
+    queueMicrotask(() => {
+      this.storedCache = undefined;
+    });
+    return out;
   }
 
   /** Coalesced: one write per tick, however many MSGs arrived in it. */

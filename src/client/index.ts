@@ -387,6 +387,8 @@ interface Waiter {
   channels?: string[];
   /** A SUB that only polls while on HTTP (its failure waits for the next poll). */
   poll?: boolean;
+  /** For SUB: each channel's cursor as it last went on the wire (what its answer is judged against). */
+  sent?: Map<string, { epoch?: string; seq?: number }>;
   kind: QueueItem['kind'];
 }
 
@@ -516,7 +518,38 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   /** One subscription actor per channel ever subscribed, children of the connection actor. */
   const subActors = new Map<string, SubscriptionActor>();
   const subscriptionsSubject = new BehaviorSubject<Record<string, SubscriptionState>>({});
+  /**
+   * Inside `batched()` (a SUB answer, the `channels` option, a re-SUB of many channels) the
+   * map is published once at the end, not once per channel's transition: each publication
+   * costs O(channels), so per-channel publishing made those paths quadratic (FIX14E F6).
+   */
+  let batching = 0;
+  let batchDirty = false;
+  const batched = <T>(fn: () => T): T => {
+    batching++;
+    try {
+      return fn();
+    } finally {
+      if (--batching === 0 && batchDirty) {
+        batchDirty = false;
+        publishSubscriptions();
+      }
+    }
+  };
+  /** Publish now what a batch changed so far (before `resets$`: the app hears a reset in `resetting`). */
+  const flushSubscriptions = () => {
+    if (!batchDirty) return;
+    batchDirty = false;
+    const b = batching;
+    batching = 0;
+    publishSubscriptions();
+    batching = b;
+  };
   const publishSubscriptions = () => {
+    if (batching > 0) {
+      batchDirty = true;
+      return;
+    }
     const out = channelRecord<SubscriptionState>();
     for (const [name, a] of subActors) {
       const v = a.getSnapshot().value as SubscriptionState;
@@ -543,6 +576,25 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     subActors.get(channel)?.send(event);
   };
   /**
+   * A channel the app unsubscribed (or the server ended) is forgotten: its actor is stopped
+   * (which removes it from the actor system) and its per-channel entries go, so subscribing
+   * to ever new channel names does not grow the client (FIX14E F5). A later `subscribe()`
+   * makes a new actor.
+   */
+  const forget = (channel: string) => {
+    if (channels.has(channel)) return;
+    const a = subActors.get(channel);
+    if (a) {
+      subActors.delete(channel);
+      // A child of the connection actor cannot be stopped directly: its final state ends it.
+      a.send({ type: 'UNSUBSCRIBE' });
+      a.send({ type: 'FORGET' });
+    }
+    resetCount.delete(channel);
+    subFailures.delete(channel);
+    publishSubscriptions();
+  };
+  /**
    * The last refusal of each channel not subscribed again since: what a SUB still waiting in
    * the outbox is answered with locally when none of its channels is wanted any more.
    */
@@ -554,6 +606,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     // As unsubscribe(): messages held for its snapshot go, and sends waiting on it settle.
     held$.delete(channel);
     tell(channel, { type: revoked ? 'REVOKED' : 'REFUSED', error: { code, message } });
+    if (revoked && code === 'unsubscribed') forget(channel);
     refused$.next({ channel, code, message });
     releaseHeld();
   };
@@ -855,11 +908,18 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       else subsWaiting.delete(name);
     }
   };
-  const requestSub = (names: string[], front: boolean, poll = false): Promise<unknown> =>
-    new Promise((resolve, reject) => {
+  /**
+   * The latest SUB (queued or in flight) naming each channel, with whether it has gone on the
+   * wire yet: a `subscribe()` of a channel that already has one joins it (PROTOCOL §5: one SUB
+   * per channel; FIX14E F8) instead of sending its own.
+   */
+  const subPromises = new Map<string, { p: Promise<unknown>; sent: Map<string, unknown> }>();
+  const requestSub = (names: string[], front: boolean, poll = false): Promise<unknown> => {
+    const sent = new Map<string, { epoch?: string; seq?: number }>();
+    const p = new Promise((resolve, reject) => {
       if (names.length === 0) return resolve({ channels: {} });
       for (const name of names) subsWaiting.set(name, (subsWaiting.get(name) ?? 0) + 1);
-      const cursors = channels.subPayload(names);
+      const cursors = channels.subPayload(names, sent);
       // Serialized when it goes on the wire: a channel refused or unsubscribed meanwhile is
       // left out, and a SUB left with none is not sent at all (the server would NAK it) but
       // answered locally with what the client knows of each channel (its refusal, if any).
@@ -883,30 +943,44 @@ export function createSyncClient<Op = unknown, Result = unknown>(
           kind: 'SUB',
           channels: names,
           poll,
+          sent,
           resolve: (v) => {
             if (poll) pollQueued = false;
             subDone(names);
+            forgetSubPromise(names, p);
             resolve(v);
           },
           reject: (e) => {
             if (poll) pollQueued = false;
             subDone(names);
+            forgetSubPromise(names, p);
             reject(e);
           },
         },
         front,
       );
     });
+    if (!poll) for (const name of names) subPromises.set(name, { p, sent });
+    return p;
+  };
+  const forgetSubPromise = (names: string[], p: Promise<unknown>) => {
+    for (const name of names) if (subPromises.get(name)?.p === p) subPromises.delete(name);
+  };
 
   /** A SUB the client makes by itself; `why` is what each channel's machine is told. */
   const resubscribe = (names: string[], front: boolean, poll = false, why?: 'RESUBSCRIBE' | 'CATCH_UP') => {
-    if (why) for (const name of names) tell(name, { type: why });
+    if (why)
+      batched(() => {
+        for (const name of names) tell(name, { type: why });
+      });
     requestSub(names, front, poll).catch(() => {
       // A refused re-SUB already surfaced as a failure; the next reconnect tries again.
     });
   };
 
-  const settle = (e: Extract<ConnectionEmitted, { type: 'settled' }>) => {
+  /** One answer: the subscription map is published once for it, not per channel (F6). */
+  const settle = (e: Extract<ConnectionEmitted, { type: 'settled' }>) => batched(() => settleOne(e));
+  const settleOne = (e: Extract<ConnectionEmitted, { type: 'settled' }>) => {
     // One pass over the keys (once per round trip: no map/filter chains).
     const n = e.keys.length;
     const ws: Array<Waiter | undefined> = new Array(n);
@@ -1032,6 +1106,9 @@ export function createSyncClient<Op = unknown, Result = unknown>(
             ? (answer as Record<string, unknown>)
             : undefined;
         const invalid: string[] = [];
+        // One bad_frame failure per answer, however many entries are bad (README: failures$
+        // fires once per failure; FIX14E F7): the first problem, and how many there were.
+        const problems: string[] = [];
         for (const name of w.channels) {
           const entry = entryOf(record, name);
           if (isChannelRefusal(entry)) {
@@ -1050,7 +1127,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
             invalid.push(name);
             const message = `SUB answer entry for ${name}: ${problem}`;
             checked[name] = { error: { code: 'bad_response', message } };
-            reportFailure({ kind: 'bad_frame', state: stateSubject.value, at: Date.now(), reason: message });
+            problems.push(message);
           }
         }
         body = { channels: checked };
@@ -1058,7 +1135,32 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         // server must not keep a subscription the client does not know of.
         const stale = Object.keys(granted).filter((name) => !channels.has(name));
         if (stale.length > 0) sendUns(stale, true);
-        const { resets, resub, snapshots, settled } = channels.onSubResponse(w.channels, granted);
+        const { resets, resub, snapshots, settled, stalled } = channels.onSubResponse(
+          w.channels,
+          granted,
+          w.sent,
+        );
+        const stalledSet = new Set(stalled);
+        for (const name of stalled) {
+          // `more` (or a head past the cursor) while the cursor did not move: the server made
+          // no progress; asking again at once would loop (FIX14E F4). A bad entry like the rest.
+          const entry = granted[name]!;
+          const message = `SUB answer entry for ${name}: ${entry.more ? '`more` set' : `head ${entry.seq} ahead`} but the replay did not move the cursor`;
+          delete granted[name];
+          checked[name] = { error: { code: 'bad_response', message } };
+          invalid.push(name);
+          problems.push(message);
+        }
+        if (problems.length > 0)
+          reportFailure({
+            kind: 'bad_frame',
+            state: stateSubject.value,
+            at: Date.now(),
+            reason:
+              problems.length === 1
+                ? problems[0]!
+                : `${problems.length} bad entries in one SUB answer; the first: ${problems[0]}`,
+          });
         for (const name of Object.keys(granted)) subFailures.delete(name);
         if (invalid.length > 0) {
           // As a SUB that failed whole: the channel keeps its state with the error, sends waiting
@@ -1075,21 +1177,25 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         // recovered: false → `resetting` while the app hears the reset, then `subscribed`
         // (or still `resetting` while a catch-up SUB is needed).
         const resetNames = new Set(resets.map((r) => r.channel));
-        for (const name of resetNames) if (channels.has(name)) tell(name, { type: 'RESET' });
+        const resubSet = new Set(resub);
+        for (const name of resetNames)
+          if (channels.has(name) && !stalledSet.has(name)) tell(name, { type: 'RESET' });
+        if (resets.length > 0) flushSubscriptions();
         for (const r of resets) {
           resetCount.set(r.channel, (resetCount.get(r.channel) ?? 0) + 1);
           resets$.next(r);
         }
         // A snapshot first, then the changes after it that arrived while it was awaited.
+        const snapOf = new Map(snapshots.map((x) => [x.channel, x]));
         for (const name of settled) {
-          const snap = snapshots.find((x) => x.channel === name);
+          const snap = snapOf.get(name);
           if (snap) snapshots$.next(snap);
           const buffered = held$.get(name) ?? [];
           held$.delete(name);
           for (const m of buffered) if (!snap || (m.epoch === snap.epoch && m.seq > snap.seq)) deliver(m);
         }
         for (const name of Object.keys(granted))
-          if (channels.has(name) && !(resetNames.has(name) && resub.includes(name)))
+          if (channels.has(name) && !(resetNames.has(name) && resubSet.has(name)))
             tell(name, { type: 'GRANTED' });
         checkHeld(w.channels, granted, new Set([...resub, ...invalid]));
         if (resub.length > 0) resubscribe(resub, true, false, 'CATCH_UP');
@@ -1172,14 +1278,15 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         // One SUB per channel (PROTOCOL §5): a channel with a SUB already queued or in flight
         // (subscribe() before the socket opened, the `channels` option, a poll) gets it on this
         // socket; a second one from the cursor would be a round trip for nothing.
-        if (channels.names.length > 0) {
-          const names: string[] = [];
-          for (const name of channels.names) {
-            if (subsWaiting.has(name)) tell(name, { type: 'RESUBSCRIBE' });
-            else names.push(name);
-          }
-          if (names.length > 0) resubscribe(names, true, false, 'RESUBSCRIBE');
-        }
+        if (channels.size > 0)
+          batched(() => {
+            const names: string[] = [];
+            for (const name of channels.names) {
+              if (subsWaiting.has(name)) tell(name, { type: 'RESUBSCRIBE' });
+              else names.push(name);
+            }
+            if (names.length > 0) resubscribe(names, true, false, 'RESUBSCRIBE');
+          });
         break;
       }
       case 'poll':
@@ -1560,15 +1667,19 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     send(op).catch((error: SyncError) => rejected$.next({ op, error }));
   });
 
-  for (const [name, opts] of Object.entries(options.channels ?? {})) {
-    if (!isValidChannel(name)) throw new TypeError(`syncwire: bad channel name ${JSON.stringify(name)}`);
-    const problem =
-      opts && typeof opts === 'object' ? cursorProblem(opts as Record<string, unknown>) : 'must be an object';
-    if (problem) throw new TypeError(`syncwire: channels.${name}: ${problem}`);
-    channels.add(name, opts);
-    subActor(name).send({ type: 'SUBSCRIBE' });
-  }
-  if (channels.names.length > 0) resubscribe(channels.names, false);
+  batched(() => {
+    for (const [name, opts] of Object.entries(options.channels ?? {})) {
+      if (!isValidChannel(name)) throw new TypeError(`syncwire: bad channel name ${JSON.stringify(name)}`);
+      const problem =
+        opts && typeof opts === 'object'
+          ? cursorProblem(opts as Record<string, unknown>)
+          : 'must be an object';
+      if (problem) throw new TypeError(`syncwire: channels.${name}: ${problem}`);
+      channels.add(name, opts);
+      subActor(name).send({ type: 'SUBSCRIBE' });
+    }
+  });
+  if (channels.size > 0) resubscribe(channels.names, false);
 
   /** `on()`'s streams by event name, made at its first call (most clients never call it). */
   let streams: { [K in keyof EventMap]: Observable<EventMap[K]> } | undefined;
@@ -1622,7 +1733,18 @@ export function createSyncClient<Op = unknown, Result = unknown>(
           ? cursorProblem(opts as Record<string, unknown>)
           : 'options must be an object';
       if (problem) throw new SyncError('bad_request', `${problem} (subscribe ${channel})`);
-      channels.add(channel, opts);
+      // A SUB naming the channel already waits (the `channels` option or another subscribe()
+      // before the socket opened, a subscribe() called twice): this call joins it rather than
+      // sending a second one (PROTOCOL §5, one SUB per channel). Joined when it has not gone on
+      // the wire yet (it will carry these options), or when these options ask for nothing
+      // (no `since` / `rewind` / `snapshot`) and the channel is subscribed already.
+      const plain = opts.since === undefined && opts.rewind === undefined && !opts.snapshot;
+      const pendingSub = subPromises.get(channel);
+      const join =
+        pendingSub !== undefined &&
+        !refusals.has(channel) &&
+        ((plain && channels.has(channel)) || !pendingSub.sent.has(channel));
+      if (!(join && plain && channels.has(channel))) channels.add(channel, opts);
       refusals.delete(channel);
       subActor(channel).send({ type: 'SUBSCRIBE' });
       // The snapshot may come in the answer to another SUB than this one: a SUB of the
@@ -1638,7 +1760,9 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         : undefined;
       let body: { channels?: Record<string, unknown> };
       try {
-        body = (await requestSub([channel], false)) as { channels?: Record<string, unknown> };
+        body = (await (join ? pendingSub.p : requestSub([channel], false))) as {
+          channels?: Record<string, unknown>;
+        };
       } finally {
         watch?.unsubscribe();
       }
@@ -1661,9 +1785,13 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     async unsubscribe(channel) {
       // After close() every subscription is over already; a refused one has nothing on the server.
       tell(channel, { type: 'UNSUBSCRIBE' });
-      if (closed || !channels.has(channel)) return;
+      if (closed || !channels.has(channel)) {
+        if (!closed) forget(channel);
+        return;
+      }
       channels.remove(channel);
       held$.delete(channel);
+      forget(channel);
       releaseHeld();
       await new Promise((resolve, reject) => sendUns([channel], false, { resolve, reject }));
     },
