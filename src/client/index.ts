@@ -4,7 +4,7 @@
  * It keeps the outbox's promises, the channel cursors and the storage; the machine
  * (machines/connection.ts) decides everything about timing and transports.
  */
-import { BehaviorSubject, distinctUntilChanged, type Observable, Subject } from 'rxjs';
+import { BehaviorSubject, defer, distinctUntilChanged, type Observable, Subject } from 'rxjs';
 import { createActor, type InspectionEvent, type Observer } from 'xstate';
 
 /** XState's clock interface: what the statechart's delays are scheduled on. */
@@ -550,23 +550,49 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       batchDirty = true;
       return;
     }
-    const out = channelRecord<SubscriptionState>();
-    for (const [name, a] of subActors) {
-      const v = a.getSnapshot().value as SubscriptionState;
-      if (v !== 'unsubscribed') out[name] = v;
+    if (!liveChanged) return;
+    // Nobody listens: the map is built when someone subscribes (`subscriptions$` is deferred),
+    // not on every transition of every channel (O(channels) each: FIX14E F6).
+    if (!subscriptionsSubject.observed) {
+      liveStale = true;
+      return;
     }
-    const prev = subscriptionsSubject.value;
-    const same =
-      Object.keys(prev).length === Object.keys(out).length &&
-      Object.entries(out).every(([k, v]) => entryOf(prev, k) === v);
-    if (!same) subscriptionsSubject.next(out);
+    emitSubscriptions();
   };
+  const emitSubscriptions = () => {
+    liveChanged = false;
+    liveStale = false;
+    const out = channelRecord<SubscriptionState>();
+    for (const [name, v] of live) out[name] = v;
+    subscriptionsSubject.next(out);
+  };
+  /** Each channel's state but `unsubscribed`, kept per transition in O(1). */
+  const live = new Map<string, SubscriptionState>();
+  let liveChanged = false;
+  let liveStale = false;
+  const noteState = (channel: string, v: string) => {
+    if (v === 'unsubscribed' || v === 'forgotten') {
+      if (live.delete(channel)) liveChanged = true;
+    } else if (live.get(channel) !== v) {
+      live.set(channel, v as SubscriptionState);
+      liveChanged = true;
+    }
+    if (liveChanged) publishSubscriptions();
+  };
+  const subscriptions$ = defer(() => {
+    if (liveStale) emitSubscriptions();
+    return subscriptionsSubject;
+  });
   const subActor = (channel: string): SubscriptionActor => {
     let a = subActors.get(channel);
     if (!a) {
-      a = createSubscriptionActor(channel, actor);
+      const made = createSubscriptionActor(channel, actor);
+      a = made;
       subActors.set(channel, a);
-      a.subscribe(() => publishSubscriptions());
+      a.subscribe((snap) => {
+        // A forgotten actor's last transitions no longer speak for the channel.
+        if (subActors.get(channel) === made) noteState(channel, String(snap.value));
+      });
       a.start();
     }
     return a;
@@ -584,6 +610,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   const forget = (channel: string) => {
     if (channels.has(channel)) return;
     const a = subActors.get(channel);
+    noteState(channel, 'unsubscribed');
     if (a) {
       subActors.delete(channel);
       // A child of the connection actor cannot be stopped directly: its final state ends it.
@@ -1691,7 +1718,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       failure: failures$,
       reset: resets$,
       refused: refused$,
-      subscriptions: subscriptionsSubject,
+      subscriptions: subscriptions$,
       snapshot: snapshots$,
     };
     return streams[event];
@@ -1710,7 +1737,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     failures$: failures$.asObservable(),
     resets$: resets$.asObservable(),
     refused$: refused$.asObservable(),
-    subscriptions$: subscriptionsSubject.asObservable(),
+    subscriptions$,
     subscriptionState(channel) {
       return (subActors.get(channel)?.getSnapshot().value as SubscriptionState | undefined) ?? 'unsubscribed';
     },
