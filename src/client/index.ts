@@ -826,6 +826,10 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     unsettled: Set<string>,
   ) => {
     const asked = new Set(requested);
+    // One bad_frame per answer, with the count (FIX14E F7: a SYN naming 100 000 publications
+    // the server does not have made 100 000 failures).
+    let missing = 0;
+    let first = '';
     for (const h of held) {
       for (const p of h.published) {
         if (!asked.has(p.channel) || unsettled.has(p.channel) || !waiting(h, p)) continue;
@@ -840,14 +844,18 @@ export function createSyncClient<Op = unknown, Result = unknown>(
             : e.seq < p.seq
               ? `its head is ${e.seq}`
               : `its replay stopped at ${at?.seq ?? 'nothing'}`;
-        reportFailure({
-          kind: 'bad_frame',
-          state: stateSubject.value,
-          at: Date.now(),
-          reason: `the server named publication ${p.channel}#${p.seq} (epoch ${p.epoch}) it does not have: ${why}`,
-        });
+        if (missing++ === 0)
+          first = `the server named publication ${p.channel}#${p.seq} (epoch ${p.epoch}) it does not have: ${why}`;
       }
     }
+    if (missing > 0)
+      reportFailure({
+        kind: 'bad_frame',
+        state: stateSubject.value,
+        at: Date.now(),
+        reason:
+          missing === 1 ? first : `${missing} publications the server does not have; the first: ${first}`,
+      });
   };
   /** A SUB naming these channels was refused: their held publications are not waited for. */
   const giveUpOn = (names: string[]) => {
