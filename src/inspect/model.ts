@@ -283,7 +283,13 @@ export class InspectModel {
       case '@xstate.snapshot': {
         if (!isRoot) {
           const child = this.children.get(e.sessionId);
-          if (child?.name.startsWith(SUBSCRIPTION_PREFIX) && typeof e.snapshot.value === 'string') {
+          // `forgotten` is the final state an unsubscribed channel's actor is sent to when the
+          // client drops it (machines/subscription.ts): the panel keeps showing `unsubscribed`.
+          if (
+            child?.name.startsWith(SUBSCRIPTION_PREFIX) &&
+            typeof e.snapshot.value === 'string' &&
+            e.snapshot.value !== 'forgotten'
+          ) {
             const channel = child.name.slice(SUBSCRIPTION_PREFIX.length);
             const prev =
               (Object.hasOwn(s.subscriptions, channel) ? s.subscriptions[channel]?.state : undefined) ??
