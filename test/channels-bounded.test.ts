@@ -68,10 +68,7 @@ describe('F4: `more` without progress is a bad answer, retried after the backoff
   afterEach(async () => {
     await c?.close();
     c = undefined;
-    liar.received.length = 0;
-    liar.onFrame = (env, reply) => {
-      for (const f of honest(env)) reply(f);
-    };
+    liar.reset();
   });
   afterAll(async () => {
     await liar?.close();

@@ -51,12 +51,7 @@ describe('read-your-writes wait: bounded by what the server answers', () => {
   });
   afterEach(async () => {
     await c?.close();
-    liar.received.length = 0;
-    liar.posted.length = 0;
-    liar.onFrame = (env, reply) => {
-      for (const f of honest(env)) reply(f);
-    };
-    liar.onHttp = (env) => ({ status: 200, body: j(honest(env)) });
+    liar.reset();
   });
   afterAll(async () => {
     await liar?.close();

@@ -45,6 +45,11 @@ export interface LyingServer {
    * `cork`, the close frame leaves in the same TCP write as the frames replied before it.
    */
   closeSockets(code?: number): void;
+  /**
+   * Between tests: forget what was received and posted, and answer honestly again (`onFrame`
+   * and `onHttp` back to `honest`). `cork` is left as it is.
+   */
+  reset(): void;
   close(): Promise<void>;
 }
 
@@ -65,6 +70,11 @@ export function honest(env: Envelope): unknown[] {
   } else if (env.type === 'UNS') out.push({ id: env.id, type: 'SYN', payload: [{}] });
   return out;
 }
+
+const answerHonestly: LyingServer['onFrame'] = (env, reply) => {
+  for (const f of honest(env)) reply(f);
+};
+const postHonestly: LyingServer['onHttp'] = (env) => ({ status: 200, body: JSON.stringify(honest(env)) });
 
 export async function startLyingServer(): Promise<LyingServer> {
   const socks = new Set<WebSocket>();
@@ -121,10 +131,8 @@ export async function startLyingServer(): Promise<LyingServer> {
     httpUrl: `http://127.0.0.1:${port}/sync`,
     received: [],
     posted: [],
-    onFrame: (env, reply) => {
-      for (const f of honest(env)) reply(f);
-    },
-    onHttp: (env) => ({ status: 200, body: JSON.stringify(honest(env)) }),
+    onFrame: answerHonestly,
+    onHttp: postHonestly,
     cork: false,
     push(frame, binary = false) {
       for (const ws of socks) {
@@ -134,6 +142,12 @@ export async function startLyingServer(): Promise<LyingServer> {
       }
     },
     sockets: () => socks.size,
+    reset() {
+      server.received.length = 0;
+      server.posted.length = 0;
+      server.onFrame = answerHonestly;
+      server.onHttp = postHonestly;
+    },
     closeSockets(code = 1012) {
       for (const ws of socks) ws.close(code, 'closed by the test');
     },
