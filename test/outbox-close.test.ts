@@ -4,46 +4,27 @@
  * while a SIGKILLed holder's lock goes stale) reject `closed`, and stay in the file's outbox
  * for the next client, which sends them once. Real server, real files, a real child process.
  */
-import { type ChildProcess, spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { createServer } from 'node:net';
-import { tmpdir } from 'node:os';
+import { spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
 import { fileStorage } from '../src/client/file-storage.js';
-import type { OutboxSnapshot, Restored, SyncClient } from '../src/client/index.js';
+import type { Restored, SyncClient } from '../src/client/index.js';
 import { appliedOnce, type Rig, rig, until } from './helpers/harness.js';
+import { closedPort, outboxIn, scratch } from './helpers/outbox-files.js';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const CHILD = fileURLToPath(new URL('./fixtures/outbox-client.ts', import.meta.url));
 
 let r: Rig | undefined;
-const dirs: string[] = [];
-const children = new Set<ChildProcess>();
-afterEach(async () => {
-  for (const c of children) c.kill('SIGKILL');
-  children.clear();
-  await r?.close();
-  r = undefined;
-  for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
-});
-const tempDir = () => {
-  const d = mkdtempSync(join(tmpdir(), 'syncwire-close-'));
-  dirs.push(d);
-  return d;
-};
-const outboxIn = (path: string, clientId: string) =>
-  (JSON.parse(readFileSync(path, 'utf8'))['#outbox'] as Record<string, OutboxSnapshot> | undefined)?.[
-    clientId
-  ];
-async function closedPort(): Promise<number> {
-  const srv = createServer();
-  await new Promise<void>((resolve) => srv.listen(0, '127.0.0.1', resolve));
-  const port = (srv.address() as { port: number }).port;
-  await new Promise((resolve) => srv.close(resolve));
-  return port;
-}
+const { tempDir, children, cleanup } = scratch('close');
+afterEach(() =>
+  cleanup(async () => {
+    await r?.close();
+    r = undefined;
+  }),
+);
 
 /** Send `ids`, close at once (same tick), and collect each promise's outcome. */
 async function sendThenClose(c: SyncClient, ids: string[]): Promise<string[]> {

@@ -6,10 +6,8 @@
  * outbox); an HTTP status without a NAK body is retried, not final; a corrupt state file is
  * reported and kept aside.
  */
-import { type ChildProcess, spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
-import { tmpdir } from 'node:os';
+import { spawn } from 'node:child_process';
+import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -22,36 +20,20 @@ import {
   SyncError,
 } from '../src/client/index.js';
 import { appliedOnce, next, type Rig, reach, rig, T, until } from './helpers/harness.js';
+import { closedPort, fileJson, outboxIn, scratch } from './helpers/outbox-files.js';
 import type { ScriptedHttp } from './helpers/proxy.js';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const CHILD = fileURLToPath(new URL('./fixtures/outbox-client.ts', import.meta.url));
 
 let r: Rig | undefined;
-const dirs: string[] = [];
-const children = new Set<ChildProcess>();
-afterEach(async () => {
-  for (const c of children) c.kill('SIGKILL');
-  children.clear();
-  await r?.close();
-  r = undefined;
-  for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
-});
-const tempDir = () => {
-  const d = mkdtempSync(join(tmpdir(), 'syncwire-hardening-'));
-  dirs.push(d);
-  return d;
-};
-async function closedPort(): Promise<number> {
-  const srv = createServer();
-  await new Promise<void>((resolve) => srv.listen(0, '127.0.0.1', resolve));
-  const port = (srv.address() as { port: number }).port;
-  await new Promise((resolve) => srv.close(resolve));
-  return port;
-}
-const fileJson = (path: string) => JSON.parse(readFileSync(path, 'utf8')) as Record<string, unknown>;
-const outboxIn = (path: string, clientId: string) =>
-  (fileJson(path)['#outbox'] as Record<string, OutboxSnapshot> | undefined)?.[clientId];
+const { tempDir, children, cleanup } = scratch('hardening');
+afterEach(() =>
+  cleanup(async () => {
+    await r?.close();
+    r = undefined;
+  }),
+);
 
 /** Operations `JSON.stringify` cannot carry. */
 const notJson: Record<string, () => unknown> = {

@@ -5,10 +5,8 @@
  * one, each applied once, the restored batch with its own id; a storage that cannot be written
  * is reported and never crashes the process; the machine sends a restored batch as it is.
  */
-import { type ChildProcess, spawn } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
-import { tmpdir } from 'node:os';
+import { spawn } from 'node:child_process';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -24,35 +22,19 @@ import {
 } from '../src/client/index.js';
 import { appliedOnce, type Rig, rig, until } from './helpers/harness.js';
 import { startLyingServer } from './helpers/lying-server.js';
+import { closedPort, outboxIn, scratch } from './helpers/outbox-files.js';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const CHILD = fileURLToPath(new URL('./fixtures/outbox-client.ts', import.meta.url));
 
 let r: Rig | undefined;
-const dirs: string[] = [];
-const children = new Set<ChildProcess>();
-afterEach(async () => {
-  for (const c of children) c.kill('SIGKILL');
-  children.clear();
-  await r?.close();
-  r = undefined;
-  for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
-});
-
-const tempDir = () => {
-  const d = mkdtempSync(join(tmpdir(), 'syncwire-outbox-'));
-  dirs.push(d);
-  return d;
-};
-
-/** A port nothing listens on (bound, then released). */
-async function closedPort(): Promise<number> {
-  const srv = createServer();
-  await new Promise<void>((resolve) => srv.listen(0, '127.0.0.1', resolve));
-  const port = (srv.address() as { port: number }).port;
-  await new Promise((resolve) => srv.close(resolve));
-  return port;
-}
+const { tempDir, children, cleanup } = scratch('outbox');
+afterEach(() =>
+  cleanup(async () => {
+    await r?.close();
+    r = undefined;
+  }),
+);
 
 interface ChildInfo {
   clientId: string;
@@ -86,11 +68,6 @@ function runChild(env: Record<string, string>) {
   });
   return { proc, written, exited };
 }
-
-const outboxIn = (path: string, clientId: string) =>
-  JSON.parse(readFileSync(path, 'utf8'))['#outbox']?.[clientId] as
-    | { ops: unknown[]; batches: { id: string; keys: string[] }[] }
-    | undefined;
 
 describe('durable outbox (Node, file storage)', () => {
   it('a client restarted three times on one file: each operation applied once, each resolving with its own result', async () => {
