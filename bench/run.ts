@@ -297,12 +297,12 @@ for (let run = 0; run < RUNS; run++) {
 clearInterval(loadTimer);
 const loadAtEnd = loadavg();
 
-let bundles: { syncwire: BundleResult; socketio: BundleResult } | undefined;
+let bundles: { syncwire: BundleResult; socketio: BundleResult; libraries: BundleResult } | undefined;
 if (ONLY.has('bundle')) {
   await attempt('bundle', async () => {
     bundles = await bundleSizes();
     log(
-      `bundle: syncwire ${num(bundles.syncwire.gzipBytes / 1000)} kB gz, socket.io-client ${num(bundles.socketio.gzipBytes / 1000)} kB gz`,
+      `bundle: syncwire ${num(bundles.syncwire.gzipBytes / 1000)} kB gz, socket.io-client ${num(bundles.socketio.gzipBytes / 1000)} kB gz, xstate + rxjs + idb alone ${num(bundles.libraries.gzipBytes / 1000)} kB gz`,
     );
   });
 }
@@ -414,6 +414,15 @@ if (bundles) {
     `${(sw.gzipBytes / sio.gzipBytes).toFixed(2)}×`,
     '',
   ]);
+  const lib = bundles.libraries;
+  rows.push([
+    '↳ xstate + rxjs + idb alone (what the client imports from them)',
+    `${num(lib.gzipBytes / 1000)} (${num(lib.minBytes / 1000)} min)`,
+    '',
+    '',
+    '',
+    '',
+  ]);
 }
 
 /** Targets: per-run marks, runs met, the median (min–max) of the same-run value, verdict. */
@@ -453,7 +462,7 @@ const NOTES = [
   `Connect: ${SIZES.connect} clients, at most 100 dialling at once (a sliding window), each until open (syncwire: state open, after its handshake) and one operation acknowledged; from the first dial to the last acknowledgement.`,
   `Replay: ${SIZES.replay} missed messages on both sides. both clients have their transport closed under them after one message; once the server saw the disconnect it publishes (syncwire: to the channel, its redial held back meanwhile; socket.io, connectionStateRecovery: emits to the room), then the client reconnects (syncwire by itself, from its cursor). Timed from the redial to the last message, handshake included; every message checked (0 lost, 0 duplicated, recovered). syncwire also replays ${SIZES.bigReplay}. Server heap: heapUsed + external sampled every 1 ms in the server during the replay, peak minus the post-GC baseline taken after the messages were stored (includes young garbage: an upper bound of what was live).`,
   `Memory: measured inside the server process after forced GC, before and after opening ${SIZES.connections} idle connections; delta / ${SIZES.connections}.`,
-  'Bundle: esbuild, platform browser, ESM, minified, tree-shaken, gzip -9; nothing external (a node:* import would fail the build).',
+  'Bundle: esbuild, platform browser, ESM, minified, tree-shaken, gzip -9; nothing external (a node:* import would fail the build). The "alone" row bundles only the values the client imports from xstate, rxjs and idb (read from its sources): what those libraries weigh before any syncwire code.',
   `Targets: each checked on the same-run ratio in every run (✓ met, ✗ missed, · not measured); a target counts as met when it is met in at least ${Math.round(MET_SHARE * 100)} % of the runs (4 of 5).`,
 ];
 const elapsed = (performance.now() - started) / 1000;

@@ -5,7 +5,7 @@
  * speed: these machines are too noisy for that, and speed is what `npm run bench` reports.
  */
 import { describe, expect, it } from 'vitest';
-import { bundleSizes } from '../bench/bundle.js';
+import { bundleSizes, librariesEntry } from '../bench/bundle.js';
 import { SYSTEMS } from '../bench/proc.js';
 import {
   connectTime,
@@ -87,9 +87,19 @@ describe('bench smoke', () => {
   });
 
   it('bundle: the browser build of the client bundles, without ws', async () => {
-    const { syncwire, socketio } = await bundleSizes();
+    const { syncwire, socketio, libraries } = await bundleSizes();
     expect(syncwire.gzipBytes).toBeGreaterThan(0);
     expect(socketio.gzipBytes).toBeGreaterThan(0);
     expect(syncwire.wsInputs).toEqual([]);
+    // The "libraries alone" reference: what the client imports from xstate, rxjs and idb
+    // (values only), and none of syncwire's own files.
+    const entry = librariesEntry(syncwire.meta);
+    expect(entry).toMatch(/export \{[^}]*\bsetup\b[^}]*\} from 'xstate';/);
+    expect(entry).toMatch(/export \{[^}]*\bBehaviorSubject\b[^}]*\} from 'rxjs';/);
+    expect(entry).toMatch(/export \{[^}]*\bopenDB\b[^}]*\} from 'idb';/);
+    expect(entry).not.toMatch(/\btype\b|InspectionEvent|IDBPDatabase/);
+    expect(Object.keys(libraries.meta.inputs).filter((f) => !f.includes('node_modules') && f !== '<stdin>')).toEqual([]);
+    expect(Object.keys(libraries.byPackage)).toEqual(expect.arrayContaining(['xstate', 'rxjs', 'idb']));
+    expect(libraries.gzipBytes).toBeLessThan(syncwire.gzipBytes);
   });
 });
