@@ -98,7 +98,9 @@ describe('bench smoke', () => {
     expect(entry).toMatch(/export \{[^}]*\bBehaviorSubject\b[^}]*\} from 'rxjs';/);
     expect(entry).toMatch(/export \{[^}]*\bopenDB\b[^}]*\} from 'idb';/);
     expect(entry).not.toMatch(/\btype\b|InspectionEvent|IDBPDatabase/);
-    expect(Object.keys(libraries.meta.inputs).filter((f) => !f.includes('node_modules') && f !== '<stdin>')).toEqual([]);
+    expect(
+      Object.keys(libraries.meta.inputs).filter((f) => !f.includes('node_modules') && f !== '<stdin>'),
+    ).toEqual([]);
     expect(Object.keys(libraries.byPackage)).toEqual(expect.arrayContaining(['xstate', 'rxjs', 'idb']));
     expect(libraries.gzipBytes).toBeLessThan(syncwire.gzipBytes);
   });
