@@ -873,8 +873,12 @@ function take(
   };
 }
 
-/** The frame that carries `f` (its `json` when it has one). */
-function frameFor(f: InFlight): OutgoingFrame {
+/**
+ * The frame that carries `f` (its `json` when it has one): what `sendTaken` sends. Exported
+ * for the client, which provides its own `sendTaken` (the same frame, written through the
+ * socket actor's write handle).
+ */
+export function frameFor(f: InFlight): OutgoingFrame {
   const frame: OutgoingFrame = { id: f.id, type: f.type, payload: f.payload };
   if (f.json !== undefined) frame.json = f.json;
   return frame;

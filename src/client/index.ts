@@ -20,6 +20,7 @@ import {
   connectionMachine,
   type FailureKind,
   flatState,
+  frameFor,
   type QueueItem,
   randomInstance,
 } from '../../machines/connection.js';
@@ -421,7 +422,35 @@ const DEFAULTS = {
  * reaches the actors through the `io` input (building a provided machine per client cost
  * ~650 µs of each `createSyncClient`, issue 14's connect row).
  */
-const providedMachine = connectionMachine.provide({ actors: { socket: socketActor(), http: httpActor() } });
+const inspectedMachine = connectionMachine.provide({ actors: { socket: socketActor(), http: httpActor() } });
+
+/** A client's `io` (`ConnectionInput.io`): its transport, and where a batch formed is persisted. */
+interface ClientIo extends TransportIo {
+  /** What the client does on the chart's `batched` event: the batch's id and members stored. */
+  persistBatch(id: string, keys: number[]): void;
+}
+
+/**
+ * The chart as a client without an inspector runs it: `emitBatched` and `sendTaken` (the two
+ * actions of `open`'s SEND, once per request taken) done directly instead of through an emitted
+ * event and a `SEND` command to the `socket` actor's mailbox: the batch is persisted, then the
+ * request written through the live socket actor's handle (`TransportIo.write`), in the order the
+ * chart's own actions would (durable before the SYN leaves). Issue 14: one actor step and one
+ * emitted event fewer per request. With an inspector the chart's own actions run (it counts the
+ * frames out from the `SEND` commands).
+ */
+const providedMachine = connectionMachine.provide({
+  actors: { socket: socketActor(), http: httpActor() },
+  actions: {
+    emitBatched: ({ context }) => {
+      const f = context.inflight!;
+      (context.settings.io as ClientIo).persistBatch(f.id, f.keys);
+    },
+    // No live socket actor (it runs as long as the chart does): nothing written, the ACK
+    // deadline then fails the socket like any lost write.
+    sendTaken: ({ context }) => (context.settings.io as ClientIo).write?.(frameFor(context.inflight!)),
+  },
+});
 
 export function createSyncClient<Op = unknown, Result = unknown>(
   options: SyncClientOptions,
@@ -477,7 +506,12 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   };
   const cursor = { index: 0 };
   /** This client's transport, handed to the shared actors through the chart's `io` input. */
-  const io: TransportIo = { config: transport, cursor, clientId: () => clientId };
+  const io: ClientIo = {
+    config: transport,
+    cursor,
+    clientId: () => clientId,
+    persistBatch: (id, keys) => persistBatch(id, keys),
+  };
 
   const lists: Record<ListName, Subject<unknown[]>> = {
     changes: new Subject(),
@@ -693,7 +727,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
 
   const inspect = options.inspect;
   const makeActor = () =>
-    createActor(providedMachine, {
+    createActor(inspect ? inspectedMachine : providedMachine, {
       input: {
         clientId,
         instance,
@@ -1269,21 +1303,24 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     if (verdict !== 'gap' && verdict !== 'unknown' && verdict !== 'duplicate') releaseHeld();
   };
 
+  /** A batch formed (the chart's `batched`): durable before the SYN leaves, a new instance must resend this id with these ops. */
+  const persistBatch = (id: string, outboxKeys: number[]) => {
+    const keys: string[] = [];
+    for (const k of outboxKeys) {
+      const x = entries.get(k);
+      if (x !== undefined) keys.push(x.key);
+    }
+    if (keys.length > 0) void guarded(() => outbox.batch(clientId, { id, keys }));
+  };
+
   const onEmitted = (e: ConnectionEmitted) => {
     switch (e.type) {
       case 'settled':
         settle(e);
         break;
-      case 'batched': {
-        // Durable before the SYN leaves: a new instance must resend this id with these ops.
-        const keys: string[] = [];
-        for (const k of e.keys) {
-          const x = entries.get(k);
-          if (x !== undefined) keys.push(x.key);
-        }
-        if (keys.length > 0) void guarded(() => outbox.batch(clientId, { id: e.id, keys }));
+      case 'batched':
+        persistBatch(e.id, e.keys);
         break;
-      }
       case 'message':
         onMsg(e.frame as MsgEnvelope);
         break;
