@@ -56,7 +56,7 @@ describe('LazyClock', () => {
     expect(s.timers.size).toBe(0);
   });
 
-  it('a cancelled delay never runs; cancelling the last one clears the platform timer', () => {
+  it('a cancelled delay never runs; cancelling the last one clears the platform timer at the end of the job', async () => {
     const s = scripted();
     const clock = new LazyClock(s.platform);
     const fired: string[] = [];
@@ -67,12 +67,50 @@ describe('LazyClock', () => {
     s.advance(150);
     expect(fired).toEqual([]);
     clock.clearTimeout(b);
+    await Promise.resolve();
     expect(s.timers.size).toBe(0);
     s.advance(1000);
     expect(fired).toEqual([]);
     // Unknown and repeated ids are ignored.
     clock.clearTimeout(b);
     clock.clearTimeout(12345);
+  });
+
+  it('the last deadline cancelled and a later one set in the same job: the platform timer is neither cleared nor armed again', async () => {
+    const s = scripted();
+    const cleared: unknown[] = [];
+    let armed = 0;
+    const platform: ClockPlatform = {
+      now: s.platform.now,
+      setTimeout: (fn, ms) => {
+        armed++;
+        return s.platform.setTimeout(fn, ms);
+      },
+      clearTimeout: (id) => {
+        cleared.push(id);
+        s.platform.clearTimeout(id);
+      },
+    };
+    const clock = new LazyClock(platform);
+    const fired: string[] = [];
+    // A round trip at one in flight: the keepalive cancelled, the ACK deadline set, and back.
+    let pending = clock.setTimeout(() => fired.push('first'), 100);
+    for (let i = 1; i <= 50; i++) {
+      clock.clearTimeout(pending);
+      pending = clock.setTimeout(() => fired.push(`d${i}`), 100);
+      await Promise.resolve();
+      s.advance(s.now() + 1);
+    }
+    expect(armed).toBe(1);
+    expect(cleared).toEqual([]);
+    // The timer armed for the first deadline wakes for nothing and re-arms for the live one.
+    s.advance(s.now() + 60);
+    expect(fired).toEqual([]);
+    expect(armed).toBe(2);
+    s.advance(s.now() + 100);
+    expect(fired).toEqual(['d50']);
+    await Promise.resolve();
+    expect(s.timers.size).toBe(0);
   });
 
   it('a later deadline does not re-arm the platform timer; an earlier one does', () => {

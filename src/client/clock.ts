@@ -9,7 +9,12 @@
  * deadline and only re-armed when a new deadline is earlier, or when it fires (then it runs
  * what is due, in deadline order, and re-arms for the earliest left). A cancelled deadline
  * leaves the platform timer alone (it wakes up once for nothing and re-arms), except that
- * cancelling the last one clears it, so an idle or closed client holds no timer.
+ * when the last one is cancelled the timer is cleared at the end of the current job (a
+ * microtask), unless a deadline was set again by then: so an idle or closed client holds no
+ * timer, and the round trip that cancels one deadline and sets the next (the ACK deadline for
+ * the keepalive, and back: every round trip at one in flight) neither clears nor arms the
+ * platform timer (issue 14, session 6: two `clearTimeout` and two `setTimeout` per round trip
+ * before).
  *
  * Same contract as XState's `Clock`: `setTimeout(fn, ms)` runs `fn` once, no earlier than
  * `ms` milliseconds later (measured on `now`, a monotonic clock); `clearTimeout(id)` stops it.
@@ -49,8 +54,19 @@ export class LazyClock implements Clock {
 
   clearTimeout(id: unknown): void {
     if (!this.due.delete(id as number)) return;
-    if (this.due.size === 0) this.disarm();
+    if (this.due.size === 0 && !this.checking) {
+      this.checking = true;
+      queueMicrotask(this.disarmIfEmpty);
+    }
   }
+
+  /** A `disarmIfEmpty` microtask is queued. */
+  private checking = false;
+  /** The last deadline was cancelled earlier in this job: clear the platform timer unless one was set since. */
+  private readonly disarmIfEmpty = () => {
+    this.checking = false;
+    if (this.due.size === 0) this.disarm();
+  };
 
   /** Deadlines waiting (for tests and the inspector). */
   get size(): number {
