@@ -398,11 +398,12 @@ interface Waiter {
  * travel: `JSON.stringify` throws (a circular reference, a BigInt, a `toJSON` that throws) or
  * yields nothing (`undefined`, a function, a symbol).
  */
-function toJson(op: unknown): { json: string } | { problem: string } {
+function toJson(op: unknown): string | { problem: string } {
   try {
     const json = JSON.stringify(op);
     if (json === undefined) return { problem: `an operation must be JSON; got ${typeof op}` };
-    return { json };
+    // The text itself, no wrapper object: once per operation (issue 14).
+    return json;
   } catch (err) {
     return { problem: `an operation must be JSON: ${String((err as Error)?.message ?? err)}` };
   }
@@ -675,7 +676,12 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   };
   const waiters = new Map<number, Waiter>();
   /** Operations in the durable outbox, by their key in the machine's queue. */
-  const entries = new Map<number, OutboxEntry & { restored: boolean }>();
+  /**
+   * Operations accepted and not settled, by outbox key. An entry `send()` made is exactly the
+   * `OutboxEntry` the durable outbox is given (`{ key, at, n, json }`, no copy per operation);
+   * a restored one carries `restored: true` on top, and the outbox gets a copy without it.
+   */
+  const entries = new Map<number, OutboxEntry & { restored?: true }>();
   let nextKey = 1;
   let nextOp = 1;
   let closed = false;
@@ -947,7 +953,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     const stored: OutboxEntry[] = [];
     for (const i of items) {
       const x = entries.get(i.key);
-      if (x !== undefined) stored.push({ key: x.key, at: x.at, n: x.n, json: x.json });
+      if (x !== undefined) stored.push(x.restored ? { key: x.key, at: x.at, n: x.n, json: x.json } : x);
     }
     steps.push({ write: () => outbox.add(clientId, stored), event: { type: 'SEND', items } });
     pump();
@@ -1055,7 +1061,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     // One pass over the keys (once per round trip: no map/filter chains).
     const n = e.keys.length;
     const ws: Array<Waiter | undefined> = new Array(n);
-    const es: Array<(OutboxEntry & { restored: boolean }) | undefined> = new Array(n);
+    const es: Array<(OutboxEntry & { restored?: true }) | undefined> = new Array(n);
     const storeKeys: string[] = [];
     for (let i = 0; i < n; i++) {
       const k = e.keys[i]!;
@@ -1722,15 +1728,15 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       }
       // An operation travels as JSON (and is stored as JSON): one that cannot be turned into it
       // is refused here, before it can enter the outbox and jam every later one.
-      const j = toJson(op);
-      if ('problem' in j) return reject(new SyncError('bad_request', j.problem));
+      const json = toJson(op);
+      if (typeof json !== 'string') return reject(new SyncError('bad_request', json.problem));
       const key = nextKey++;
       const n = nextOp++;
-      // The outbox keeps `j.json`, the text the SYN carries: changing `op` later changes
+      // The outbox keeps `json`, the text the SYN carries: changing `op` later changes
       // neither (README "Operations are JSON").
-      entries.set(key, { key: `${instance}:o${n}`, at: Date.now(), n, json: j.json, restored: false });
+      entries.set(key, { key: `${instance}:o${n}`, at: Date.now(), n, json });
       enqueue(
-        { key, kind: 'op', op, json: j.json },
+        { key, kind: 'op', op, json },
         { kind: 'op', resolve: resolve as (v: unknown) => void, reject },
       );
       setPending();
