@@ -419,11 +419,14 @@ const DEFAULTS = {
 };
 
 /**
- * The chart with the real transports, made once for every client: each client's transport
- * reaches the actors through the `io` input (building a provided machine per client cost
- * ~650 µs of each `createSyncClient`, issue 14's connect row).
+ * The chart with the real transports and its own actions, for clients given an `inspect`
+ * observer: made once, at the first such client (a `provide()` costs ~650 µs; most programs
+ * never inspect). Each client's transport reaches the actors through the `io` input (building
+ * a provided machine per client cost ~650 µs of each `createSyncClient`, issue 14's connect row).
  */
-const inspectedMachine = connectionMachine.provide({ actors: { socket: socketActor(), http: httpActor() } });
+let inspectedMachine: typeof connectionMachine | undefined;
+const inspectedChart = () =>
+  (inspectedMachine ??= connectionMachine.provide({ actors: { socket: socketActor(), http: httpActor() } }));
 
 /** A client's `io` (`ConnectionInput.io`): its transport, and where a batch formed is persisted. */
 interface ClientIo extends TransportIo {
@@ -432,9 +435,10 @@ interface ClientIo extends TransportIo {
 }
 
 /**
- * The chart as a client without an inspector runs it: `emitBatched` and `sendTaken` (the two
- * actions of `open`'s SEND, once per request taken) done directly instead of through an emitted
- * event and a `SEND` command to the `socket` actor's mailbox: the batch is persisted, then the
+ * The chart as a client without an inspector runs it (made once, for every such client):
+ * `emitBatched` and `sendTaken` (the two actions of `open`'s SEND, once per request taken)
+ * done directly instead of through an emitted event and a `SEND` command to the `socket`
+ * actor's mailbox: the batch is persisted, then the
  * request written through the live socket actor's handle (`TransportIo.write`), in the order the
  * chart's own actions would (durable before the SYN leaves). Issue 14: one actor step and one
  * emitted event fewer per request. With an inspector the chart's own actions run (it counts the
@@ -733,7 +737,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
 
   const inspect = options.inspect;
   const makeActor = () =>
-    createActor(inspect ? inspectedMachine : providedMachine, {
+    createActor(inspect ? inspectedChart() : providedMachine, {
       input: {
         clientId,
         instance,
