@@ -333,31 +333,59 @@ export class ChannelCursors {
 
   /** When the next write may start (performance.now() ms): see persist(). */
   private nextWriteAt = 0;
+  /** The throttled write waiting for its turn (persist()), cleared by close(). */
+  private timer: ReturnType<typeof setTimeout> | undefined;
+  /** After close(): the cursors may still move in memory, nothing is written any more. */
+  private closed = false;
 
   /**
    * Coalesced: one write per tick, however many MSGs arrived in it. A write serializes every
    * channel's cursor (O(channels)); with many channels answered one per tick that made the
    * client quadratic (FIX14E F6). So a write that took w ms lets the next one start no
    * earlier than 9·w ms after it ended (the writes take at most ~10 % of the time): with a
-   * few channels (µs per write) that is still every tick.
+   * few channels (µs per write) that is still every tick. The wait is a timer of this
+   * object's own (not the chart's: it is storage pacing, not protocol time), and `close()`
+   * ends it: it writes what is pending once, and nothing after.
    */
   private persist(): void {
-    if (this.dirty) return;
+    if (this.dirty || this.closed) return;
     this.dirty = true;
-    const write = () => {
-      this.dirty = false;
-      const t0 = performance.now();
-      const out = channelRecord<{ epoch?: string; seq?: number }>();
-      for (const [k, c] of this.cursors) if (c.seq !== undefined) out[k] = { epoch: c.epoch, seq: c.seq };
-      this.storage.set(this.storageKey, JSON.stringify(out));
-      const t1 = performance.now();
-      this.nextWriteAt = t1 + 9 * (t1 - t0);
-    };
     const wait = this.nextWriteAt - performance.now();
-    if (wait <= 1) queueMicrotask(write);
+    if (wait <= 1) queueMicrotask(() => this.write());
     else {
-      const t = setTimeout(write, wait) as unknown as { unref?: () => void };
-      t.unref?.();
+      this.timer = setTimeout(() => this.write(), wait);
+      (this.timer as { unref?: () => void }).unref?.();
+    }
+  }
+
+  private write(): void {
+    this.timer = undefined;
+    // Written already (by close()), or closed since: nothing to do.
+    if (!this.dirty || this.closed) return;
+    this.dirty = false;
+    const t0 = performance.now();
+    const out = channelRecord<{ epoch?: string; seq?: number }>();
+    for (const [k, c] of this.cursors) if (c.seq !== undefined) out[k] = { epoch: c.epoch, seq: c.seq };
+    this.storage.set(this.storageKey, JSON.stringify(out));
+    const t1 = performance.now();
+    this.nextWriteAt = t1 + 9 * (t1 - t0);
+  }
+
+  /**
+   * The client is closing: the cursors as they are now are written once, at once (none when
+   * nothing changed since the last write), and never again (a write after the client closed
+   * could land after a new client on the same storage wrote newer cursors: that client would
+   * resume too early). Throws what the storage's `set` throws (the client reports it).
+   */
+  close(): void {
+    if (this.closed) return;
+    if (this.timer !== undefined) clearTimeout(this.timer);
+    this.timer = undefined;
+    try {
+      this.write();
+    } finally {
+      this.closed = true;
+      this.dirty = false;
     }
   }
 }

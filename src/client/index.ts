@@ -1700,6 +1700,9 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     // Closed before the storage was ready: init writes what send() accepted once it holds the
     // storage (fileStorage: the lock, ≤ its `stale` + 1 s), then releases it; wait for that.
     if (!ready) await loaded.catch(() => 0);
+    // The cursors' last write, now and once (a throttled one would otherwise land after close()
+    // resolved, maybe over a newer client's), before the storage is released.
+    void guarded(() => channels.close());
     try {
       await releaseLock?.();
     } catch (lockErr) {
