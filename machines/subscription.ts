@@ -21,13 +21,22 @@
  *
  * A `SUB` that fails as a whole for another reason (`server_error`, `bad_response`, …) is
  * not a refusal: the channel stays where it was (`subscribing` / `resetting`) with
- * `context.error` set, and the client asks again after a backoff (T, doubling, up to
- * `maxBackoff`), or at once when a socket becomes ready. `GRANTED` clears the error.
+ * `context.error` set, in that state's `backoff` substate: a delayed transition (`subRetry`:
+ * `timeout` ms, doubling with each failure in a row, capped at `maxBackoff`) takes it back to
+ * `asking` and emits `retry`, and the client then sends the channel's `SUB` again. A `SUB`
+ * sent for it meanwhile (a new socket's re-SUB, `subscribe()`, a catch-up) ends the wait at
+ * once; so does leaving the state (`UNSUBSCRIBE`, a refusal, a grant). `GRANTED` clears the
+ * error and the failure count. A failure with `retry: false` (a poll's answer: the next poll
+ * asks again) sets the error without a wait.
+ *
+ * `subscribing` and `resetting` are compound (`asking` | `backoff`); what the client reports
+ * is the top-level name (`subscriptionStateOf`), so the wait is not a state of its own for
+ * the app.
  *
  * Pure: it sends nothing; the client drives it with events that mirror what happened on the
- * wire (PROTOCOL §3 rules 7 and 11, §5).
+ * wire (PROTOCOL §3 rules 7 and 11, §5), and acts on its one emitted event, `retry`.
  */
-import { type ActorRefFrom, type AnyActorRef, assign, createActor, setup } from 'xstate';
+import { type ActorRefFrom, type AnyActorRef, assign, createActor, emit, setup } from 'xstate';
 
 /** The names `subscriptions$` reports. */
 export const SUBSCRIPTION_STATES = [
@@ -48,6 +57,44 @@ export interface SubscriptionError {
 export interface SubscriptionContext {
   channel: string;
   error: SubscriptionError | null;
+  /** `FAILED` events (with a retry) since the last grant or `subscribe()`: the backoff's exponent. */
+  failures: number;
+  /** The client's T, in ms: the first retry's delay. */
+  timeout: number;
+  /** The retry delay's cap, in ms. */
+  maxBackoff: number;
+}
+
+/** What a subscription actor is started with; `timeout` and `maxBackoff` as the client's options. */
+export interface SubscriptionInput {
+  channel: string;
+  /** ms. @default 15000 (the client's default T) */
+  timeout?: number;
+  /** ms. @default 30000 (the client's default `maxBackoff`) */
+  maxBackoff?: number;
+}
+
+/** The one event the chart emits: its retry wait is over, send the channel's `SUB` again. */
+export interface SubscriptionRetry {
+  type: 'retry';
+  channel: string;
+}
+
+/**
+ * The retry delay after `failures` failed `SUB`s in a row, in ms: `timeout · 2^(failures − 1)`,
+ * capped at `maxBackoff` (the rule the client's SUB retry always had; PROTOCOL §5).
+ */
+export function subRetryDelay(c: Pick<SubscriptionContext, 'failures' | 'timeout' | 'maxBackoff'>): number {
+  return Math.min(c.maxBackoff, c.timeout * 2 ** Math.max(0, c.failures - 1));
+}
+
+/**
+ * The name `subscriptions$` and `subscriptionState()` report for a snapshot value: the
+ * top-level state (`{ subscribing: 'backoff' }` → `subscribing`).
+ */
+export function subscriptionStateOf(value: unknown): SubscriptionState | 'forgotten' {
+  if (typeof value === 'string') return value as SubscriptionState | 'forgotten';
+  return Object.keys(value as object)[0] as SubscriptionState;
 }
 
 export type SubscriptionActor = ActorRefFrom<typeof subscriptionMachine>;
@@ -63,8 +110,11 @@ export type SubscriptionEvent =
   | { type: 'GRANTED' }
   /** The server answered its `SUB` entry with `recovered: false`: the app must reset. */
   | { type: 'RESET' }
-  /** Its `SUB` failed as a whole (not a refusal): the client retries after a backoff. */
-  | { type: 'FAILED'; error: SubscriptionError }
+  /**
+   * Its `SUB` failed as a whole, or its entry was bad (not a refusal): the chart waits in
+   * `backoff`, then emits `retry`. `retry: false` (a poll's failure): the error only, no wait.
+   */
+  | { type: 'FAILED'; error: SubscriptionError; retry?: boolean }
   /** The server answered its `SUB` entry with an error. */
   | { type: 'REFUSED'; error: SubscriptionError }
   /** The server ended it (server `UNS`): `forbidden` → refused, `unsubscribed` → unsubscribed. */
@@ -77,25 +127,43 @@ export type SubscriptionEvent =
    */
   | { type: 'FORGET' };
 
+const DEFAULT_TIMEOUT = 15_000;
+const DEFAULT_MAX_BACKOFF = 30_000;
+
 export const subscriptionMachine = setup({
   types: {
     context: {} as SubscriptionContext,
     events: {} as SubscriptionEvent,
-    input: {} as { channel: string },
+    input: {} as SubscriptionInput,
+    emitted: {} as SubscriptionRetry,
   },
   actions: {
     refuse: assign({
       error: ({ event }) =>
         event.type === 'REFUSED' || event.type === 'REVOKED' || event.type === 'FAILED' ? event.error : null,
     }),
-    clear: assign({ error: null }),
+    clear: assign({ error: null, failures: 0 }),
+    failed: assign({ failures: ({ context }) => context.failures + 1 }),
+    regained: assign({ failures: 0 }),
+    retry: emit(({ context }) => ({ type: 'retry' as const, channel: context.channel })),
   },
   guards: {
     isEndedByServer: ({ event }) => event.type === 'REVOKED' && event.error.code === 'unsubscribed',
+    retries: ({ event }) => event.type === 'FAILED' && event.retry !== false,
+  },
+  delays: {
+    /** See `subRetryDelay`: T, doubling per failure in a row, capped at `maxBackoff`. */
+    subRetry: ({ context }) => subRetryDelay(context),
   },
 }).createMachine({
   id: 'subscription',
-  context: ({ input }) => ({ channel: input.channel, error: null }),
+  context: ({ input }) => ({
+    channel: input.channel,
+    error: null,
+    failures: 0,
+    timeout: input.timeout ?? DEFAULT_TIMEOUT,
+    maxBackoff: input.maxBackoff ?? DEFAULT_MAX_BACKOFF,
+  }),
   initial: 'unsubscribed',
   states: {
     unsubscribed: {
@@ -104,11 +172,23 @@ export const subscriptionMachine = setup({
     /** Not a subscription state: the actor's end, never reported (it has left the client). */
     forgotten: { type: 'final' },
     subscribing: {
+      initial: 'asking',
+      states: {
+        /** A `SUB` naming it is out (or about to be). */
+        asking: {},
+        /** Its last `SUB` failed: asked again when `subRetry` has passed. */
+        backoff: { after: { subRetry: { target: 'asking', actions: 'retry' } } },
+      },
       on: {
         GRANTED: { target: 'subscribed', actions: 'clear' },
-        RESET: 'resetting',
-        FAILED: { actions: 'refuse' },
-        SUBSCRIBE: { actions: 'clear' },
+        RESET: { target: 'resetting', actions: 'regained' },
+        FAILED: [
+          { guard: 'retries', target: '.backoff', reenter: true, actions: ['refuse', 'failed'] },
+          { actions: 'refuse' },
+        ],
+        SUBSCRIBE: { target: '.asking', actions: 'clear' },
+        RESUBSCRIBE: '.asking',
+        CATCH_UP: '.asking',
         REFUSED: { target: 'refused', actions: 'refuse' },
         REVOKED: [
           { guard: 'isEndedByServer', target: 'unsubscribed', actions: 'refuse' },
@@ -132,10 +212,21 @@ export const subscriptionMachine = setup({
       },
     },
     resetting: {
+      initial: 'asking',
+      states: {
+        /** A catch-up `SUB` is out (or about to be), or the app is hearing the reset. */
+        asking: {},
+        /** Its last `SUB` failed: asked again when `subRetry` has passed. */
+        backoff: { after: { subRetry: { target: 'asking', actions: 'retry' } } },
+      },
       on: {
         GRANTED: { target: 'subscribed', actions: 'clear' },
-        FAILED: { actions: 'refuse' },
-        SUBSCRIBE: { actions: 'clear' },
+        FAILED: [
+          { guard: 'retries', target: '.backoff', reenter: true, actions: ['refuse', 'failed'] },
+          { actions: 'refuse' },
+        ],
+        SUBSCRIBE: { target: '.asking', actions: 'clear' },
+        CATCH_UP: '.asking',
         RESUBSCRIBE: 'subscribing',
         REFUSED: { target: 'refused', actions: 'refuse' },
         REVOKED: [
@@ -154,16 +245,29 @@ export const subscriptionMachine = setup({
   },
 });
 
+/** The `id` of every channel's actor (its `systemId` is `subscription:<channel>`). */
+export const SUBSCRIPTION_ACTOR_ID = 'subscription';
+
 /**
  * Start nothing yet: a subscription actor for `channel` as a child of `parent` (the
- * connection actor), so it shares its actor system and its inspector; registered in that
- * system as `subscription:<channel>` (`client.actor.system.get(...)`).
+ * connection actor), so it shares its actor system, its clock (the `subRetry` delay runs on
+ * it) and its inspector; registered in that system as `subscription:<channel>`
+ * (`client.actor.system.get(...)`). `backoff`: the client's T and `maxBackoff`, in ms.
  */
-export function createSubscriptionActor(channel: string, parent: AnyActorRef): SubscriptionActor {
+export function createSubscriptionActor(
+  channel: string,
+  parent: AnyActorRef,
+  backoff: { timeout?: number; maxBackoff?: number } = {},
+): SubscriptionActor {
   return createActor(subscriptionMachine, {
     parent,
-    id: `subscription:${channel}`,
+    // One id for every channel: a child that reaches its final state sends its parent
+    // `xstate.done.actor.<id>`, and XState memoizes the connection machine's candidate
+    // transitions per event type on the (process-wide, shared) machine: an id per channel grew
+    // that memo by ~0.2 KB per channel ever forgotten, for the life of the process. The
+    // channel is in the actor's context and in its `systemId`.
+    id: SUBSCRIPTION_ACTOR_ID,
     systemId: `subscription:${channel}`,
-    input: { channel },
+    input: { channel, timeout: backoff.timeout, maxBackoff: backoff.maxBackoff },
   });
 }

@@ -191,13 +191,19 @@ export function createClientPanel(layout: ChartLayout, options: PanelOptions = {
       .map(([channel, sub]) =>
         h(
           'tr',
-          { 'data-channel': channel, 'data-sub-state': sub.state },
+          {
+            'data-channel': channel,
+            'data-sub-state': sub.state,
+            ...(sub.retrying ? { 'data-sub-retrying': 'true' } : {}),
+          },
           h('th', { scope: 'row' }, channel),
           ...SUBSCRIPTION_STATES.map((state) =>
             h(
               'td',
               { class: state === sub.state ? 'sub-state current' : 'sub-state', 'data-state': state },
-              state === sub.state && sub.error ? `${state} (${sub.error})` : state,
+              state === sub.state && sub.error
+                ? `${state} (${sub.error}${sub.retrying ? ', retry wait' : ''})`
+                : state,
             ),
           ),
         ),

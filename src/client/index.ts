@@ -28,6 +28,7 @@ import {
   createSubscriptionActor,
   type SubscriptionActor,
   type SubscriptionState,
+  subscriptionStateOf,
 } from '../../machines/subscription.js';
 import {
   type ChannelState,
@@ -384,8 +385,10 @@ export interface SyncClient<Op = unknown, Result = unknown> {
 interface Waiter {
   resolve(value: unknown): void;
   reject(err: SyncError): void;
-  /** For SUB/UNS: the channels it named. */
+  /** For SUB: the channels it named. */
   channels?: string[];
+  /** For UNS: the channels it named (kept apart: a failed UNS fails no subscription). */
+  unsubscribed?: string[];
   /** A SUB that only polls while on HTTP (its failure waits for the next poll). */
   poll?: boolean;
   /** For SUB: each channel's cursor as it last went on the wire (what its answer is judged against). */
@@ -627,12 +630,19 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   const subActor = (channel: string): SubscriptionActor => {
     let a = subActors.get(channel);
     if (!a) {
-      const made = createSubscriptionActor(channel, actor);
+      const made = createSubscriptionActor(channel, actor, {
+        timeout,
+        maxBackoff: options.maxBackoff ?? DEFAULTS.maxBackoff,
+      });
       a = made;
       subActors.set(channel, a);
       a.subscribe((snap) => {
         // A forgotten actor's last transitions no longer speak for the channel.
-        if (subActors.get(channel) === made) noteState(channel, String(snap.value));
+        if (subActors.get(channel) === made) noteState(channel, subscriptionStateOf(snap.value));
+      });
+      // Its backoff after a failed SUB is over (the chart's `subRetry` delay): ask again.
+      made.on('retry', () => {
+        if (subActors.get(channel) === made) retrySub(channel);
       });
       a.start();
     }
@@ -659,7 +669,6 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       a.send({ type: 'FORGET' });
     }
     resetCount.delete(channel);
-    subFailures.delete(channel);
     publishSubscriptions();
   };
   /**
@@ -691,43 +700,42 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   let closed = false;
   let pollQueued = false;
   /**
-   * Channels unsubscribed since the last socket became ready. An `UNS` sent while degraded
-   * went over HTTP, which ends nothing on a socket the server still holds (the one being
-   * re-pinged): when a socket is ready again they are unsubscribed on it too.
+   * Channels unsubscribed since the last socket became ready whose `UNS` has not been answered
+   * on a socket. An `UNS` sent while degraded went over HTTP, which ends nothing on a socket
+   * the server still holds (the one being re-pinged): when a socket is ready again they are
+   * unsubscribed on it too (PROTOCOL §3 rule 11). One answered on the socket (the client
+   * `open`) ended the channel there: its name goes at once, so the set holds only the `UNS`s
+   * in flight or answered over HTTP, not one name per channel ever unsubscribed while one
+   * socket lives.
    */
   const unsubscribedSinceSocket = new Set<string>();
   /**
-   * Channels whose SUB failed as a whole (not a refusal): asked again after a backoff (T,
-   * doubling per failure, capped at maxBackoff), or at once when a socket becomes ready.
+   * Channels whose SUB failed (not a refusal) and whose chart's backoff is over (it emitted
+   * `retry`, machines/subscription.ts): asked for again in one SUB per tick (their waits,
+   * started by one failed SUB, end together).
    */
-  const subFailures = new Map<string, number>();
-  let retryTimer: ReturnType<Clock['setTimeout']> | null = null;
-  const retryClock: Clock = options.clock ?? globalThis;
-  const cancelRetry = () => {
-    if (retryTimer !== null) retryClock.clearTimeout(retryTimer);
-    retryTimer = null;
-  };
-  const scheduleRetry = () => {
-    if (retryTimer !== null || closed) return;
-    const attempts = Math.max(0, ...subFailures.values());
-    const delay = Math.min(
-      options.maxBackoff ?? DEFAULTS.maxBackoff,
-      timeout * 2 ** Math.max(0, attempts - 1),
-    );
-    retryTimer = retryClock.setTimeout(() => {
-      retryTimer = null;
-      if (closed) return;
-      for (const name of subFailures.keys()) if (!channels.has(name)) subFailures.delete(name);
-      const names = [...subFailures.keys()];
-      if (names.length > 0) resubscribe(names, false);
-    }, delay);
+  let retryDue: string[] = [];
+  const retrySub = (channel: string) => {
+    if (closed) return;
+    if (retryDue.length === 0)
+      queueMicrotask(() => {
+        const names = retryDue.filter((name) => channels.has(name));
+        retryDue = [];
+        if (names.length > 0 && !closed) resubscribe(names, false);
+      });
+    retryDue.push(channel);
   };
   const sendUns = (names: string[], front: boolean, waiter?: Pick<Waiter, 'resolve' | 'reject'>) => {
     for (const name of names) unsubscribedSinceSocket.add(name);
     const key = nextKey++;
     enqueue(
       { key, kind: 'UNS', payload: { channels: names } },
-      { kind: 'UNS', resolve: waiter?.resolve ?? (() => {}), reject: waiter?.reject ?? (() => {}) },
+      {
+        kind: 'UNS',
+        unsubscribed: names,
+        resolve: waiter?.resolve ?? (() => {}),
+        reject: waiter?.reject ?? (() => {}),
+      },
       front,
     );
   };
@@ -1100,13 +1108,12 @@ export function createSyncClient<Op = unknown, Result = unknown>(
             refuse(w.channels[0]!, e.error.code, e.error.message, false);
           else if (w?.kind === 'SUB' && w.channels && !w.poll && !closed) {
             // Failed, not refused (server_error, bad_response, …): the channels still wanted
-            // stay subscribing/resetting with the error, and are asked for again later.
+            // stay subscribing/resetting with the error, and their charts ask again after
+            // their backoff (machines/subscription.ts, `subRetry`).
             for (const name of w.channels) {
               if (!channels.has(name)) continue;
-              subFailures.set(name, (subFailures.get(name) ?? 0) + 1);
               tell(name, { type: 'FAILED', error: { code: e.error.code, message: e.error.message } });
             }
-            scheduleRetry();
           }
           w?.reject(err);
         }
@@ -1169,6 +1176,11 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       }
       // SUB / UNS: one waiter, payload [{ channels: {…} }] or [{}].
       const w = ws[0];
+      // An UNS answered on the socket ended its channels there: nothing to repeat on it later.
+      // (Answered while the chart is on its socket: `open`, `awaitingAck`, `awaitingSyn`; over
+      // HTTP it is `degraded` or `rePinging`.)
+      if (w?.unsubscribed && onSocket(flatState(actor.getSnapshot())))
+        for (const name of w.unsubscribed) unsubscribedSinceSocket.delete(name);
       let body = (e.payload[0] ?? {}) as { channels?: Record<string, unknown> };
       if (e.request === 'SUB' && w?.channels) {
         // Each channel on its own (PROTOCOL §3 rule 7): refusals end that channel only, and an
@@ -1242,7 +1254,6 @@ export function createSyncClient<Op = unknown, Result = unknown>(
                 ? problems[0]!
                 : `${problems.length} bad entries in one SUB answer; the first: ${problems[0]}`,
           });
-        for (const name of Object.keys(granted)) subFailures.delete(name);
         if (invalid.length > 0) {
           // As a SUB that failed whole: the channel keeps its state with the error, sends waiting
           // for its publications stop waiting, and it is asked for again after the backoff (a
@@ -1250,10 +1261,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
           giveUpOn(invalid);
           for (const name of invalid) {
             const message = (checked[name] as { error: { message: string } }).error.message;
-            tell(name, { type: 'FAILED', error: { code: 'bad_response', message } });
-            if (!w.poll && !closed) subFailures.set(name, (subFailures.get(name) ?? 0) + 1);
+            tell(name, { type: 'FAILED', error: { code: 'bad_response', message }, retry: !w.poll });
           }
-          if (!w.poll) scheduleRetry();
         }
         // recovered: false → `resetting` while the app hears the reset, then `subscribed`
         // (or still `resetting` while a catch-up SUB is needed).
@@ -1358,7 +1367,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         unsubscribedSinceSocket.clear();
         if (lingering.length > 0) sendUns(lingering, true);
         unsubscribedSinceSocket.clear();
-        cancelRetry();
+        // Every channel below is told RESUBSCRIBE: a chart waiting in its SUB backoff stops
+        // waiting (the SUB goes on this socket now).
         // One SUB per channel (PROTOCOL §5): a channel with a SUB already queued or in flight
         // (subscribe() before the socket opened, the `channels` option, a poll) gets it on this
         // socket; a second one from the cursor would be a round trip for nothing.
@@ -1682,7 +1692,6 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     // Applied batches still waiting for their channel messages settle with their results.
     releaseHeld(true);
     closed = true;
-    cancelRetry();
     for (const t of teardown) t();
     // An actor not started yet (identity or outbox still loading) is never started.
     if (ready && actor.getSnapshot().status === 'active') actor.send({ type: 'CLOSE' });
@@ -1799,7 +1808,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     refused$: refused$.asObservable(),
     subscriptions$,
     subscriptionState(channel) {
-      return (subActors.get(channel)?.getSnapshot().value as SubscriptionState | undefined) ?? 'unsubscribed';
+      const a = subActors.get(channel);
+      return a ? (subscriptionStateOf(a.getSnapshot().value) as SubscriptionState) : 'unsubscribed';
     },
     snapshots$: snapshots$.asObservable(),
     rejected$: rejected$.asObservable(),
@@ -1916,6 +1926,9 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     },
   };
 }
+
+/** The chart's flat states in which requests travel, and are answered, on the socket. */
+const onSocket = (s: ConnectionState) => s === 'open' || s === 'awaitingAck' || s === 'awaitingSyn';
 
 /** What `close()` rejects the pending promises with. */
 const CLOSED = () => new SyncError('closed', 'the client was closed before this settled');

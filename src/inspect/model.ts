@@ -70,12 +70,13 @@ export interface SessionState {
   /**
    * Each channel's subscription state (`unsubscribed`, `subscribing`, `subscribed`,
    * `resetting`, `refused`), with the error code it holds (why it was refused, or why its
-   * last SUB failed), from its `subscription:<channel>` child actor.
+   * last SUB failed), from its child actor `subscription` (system id `subscription:<channel>`).
+   * `retrying`: it waits in its chart's `backoff` state for the SUB retry's delay.
    */
-  subscriptions: Record<string, { state: string; error?: string }>;
+  subscriptions: Record<string, { state: string; error?: string; retrying?: true }>;
 }
 
-/** The id prefix of the connection actor's per-channel children. */
+/** The id prefix of the per-channel children before S6D (now their id is `subscription`). */
 const SUBSCRIPTION_PREFIX = 'subscription:';
 
 interface ChildInfo {
@@ -285,22 +286,40 @@ export class InspectModel {
           const child = this.children.get(e.sessionId);
           // `forgotten` is the final state an unsubscribed channel's actor is sent to when the
           // client drops it (machines/subscription.ts): the panel keeps showing `unsubscribed`.
-          if (
-            child?.name.startsWith(SUBSCRIPTION_PREFIX) &&
-            typeof e.snapshot.value === 'string' &&
-            e.snapshot.value !== 'forgotten'
-          ) {
-            const channel = child.name.slice(SUBSCRIPTION_PREFIX.length);
+          // `subscribing` and `resetting` are compound (`asking` | `backoff`, the SUB retry's
+          // wait): the channel's state is the top-level name.
+          const value = e.snapshot.value;
+          const top =
+            typeof value === 'string'
+              ? value
+              : value && typeof value === 'object'
+                ? Object.keys(value)[0]
+                : undefined;
+          // The actor's id is `subscription` (machines/subscription.ts; `subscription:<channel>`
+          // before S6D, still read): the channel is in its context.
+          const ctxChannel = (e.snapshot.context as { channel?: unknown } | undefined)?.channel;
+          const channel =
+            child?.name === 'subscription' && typeof ctxChannel === 'string'
+              ? ctxChannel
+              : child?.name.startsWith(SUBSCRIPTION_PREFIX)
+                ? child.name.slice(SUBSCRIPTION_PREFIX.length)
+                : undefined;
+          if (channel !== undefined && top !== undefined && top !== 'forgotten') {
             const prev =
               (Object.hasOwn(s.subscriptions, channel) ? s.subscriptions[channel]?.state : undefined) ??
               'unsubscribed';
             const error = (e.snapshot.context as { error?: { code?: string } | null } | undefined)?.error
               ?.code;
-            s.subscriptions[channel] = { state: e.snapshot.value, ...(error ? { error } : {}) };
-            if (prev !== e.snapshot.value)
+            const retrying = typeof value === 'object' && Object.values(value as object)[0] === 'backoff';
+            s.subscriptions[channel] = {
+              state: top,
+              ...(error ? { error } : {}),
+              ...(retrying ? { retrying: true as const } : {}),
+            };
+            if (prev !== top)
               add({
                 kind: 'app',
-                detail: `${channel}: ${prev} → ${e.snapshot.value}${error ? ` (${error})` : ''}`,
+                detail: `${channel}: ${prev} → ${top}${error ? ` (${error})` : ''}`,
               });
           }
           if (e.snapshot.status !== 'active') this.children.delete(e.sessionId);
