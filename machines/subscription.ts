@@ -130,6 +130,33 @@ export type SubscriptionEvent =
 const DEFAULT_TIMEOUT = 15_000;
 const DEFAULT_MAX_BACKOFF = 30_000;
 
+/**
+ * The SUB retry's wait, the same in `subscribing` and `resetting` (one object: the browser
+ * bundle carries it once). `asking`: a `SUB` naming the channel is out (or about to be);
+ * `backoff`: its last `SUB` failed, asked again when `subRetry` has passed.
+ */
+const retryWait = {
+  initial: 'asking',
+  states: {
+    asking: {},
+    backoff: { after: { subRetry: { target: 'asking', actions: 'retry' } } },
+  },
+} as const;
+/** A failure while a `SUB` is out: wait (and count it), or with `retry: false` only note it. */
+const onFailed = [
+  { guard: 'retries', target: '.backoff', reenter: true, actions: ['refuse', 'failed'] },
+  { actions: 'refuse' },
+] as const;
+/** How a live or pending subscription ends: refused, revoked, ended by the server or the app. */
+const ended = {
+  REFUSED: { target: 'refused', actions: 'refuse' },
+  REVOKED: [
+    { guard: 'isEndedByServer', target: 'unsubscribed', actions: 'refuse' },
+    { target: 'refused', actions: 'refuse' },
+  ],
+  UNSUBSCRIBE: 'unsubscribed',
+} as const;
+
 export const subscriptionMachine = setup({
   types: {
     context: {} as SubscriptionContext,
@@ -172,29 +199,15 @@ export const subscriptionMachine = setup({
     /** Not a subscription state: the actor's end, never reported (it has left the client). */
     forgotten: { type: 'final' },
     subscribing: {
-      initial: 'asking',
-      states: {
-        /** A `SUB` naming it is out (or about to be). */
-        asking: {},
-        /** Its last `SUB` failed: asked again when `subRetry` has passed. */
-        backoff: { after: { subRetry: { target: 'asking', actions: 'retry' } } },
-      },
+      ...retryWait,
       on: {
         GRANTED: { target: 'subscribed', actions: 'clear' },
         RESET: { target: 'resetting', actions: 'regained' },
-        FAILED: [
-          { guard: 'retries', target: '.backoff', reenter: true, actions: ['refuse', 'failed'] },
-          { actions: 'refuse' },
-        ],
+        FAILED: onFailed,
         SUBSCRIBE: { target: '.asking', actions: 'clear' },
         RESUBSCRIBE: '.asking',
         CATCH_UP: '.asking',
-        REFUSED: { target: 'refused', actions: 'refuse' },
-        REVOKED: [
-          { guard: 'isEndedByServer', target: 'unsubscribed', actions: 'refuse' },
-          { target: 'refused', actions: 'refuse' },
-        ],
-        UNSUBSCRIBE: 'unsubscribed',
+        ...ended,
       },
     },
     subscribed: {
@@ -203,37 +216,18 @@ export const subscriptionMachine = setup({
         CATCH_UP: 'resetting',
         RESET: 'resetting',
         SUBSCRIBE: 'subscribing',
-        REFUSED: { target: 'refused', actions: 'refuse' },
-        REVOKED: [
-          { guard: 'isEndedByServer', target: 'unsubscribed', actions: 'refuse' },
-          { target: 'refused', actions: 'refuse' },
-        ],
-        UNSUBSCRIBE: 'unsubscribed',
+        ...ended,
       },
     },
     resetting: {
-      initial: 'asking',
-      states: {
-        /** A catch-up `SUB` is out (or about to be), or the app is hearing the reset. */
-        asking: {},
-        /** Its last `SUB` failed: asked again when `subRetry` has passed. */
-        backoff: { after: { subRetry: { target: 'asking', actions: 'retry' } } },
-      },
+      ...retryWait,
       on: {
         GRANTED: { target: 'subscribed', actions: 'clear' },
-        FAILED: [
-          { guard: 'retries', target: '.backoff', reenter: true, actions: ['refuse', 'failed'] },
-          { actions: 'refuse' },
-        ],
+        FAILED: onFailed,
         SUBSCRIBE: { target: '.asking', actions: 'clear' },
         CATCH_UP: '.asking',
         RESUBSCRIBE: 'subscribing',
-        REFUSED: { target: 'refused', actions: 'refuse' },
-        REVOKED: [
-          { guard: 'isEndedByServer', target: 'unsubscribed', actions: 'refuse' },
-          { target: 'refused', actions: 'refuse' },
-        ],
-        UNSUBSCRIBE: 'unsubscribed',
+        ...ended,
       },
     },
     refused: {

@@ -10,7 +10,7 @@
  * every delay the connection chart arms while a socket is open (T = 200 ms and more), so the
  * retry's timer is the one armed with 70 ms.
  */
-import { afterEach, describe, expect, it } from 'vitest';
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import type { Clock, SyncClient } from '../src/client/index.js';
 import { serializeInspectionEvent } from '../src/inspect/index.js';
 import { InspectModel } from '../src/inspect/model.js';
@@ -21,9 +21,17 @@ import { type Rig, reach, rig, until } from './helpers/harness.js';
 const BACKOFF = 70;
 
 let r: Rig | undefined;
+/** XState's warnings (an event sent to a stopped or forgotten actor): there must be none. */
+let warnings: unknown[][] = [];
+beforeEach(() => {
+  warnings = [];
+  vi.spyOn(console, 'warn').mockImplementation((...args: unknown[]) => void warnings.push(args));
+});
 afterEach(async () => {
   await r?.close();
   r = undefined;
+  vi.restoreAllMocks();
+  expect(warnings).toEqual([]);
 });
 
 function manualClock() {
