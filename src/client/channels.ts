@@ -372,6 +372,17 @@ export class ChannelCursors {
   }
 
   /**
+   * Write now what waits for the throttle (nothing when nothing changed since the last write),
+   * then go on as before: the page is being hidden or unloaded (a reload does not call
+   * `close()`), and a paced write would die with it. Throws what the storage's `set` throws.
+   */
+  flush(): void {
+    if (!this.dirty || this.closed) return;
+    if (this.timer !== undefined) clearTimeout(this.timer);
+    this.write();
+  }
+
+  /**
    * The client is closing: the cursors as they are now are written once, at once (none when
    * nothing changed since the last write), and never again (a write after the client closed
    * could land after a new client on the same storage wrote newer cursors: that client would

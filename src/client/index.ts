@@ -1662,15 +1662,22 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     const doc = g.document;
     const onOnline = () => signal('online');
     const onOffline = () => signal('offline');
+    // A page hidden (it may be discarded without another event) or unloaded (a reload does not
+    // call close()): the cursor write waiting for its turn is made now, or the next page would
+    // resume from an older cursor and see messages again.
+    const flushCursors = () => void guarded(() => channels.flush());
     const onVisibility = () => {
       if (doc.visibilityState === 'visible') signal('visible');
+      else flushCursors();
     };
     win.addEventListener('online', onOnline);
     win.addEventListener('offline', onOffline);
+    win.addEventListener('pagehide', flushCursors);
     doc.addEventListener('visibilitychange', onVisibility);
     teardown.push(() => {
       win.removeEventListener('online', onOnline);
       win.removeEventListener('offline', onOffline);
+      win.removeEventListener('pagehide', flushCursors);
       doc.removeEventListener('visibilitychange', onVisibility);
     });
     if (g.navigator?.onLine === false) signal('offline');
