@@ -5,15 +5,22 @@
  * it `bad_request` (PROTOCOL §2), over a socket and over HTTP, and nothing is applied.
  * Real parts for the server cases: a reference server on 127.0.0.1, a `ws` client, `fetch`.
  */
+import fc from 'fast-check';
 import { afterEach, describe, expect, it } from 'vitest';
 import { WebSocket } from 'ws';
-import { parseClientFrame } from '../src/protocol/index.js';
+import { mayHoldNonFinite, parseClientFrame } from '../src/protocol/index.js';
 import { createSyncServer, type SyncServer } from '../src/server/index.js';
+
+const SEED = Number(process.env.SEED ?? Date.now() % 2 ** 31);
+console.log(`[nonfinite] seed ${SEED} (SEED=${SEED} replays)`);
 
 describe('numbers beyond a double in a SYN', () => {
   it.each([
     '[1e400]',
     '[-1E+400]',
+    '[1.5e+999]',
+    `[${'9'.repeat(309)}]`,
+    `["xe123",1e400]`,
     '[{"a":[0.5e0309]}]',
     `[${'9'.repeat(400)}]`,
     `[{"x":${'1'.repeat(250)}e99}]`,
@@ -30,6 +37,53 @@ describe('numbers beyond a double in a SYN', () => {
     `["${'9'.repeat(400)}"]`,
   ])('accepts finite %s', (payload) => {
     expect(parseClientFrame(`{"id":"s1","type":"SYN","payload":${payload}}`).ok).toBe(true);
+  });
+
+  it('walks only texts that may hold such a number: a digit before an exponent of 3+ digits, or 100 digits (session 6)', () => {
+    for (const n of ['1e400', '-1E+400', '1.5e+999', '0.5e0309', '9'.repeat(100), `${'1'.repeat(250)}e99`]) {
+      expect(mayHoldNonFinite(`{"id":"s1","type":"SYN","payload":[${n}]}`)).toBe(true);
+    }
+    // Ids and strings with e/E and 3 digits (not after a digit) are not walked any more.
+    for (const text of [
+      '{"id":"xe123","type":"SYN","payload":["xe123",{"Ae+100":"E9999"},1e99,-2.5E-400,12e+45]}',
+      '{"id":"c:abcE1234:7","type":"SYN","payload":[{"op":"e123"}]}',
+    ]) {
+      expect(mayHoldNonFinite(text)).toBe(false);
+      expect(parseClientFrame(text).ok).toBe(true);
+    }
+  });
+
+  it('never lets a number beyond a double through the pre-filter (property over number texts)', () => {
+    const digits = (min: number, max: number) =>
+      fc.array(fc.constantFrom(...'0123456789'), { minLength: min, maxLength: max }).map((d) => d.join(''));
+    const numberText = fc
+      .tuple(
+        fc.constantFrom('', '-'),
+        fc.oneof(
+          fc.constant('0'),
+          fc.tuple(fc.constantFrom(...'123456789'), digits(0, 330)).map(([a, b]) => a + b),
+        ),
+        fc.option(digits(1, 120), { nil: undefined }),
+        fc.option(fc.tuple(fc.constantFrom('e', 'E'), fc.constantFrom('', '+', '-'), digits(1, 5)), {
+          nil: undefined,
+        }),
+      )
+      .map(
+        ([sign, int, frac, exp]) =>
+          `${sign}${int}${frac === undefined ? '' : `.${frac}`}${exp ? exp.join('') : ''}`,
+      );
+    fc.assert(
+      fc.property(numberText, (n) => {
+        const text = `{"id":"p1","type":"SYN","payload":[{"v":${n}}]}`;
+        if (!Number.isFinite(Number(n))) {
+          expect(mayHoldNonFinite(text)).toBe(true);
+          expect(parseClientFrame(text)).toMatchObject({ ok: false, code: 'bad_request', id: 'p1' });
+        } else {
+          expect(parseClientFrame(text).ok).toBe(true);
+        }
+      }),
+      { seed: SEED, numRuns: 500 },
+    );
   });
 
   describe('on a server', () => {

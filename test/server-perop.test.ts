@@ -1,7 +1,7 @@
 /**
  * The server's per-operation shortcuts (session 5, LANE2) keep the rules they shortcut:
- * - in-process dedupe fingerprints (`localFingerprint`: the payload's JSON when short, else its
- *   SHA-256 `fingerprint`) tell payloads apart exactly when their JSON texts differ, so a
+ * - in-process dedupe fingerprints (`localFingerprint`: the payload's JSON when short, else the
+ *   SHA-256 of that JSON) tell payloads apart exactly when their JSON texts differ, so a
  *   reused id with another payload is still refused `id_reused` (PROTOCOL §3 rule 4), short
  *   or long, in flight or answered, and the same payload is still answered from memory;
  * - a batch of a client with nothing queued starts at once, but a client's batches still run
@@ -12,16 +12,11 @@
  *   leaves on every socket (idle memory).
  * fast-check properties with bounded runs; the seed is printed (SEED=… replays).
  */
+import { createHash } from 'node:crypto';
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { parseClientFrame, type SynEnvelope } from '../src/protocol/index.js';
-import {
-  Dedupe,
-  fingerprint,
-  LOCAL_FP_MAX_CHARS,
-  localFingerprint,
-  type SynResponse,
-} from '../src/server/dedupe.js';
+import { Dedupe, LOCAL_FP_MAX_CHARS, localFingerprint, type SynResponse } from '../src/server/dedupe.js';
 import { peerAddress } from '../src/server/index.js';
 
 const SEED = Number(process.env.SEED ?? Date.now() % 2 ** 31);
@@ -66,15 +61,18 @@ describe('localFingerprint', () => {
     );
   });
 
-  it('is the JSON up to LOCAL_FP_MAX_CHARS, the SHA-256 fingerprint beyond and for payloads deeper than the stack', () => {
+  it('is the JSON up to LOCAL_FP_MAX_CHARS, the SHA-256 of the JSON beyond and for payloads deeper than the stack', () => {
+    const sha = (text: string) => createHash('sha256').update(text).digest('base64url');
     const short = [{ a: 1 }];
     expect(localFingerprint(short)).toBe('[{"a":1}]');
     const long = ['x'.repeat(LOCAL_FP_MAX_CHARS)];
-    expect(localFingerprint(long)).toBe(fingerprint(long));
+    expect(localFingerprint(long)).toBe(sha(JSON.stringify(long)));
     const atBound = ['y'.repeat(LOCAL_FP_MAX_CHARS - 4)]; // ["…"] is exactly the bound
     expect(localFingerprint(atBound)).toBe(JSON.stringify(atBound));
-    const deep = JSON.parse(`[${'['.repeat(100_000)}${']'.repeat(100_000)}]`) as unknown[];
-    expect(localFingerprint(deep)).toBe(fingerprint(deep));
+    const deepText = `[${'['.repeat(100_000)}${']'.repeat(100_000)}]`;
+    const deep = JSON.parse(deepText) as unknown[];
+    expect(() => JSON.stringify(deep)).toThrow(RangeError);
+    expect(localFingerprint(deep)).toBe(sha(deepText));
   });
 });
 

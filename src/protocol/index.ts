@@ -722,8 +722,20 @@ function objectOrder(map: Map<string, unknown>): Array<[string, unknown]> {
 const fail = (code: NakCode, message: string, id: string | null = null) =>
   ({ ok: false, code, message, id }) as const;
 
-/** What a JSON text holding a number beyond a double's range must contain (`hasNonFinite`). */
-const MAYBE_NON_FINITE = /[eE]\+?\d{3}|\d{100}/;
+/**
+ * What a JSON text holding a number beyond a double's range must contain (`hasNonFinite`): an
+ * exponent of 3 digits or more, not negative, after a digit (a number's mantissa ends in one),
+ * or a run of 100 digits. A number with neither is below 1e99 × 1e99. Strings holding `e` and
+ * 3 digits (ids such as `xe123`) do not match: only `1e400`-like text does (a string holding
+ * one still matches; the walk then finds no number beyond range).
+ */
+const MAYBE_NON_FINITE = /\d[eE]\+?\d{3}|\d{100}/;
+
+/**
+ * Whether `text` may hold a number beyond a double's range, so that the parsed payload must be
+ * walked (`hasNonFinite`). Never `false` for a text holding one. @internal exported for tests.
+ */
+export const mayHoldNonFinite = (text: string): boolean => MAYBE_NON_FINITE.test(text);
 
 /** Whether `value` holds a number that is not finite (walked with a stack: no recursion). */
 function hasNonFinite(value: unknown): boolean {
@@ -820,8 +832,8 @@ function parseClientFrameUnsafe(
       // A number beyond a double's range (1e400) parses as ±Infinity, which JSON cannot carry
       // (it would be stored, fingerprinted and published as null): refused (FIX14C). Only
       // texts that could hold one (an exponent of 3 digits or more, or a 100-digit run) are
-      // walked, so ordinary frames pay one native scan.
-      if (MAYBE_NON_FINITE.test(text) && hasNonFinite(payload)) {
+      // walked, so ordinary frames pay one native scan (`mayHoldNonFinite`).
+      if (mayHoldNonFinite(text) && hasNonFinite(payload)) {
         return fail('bad_request', 'a number in the payload is beyond the range of a double', id);
       }
       return { ok: true, envelope: { id, type, payload } };

@@ -164,22 +164,131 @@ export function fingerprint(payload: unknown): string {
 export const LOCAL_FP_MAX_CHARS = 256;
 
 /**
- * What tells two payloads apart in this process's dedupe memory (never stored elsewhere):
- * the payload's JSON text when it is at most `LOCAL_FP_MAX_CHARS` (a small operation, the
- * usual case: no SHA-256 per batch), else its `fingerprint`. Equal exactly when the payloads'
- * JSON texts are equal, as `fingerprint`s are: a payload's JSON is one text, a SYN payload's
- * text starts with `[`, which no base64url digest holds, and a text of at most
- * `LOCAL_FP_MAX_CHARS` nests too little to overflow `JSON.stringify` (so deep payloads are
- * hashed whatever the stack left, and the same payload always gets the same form).
+ * What tells two payloads apart in this process's dedupe memory (never stored elsewhere, so
+ * its form may change between versions; the shared stores' `fingerprint` may not): the
+ * payload's JSON text (`JSON.stringify`) when it is at most `LOCAL_FP_MAX_CHARS` UTF-16 code
+ * units (a small operation, the usual case: no SHA-256 per batch), else the SHA-256 of that
+ * text, base64url (43 characters). Equal exactly when the payloads' JSON texts are equal: a
+ * SYN payload's text starts with `[`, which no base64url digest holds, so the two forms
+ * never meet.
+ *
+ * `JSON.stringify` throws `RangeError` for a payload nested deeper than the stack left at the
+ * call (the parser accepts what fits in `maxPayloadBytes`), and the stack left differs between
+ * a batch answered in the same turn and one run later. Such a payload is walked instead
+ * (`jsonDigest`), hashing the very text `JSON.stringify` would have made, so the same payload
+ * gets the same fingerprint whatever the stack (its text is then far longer than the bound).
+ * Session 6: the long form was `fingerprint(payload)` (a second walk of the payload, token by
+ * token, after the `JSON.stringify` that measured it); it is now one hash of that text.
  */
 export function localFingerprint(payload: unknown): string {
   let text: string | undefined;
   try {
     text = JSON.stringify(payload);
-  } catch {
-    // Nested deeper than the stack allows (so longer than the bound): hashed below.
+  } catch (err) {
+    if (!(err instanceof RangeError)) throw err;
+    return jsonDigest(payload);
   }
-  return text !== undefined && text.length <= LOCAL_FP_MAX_CHARS ? text : fingerprint(payload);
+  if (text === undefined) return 'undefined'; // not a JSON value (never a parsed payload)
+  return text.length <= LOCAL_FP_MAX_CHARS ? text : oneShotHash('sha256', text, 'base64url');
+}
+
+/** Marks, on `jsonDigest`'s stack, the end of a container. */
+const END_ARRAY = Symbol('end array');
+const END_OBJECT = Symbol('end object');
+/** Marks, on `jsonDigest`'s stack, that a `,` goes before the next item. */
+const COMMA = Symbol('comma');
+
+/** A member's key and value, on `jsonDigest`'s stack (written `"key":value`). */
+class Member {
+  constructor(
+    readonly key: string,
+    readonly value: unknown,
+  ) {}
+}
+
+/** Whether `JSON.stringify` leaves `v` out of an object (and writes `null` for it in an array). */
+const omitted = (v: unknown) => v === undefined || typeof v === 'function' || typeof v === 'symbol';
+
+/**
+ * `v` as `JSON.stringify` serializes it under `key` (ECMA-262 SerializeJSONProperty): its
+ * `toJSON(key)` result when it has one, boxed primitives unboxed. A parsed payload has
+ * neither, so this returns `v` itself there.
+ */
+function jsonValueOf(v: unknown, key: string): unknown {
+  if (typeof v !== 'object' || v === null) return v;
+  const toJSON = (v as { toJSON?: unknown }).toJSON;
+  if (typeof toJSON === 'function') v = toJSON.call(v, key);
+  if (v instanceof Number) return Number(v);
+  if (v instanceof String) return String(v);
+  if (v instanceof Boolean) return v.valueOf();
+  return v;
+}
+
+/**
+ * SHA-256 (base64url) of exactly the text `JSON.stringify(value)` makes, made with an
+ * explicit stack (no recursion: any depth the heap holds), hashed in chunks of about
+ * `FP_CHUNK` characters cut between tokens (so never inside a surrogate pair: the digest is
+ * that of the whole text's UTF-8). Follows `JSON.stringify`'s rules (ECMA-262 §25.5.2): key
+ * order of `Object.keys` (`__proto__` own keys included), members whose value is `undefined`,
+ * a function or a symbol left out (`null` in arrays), non-finite numbers as `null`, `-0` as
+ * `0`, `toJSON` and boxed primitives. Throws `TypeError` for a `bigint` as `JSON.stringify`
+ * does; a cyclic value (never a parsed payload) is not detected. @internal exported for tests.
+ */
+export function jsonDigest(value: unknown): string {
+  const hash = createHash('sha256');
+  let text = '';
+  const top = jsonValueOf(value, '');
+  const stack: unknown[] = [omitted(top) ? null : top];
+  while (stack.length > 0) {
+    let v = stack.pop();
+    if (v === COMMA) {
+      text += ',';
+      continue;
+    }
+    if (v === END_ARRAY) {
+      text += ']';
+      continue;
+    }
+    if (v === END_OBJECT) {
+      text += '}';
+      continue;
+    }
+    if (v instanceof Member) {
+      text += `${JSON.stringify(v.key)}:`;
+      v = v.value;
+    }
+    if (Array.isArray(v)) {
+      text += '[';
+      stack.push(END_ARRAY);
+      for (let i = v.length - 1; i >= 0; i--) {
+        const item = jsonValueOf(v[i], String(i));
+        stack.push(omitted(item) ? null : item);
+        if (i > 0) stack.push(COMMA);
+      }
+    } else if (typeof v === 'object' && v !== null) {
+      text += '{';
+      stack.push(END_OBJECT);
+      const keys = Object.keys(v);
+      const members: Member[] = [];
+      for (const key of keys) {
+        const item = jsonValueOf((v as Record<string, unknown>)[key], key);
+        if (!omitted(item)) members.push(new Member(key, item));
+      }
+      for (let i = members.length - 1; i >= 0; i--) {
+        stack.push(members[i]);
+        if (i > 0) stack.push(COMMA);
+      }
+    } else {
+      // A scalar: JSON.stringify's own text for it (non-finite numbers are `null`).
+      text += JSON.stringify(v) ?? 'null';
+    }
+    if (text.length >= FP_CHUNK) {
+      hash.update(text);
+      text = '';
+    }
+  }
+  hash.update(text);
+  return hash.digest('base64url');
 }
 
 /** Heap bytes a remembered fingerprint takes beyond the 43-character digest `ENTRY_OVERHEAD` counts. */
