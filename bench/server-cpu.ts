@@ -11,10 +11,22 @@
  *
  *   node --import tsx bench/server-cpu.ts
  *   node --cpu-prof --import tsx bench/server-cpu.ts
+ *   BENCH_SERVER=dist/src/server/index.js node --import tsx bench/server-cpu.ts   (the built package)
+ *   SERVER_CPU_BATCH=32 node --import tsx bench/server-cpu.ts   (32 operations per SYN, as the
+ *     outbox batches them at 64 in flight; the figure is then per operation)
  */
+import { resolve } from 'node:path';
+import { pathToFileURL } from 'node:url';
 import { WebSocket, WebSocketServer } from 'ws';
-import { createSyncServer, memoryStore } from '../src/server/index.js';
+import type * as ServerModule from '../src/server/index.js';
 import { makeOp } from './scenarios.js';
+
+// The server module measured: the source by default, or a built one (BENCH_SERVER, as in the bench).
+const { createSyncServer, memoryStore } = (await import(
+  process.env.BENCH_SERVER ? pathToFileURL(resolve(process.env.BENCH_SERVER)).href : '../src/server/index.js'
+)) as typeof ServerModule;
+/** Operations per SYN. */
+const batch = Number(process.env.SERVER_CPU_BATCH ?? 1);
 
 // The server-side socket of the one connection, as `ws` hands it to the server.
 let serverSide: WebSocket | undefined;
@@ -70,7 +82,8 @@ const ws = serverSide;
 const turn = () => new Promise<void>((resolve) => setImmediate(resolve));
 async function run(from: number, n: number): Promise<void> {
   for (let i = from; i < from + n; i++) {
-    const frame = Buffer.from(JSON.stringify({ id: `s-${i}`, type: 'SYN', payload: [makeOp(i)] }));
+    const payload = Array.from({ length: batch }, (_, k) => makeOp(i * batch + k));
+    const frame = Buffer.from(JSON.stringify({ id: `s-${i}`, type: 'SYN', payload }));
     ws.emit('message', frame, false);
     await turn();
   }
@@ -81,7 +94,9 @@ await run(0, 2000);
 const t0 = process.cpuUsage();
 await run(2000, n);
 const d = process.cpuUsage(t0);
-console.log(`server CPU per op (1 in flight, in process): ${((d.user + d.system) / n).toFixed(1)} µs`);
+console.log(
+  `server CPU per op (${batch} per SYN, 1 SYN in flight, in process): ${((d.user + d.system) / (n * batch)).toFixed(2)} µs`,
+);
 // Every op must have been answered (not refused): the first frames the client got, as a check.
 if (!received.includes('"ok":true') || naks > 0)
   throw new Error(`unexpected replies: ${received.slice(0, 300)}`);
