@@ -9,7 +9,7 @@
  */
 
 import fc from 'fast-check';
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 import { parseClientFrame, subChannelsText } from '../src/protocol/index.js';
 
 const RUNS = Number(process.env.PAIRS_RUNS ?? 2000);
@@ -116,6 +116,27 @@ describe('SUB channels parsed as pairs: the same result as before, whatever the 
     );
     expect(subChannelsText(JSON.stringify(JSON.parse(t), null, 2))).toBeDefined();
     expect(subChannelsText(`{"\\u0078":0,${t.slice(1)}`)).toBeUndefined();
+  });
+
+  it('parseClientFrame reaches the rewrite for ordinary SUBs, with or without spaces (its cheap pre-check lets them through)', () => {
+    const parse = vi.spyOn(JSON, 'parse');
+    try {
+      for (const t of [
+        '{"id":"s","type":"SUB","payload":{"channels":{"a":{"since":1},"b":{}}}}',
+        '{ "id" : "s" , "type" : "SUB" , "payload" : { "channels" : { "a" : { "since" : 1 } , "b" : { } } } }',
+      ]) {
+        parse.mockClear();
+        const r = parseClientFrame(t);
+        expect(r).toMatchObject({
+          ok: true,
+          envelope: { payload: { channels: { a: { since: 1 }, b: {} } } },
+        });
+        // The text JSON.parse got holds the channels as an array of pairs.
+        expect(String(parse.mock.calls[0]?.[0])).toMatch(/"channels"\s*:\s*\[\s*"a"/);
+      }
+    } finally {
+      parse.mockRestore();
+    }
   });
 
   it('repeated names, __proto__ and integer-like names: last cursor, JSON.parse order', () => {

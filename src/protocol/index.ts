@@ -726,16 +726,28 @@ const fail = (code: NakCode, message: string, id: string | null = null) =>
  * What a JSON text holding a number beyond a double's range must contain (`hasNonFinite`): an
  * exponent of 3 digits or more, not negative, after a digit (a number's mantissa ends in one),
  * or a run of 100 digits. A number with neither is below 1e99 × 1e99. Strings holding `e` and
- * 3 digits (ids such as `xe123`) do not match: only `1e400`-like text does (a string holding
- * one still matches; the walk then finds no number beyond range).
+ * 3 digits not after a digit (ids such as `xe123`) do not count: only `1e400`-like text does
+ * (a string holding that still counts; the walk then finds no number beyond range).
+ * Two regexes, not one alternation: `[eE]` first lets the engine skip ahead to each `e`, and
+ * the digit before it is checked by hand (a `\d[eE]…|\d{100}` alternation, or a lookbehind,
+ * tries every position: ~0.8–3 µs a frame instead of ~0.2, measured in session 6).
  */
-const MAYBE_NON_FINITE = /\d[eE]\+?\d{3}|\d{100}/;
+const EXPONENT_3 = /[eE]\+?\d{3}/g;
+const DIGITS_100 = /\d{100}/;
 
 /**
  * Whether `text` may hold a number beyond a double's range, so that the parsed payload must be
  * walked (`hasNonFinite`). Never `false` for a text holding one. @internal exported for tests.
  */
-export const mayHoldNonFinite = (text: string): boolean => MAYBE_NON_FINITE.test(text);
+export function mayHoldNonFinite(text: string): boolean {
+  EXPONENT_3.lastIndex = 0;
+  for (let m = EXPONENT_3.exec(text); m !== null; m = EXPONENT_3.exec(text)) {
+    const before = text.charCodeAt(m.index - 1);
+    if (before >= 0x30 && before <= 0x39) return true;
+    EXPONENT_3.lastIndex = m.index + 1;
+  }
+  return DIGITS_100.test(text);
+}
 
 /** Whether `value` holds a number that is not finite (walked with a stack: no recursion). */
 function hasNonFinite(value: unknown): boolean {
@@ -795,7 +807,9 @@ function parseClientFrameUnsafe(
   const text = decode(frame);
   let raw: unknown;
   // A SUB's channels are parsed as pairs when the text allows it (subChannelsText, FIX3).
-  const pairs = text.includes('"channels"') ? subChannelsText(text) : undefined;
+  // (`hannels"` rather than `"channels"`: the same frames and more, found ~8× faster, since a
+  // search starting with `"` stops at every quote; subChannelsText decides.)
+  const pairs = text.includes('hannels"') ? subChannelsText(text) : undefined;
   try {
     raw = JSON.parse(pairs ?? text);
     if (pairs !== undefined) {
