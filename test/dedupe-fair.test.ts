@@ -15,7 +15,7 @@ import fc from 'fast-check';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { WebSocket } from 'ws';
 import type { SynEnvelope } from '../src/protocol/index.js';
-import { Dedupe, type SynResponse } from '../src/server/dedupe.js';
+import { Dedupe, notRemembered, type SynResponse } from '../src/server/dedupe.js';
 import { createSyncServer, type SyncServer } from '../src/server/index.js';
 import { redisStore } from '../src/stores/redis.js';
 import { sqliteStore } from '../src/stores/sqlite.js';
@@ -123,6 +123,92 @@ describe('Dedupe eviction: largest holder first, oldest within it (property)', (
               }
             }
           });
+        },
+      ),
+      { seed: SEED, numRuns: 100 },
+    );
+  });
+});
+
+describe('Dedupe memory lists (session 6: per-holder lists threaded through the entries)', () => {
+  it('after any run under both caps, every entry listed is answered from memory, as kept or not kept, and only those (property)', () => {
+    const step = fc.record({
+      holder: fc.integer({ min: 0, max: 4 }),
+      size: fc.integer({ min: 0, max: 3000 }),
+    });
+    fc.assert(
+      fc.property(
+        fc.integer({ min: 1, max: 60 }),
+        fc.integer({ min: 2_000, max: 40_000 }),
+        fc.integer({ min: 500, max: 4_000 }),
+        fc.array(step, { minLength: 1, maxLength: 150 }),
+        (maxEntries, maxBytes, maxResponseBytes, steps) => {
+          const d = new Dedupe({
+            windowMs: 1e9,
+            maxEntries,
+            maxBytes,
+            maxResponseBytes,
+            maxQueuedPerClient: 10,
+            store: undefined,
+            onError: () => {},
+          });
+          const answers = new Map<string, SynResponse>();
+          steps.forEach(({ holder, size }, i) => {
+            const r = d.run(
+              'o',
+              `c${holder}`,
+              syn(`s${i}`, [i]),
+              (): SynResponse => {
+                const response: SynResponse = { id: `s${i}`, type: 'SYN', payload: ['x'.repeat(size)] };
+                answers.set(`s${i}`, response);
+                return response;
+              },
+              `h${holder}`,
+            );
+            expect(r).toEqual(answers.get(`s${i}`));
+          });
+          const holdings = d.holdings();
+          let entries = 0;
+          let kept = 0;
+          const listed = new Set<string>();
+          for (const [name, h] of holdings) {
+            expect(h.keys.length).toBe(h.entries);
+            entries += h.entries;
+            kept += h.kept;
+            // Oldest first: ids rise along each holder's list.
+            const ids = h.keys.map((k) => Number(k.slice(k.lastIndexOf(':s') + 2)));
+            expect(ids).toEqual([...ids].sort((a, b) => a - b));
+            for (const k of h.keys) listed.add(`${name}/${k.slice(k.lastIndexOf(':') + 1)}`);
+          }
+          expect(entries).toBe(d.size);
+          // Replays: a listed id is answered from memory (its response, or result_not_kept),
+          // an id not listed runs again; as many full answers as entries counted kept.
+          let full = 0;
+          steps.forEach(({ holder }, i) => {
+            let ran = false;
+            const r = d.run(
+              'o',
+              `c${holder}`,
+              syn(`s${i}`, [i]),
+              (): SynResponse => {
+                ran = true;
+                return notRemembered({
+                  id: `s${i}`,
+                  type: 'NAK',
+                  error: { code: 'server_error', message: 'x' },
+                });
+              },
+              `h${holder}`,
+            );
+            if (listed.has(`h${holder}/s${i}`)) {
+              expect(ran).toBe(false);
+              if ((r as { type: string }).type === 'SYN') {
+                expect(r).toEqual(answers.get(`s${i}`));
+                full++;
+              } else expect(r).toMatchObject({ type: 'NAK', error: { code: 'result_not_kept' } });
+            } else expect(ran).toBe(true);
+          });
+          expect(full).toBe(kept);
         },
       ),
       { seed: SEED, numRuns: 100 },
