@@ -20,6 +20,7 @@ import {
   harness,
   http,
   httpUrl,
+  is,
   post,
   RawSocket,
   upgradeStatus,
@@ -232,6 +233,23 @@ describe('limits', () => {
     await eventually(() => server.stats().queuedBytes === 0, 5000, 'queued bytes back to 0');
     const after = await a.request({ id: 'later', type: 'SYN', payload: [{ filler }] });
     expect(after).toContainEqual(expect.objectContaining({ id: 'later', type: 'SYN' }));
+  });
+
+  it('holds nothing past its turn for a frame answered in it (session 6: checked, not reserved): a burst far over maxQueuedBytesPerClient all passes', async () => {
+    const server = await h.start({
+      maxPayloadBytes: 10_000,
+      maxQueuedBytesPerClient: 25_000,
+      onSync: (ops) => ops.map(() => ({ ok: true })), // answered in the turn the frame arrived
+    });
+    const sock = await h.socket(server, 'burst');
+    const filler = 'x'.repeat(9000);
+    // 20 × 9 kB sent at once: 180 kB, seven times the client's share, none of it held.
+    for (let i = 0; i < 20; i++) sock.send({ id: `b${i}`, type: 'SYN', payload: [{ filler }] });
+    const replies = await sock.until(is.reply('b19'), 5000);
+    const answered = replies.filter((f) => f.type === 'SYN').map((f) => f.id);
+    expect(answered).toEqual(Array.from({ length: 20 }, (_, i) => `b${i}`));
+    expect(replies.filter((f) => f.type === 'NAK')).toEqual([]);
+    expect(server.stats().queuedBytes).toBe(0);
   });
 
   it('holds at most maxQueuedBytes for the whole server', async () => {

@@ -655,9 +655,11 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     }
     const size = frame.byteLength;
     // Before parsing: the bytes held for this client and for the server bound the heap that
-    // parsed requests waiting for their turn can take (limits.ts).
+    // parsed requests waiting for their turn can take (limits.ts). Checked here, reserved only
+    // once the frame turns out to wait (`pending` below): nothing else runs in between, and a
+    // frame answered in this turn (the usual case) holds nothing past it.
     const who = this.holder;
-    if (size <= o.maxPayloadBytes && !o.budget.take(who, size)) {
+    if (size <= o.maxPayloadBytes && !o.budget.fits(who, size)) {
       this.send(nak(leadingId(frame), 'rate_limited', 'too many request bytes waiting; retry later'));
       return;
     }
@@ -665,7 +667,6 @@ class SocketConn<P> implements LivePeer, Peer<P> {
     // Binary frames go through the same parser as text: UTF-8 JSON either way.
     const parsed = parseClientFrame(frame, { maxBytes: o.maxPayloadBytes, maxBatch: o.maxBatch });
     if (!parsed.ok) {
-      o.budget.release(who, held);
       // The id of a frame refused as too large, so the client knows which batch failed: read
       // from its first bytes only, since parsing up to 4 × maxPayloadBytes of JSON (~21× that
       // on the heap) is the work the refusal saves.
@@ -688,12 +689,13 @@ class SocketConn<P> implements LivePeer, Peer<P> {
       if (pending === undefined) {
         // Answered in this turn: written out once this turn's synchronous work is done (the
         // frames `ws` read in the same chunk are answered in the same write), no timer.
-        o.budget.release(who, held);
         flushSoon(this);
-      } else if (corkedHere) {
+      } else {
+        // Waits for its answer: its bytes are held until then (`fits` said yes above).
+        o.budget.add(who, held);
         // The ACK leaves with the response when that comes in a microtask, else in this
         // turn's check phase at the latest (as every frame `sendText` corks).
-        setImmediate(flushConn, this);
+        if (corkedHere) setImmediate(flushConn, this);
       }
     }
     if (pending === undefined) return;
