@@ -8,7 +8,7 @@
 import fc from 'fast-check';
 import { afterEach, describe, expect, it } from 'vitest';
 import { WebSocket } from 'ws';
-import { mayHoldNonFinite, parseClientFrame } from '../src/protocol/index.js';
+import { hasDigitRun, mayHoldNonFinite, parseClientFrame } from '../src/protocol/index.js';
 import { createSyncServer, type SyncServer } from '../src/server/index.js';
 
 const SEED = Number(process.env.SEED ?? Date.now() % 2 ** 31);
@@ -51,6 +51,23 @@ describe('numbers beyond a double in a SYN', () => {
       expect(mayHoldNonFinite(text)).toBe(false);
       expect(parseClientFrame(text).ok).toBe(true);
     }
+  });
+
+  it('the pre-filter says what one lookbehind regex says, on any text of digits, e/E, signs and letters (property)', () => {
+    const chunk = fc.oneof(
+      fc.integer({ min: 1, max: 130 }).map((n) => '7'.repeat(n)),
+      fc.constantFrom('e', 'E', '+', '-', '.', 'x', ' ', '"', 'e1', 'e+', '5e', '12'),
+    );
+    const reference = (t: string, min: number) =>
+      /(?<=\d)[eE]\+?\d{3}/.test(t) || new RegExp(`\\d{${min}}`).test(t);
+    fc.assert(
+      fc.property(fc.array(chunk, { maxLength: 40 }), fc.integer({ min: 1, max: 120 }), (chunks, min) => {
+        const t = chunks.join('');
+        expect(mayHoldNonFinite(t)).toBe(reference(t, 100));
+        expect(hasDigitRun(t, min)).toBe(new RegExp(`\\d{${min}}`).test(t));
+      }),
+      { seed: SEED, numRuns: 2000 },
+    );
   });
 
   it('never lets a number beyond a double through the pre-filter (property over number texts)', () => {
