@@ -16,7 +16,13 @@ import { createHash } from 'node:crypto';
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { parseClientFrame, type SynEnvelope } from '../src/protocol/index.js';
-import { Dedupe, LOCAL_FP_MAX_CHARS, localFingerprint, type SynResponse } from '../src/server/dedupe.js';
+import {
+  Dedupe,
+  LOCAL_FP_MAX_CHARS,
+  localFingerprint,
+  type SynResponse,
+  stringBytes,
+} from '../src/server/dedupe.js';
 import { peerAddress } from '../src/server/index.js';
 
 const SEED = Number(process.env.SEED ?? Date.now() % 2 ** 31);
@@ -73,6 +79,35 @@ describe('localFingerprint', () => {
     const deep = JSON.parse(deepText) as unknown[];
     expect(() => JSON.stringify(deep)).toThrow(RangeError);
     expect(localFingerprint(deep)).toBe(sha(deepText));
+  });
+});
+
+describe('the bytes a remembered response counts (session 6: no scan for an all-ASCII one)', () => {
+  it('counts one byte a character for Latin-1 text (ASCII or not), two for any other, whether its UTF-8 size is given or not', () => {
+    for (const [s, bytes] of [
+      ['abc', 19],
+      ['é', 17],
+      ['aéÿ', 19],
+      ['€', 18],
+      ['a€', 20],
+      ['\ud83d\ude00', 20],
+    ] as const) {
+      expect(stringBytes(s)).toBe(bytes);
+      expect(stringBytes(s, Buffer.byteLength(s))).toBe(bytes);
+    }
+  });
+
+  it("counts a kept response's text in sizeBytes at the heap size of its JSON", async () => {
+    const sizeWith = (text: string) => {
+      const dedupe = newDedupe();
+      dedupe.run('o', 'c', syn('b:1', [1]), () => ({ id: 'b:1', type: 'SYN', payload: [text] }));
+      return dedupe.sizeBytes;
+    };
+    const ascii = sizeWith('x'.repeat(100));
+    // The same length of JSON: Latin-1 stays one byte a character, anything else two.
+    expect(sizeWith('é'.repeat(100))).toBe(ascii);
+    const json = JSON.stringify({ id: 'b:1', type: 'SYN', payload: ['€'.repeat(100)] });
+    expect(sizeWith('€'.repeat(100))).toBe(ascii + json.length);
   });
 });
 

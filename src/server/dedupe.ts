@@ -152,13 +152,19 @@ export interface StoredAnswer {
  */
 const ENTRY_OVERHEAD = 256;
 
+/** A character outside Latin-1 (one regex object for every call, not one per call). */
+// biome-ignore lint/suspicious/noControlCharactersInRegex: the whole Latin-1 range is meant
+const NON_LATIN1 = /[^\u0000-\u00ff]/;
+
 /**
  * Heap bytes of a flat V8 string: one byte per character when every character fits in
- * Latin-1, else two (V8 then stores UTF-16), plus the string header.
+ * Latin-1, else two (V8 then stores UTF-16), plus the string header. `utf8Bytes`, when the
+ * caller knows it: its UTF-8 size, which equals its length exactly when it is all ASCII
+ * (then no scan is needed).
  */
-export function stringBytes(s: string): number {
-  // biome-ignore lint/suspicious/noControlCharactersInRegex: the whole Latin-1 range is meant
-  return 16 + (/[^\u0000-\u00ff]/.test(s) ? 2 * s.length : s.length);
+export function stringBytes(s: string, utf8Bytes?: number): number {
+  if (utf8Bytes === s.length) return 16 + s.length;
+  return 16 + (NON_LATIN1.test(s) ? 2 * s.length : s.length);
 }
 
 /** Characters of fingerprint text gathered before they are hashed (bounds that string). */
@@ -700,7 +706,8 @@ export class Dedupe {
     const text = encodeResponse(response);
     // The cap is on the response's UTF-8 size (what the stores keep, what the docs promise);
     // the memory counted is the string's size on the heap.
-    const kept = text !== undefined && Buffer.byteLength(text) <= this.opts.maxResponseBytes;
+    const utf8 = text === undefined ? Number.POSITIVE_INFINITY : Buffer.byteLength(text);
+    const kept = text !== undefined && utf8 <= this.opts.maxResponseBytes;
     const base = ENTRY_OVERHEAD + stringBytes(key) + fpExtraBytes(fp);
     let holder = this.holders.get(holderName);
     if (!holder) {
@@ -720,7 +727,7 @@ export class Dedupe {
       fp,
       text: kept ? text : undefined,
       at: this.now(),
-      bytes: base + (kept ? stringBytes(text) : 0),
+      bytes: base + (kept ? stringBytes(text, utf8) : 0),
       holder,
       key,
       prev: undefined,
