@@ -103,6 +103,20 @@ export function fileStorage(path: string, options: FileStorageOptions = {}): Syn
   let mode: 'waiting' | 'owner' | 'elsewhere' | 'lost' = 'waiting';
   /** ClientIds held by live clients of this object (one live client per clientId). */
   const held = new Set<string>();
+  /** Holders that began close() (`SyncLocks.closing`): their release, awaited by a claim. */
+  const leaving = new Map<string, { done: Promise<void>; resolve: () => void }>();
+  const left = (clientId: string) => {
+    held.delete(clientId);
+    const l = leaving.get(clientId);
+    leaving.delete(clientId);
+    l?.resolve();
+  };
+  /**
+   * Why the last claim was refused, fixed when it was refused (not when the client asks: by
+   * then the holder may have released the file, and a refused client must not take a new
+   * identity in it).
+   */
+  let refusal: 'private' | 'rename' = 'rename';
   /** The claim under way, if any. */
   let claiming: Promise<void> | null = null;
   // Read once, unlocked (writes are atomic renames), for the identity `createSyncClient` reads
@@ -156,16 +170,28 @@ export function fileStorage(path: string, options: FileStorageOptions = {}): Syn
     outbox,
     locks: {
       async claim(clientId) {
-        // One claim at a time on this object (two clients made in one tick on one object).
-        while (claiming) await claiming;
+        for (;;) {
+          // One claim at a time on this object (two clients made in one tick on one object).
+          while (claiming) await claiming;
+          // Its holder is closing: wait for its release (the file's last write), then take it.
+          const l = leaving.get(clientId);
+          if (!l) break;
+          await l.done;
+        }
         if (mode === 'owner') {
           // Another client on this same object: one live client per clientId (different
           // storageKeys share the object); refused, it goes on from memory (`refused`).
-          if (held.has(clientId)) return null;
+          if (held.has(clientId)) {
+            refusal = 'private';
+            return null;
+          }
           held.add(clientId);
-          return () => void held.delete(clientId);
+          return () => left(clientId);
         }
-        if (mode !== 'waiting') return () => {};
+        if (mode !== 'waiting') {
+          refusal = 'rename';
+          return () => {};
+        }
         const first = takeFile(clientId);
         claiming = first.then(
           () => {},
@@ -183,7 +209,15 @@ export function fileStorage(path: string, options: FileStorageOptions = {}): Syn
        * object), the storage has already gone memory-only and the client takes a new identity.
        */
       get refused() {
-        return mode === 'owner' ? ('private' as const) : ('rename' as const);
+        return refusal;
+      },
+      closing(clientId) {
+        if (!held.has(clientId) || leaving.has(clientId)) return;
+        let resolve!: () => void;
+        const done = new Promise<void>((r) => {
+          resolve = r;
+        });
+        leaving.set(clientId, { done, resolve });
       },
       watch: () => () => {},
     },
@@ -219,6 +253,7 @@ export function fileStorage(path: string, options: FileStorageOptions = {}): Syn
     } catch (err) {
       if ((err as NodeJS.ErrnoException)?.code === 'ELOCKED') {
         mode = 'elsewhere';
+        refusal = 'rename';
         adopt(Object.fromEntries(local));
         fail(
           new Error(
@@ -235,7 +270,7 @@ export function fileStorage(path: string, options: FileStorageOptions = {}): Syn
       local.clear();
       if (dirty) flush();
       held.add(clientId);
-      return async () => void held.delete(clientId);
+      return async () => left(clientId);
     }
     mode = 'owner';
     adopt(read(true));
@@ -244,13 +279,18 @@ export function fileStorage(path: string, options: FileStorageOptions = {}): Syn
     held.add(clientId);
     return async () => {
       held.delete(clientId);
-      if (mode !== 'owner') return;
-      if (dirty) flush();
-      mode = 'waiting';
       try {
-        await release();
-      } catch (err) {
-        fail(err);
+        if (mode !== 'owner') return;
+        if (dirty) flush();
+        mode = 'waiting';
+        try {
+          await release();
+        } catch (err) {
+          fail(err);
+        }
+      } finally {
+        // A client waiting for this one's release (created while it was closing) goes on.
+        left(clientId);
       }
     };
   }

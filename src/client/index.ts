@@ -47,7 +47,14 @@ import {
 } from '../protocol/index.js';
 import { ChannelCursors, type SnapshotEvent, type SubscribeOptions } from './channels.js';
 import { LazyClock } from './clock.js';
-import { MapOutbox, memoryStorage, type OutboxEntry, type SyncOutbox, type SyncStorage } from './storage.js';
+import {
+  MapOutbox,
+  memoryStorage,
+  type OutboxEntry,
+  type SyncLocks,
+  type SyncOutbox,
+  type SyncStorage,
+} from './storage.js';
 import {
   type FaultSwitches,
   httpActor,
@@ -740,6 +747,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     );
   };
   let releaseLock: (() => void | Promise<void>) | null = null;
+  /** The locks this client claimed its identity from (the storage's, or its private memory's). */
+  let claimLocks: SyncLocks | undefined;
   let stopWatching: (() => void) | null = null;
   const adopted = new Set<SyncClient<Op, Result>>();
 
@@ -1562,6 +1571,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         releaseLock = release;
         return load();
       }
+      // A client made from now on for this identity waits for our release, then takes it.
+      if (release) void guarded(() => claimLocks?.closing?.(clientId));
       // Closed while the claim was under way: what send() accepted is written to the outbox
       // (now that this instance holds it), then the lock goes (README "close()").
       const free = (n: number) =>
@@ -1578,6 +1589,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         // One key/value store shared with that client (memoryStorage): leave it alone, as
         // fileStorage's second client does, and go on from a memory storage of our own.
         const own = memoryStorage();
+        claimLocks = own.locks;
         store = own;
         outbox = own.outbox!;
         if (options.clientId === undefined) {
@@ -1600,6 +1612,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       return locks.claim(clientId);
     };
     let first: Claimed;
+    claimLocks = locks;
     try {
       first = locks.claim(clientId);
     } catch (err) {
@@ -1694,6 +1707,9 @@ export function createSyncClient<Op = unknown, Result = unknown>(
    */
   const shutdown = async (reason: () => SyncError): Promise<void> => {
     if (closed) return;
+    // Holding the identity: a client made for it from now on (in this very tick, say) waits
+    // for our release and then takes the identity and the outbox, instead of being refused.
+    if (releaseLock) void guarded(() => claimLocks?.closing?.(clientId));
     // Operations accepted this tick are written to the outbox before the client goes.
     flushBurst();
     // Applied batches still waiting for their channel messages settle with their results.

@@ -88,6 +88,15 @@ export interface SyncLocks {
    */
   refused?: 'rename' | 'private';
   /**
+   * The live client holding `clientId`'s claim has begun `close()` (called once, synchronously,
+   * by `close()` before anything is awaited, and by a client closed while its claim was under
+   * way as soon as it holds it). From then on a claim of `clientId` on this storage object
+   * waits for that holder's release and is then granted (it takes the identity and the outbox,
+   * as a reload does) instead of being refused. Storages without it refuse such a claim until
+   * the release. @default none
+   */
+  closing?(clientId: string): void;
+  /**
    * Watch for orphaned outboxes: `adopt(clientId)` runs, holding that clientId's lock, for each
    * clientId of this app whose owner went away leaving operations; the lock is released when the
    * returned promise settles. Returns a function that stops watching.
@@ -228,21 +237,44 @@ export class MapOutbox implements SyncOutbox {
  * memory storage of its own under its own new clientId (or the option's): it never loads the
  * first one's outbox (which would send its operations twice) nor writes its identity or
  * cursors here. Once the first is closed, a new client on the object takes the identity and
- * sends what is left. Clients with different `storageKey`s have different clientIds and
+ * sends what is left; one created while the first is closing (its `close()` called, not yet
+ * resolved: `SyncLocks.closing`) waits for its release and then takes them, whatever the tick. Clients with different `storageKey`s have different clientIds and
  * share the object freely. No orphan adoption (nothing outlives the process).
  */
 export function memoryStorage(): SyncStorage {
   const map = new Map<string, string>();
   const held = new Set<string>();
+  /** Holders that began close(): their release, awaited by a claim of their clientId. */
+  const leaving = new Map<string, { done: Promise<void>; resolve: () => void }>();
+  const take = (clientId: string) => {
+    held.add(clientId);
+    return () => {
+      held.delete(clientId);
+      const l = leaving.get(clientId);
+      leaving.delete(clientId);
+      l?.resolve();
+    };
+  };
+  const claim = (clientId: string): (() => void) | null | Promise<(() => void) | null> => {
+    const l = leaving.get(clientId);
+    // The holder is closing: wait for its release, then take the identity and the outbox.
+    if (l) return l.done.then(() => claim(clientId));
+    if (held.has(clientId)) return null;
+    return take(clientId);
+  };
   return {
     get: (k) => map.get(k) ?? null,
     set: (k, v) => void map.set(k, v),
     outbox: new MapOutbox(),
     locks: {
-      claim(clientId) {
-        if (held.has(clientId)) return null;
-        held.add(clientId);
-        return () => void held.delete(clientId);
+      claim,
+      closing(clientId) {
+        if (!held.has(clientId) || leaving.has(clientId)) return;
+        let resolve!: () => void;
+        const done = new Promise<void>((r) => {
+          resolve = r;
+        });
+        leaving.set(clientId, { done, resolve });
       },
       refused: 'private',
       watch: () => () => {},
