@@ -1,0 +1,168 @@
+/**
+ * FIX6B F2: a client created on the same storage while the holder of its identity is closing
+ * (`close()` called, not awaited, in the same tick or later) waits for the holder's release and
+ * then takes its identity and outbox (`SyncLocks.closing`), as a reload does: no accepted
+ * operation is lost, none is applied twice. A client created while the holder is live (before
+ * its `close()`) is refused, works privately, and writes nothing to the storage it was refused.
+ * Real server, real `fileStorage` files; fast-check over interleavings (seed printed; replay
+ * with CLOSE_RACE_SEED=… CLOSE_RACE_PATH=…).
+ */
+import { existsSync } from 'node:fs';
+import { join } from 'node:path';
+import fc from 'fast-check';
+import { afterEach, describe, expect, it } from 'vitest';
+import { fileStorage } from '../src/client/file-storage.js';
+import { memoryStorage, type Restored, type SyncClient, type SyncStorage } from '../src/client/index.js';
+import { appliedOnce, type Rig, rig, until } from './helpers/harness.js';
+import { fileJson, outboxIn, scratch } from './helpers/outbox-files.js';
+
+let r: Rig | undefined;
+const { tempDir, cleanup } = scratch('closerace');
+afterEach(() =>
+  cleanup(async () => {
+    await r?.close();
+    r = undefined;
+  }),
+);
+
+const outcome = (p: Promise<unknown>) =>
+  p.then(
+    () => 'ok',
+    (e: { code?: string }) => e.code ?? 'error',
+  );
+
+type Kind = 'file' | 'memory' | 'file, two objects';
+
+/** A rig whose onSync counts the batches that entered it (before the ledger's gate). */
+async function gatedRig(): Promise<Rig & { entered: () => number }> {
+  let entered = 0;
+  const ledger = {
+    applied: new Map<string, number>(),
+    batches: [] as string[][],
+    gate: null as Promise<void> | null,
+  };
+  const rg = await rig({
+    onSync: async (ops) => {
+      entered++;
+      if (ledger.gate) await ledger.gate;
+      const ids = ops.map((o) => String((o as { id: string }).id));
+      ledger.batches.push(ids);
+      for (const id of ids) ledger.applied.set(id, (ledger.applied.get(id) ?? 0) + 1);
+      return ids.map((id) => ({ id, successes: [id] }));
+    },
+  });
+  return Object.assign(rg, { ledger, entered: () => entered });
+}
+
+/**
+ * The tester's scenario: A has 1 operation in flight (held in onSync) and 9 queued; `A.close()`
+ * is not awaited and C is made on the same storage in the same tick.
+ */
+async function closeRace(kind: Kind) {
+  const g = await gatedRig();
+  r = g;
+  const path = join(tempDir(), 'client.json');
+  const first: SyncStorage = kind === 'memory' ? memoryStorage() : fileStorage(path);
+  let open!: () => void;
+  g.ledger.gate = new Promise<void>((resolve) => {
+    open = resolve;
+  });
+  const a = g.client({ storage: first });
+  await a.loaded;
+  const ids = Array.from({ length: 10 }, (_, i) => `a${i}`);
+  const outcomes = [outcome(a.send({ id: ids[0] }))];
+  // a0's batch is in onSync (held by the gate); a1..a9 wait behind it.
+  await until(() => g.entered() === 1, 5000, 'a0 in onSync');
+  for (const id of ids.slice(1)) outcomes.push(outcome(a.send({ id })));
+  const closing = a.close();
+  // Two objects: the second made now, in the same tick (it reads the file A wrote).
+  const c = g.client({ storage: kind === 'file, two objects' ? fileStorage(path) : first });
+  const failures: string[] = [];
+  c.failures$.subscribe((f) => failures.push(`${f.kind}: ${f.reason ?? ''}`));
+  const restored: Restored[] = [];
+  c.restored$.subscribe((x) => restored.push(x));
+  const nC = await c.loaded;
+  expect({ nC, failures, id: c.clientId === a.clientId }).toEqual({ nC: 10, failures: [], id: true });
+  await closing;
+  expect(await Promise.all(outcomes)).toEqual(ids.map(() => 'closed'));
+  expect(c.clientId).toBe(a.clientId);
+  expect(failures).toEqual([]);
+  open();
+  g.ledger.gate = null;
+  await until(() => restored.length === 10, 10_000, 'C restores the 10 operations');
+  expect(restored.every((x) => 'result' in x)).toBe(true);
+  appliedOnce(g.ledger, ids);
+  await c.close();
+  if (kind !== 'memory') {
+    expect(fileJson(path)['syncwire:clientId']).toBe(a.clientId);
+    expect(outboxIn(path, a.clientId)?.ops ?? []).toEqual([]);
+    expect(existsSync(`${path}.lock`)).toBe(false);
+  }
+  // A later client on the storage: same identity, nothing left to send, nothing applied twice.
+  const d = g.client({ storage: kind === 'memory' ? first : fileStorage(path) });
+  expect(await d.loaded).toBe(0);
+  expect(d.clientId).toBe(a.clientId);
+  await d.close();
+  appliedOnce(g.ledger, ids);
+}
+
+describe('close() not awaited, a new client on the same storage in the same tick (F2)', () => {
+  for (const kind of ['file', 'memory', 'file, two objects'] as const) {
+    it(`${kind}: the new client waits for the release, takes the identity and the 10 operations; each applied once`, async () => {
+      await closeRace(kind);
+    }, 30_000);
+  }
+});
+
+describe('a client made while the holder is live (before its close(), same tick) is refused and writes nothing', () => {
+  for (const kind of ['file', 'memory'] as const) {
+    it(`${kind}: refused "in use", own identity in memory; the storage keeps A's identity and outbox; the next client sends A's operations once`, async () => {
+      const g = await gatedRig();
+      r = g;
+      const path = join(tempDir(), 'client.json');
+      const s: SyncStorage = kind === 'memory' ? memoryStorage() : fileStorage(path);
+      let open!: () => void;
+      g.ledger.gate = new Promise<void>((resolve) => {
+        open = resolve;
+      });
+      const a = g.client({ storage: s });
+      await a.loaded;
+      const ids = Array.from({ length: 5 }, (_, i) => `b${i}`);
+      const outcomes = [outcome(a.send({ id: ids[0] }))];
+      await until(() => g.entered() === 1, 5000, 'b0 in onSync');
+      for (const id of ids.slice(1)) outcomes.push(outcome(a.send({ id })));
+      // C first, then A.close() in the same tick: C's claim resolves after A has released.
+      const c = g.client({ storage: s });
+      const failures: string[] = [];
+      c.failures$.subscribe((f) => failures.push(`${f.kind}: ${f.reason ?? ''}`));
+      const closing = a.close();
+      expect(await c.loaded).toBe(0);
+      await closing;
+      expect(c.clientId).not.toBe(a.clientId);
+      expect(failures.some((f) => f.startsWith('storage:') && f.includes('in use'))).toBe(true);
+      // C's own operation never reaches the storage it was refused.
+      const cDone = outcome(c.send({ id: 'c0' }));
+      await new Promise((resolve) => setImmediate(resolve));
+      expect(s.get('syncwire:clientId')).toBe(a.clientId);
+      if (kind === 'file') {
+        expect(fileJson(path)['syncwire:clientId']).toBe(a.clientId);
+        expect(Object.keys(fileJson(path)['#outbox'] as object)).toEqual([a.clientId]);
+        expect(outboxIn(path, a.clientId)?.ops.length).toBe(5);
+      }
+      open();
+      g.ledger.gate = null;
+      expect(await cDone).toBe('ok');
+      await c.close();
+      expect(s.get('syncwire:clientId')).toBe(a.clientId);
+      if (kind === 'file') expect(Object.keys(fileJson(path)['#outbox'] as object)).toEqual([a.clientId]);
+      const d = g.client({ storage: kind === 'memory' ? s : fileStorage(path) });
+      const restored: Restored[] = [];
+      d.restored$.subscribe((x) => restored.push(x));
+      expect(await d.loaded).toBe(5);
+      expect(d.clientId).toBe(a.clientId);
+      await until(() => restored.length === 5, 10_000, 'D restores the 5 operations');
+      appliedOnce(g.ledger, [...ids, 'c0']);
+      await d.close();
+    }, 30_000);
+  }
+});
