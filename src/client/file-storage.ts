@@ -32,7 +32,11 @@ const message = (err: unknown) => String((err as Error)?.message ?? err);
  *   works from memory with its own random identity (nothing of it survives its process).
  *   The same when one `fileStorage` object is given to two live clients that would share a
  *   clientId (the second reports the storage in use and works from a memory storage of its
- *   own); clients with different `storageKey`s share an object.
+ *   own); clients with different `storageKey`s share an object. A client made on the object
+ *   while the holder of its clientId is closing (`close()` called, not resolved, even in the
+ *   same tick: `SyncLocks.closing`) waits for its release, then takes the file, the identity
+ *   and the outbox; a refused one stays refused (memory only) even if the holder releases
+ *   before its claim completes.
  * - **What was sent.** The outbox keeps each operation as the JSON text `send()` made of it:
  *   changing the object after `send()` changes neither the file nor what a restart resends.
  *   The file's format is unchanged (`op` is the operation as JSON), so a file written by an

@@ -147,7 +147,8 @@ export interface SyncClientOptions {
    * failure and works from memory). One live client per clientId on a `memoryStorage()`
    * object too: a second one reports a `storage` failure ("in use") and works from a memory
    * storage of its own under its own clientId; after `close()` resolves, a new client on the
-   * object takes the identity and the outbox. The outbox keeps the JSON `send()` made of each
+   * object takes the identity and the outbox (one made while `close()` is under way waits for
+   * it, then takes them: `SyncLocks.closing`). The outbox keeps the JSON `send()` made of each
    * operation, in every storage. @default memoryStorage()
    */
   storage?: SyncStorage;
