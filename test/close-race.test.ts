@@ -289,3 +289,47 @@ describe('close()/create/send in any interleaving on one storage object (fast-ch
     }, 120_000);
   }
 });
+
+describe('two fileStorage objects made on a new file before any client (a stale first read)', () => {
+  it('the second object, closing race as in F2: its client is refused (memory only), the file keeps the identity and the 10 operations; the next client sends them once', async () => {
+    const g = await gatedRig();
+    r = g;
+    const path = join(tempDir(), 'client.json');
+    const one = fileStorage(path);
+    const two = fileStorage(path); // reads the file now: nothing there yet
+    let open!: () => void;
+    g.ledger.gate = new Promise<void>((resolve) => {
+      open = resolve;
+    });
+    const a = g.client({ storage: one });
+    await a.loaded;
+    const ids = Array.from({ length: 10 }, (_, i) => `s${i}`);
+    const outcomes = [outcome(a.send({ id: ids[0] }))];
+    await until(() => g.entered() === 1, 5000, 's0 in onSync');
+    for (const id of ids.slice(1)) outcomes.push(outcome(a.send({ id })));
+    const closing = a.close();
+    const c = g.client({ storage: two });
+    const failures: string[] = [];
+    c.failures$.subscribe((f) => failures.push(`${f.kind}: ${f.reason ?? ''}`));
+    expect(await c.loaded).toBe(0);
+    await closing;
+    expect(await Promise.all(outcomes)).toEqual(ids.map(() => 'closed'));
+    expect(c.clientId).not.toBe(a.clientId);
+    expect(failures.some((f) => f.startsWith('storage:'))).toBe(true);
+    expect(fileJson(path)['syncwire:clientId']).toBe(a.clientId);
+    expect(outboxIn(path, a.clientId)?.ops.length).toBe(10);
+    await c.close();
+    expect(fileJson(path)['syncwire:clientId']).toBe(a.clientId);
+    expect(Object.keys(fileJson(path)['#outbox'] as object)).toEqual([a.clientId]);
+    open();
+    g.ledger.gate = null;
+    const d = g.client({ storage: fileStorage(path) });
+    const restored: Restored[] = [];
+    d.restored$.subscribe((x) => restored.push(x));
+    expect(await d.loaded).toBe(10);
+    expect(d.clientId).toBe(a.clientId);
+    await until(() => restored.length === 10, 10_000, 'D restores the 10 operations');
+    appliedOnce(g.ledger, ids);
+    await d.close();
+  }, 30_000);
+});

@@ -126,6 +126,8 @@ export function fileStorage(path: string, options: FileStorageOptions = {}): Syn
   // Read once, unlocked (writes are atomic renames), for the identity `createSyncClient` reads
   // synchronously; read again once the lock is held.
   let data: Record<string, unknown> = read(false);
+  /** The file's values as this object last knew them (its first read, then each locked read). */
+  let seen: Record<string, unknown> = { ...data };
   /** Keys set before the lock was held: they win over the file's on the second read. */
   const local = new Map<string, string>();
   let dirty = false;
@@ -276,8 +278,34 @@ export function fileStorage(path: string, options: FileStorageOptions = {}): Syn
       held.add(clientId);
       return async () => left(clientId);
     }
+    const raw = read(true);
+    // The file changed since this object read it (another object or process gave it an
+    // identity meanwhile, e.g. both made on a new file) and the client chose `clientId` from
+    // that stale read: taking the file would overwrite the file's identity and strand its
+    // outbox. Refused instead, like a file in use: this client goes on from memory, the file
+    // keeps its identity and operations for the next client.
+    const stranded = [...local].find(
+      ([k, v]) => v === clientId && typeof raw[k] === 'string' && raw[k] !== v && raw[k] !== seen[k],
+    );
+    if (stranded) {
+      mode = 'elsewhere';
+      refusal = 'rename';
+      adopt(Object.fromEntries(local));
+      fail(
+        new Error(
+          `state file ${path} was given another identity (${String(raw[stranded[0]])}) since this storage object read it; this client works from memory with its own identity`,
+        ),
+      );
+      try {
+        await release();
+      } catch (err) {
+        fail(err);
+      }
+      return null;
+    }
     mode = 'owner';
-    adopt(read(true));
+    adopt(raw);
+    seen = { ...raw };
     local.clear();
     if (dirty) flush();
     held.add(clientId);
