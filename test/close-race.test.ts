@@ -7,17 +7,22 @@
  * Real server, real `fileStorage` files; fast-check over interleavings (seed printed; replay
  * with CLOSE_RACE_SEED=… CLOSE_RACE_PATH=…).
  */
+import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import fc from 'fast-check';
 import { afterEach, describe, expect, it } from 'vitest';
 import { fileStorage } from '../src/client/file-storage.js';
 import { memoryStorage, type Restored, type SyncClient, type SyncStorage } from '../src/client/index.js';
 import { appliedOnce, type Rig, rig, until } from './helpers/harness.js';
-import { fileJson, outboxIn, scratch } from './helpers/outbox-files.js';
+import { closedPort, fileJson, outboxIn, scratch } from './helpers/outbox-files.js';
+
+const ROOT = fileURLToPath(new URL('..', import.meta.url));
+const CHILD = fileURLToPath(new URL('./fixtures/outbox-client.ts', import.meta.url));
 
 let r: Rig | undefined;
-const { tempDir, cleanup } = scratch('closerace');
+const { tempDir, children, cleanup } = scratch('closerace');
 afterEach(() =>
   cleanup(async () => {
     await r?.close();
@@ -332,4 +337,51 @@ describe('two fileStorage objects made on a new file before any client (a stale 
     appliedOnce(g.ledger, ids);
     await d.close();
   }, 30_000);
+});
+
+describe('two processes on a new file', () => {
+  it('an object made here before a child process gave the file its identity: the child exits with 3 unsent operations, the client here is refused, the file keeps them; the next client sends them once', async () => {
+    r = await rig();
+    const path = join(tempDir(), 'client.json');
+    const early = fileStorage(path); // reads the file now: nothing there yet
+    const h = spawn(process.execPath, ['--import', 'tsx', CHILD], {
+      cwd: ROOT,
+      env: {
+        ...process.env,
+        SYNCWIRE_FILE: path,
+        SYNCWIRE_URL: `ws://127.0.0.1:${await closedPort()}/sync`,
+        SYNCWIRE_OPS: '3',
+        SYNCWIRE_EXIT: 'written',
+      },
+      stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
+    });
+    children.add(h);
+    const exited = new Promise((resolve) => h.once('exit', resolve));
+    const info = await new Promise<{ clientId: string }>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error('child: no written report within 20 s')), 20_000);
+      h.on('message', (m) => {
+        clearTimeout(timer);
+        resolve(m as { clientId: string });
+      });
+    });
+    // Made as the child exits (its lock held or just released).
+    const c = r.client({ storage: early });
+    const failures: string[] = [];
+    c.failures$.subscribe((f) => failures.push(`${f.kind}: ${f.reason ?? ''}`));
+    expect(await c.loaded).toBe(0);
+    await exited;
+    expect(c.clientId).not.toBe(info.clientId);
+    expect(failures.some((f) => f.startsWith('storage:'))).toBe(true);
+    await c.close();
+    expect(fileJson(path)['syncwire:clientId']).toBe(info.clientId);
+    expect(Object.keys(fileJson(path)['#outbox'] as object)).toEqual([info.clientId]);
+    const d = r.client({ storage: fileStorage(path) });
+    const restored: Restored[] = [];
+    d.restored$.subscribe((x) => restored.push(x));
+    expect(await d.loaded).toBe(3);
+    expect(d.clientId).toBe(info.clientId);
+    await until(() => restored.length === 3, 10_000, 'D restores the 3 operations');
+    appliedOnce(r.ledger, ['crash-0', 'crash-1', 'crash-2']);
+    await d.close();
+  }, 40_000);
 });
