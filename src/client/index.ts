@@ -734,15 +734,35 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     retryDue.push(channel);
   };
   const sendUns = (names: string[], front: boolean, waiter?: Pick<Waiter, 'resolve' | 'reject'>) => {
-    for (const name of names) unsubscribedSinceSocket.add(name);
+    for (const name of names) {
+      unsubscribedSinceSocket.add(name);
+      // A SUB queued before this UNS is ended by it on the server: a later subscribe() must not
+      // join that SUB (FIX6A F1: the channel looked subscribed, the server had none), it sends
+      // its own, after this UNS.
+      subPromises.delete(name);
+      unsWaiting.set(name, (unsWaiting.get(name) ?? 0) + 1);
+    }
+    const done = () => {
+      for (const name of names) {
+        const n = (unsWaiting.get(name) ?? 0) - 1;
+        if (n > 0) unsWaiting.set(name, n);
+        else unsWaiting.delete(name);
+      }
+    };
     const key = nextKey++;
     enqueue(
       { key, kind: 'UNS', payload: { channels: names } },
       {
         kind: 'UNS',
         unsubscribed: names,
-        resolve: waiter?.resolve ?? (() => {}),
-        reject: waiter?.reject ?? (() => {}),
+        resolve: (v) => {
+          done();
+          waiter?.resolve(v);
+        },
+        reject: (e) => {
+          done();
+          waiter?.reject(e);
+        },
       },
       front,
     );
@@ -1013,6 +1033,12 @@ export function createSyncClient<Op = unknown, Result = unknown>(
    * per channel; FIX14E F8) instead of sending its own.
    */
   const subPromises = new Map<string, { p: Promise<unknown>; sent: Map<string, unknown> }>();
+  /**
+   * UNSs queued or in flight (not answered yet) naming each channel. A SUB put at the front of
+   * the queue (a re-SUB) may overtake a queued UNS of its channel: it is then no SUB a
+   * `subscribe()` may join (the UNS after it ends what it asked for).
+   */
+  const unsWaiting = new Map<string, number>();
   const requestSub = (names: string[], front: boolean, poll = false): Promise<unknown> => {
     const sent = new Map<string, { epoch?: string; seq?: number }>();
     const p = new Promise((resolve, reject) => {
@@ -1059,7 +1085,9 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         front,
       );
     });
-    if (!poll) for (const name of names) subPromises.set(name, { p, sent });
+    // Joinable only when no UNS of the channel is queued or in flight after it (FIX6A): a SUB
+    // at the back of the queue is after every UNS; one at the front may be before a queued one.
+    if (!poll) for (const name of names) if (!front || !unsWaiting.has(name)) subPromises.set(name, { p, sent });
     return p;
   };
   const forgetSubPromise = (names: string[], p: Promise<unknown>) => {
