@@ -14,8 +14,9 @@
  * - each channel's `subscriptionState` is what the app's last call on it says;
  * - `server.subscriptionsOf(clientId)` is exactly the client's subscribed channels;
  * - when the last subscribe() of a channel resolved, the server had the subscription (it
- *   resolves only when the channel is live), unless a redial overlapped the call
- *   (made before the client was open again after a killed socket, or while one was killed);
+ *   resolves only when the channel is live), unless a redial or the HTTP
+ *   fallback overlapped the call (over HTTP a channel is polled: the server holds no socket
+ *   subscription; a socket killed meanwhile drops the server's subscriptions until the redial);
  * - a message published to each channel reaches the client for the subscribed ones.
  *
  * RESUB_RUNS (default 50) sequences; RESUB_SEED=… replays one (printed, and with any failure);
@@ -113,6 +114,8 @@ async function runSequence(steps: Step[], initial: Channel[] = []): Promise<void
    * from the cursor); liveness at resolve time is checked for calls no redial overlapped.
    */
   let drops = 0;
+  /** Between an `http` step and the next `back`: requests go over HTTP (polled, no socket subscription). */
+  let onHttp = false;
   /** `drops` when the client last became `open` again after not being open. */
   let dropsReopened = 0;
   let prev = client.state;
@@ -121,7 +124,7 @@ async function runSequence(steps: Step[], initial: Channel[] = []): Promise<void
     prev = st;
   });
   const doCall = (c: Call, i: number) => {
-    const steady = drops === dropsReopened;
+    const steady = drops === dropsReopened && !onHttp;
     const dropsAtCall = drops;
     const g = (gen.get(c.ch) ?? 0) + 1;
     gen.set(c.ch, g);
@@ -142,6 +145,8 @@ async function runSequence(steps: Step[], initial: Channel[] = []): Promise<void
           rec.lastCall() &&
           steady &&
           drops === dropsAtCall &&
+          !onHttp &&
+          client.state === 'open' &&
           !server.subscriptionsOf(clientId).includes(c.ch)
         )
           liveAtResolve.push(rec.what);
@@ -153,7 +158,6 @@ async function runSequence(steps: Step[], initial: Channel[] = []): Promise<void
     );
   };
   const settledAll = () => until(() => pending.every((p) => p.settled), QUIET_MS, 'every promise');
-  let onHttp = false;
   const back = () => {
     client.debug.faults.dropAcks = false;
     onHttp = false;

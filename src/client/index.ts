@@ -1087,7 +1087,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     });
     // Joinable only when no UNS of the channel is queued or in flight after it (FIX6A): a SUB
     // at the back of the queue is after every UNS; one at the front may be before a queued one.
-    if (!poll) for (const name of names) if (!front || !unsWaiting.has(name)) subPromises.set(name, { p, sent });
+    if (!poll)
+      for (const name of names) if (!front || !unsWaiting.has(name)) subPromises.set(name, { p, sent });
     return p;
   };
   const forgetSubPromise = (names: string[], p: Promise<unknown>) => {
