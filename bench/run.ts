@@ -559,9 +559,18 @@ function formatJson(value: unknown): string {
     },
   );
 }
+/** The bundle results without esbuild's metafiles (thousands of lines each; `byPackage` is their summary). */
+function withoutMetafiles<T extends Record<string, BundleResult>>(
+  b: T,
+): Record<keyof T, Omit<BundleResult, 'meta'>> {
+  return Object.fromEntries(Object.entries(b).map(([k, { meta: _meta, ...rest }]) => [k, rest])) as Record<
+    keyof T,
+    Omit<BundleResult, 'meta'>
+  >;
+}
 writeFileSync(
   new URL('results.json', dir),
-  `${formatJson({ meta, series, integrity, bundles, failures, targets: Object.fromEntries(tRows.map((r) => [r[0], { perRun: r[1], runsMet: r[2], value: r[3], verdict: r[4] }])), summary: Object.fromEntries(Object.keys(series).map((k) => [k, S(k)])) })}\n`,
+  `${formatJson({ meta, series, integrity, bundles: bundles && withoutMetafiles(bundles), failures, targets: Object.fromEntries(tRows.map((r) => [r[0], { perRun: r[1], runsMet: r[2], value: r[3], verdict: r[4] }])), summary: Object.fromEntries(Object.keys(series).map((k) => [k, S(k)])) })}\n`,
 );
 console.log('wrote bench/results.md and bench/results.json');
 process.exit(failures.length ? 1 : 0);
