@@ -512,6 +512,11 @@ export function httpActor(fixed?: TransportIo) {
     // Answered without the network (see `LocalReply`).
     const local = localReplyOf(envelope);
     if (local) return { kind: 'reply', frames: [local], status: 200 };
+    // Serialized here, in the same turn as the `localReply` check and before any await, as
+    // the socket writes it: a SUB's channels are read as it is serialized, and a channel
+    // unsubscribed while the URL or headers resolve would otherwise leave a SUB naming none
+    // (the server NAKs it `bad_request`). One text for both POSTs of a 401 refresh, too.
+    const requestText = encodeRequest(envelope);
     if (config.faults.blockHttp) throw new Error('network: http blocked (fault switch)');
     // A network error rejects: the chart's onError edge retries it with backoff. The URL and
     // headers are resolved for each request; a 401 resolves them once more and retries at
@@ -521,7 +526,7 @@ export function httpActor(fixed?: TransportIo) {
       return config.fetch(url, {
         method: 'POST',
         headers: { 'content-type': 'application/json', 'x-client-id': getClientId(), ...headers },
-        body: encodeRequest(envelope),
+        body: requestText,
         signal,
       });
     };
