@@ -4,7 +4,7 @@
  */
 import { readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { lock } from 'proper-lockfile';
-import { MapOutbox, type SyncStorage } from './storage.js';
+import { Holders, MapOutbox, type SyncStorage } from './storage.js';
 
 /** Key of the outbox inside the file (clientId → { ops, batches }). */
 const OUTBOX = '#outbox';
@@ -105,16 +105,9 @@ export function fileStorage(path: string, options: FileStorageOptions = {}): Syn
    * `elsewhere`: another live client holds it, memory only; `lost`: the lock was taken from us.
    */
   let mode: 'waiting' | 'owner' | 'elsewhere' | 'lost' = 'waiting';
-  /** ClientIds held by live clients of this object (one live client per clientId). */
-  const held = new Set<string>();
-  /** Holders that began close() (`SyncLocks.closing`): their release, awaited by a claim. */
-  const leaving = new Map<string, { done: Promise<void>; resolve: () => void }>();
-  const left = (clientId: string) => {
-    held.delete(clientId);
-    const l = leaving.get(clientId);
-    leaving.delete(clientId);
-    l?.resolve();
-  };
+  /** ClientIds held by live clients of this object, and which of them are closing. */
+  const holders = new Holders();
+  const left = (clientId: string) => holders.release(clientId);
   /**
    * Why the last claim was refused, fixed when it was refused (not when the client asks: by
    * then the holder may have released the file, and a refused client must not take a new
@@ -180,18 +173,18 @@ export function fileStorage(path: string, options: FileStorageOptions = {}): Syn
           // One claim at a time on this object (two clients made in one tick on one object).
           while (claiming) await claiming;
           // Its holder is closing: wait for its release (the file's last write), then take it.
-          const l = leaving.get(clientId);
-          if (!l) break;
-          await l.done;
+          const leaving = holders.leaving(clientId);
+          if (!leaving) break;
+          await leaving;
         }
         if (mode === 'owner') {
           // Another client on this same object: one live client per clientId (different
           // storageKeys share the object); refused, it goes on from memory (`refused`).
-          if (held.has(clientId)) {
+          if (holders.has(clientId)) {
             refusal = 'private';
             return null;
           }
-          held.add(clientId);
+          holders.add(clientId);
           return () => left(clientId);
         }
         if (mode !== 'waiting') {
@@ -217,14 +210,7 @@ export function fileStorage(path: string, options: FileStorageOptions = {}): Syn
       get refused() {
         return refusal;
       },
-      closing(clientId) {
-        if (!held.has(clientId) || leaving.has(clientId)) return;
-        let resolve!: () => void;
-        const done = new Promise<void>((r) => {
-          resolve = r;
-        });
-        leaving.set(clientId, { done, resolve });
-      },
+      closing: (clientId) => holders.markClosing(clientId),
       watch: () => () => {},
     },
     onError: (h) => {
@@ -275,7 +261,7 @@ export function fileStorage(path: string, options: FileStorageOptions = {}): Syn
       adopt(read(true));
       local.clear();
       if (dirty) flush();
-      held.add(clientId);
+      holders.add(clientId);
       return async () => left(clientId);
     }
     const raw = read(true);
@@ -308,9 +294,9 @@ export function fileStorage(path: string, options: FileStorageOptions = {}): Syn
     seen = { ...raw };
     local.clear();
     if (dirty) flush();
-    held.add(clientId);
+    holders.add(clientId);
     return async () => {
-      held.delete(clientId);
+      holders.delete(clientId);
       try {
         if (mode !== 'owner') return;
         if (dirty) flush();

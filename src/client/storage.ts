@@ -227,6 +227,47 @@ export class MapOutbox implements SyncOutbox {
 }
 
 /**
+ * The clientIds held by live clients of one storage object (one live client per clientId), and
+ * which of those holders began `close()` (`SyncLocks.closing`): a claim of such a clientId waits
+ * for its release, then takes the identity and the outbox. Used by `memoryStorage` and
+ * `fileStorage`.
+ */
+export class Holders {
+  private readonly held = new Set<string>();
+  private readonly closing = new Map<string, { done: Promise<void>; resolve: () => void }>();
+  has(clientId: string): boolean {
+    return this.held.has(clientId);
+  }
+  add(clientId: string): void {
+    this.held.add(clientId);
+  }
+  /** No longer held; a claim waiting for its release still waits (see `release`). */
+  delete(clientId: string): void {
+    this.held.delete(clientId);
+  }
+  /** Released: no longer held, and a claim waiting for it goes on. */
+  release(clientId: string): void {
+    this.held.delete(clientId);
+    const l = this.closing.get(clientId);
+    this.closing.delete(clientId);
+    l?.resolve();
+  }
+  /** `SyncLocks.closing`: the holder began `close()` (nothing when not held or already marked). */
+  markClosing(clientId: string): void {
+    if (!this.held.has(clientId) || this.closing.has(clientId)) return;
+    let resolve!: () => void;
+    const done = new Promise<void>((r) => {
+      resolve = r;
+    });
+    this.closing.set(clientId, { done, resolve });
+  }
+  /** The release a claim of `clientId` waits for, when its holder is closing. */
+  leaving(clientId: string): Promise<void> | undefined {
+    return this.closing.get(clientId)?.done;
+  }
+}
+
+/**
  * In memory: survives nothing across processes or reloads; the outbox survives a `close()` and a
  * new client on the same storage object (same process). The default.
  *
@@ -243,23 +284,16 @@ export class MapOutbox implements SyncOutbox {
  */
 export function memoryStorage(): SyncStorage {
   const map = new Map<string, string>();
-  const held = new Set<string>();
-  /** Holders that began close(): their release, awaited by a claim of their clientId. */
-  const leaving = new Map<string, { done: Promise<void>; resolve: () => void }>();
+  const holders = new Holders();
   const take = (clientId: string) => {
-    held.add(clientId);
-    return () => {
-      held.delete(clientId);
-      const l = leaving.get(clientId);
-      leaving.delete(clientId);
-      l?.resolve();
-    };
+    holders.add(clientId);
+    return () => holders.release(clientId);
   };
   const claim = (clientId: string): (() => void) | null | Promise<(() => void) | null> => {
-    const l = leaving.get(clientId);
+    const leaving = holders.leaving(clientId);
     // The holder is closing: wait for its release, then take the identity and the outbox.
-    if (l) return l.done.then(() => claim(clientId));
-    if (held.has(clientId)) return null;
+    if (leaving) return leaving.then(() => claim(clientId));
+    if (holders.has(clientId)) return null;
     return take(clientId);
   };
   return {
@@ -268,14 +302,7 @@ export function memoryStorage(): SyncStorage {
     outbox: new MapOutbox(),
     locks: {
       claim,
-      closing(clientId) {
-        if (!held.has(clientId) || leaving.has(clientId)) return;
-        let resolve!: () => void;
-        const done = new Promise<void>((r) => {
-          resolve = r;
-        });
-        leaving.set(clientId, { done, resolve });
-      },
+      closing: (clientId) => holders.markClosing(clientId),
       refused: 'private',
       watch: () => () => {},
     },
