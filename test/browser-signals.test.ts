@@ -15,18 +15,14 @@
  * reference server on 127.0.0.1. Under CI=true a missing Chromium fails; elsewhere it skips.
  */
 import { existsSync } from 'node:fs';
-import { createServer, type Server } from 'node:http';
-import type { AddressInfo } from 'node:net';
-import { join } from 'node:path';
-import { type Browser, type BrowserContext, chromium, type Page } from 'playwright-core';
+import type { Browser, BrowserContext, Page } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createSyncServer, type SyncServer } from '../src/server/index.js';
+import type { SyncServer } from '../src/server/index.js';
+import { CHROMIUM, type ClientPage, clientPage } from './helpers/client-page.js';
 
-const CHROMIUM = process.env.CHROMIUM_PATH ?? '/usr/bin/chromium';
 const IN_CI = process.env.CI === 'true' || process.env.CI === '1';
 const HAVE_CHROMIUM = existsSync(CHROMIUM);
 const SOON = 10_000;
-const root = join(import.meta.dirname, '..');
 
 /** What the page records: every event the actor got, with the state it led to. */
 interface Step {
@@ -36,52 +32,18 @@ interface Step {
 
 describe.skipIf(!HAVE_CHROMIUM && !IN_CI)('browser signals in Chromium', () => {
   let sync: SyncServer;
-  let pages: Server;
   let browser: Browser;
   let pageUrl: string;
 
+  let setup: ClientPage | undefined;
   beforeAll(async () => {
     if (!HAVE_CHROMIUM) throw new Error(`CI=true and no Chromium at ${CHROMIUM}`);
-    const { build } = await import('esbuild');
-    const out = await build({
-      stdin: {
-        contents: `import { createSyncClient } from ${JSON.stringify(join(root, 'src/client/index.ts'))};
-          globalThis.createSyncClient = createSyncClient;`,
-        resolveDir: root,
-        loader: 'ts',
-      },
-      bundle: true,
-      platform: 'browser',
-      format: 'iife',
-      write: false,
-      logLevel: 'silent',
-    });
-    const js = out.outputFiles[0]!.text;
-    pages = createServer((req, res) => {
-      if (req.url === '/client.js') res.writeHead(200, { 'content-type': 'text/javascript' }).end(js);
-      else
-        res
-          .writeHead(200, { 'content-type': 'text/html' })
-          .end('<!doctype html><title>signals</title><script src="/client.js"></script>');
-    });
-    await new Promise<void>((r) => pages.listen(0, '127.0.0.1', r));
-    pageUrl = `http://127.0.0.1:${(pages.address() as AddressInfo).port}/`;
-    // The page is on another port than the sync server: a cross-origin page it must allow.
-    sync = await createSyncServer({
-      port: 0,
-      onSync: (ops) => ops.map(() => ({})),
-      allowedOrigins: [new URL(pageUrl).origin],
-    });
-    browser = await chromium.launch({
-      executablePath: CHROMIUM,
-      args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking'],
-    });
+    setup = await clientPage(['createSyncClient'], 'signals');
+    ({ sync, browser, pageUrl } = setup);
   }, 120_000);
 
   afterAll(async () => {
-    await browser?.close();
-    await new Promise<void>((r) => (pages ? pages.close(() => r()) : r()));
-    await sync?.close();
+    await setup?.close();
   });
 
   /** A page running one client with T = 60 s, recording every event and the state after it. */
