@@ -21,7 +21,7 @@
  */
 import { io as sioConnect } from 'socket.io-client';
 import { WebSocket } from 'ws';
-import { assign, createActor, setup } from 'xstate';
+import { type AnyEventObject, assign, createActor, initialTransition, setup, transition } from 'xstate';
 import { startServer } from './proc.js';
 import { makeOp, type Op } from './scenarios.js';
 
@@ -61,8 +61,102 @@ const floorMachine = setup({
   },
 });
 
-type Row = 'ws' | 'ws + minimal XState' | 'socket.io';
-const ROWS: readonly Row[] = ['ws', 'ws + minimal XState', 'socket.io'];
+type Row =
+  | 'ws'
+  | 'ws + minimal XState'
+  | 'ws + XState transition()'
+  | 'ws + hand-written chart'
+  | 'socket.io';
+const ROWS: readonly Row[] = [
+  'ws',
+  'ws + minimal XState',
+  'ws + XState transition()',
+  'ws + hand-written chart',
+  'socket.io',
+];
+
+/**
+ * The same machine without an actor: XState's pure `transition()` computes each step, and
+ * this loop runs what it returns (a delayed `xstate.raise` becomes a platform timer, an
+ * `xstate.cancel` clears it). No mailbox, no system, no observers, no inspection: the
+ * cheapest way to run an XState v5 chart with delayed transitions.
+ */
+function pureRunner(): { send(event: FloorEvent): void; stop(): void } {
+  const timers = new Map<string, ReturnType<typeof setTimeout>>();
+  const run = (actions: ReturnType<typeof transition>[1]) => {
+    for (const a of actions) {
+      const params = a.params as { delay?: number; id?: string; event?: AnyEventObject; sendId?: string };
+      if (a.type === 'xstate.raise' && params.delay !== undefined) {
+        const id = params.id!;
+        const event = params.event as FloorEvent;
+        timers.set(
+          id,
+          setTimeout(() => {
+            timers.delete(id);
+            step(event);
+          }, params.delay),
+        );
+      } else if (a.type === 'xstate.cancel') {
+        const t = timers.get(params.sendId!);
+        if (t !== undefined) {
+          clearTimeout(t);
+          timers.delete(params.sendId!);
+        }
+      }
+    }
+  };
+  let [snapshot, first] = initialTransition(floorMachine);
+  const step = (event: FloorEvent) => {
+    const [next, actions] = transition(floorMachine, snapshot, event);
+    snapshot = next;
+    run(actions);
+  };
+  run(first);
+  return {
+    send: step,
+    stop: () => {
+      for (const t of timers.values()) clearTimeout(t);
+      timers.clear();
+    },
+  };
+}
+
+/**
+ * The same chart written by hand, no XState: a `switch` per event, the state's timeout armed
+ * on entry and cleared on exit as a platform timer. What the design's shape costs without
+ * XState's runtime.
+ */
+function handRunner(): { send(event: FloorEvent): void; stop(): void } {
+  let state: 'connecting' | 'idle' | 'awaiting' | 'failed' = 'connecting';
+  let ws: WebSocket | null = null;
+  let settle: ((a: Answer) => void) | null = null;
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const enter = (next: typeof state) => {
+    clearTimeout(timer);
+    state = next;
+    timer =
+      next === 'failed' ? undefined : setTimeout(() => enter(next === 'idle' ? 'idle' : 'failed'), 15_000);
+  };
+  enter('connecting');
+  return {
+    send(event) {
+      if (state === 'connecting' && event.type === 'OPEN') {
+        ws = event.ws;
+        enter('idle');
+      } else if (state === 'idle' && event.type === 'SEND') {
+        ws!.send(JSON.stringify(event.op));
+        settle = event.settle;
+        enter('awaiting');
+      } else if (state === 'awaiting' && event.type === 'ANSWER') {
+        const s = settle;
+        settle = null;
+        s?.(event.answer);
+        enter('idle');
+      }
+    },
+    stop: () => clearTimeout(timer),
+  };
+}
 
 interface Client {
   send(op: Op): Promise<unknown>;
@@ -111,7 +205,12 @@ async function open(row: Row, port: number): Promise<Client> {
       close: () => ws.close(),
     };
   }
-  const actor = createActor(floorMachine).start();
+  const actor =
+    row === 'ws + XState transition()'
+      ? pureRunner()
+      : row === 'ws + hand-written chart'
+        ? handRunner()
+        : createActor(floorMachine).start();
   const ws = await openWs(port);
   actor.send({ type: 'OPEN', ws });
   ws.on('message', (data) => actor.send({ type: 'ANSWER', answer: JSON.parse(String(data)) as Answer }));
