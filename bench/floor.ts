@@ -10,6 +10,12 @@
  * actions. No child actor, no RxJS, no outbox, no validation. syncwire's chart does all of that
  * and more, so whatever this machine costs beyond raw `ws` is a lower bound of syncwire's own.
  *
+ * Two more rows run the same chart another way, to tell XState's runtime from the chart's shape:
+ * - `ws + XState transition()`: no actor; XState's pure `transition()` computes each step and a
+ *   small loop runs the delayed raises and cancels it returns as platform timers.
+ * - `ws + hand-written chart`: the same states, events and per-state timeout as a `switch`, no
+ *   XState at all.
+ *
  *   node --import tsx bench/floor.ts                 # both rows, RUNS=3
  *   FLOOR_ONLY=latency|connect RUNS=5 N=5000 node --import tsx bench/floor.ts
  *
