@@ -17,10 +17,11 @@
  *   XState at all.
  *
  *   node --import tsx bench/floor.ts                 # both rows, RUNS=3
- *   FLOOR_ONLY=latency|connect RUNS=5 N=5000 node --import tsx bench/floor.ts
+ *   FLOOR_ONLY=latency|connect|hot RUNS=5 N=5000 node --import tsx bench/floor.ts
  *
  * - latency: N sequential round trips after 2,000 of warm-up; client CPU µs per op
  *   (process.cpuUsage, user + system) and ops/s.
+ * - hot (only when asked): the three runners of the chart in a loop with no I/O (`hotRow`).
  * - connect: 1,000 clients, at most 100 dialling at once, each until open and one operation
  *   acknowledged (as `connectTime` in scenarios.ts); each client of the XState row creates one
  *   actor and sends it three events (open, send, answer). Client CPU µs per client, wall ms.
@@ -275,11 +276,46 @@ async function connectRow(row: Row, n = 1000, parallel = 100): Promise<{ ms: num
   }
 }
 
+/**
+ * The chart's runtime alone, hot, no I/O: µs of wall time per operation (two events) over
+ * 200,000 operations, for the actor, the pure `transition()` loop and the hand-written chart.
+ * The socket is a stub whose `send` does nothing; the answer settles a no-op.
+ */
+function hotRow(): Record<'actor' | 'transition()' | 'hand-written', number> {
+  const ops = 200_000;
+  const stub = { send() {} } as unknown as WebSocket;
+  const op = makeOp(0);
+  const answer: Answer = { id: 0, ok: true };
+  const settle = () => {};
+  const time = (runner: { send(event: FloorEvent): void; stop(): void }) => {
+    runner.send({ type: 'OPEN', ws: stub });
+    const t0 = performance.now();
+    for (let i = 0; i < ops; i++) {
+      runner.send({ type: 'SEND', op, settle });
+      runner.send({ type: 'ANSWER', answer });
+    }
+    const us = ((performance.now() - t0) * 1000) / ops;
+    runner.stop();
+    return us;
+  };
+  return {
+    actor: time(createActor(floorMachine).start()),
+    'transition()': time(pureRunner()),
+    'hand-written': time(handRunner()),
+  };
+}
+
 const runs = Number(process.env.RUNS ?? 3);
 const n = Number(process.env.N ?? 5000);
 const only = new Set((process.env.FLOOR_ONLY ?? 'latency,connect').split(','));
 const fmt = (v: number) => v.toFixed(0).padStart(6);
 for (let run = 1; run <= runs; run++) {
+  if (only.has('hot')) {
+    const r = hotRow();
+    console.log(
+      `run ${run} hot, no I/O, µs per op (2 events): actor ${r.actor.toFixed(2)}, transition() ${r['transition()'].toFixed(2)}, hand-written ${r['hand-written'].toFixed(2)}`,
+    );
+  }
   if (only.has('latency')) {
     const got = new Map<Row, { opsPerSec: number; clientUs: number }>();
     for (const row of ROWS) got.set(row, await latencyRow(row, n));
