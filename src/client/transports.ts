@@ -102,8 +102,17 @@ export function checkUrls(name: 'url' | 'httpUrl', v: unknown): string[] {
   return list as string[];
 }
 
+/**
+ * URL strings `checkUrl` accepted, so that the same URL is parsed once per process, not at each
+ * `createSyncClient` (its options check) and again at each dial (issue 14, connect row: two
+ * `new URL` per client). Bounded: cleared when it reaches `URL_CACHE` entries.
+ */
+const checkedUrls = new Set<string>();
+const URL_CACHE = 256;
+
 /** Throw a `TypeError` naming the option unless `u` is an absolute ws:, wss:, http: or https: URL. */
 export function checkUrl(name: 'url' | 'httpUrl', u: unknown): void {
+  if (typeof u === 'string' && checkedUrls.has(u)) return;
   let parsed: URL;
   try {
     if (typeof u !== 'string' || u.length === 0) throw new TypeError();
@@ -114,6 +123,8 @@ export function checkUrl(name: 'url' | 'httpUrl', u: unknown): void {
   if (!/^(wss?|https?):$/.test(parsed.protocol)) {
     throw new TypeError(`syncwire: option ${name} ${describe(u)} must use ws:, wss:, http: or https:`);
   }
+  if (checkedUrls.size >= URL_CACHE) checkedUrls.clear();
+  checkedUrls.add(u as string);
 }
 
 function describe(v: unknown): string {
@@ -174,11 +185,40 @@ export interface TransportCursor {
   index: number;
 }
 
+/**
+ * A URL with `clientId=<sentinel>` set the way `URLSearchParams` sets it, cut at the sentinel:
+ * the socket URL of any clientId the form encoding leaves as it is is then `before + clientId
+ * + after`, without parsing the URL again at each dial (issue 14, connect row). Bounded like
+ * `checkedUrls`. `null`: the sentinel did not come out once and intact (never expected).
+ */
+const socketUrlParts = new Map<string, readonly [string, string] | null>();
+const SENTINEL = 'syncwireClientIdSentinel0';
+/** Characters `application/x-www-form-urlencoded` serializing leaves as they are (WHATWG URL). */
+const FORM_SAFE = /^[A-Za-z0-9*._-]+$/;
+
 export function wsUrlWithParams(url: string, clientId: string, params: Record<string, string>): string {
+  if (FORM_SAFE.test(clientId) && isEmpty(params)) {
+    let parts = socketUrlParts.get(url);
+    if (parts === undefined) {
+      const u = new URL(url);
+      u.searchParams.set('clientId', SENTINEL);
+      const cut = u.toString().split(SENTINEL);
+      parts = cut.length === 2 ? ([cut[0]!, cut[1]!] as const) : null;
+      if (socketUrlParts.size >= URL_CACHE) socketUrlParts.clear();
+      socketUrlParts.set(url, parts);
+    }
+    if (parts) return parts[0] + clientId + parts[1];
+  }
   const u = new URL(url);
   u.searchParams.set('clientId', clientId);
   for (const [k, v] of Object.entries(params)) u.searchParams.set(k, v);
   return u.toString();
+}
+
+/** No own enumerable key (what `Object.keys(o).length === 0` says, without the array). */
+function isEmpty(o: object): boolean {
+  for (const k in o) if (Object.prototype.hasOwnProperty.call(o, k)) return false;
+  return true;
 }
 
 /** `ws://host/path` → `http://host/path`, `wss` → `https`. */
@@ -360,7 +400,7 @@ export function socketActor(fixed?: TransportIo) {
         // Headers on the upgrade: Node's `ws` takes them as its third argument (browsers'
         // WebSocket has no such argument and ignores it, so there `params` is the way).
         sock =
-          Object.keys(headers).length === 0
+          isEmpty(headers)
             ? new config.WebSocket(url)
             : new config.WebSocket(url, undefined, { headers });
       } catch (err) {
