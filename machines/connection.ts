@@ -575,9 +575,11 @@ export const connectionMachine = setup({
     connecting: {
       entry: 'dial',
       on: {
+        // `connecting` is only ever the initial state: no probation has started yet, so there is
+        // no `healthy` timer to cancel first (issue 14, connect row: one cancel fewer per client).
         'WS.OPEN': {
           target: 'open',
-          actions: ['socketOpened', 'cancelHealthy', 'armHealthy', 'socketReady'],
+          actions: ['socketOpened', 'armHealthy', 'socketReady'],
         },
         'WS.DOWN': [
           {

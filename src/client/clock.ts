@@ -28,12 +28,17 @@ export interface ClockPlatform {
   now(): number;
 }
 
-const defaultPlatform = (): ClockPlatform => ({
-  setTimeout: (fn, ms) => globalThis.setTimeout(fn, ms),
-  clearTimeout: (id) => globalThis.clearTimeout(id as ReturnType<typeof setTimeout>),
-  now:
-    typeof globalThis.performance?.now === 'function' ? () => globalThis.performance.now() : () => Date.now(),
-});
+/** The platform's timer and clock: one object for every `LazyClock` made without one (it holds no state). */
+let platform: ClockPlatform | undefined;
+const defaultPlatform = (): ClockPlatform =>
+  (platform ??= {
+    setTimeout: (fn, ms) => globalThis.setTimeout(fn, ms),
+    clearTimeout: (id) => globalThis.clearTimeout(id as ReturnType<typeof setTimeout>),
+    now:
+      typeof globalThis.performance?.now === 'function'
+        ? () => globalThis.performance.now()
+        : () => Date.now(),
+  });
 
 export class LazyClock implements Clock {
   private readonly due = new Map<number, { at: number; fn: () => void }>();

@@ -1430,6 +1430,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
 
   /** Queue what the stored outbox holds, before anything sent by this instance. */
   const restore = (snap: { ops: OutboxEntry[]; batches: { id: string; keys: string[] }[] }): number => {
+    // Nothing stored (every new client on a fresh storage): nothing to order or queue.
+    if (snap.ops.length === 0 && snap.batches.length === 0) return 0;
     // Each entry's operation as a value (for restored$ and a batch's payload) and its JSON
     // (resent as it is): from `json` (what send() made), or from `op` (IndexedDB rows, and
     // entries written by earlier versions). One that yields neither cannot be resent: reported,
