@@ -217,7 +217,7 @@ export function wsUrlWithParams(url: string, clientId: string, params: Record<st
 
 /** No own enumerable key (what `Object.keys(o).length === 0` says, without the array). */
 function isEmpty(o: object): boolean {
-  for (const k in o) if (Object.prototype.hasOwnProperty.call(o, k)) return false;
+  for (const k in o) if (Object.hasOwn(o, k)) return false;
   return true;
 }
 
@@ -399,10 +399,9 @@ export function socketActor(fixed?: TransportIo) {
         const url = wsUrlWithParams(urls[cursor.index]!, input.clientId, params);
         // Headers on the upgrade: Node's `ws` takes them as its third argument (browsers'
         // WebSocket has no such argument and ignores it, so there `params` is the way).
-        sock =
-          isEmpty(headers)
-            ? new config.WebSocket(url)
-            : new config.WebSocket(url, undefined, { headers });
+        sock = isEmpty(headers)
+          ? new config.WebSocket(url)
+          : new config.WebSocket(url, undefined, { headers });
       } catch (err) {
         ws = null;
         sendBack({
