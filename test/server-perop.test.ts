@@ -225,6 +225,39 @@ describe('the maxBatch pre-scan', () => {
       { seed: SEED, numRuns: 300 },
     );
   });
+
+  // Session 7: the scan skips each string with a native search for its closing quote and counts
+  // the backslashes before it. Strings full of quotes, backslashes, structure characters and
+  // non-ASCII text, an id with escapes, any indentation, a `payload` key written with escapes,
+  // bytes or text: the verdict is the parsed payload's length against maxBatch, and a refusal
+  // names the id.
+  it('counts exactly whatever the strings hold (escaped quotes, backslash runs, brackets, non-ASCII), formatted or not (property)', () => {
+    const tricky = fc.string({
+      unit: fc.constantFrom('\\', '"', ',', '[', ']', '{', '}', ':', 'a', 'é', '😀', '\n', ' '),
+      maxLength: 12,
+    });
+    const element = fc.oneof(tricky, fc.record({ k: tricky, [`"q\\`]: fc.array(tricky, { maxLength: 3 }) }));
+    fc.assert(
+      fc.property(
+        fc.integer({ min: 1, max: 12 }),
+        fc.array(element, { maxLength: 20 }),
+        tricky,
+        fc.constantFrom(undefined, 1, '\t'),
+        fc.boolean(),
+        fc.boolean(),
+        (maxBatch, payload, idTail, indent, binary, escapedKey) => {
+          const id = `i${idTail}`;
+          let text = JSON.stringify({ id, type: 'SYN', payload }, null, indent);
+          if (escapedKey) text = text.replace('"payload"', '"p\\u0061yload"');
+          const r = parseClientFrame(binary ? Buffer.from(text) : text, { maxBatch });
+          if (payload.length === 0) expect(r).toMatchObject({ ok: false, code: 'bad_request' });
+          else if (payload.length > maxBatch) expect(r).toMatchObject({ ok: false, code: 'too_large', id });
+          else expect(r).toEqual({ ok: true, envelope: { id, type: 'SYN', payload } });
+        },
+      ),
+      { seed: SEED, numRuns: 500 },
+    );
+  });
 });
 
 describe('peerAddress', () => {

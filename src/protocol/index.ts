@@ -381,14 +381,10 @@ let idStart = -1;
 let idEnd = -1;
 
 /** The top-level `id` the last scan saw, when it is a valid id; else `null`. */
-function scannedId(frame: string | Uint8Array): string | null {
+function scannedId(text: string): string | null {
   if (idStart < 0 || idEnd - idStart > 6 * MAX_ID_LENGTH) return null;
-  const raw =
-    typeof frame === 'string'
-      ? frame.slice(idStart, idEnd)
-      : new TextDecoder().decode(frame.subarray(idStart, idEnd));
   try {
-    const id: unknown = JSON.parse(`"${raw}"`);
+    const id: unknown = JSON.parse(`"${text.slice(idStart, idEnd)}"`);
     return validId(id) ? id : null;
   } catch {
     return null;
@@ -396,19 +392,40 @@ function scannedId(frame: string | Uint8Array): string | null {
 }
 
 /**
+ * Index of the `"` that closes the string whose opening `"` is at `open`, or -1 when it is
+ * not closed. A native `indexOf` per quote, then the backslashes before it are counted (an
+ * odd number escapes it): the characters inside a string are never looked at one by one
+ * (issue 14, session 7: the per-character loop over a 64-operation SYN's 13 kB cost more
+ * than its `JSON.parse`).
+ */
+function closingQuote(text: string, open: number): number {
+  let from = open + 1;
+  for (;;) {
+    const q = text.indexOf('"', from);
+    if (q < 0) return -1;
+    let b = q - 1;
+    while (b > open && text.charCodeAt(b) === BACKSLASH) b--;
+    if ((q - 1 - b) % 2 === 0) return q;
+    from = q + 1;
+  }
+}
+
+/**
  * Whether an array that is the value of a `payload` member of the top-level object holds
- * more than `limit` elements, found by one pass over the frame's code units that allocates
+ * more than `limit` elements, found by one pass over the frame's text that allocates
  * nothing (structure and strings only; values are not validated). Stops as soon as it knows.
+ * Strings are skipped with a native search for their closing quote (`closingQuote`).
  * A key written with escapes (`"p\u0061yload"`) is decoded before it is compared, so it
  * cannot slip past. Malformed input answers `false`: JSON.parse then says what is wrong.
  * Duplicate `payload` keys: any one over the limit refuses the frame (no client sends them).
  * Remembers the top-level `id`'s string when it comes before the point the scan stops (every
- * client writes `id` first), so the refusal can name the request.
+ * client writes `id` first), so the refusal can name the request. The scan runs on the
+ * decoded text: every character it looks at is ASCII, and no byte of a multi-byte UTF-8
+ * sequence (nor the U+FFFD a bad one decodes to) is, so it finds what a scan of the bytes
+ * would.
  */
-function payloadOver(frame: string | Uint8Array, limit: number): boolean {
-  const text = typeof frame === 'string';
-  const n = frame.length;
-  const at = text ? (i: number) => (frame as string).charCodeAt(i) : (i: number) => (frame as Uint8Array)[i]!;
+function payloadOver(text: string, limit: number): boolean {
+  const n = text.length;
   let depth = 0;
   /** Depth of the payload array being counted, 0 when none. */
   let counting = 0;
@@ -422,29 +439,18 @@ function payloadOver(frame: string | Uint8Array, limit: number): boolean {
   idStart = -1;
   idEnd = -1;
   for (let i = 0; i < n; i++) {
-    const c = at(i);
+    const c = text.charCodeAt(i);
     if (c === QUOTE) {
       const start = i + 1;
-      let escaped = false;
-      i++;
-      while (i < n) {
-        const d = at(i);
-        if (d === BACKSLASH) {
-          escaped = true;
-          i += 2;
-          continue;
-        }
-        if (d === QUOTE) break;
-        i++;
-      }
-      if (i >= n) return false;
+      i = closingQuote(text, i);
+      if (i < 0) return false;
       if (counting !== 0 && depth === counting && count === 0) count = 1;
       if (depth === 1 && afterIdColon) {
         idStart = start;
         idEnd = i;
       } else if (depth === 1 && !afterColon) {
-        keyIsPayload = isKey(PAYLOAD_KEY, frame, start, i, escaped, at);
-        keyIsId = !keyIsPayload && isKey(ID_KEY, frame, start, i, escaped, at);
+        keyIsPayload = isKey(PAYLOAD_KEY, text, start, i);
+        keyIsId = !keyIsPayload && isKey(ID_KEY, text, start, i);
       }
       afterColon = false;
       afterIdColon = false;
@@ -489,27 +495,19 @@ function payloadOver(frame: string | Uint8Array, limit: number): boolean {
   return false;
 }
 
-function isKey(
-  key: readonly number[],
-  frame: string | Uint8Array,
-  start: number,
-  end: number,
-  escaped: boolean,
-  at: (i: number) => number,
-): boolean {
+function isKey(key: readonly number[], text: string, start: number, end: number): boolean {
+  // Longer than any key, escaped or not (a bounded look at each key below).
+  if (end - start > 64) return false;
+  let escaped = false;
+  for (let k = start; k < end && !escaped; k++) escaped = text.charCodeAt(k) === BACKSLASH;
   if (!escaped) {
     if (end - start !== key.length) return false;
-    for (let k = 0; k < key.length; k++) if (at(start + k) !== key[k]) return false;
+    for (let k = 0; k < key.length; k++) if (text.charCodeAt(start + k) !== key[k]) return false;
     return true;
   }
-  // Rare (no client escapes plain letters): decode the key alone, bounded in length.
-  if (end - start > 64) return false;
-  const raw =
-    typeof frame === 'string'
-      ? frame.slice(start, end)
-      : new TextDecoder().decode(frame.subarray(start, end));
+  // Rare (no client escapes plain letters): the key is decoded alone.
   try {
-    return JSON.parse(`"${raw}"`) === String.fromCharCode(...key);
+    return JSON.parse(`"${text.slice(start, end)}"`) === String.fromCharCode(...key);
   } catch {
     return false;
   }
@@ -675,10 +673,10 @@ export function subChannelsText(text: string): string | undefined {
  * a payload of more than `n` elements has `n` commas between them, so a frame with fewer
  * needs no `payloadOver` scan (a small SYN, the usual case: ~0.2 µs instead of ~3 µs).
  */
-function hasCommas(frame: string | Uint8Array, n: number): boolean {
+function hasCommas(text: string, n: number): boolean {
   let at = -1;
   for (let k = 0; k < n; k++) {
-    at = typeof frame === 'string' ? frame.indexOf(',', at + 1) : frame.indexOf(COMMA, at + 1);
+    at = text.indexOf(',', at + 1);
     if (at < 0) return false;
   }
   return true;
@@ -821,17 +819,19 @@ function parseClientFrameUnsafe(
   // Before JSON.parse: parsing costs about one allocation per value (~60–200 ms and ~21× the
   // bytes for 1 MiB of `[{},{},…]`), so a payload with more elements than maxBatch is
   // refused from a scan that allocates nothing. n elements take at least 2n − 1 bytes, so
-  // frames too short to hold more than maxBatch skip the scan.
+  // frames too short to hold more than maxBatch skip the scan. The scans read the decoded
+  // text (a `Buffer`'s `indexOf` crosses into C++ per call, and a byte read through a
+  // closure per character cost ~80 µs of a 64-operation SYN: issue 14, session 7).
+  const text = decode(frame);
   const maxBatch = opts.maxBatch;
   if (
     maxBatch !== undefined &&
-    frame.length > 2 * maxBatch + 1 &&
-    hasCommas(frame, maxBatch) &&
-    payloadOver(frame, maxBatch)
+    text.length > 2 * maxBatch + 1 &&
+    hasCommas(text, maxBatch) &&
+    payloadOver(text, maxBatch)
   ) {
-    return fail('too_large', `SYN of more than ${maxBatch} operations`, scannedId(frame));
+    return fail('too_large', `SYN of more than ${maxBatch} operations`, scannedId(text));
   }
-  const text = decode(frame);
   let raw: unknown;
   // A SUB's channels are parsed as pairs when the text allows it (subChannelsText, FIX3).
   // (`hannels"` rather than `"channels"`: the same frames and more, found ~8× faster, since a
