@@ -56,8 +56,15 @@ export interface SubscribeOptions {
   snapshot?: boolean;
 }
 
+/** What `cursors` is until the first channel is added: shared, never written (see `add`). */
+const NO_CURSORS: ReadonlyMap<string, Cursor> = new Map();
+
 export class ChannelCursors {
-  private readonly cursors = new Map<string, Cursor>();
+  /**
+   * Made at the first `add()`: most clients never use a channel, and an empty Map still
+   * allocates its hash table (issue 14's connect row, S7C2). Until then the shared empty one.
+   */
+  private cursors: Map<string, Cursor> = NO_CURSORS as Map<string, Cursor>;
   private dirty = false;
   /** The stored cursors, parsed once per tick (not once per add(): FIX14E F6, quadratic). */
   private storedCache: Record<string, { epoch?: string; seq?: number }> | undefined;
@@ -108,6 +115,7 @@ export class ChannelCursors {
       c.seq = stored.seq;
       c.epoch = stored.epoch;
     }
+    if (this.cursors === NO_CURSORS) this.cursors = new Map();
     this.cursors.set(channel, c);
   }
 

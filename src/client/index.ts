@@ -420,6 +420,31 @@ function toJson(op: unknown): string | { problem: string } {
   }
 }
 
+/**
+ * What a client's channel-only Maps and Sets are until their first write: one shared empty
+ * Map / Set that throws if written (a missed write site fails loudly). Most clients never use
+ * a channel, and each empty Map or Set still allocates its hash table (issue 14's connect
+ * row, S7C2: 13 per client before). A write site swaps in a Map of the client's own
+ * (`own()`, `ownSet()`).
+ */
+class NoMap<K, V> extends Map<K, V> {
+  override set(): this {
+    throw new Error('syncwire internal: write to the shared empty map');
+  }
+}
+class NoSet<T> extends Set<T> {
+  override add(): this {
+    throw new Error('syncwire internal: write to the shared empty set');
+  }
+}
+const NO_MAP = new NoMap<never, never>();
+const NO_SET = new NoSet<never>();
+const noMap = <K, V>() => NO_MAP as unknown as Map<K, V>;
+const noSet = <T>() => NO_SET as unknown as Set<T>;
+/** `m`, or a new Map when `m` is the shared empty one (the caller stores it). */
+const own = <K, V>(m: Map<K, V>): Map<K, V> => (m === (NO_MAP as unknown) ? new Map() : m);
+const ownSet = <T>(m: Set<T>): Set<T> => (m === (NO_SET as unknown) ? new Set() : m);
+
 /** Defaults, in one place. */
 const DEFAULTS = {
   timeout: 15_000,
@@ -541,7 +566,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   const resets$ = new Subject<ResetEvent>();
   const snapshots$ = new Subject<SnapshotEvent>();
   /** MSGs of channels waiting for their snapshot, delivered after it. */
-  const held$: Map<string, ChannelMessage[]> = new Map();
+  let held$: Map<string, ChannelMessage[]> = noMap();
   /**
    * Batches whose response arrived but whose operations wait for the client's cursors to
    * reach the batch's publications (read-your-writes, docs/consistency.md), oldest first.
@@ -559,14 +584,14 @@ export function createSyncClient<Op = unknown, Result = unknown>(
      */
     gaveUp: Set<Publication>;
   }> = [];
-  const resetCount = new Map<string, number>();
+  let resetCount = noMap<string, number>();
   const rejected$ = new Subject<{ op: Op; error: SyncError }>();
   const restored$ = new Subject<Restored>();
   const pending$ = new BehaviorSubject<number>(0);
   const channels = new ChannelCursors(kv, `${storageKey}:cursors`);
   const refused$ = new Subject<RefusedEvent>();
   /** One subscription actor per channel ever subscribed, children of the connection actor. */
-  const subActors = new Map<string, SubscriptionActor>();
+  let subActors = noMap<string, SubscriptionActor>();
   const subscriptionsSubject = new BehaviorSubject<Record<string, SubscriptionState>>({});
   /**
    * Inside `batched()` (a SUB answer, the `channels` option, a re-SUB of many channels) the
@@ -617,13 +642,14 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     subscriptionsSubject.next(out);
   };
   /** Each channel's state but `unsubscribed`, kept per transition in O(1). */
-  const live = new Map<string, SubscriptionState>();
+  let live = noMap<string, SubscriptionState>();
   let liveChanged = false;
   let liveStale = false;
   const noteState = (channel: string, v: string) => {
     if (v === 'unsubscribed' || v === 'forgotten') {
       if (live.delete(channel)) liveChanged = true;
     } else if (live.get(channel) !== v) {
+      live = own(live);
       live.set(channel, v as SubscriptionState);
       liveChanged = true;
     }
@@ -643,6 +669,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         maxBackoff: options.maxBackoff ?? DEFAULTS.maxBackoff,
       });
       a = made;
+      subActors = own(subActors);
       subActors.set(channel, a);
       a.subscribe((snap) => {
         // A forgotten actor's last transitions no longer speak for the channel.
@@ -683,9 +710,10 @@ export function createSyncClient<Op = unknown, Result = unknown>(
    * The last refusal of each channel not subscribed again since: what a SUB still waiting in
    * the outbox is answered with locally when none of its channels is wanted any more.
    */
-  const refusals = new Map<string, { code: RefusedEvent['code']; message: string }>();
+  let refusals = noMap<string, { code: RefusedEvent['code']; message: string }>();
   const refuse = (channel: string, code: RefusedEvent['code'], message: string, revoked: boolean) => {
     if (!channels.has(channel)) return;
+    refusals = own(refusals);
     refusals.set(channel, { code, message });
     channels.remove(channel);
     // As unsubscribe(): messages held for its snapshot go, and sends waiting on it settle.
@@ -716,7 +744,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
    * in flight or answered over HTTP, not one name per channel ever unsubscribed while one
    * socket lives.
    */
-  const unsubscribedSinceSocket = new Set<string>();
+  let unsubscribedSinceSocket = noSet<string>();
   /**
    * Channels whose SUB failed (not a refusal) and whose chart's backoff is over (it emitted
    * `retry`, machines/subscription.ts): asked for again in one SUB per tick (their waits,
@@ -734,6 +762,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     retryDue.push(channel);
   };
   const sendUns = (names: string[], front: boolean, waiter?: Pick<Waiter, 'resolve' | 'reject'>) => {
+    unsubscribedSinceSocket = ownSet(unsubscribedSinceSocket);
+    unsWaiting = own(unsWaiting);
     for (const name of names) {
       unsubscribedSinceSocket.add(name);
       // A SUB queued before this UNS is ended by it on the server: a later subscribe() must not
@@ -771,7 +801,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   /** The locks this client claimed its identity from (the storage's, or its private memory's). */
   let claimLocks: SyncLocks | undefined;
   let stopWatching: (() => void) | null = null;
-  const adopted = new Set<SyncClient<Op, Result>>();
+  let adopted = noSet<SyncClient<Op, Result>>();
 
   const inspect = options.inspect;
   const makeActor = () =>
@@ -1019,7 +1049,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
    * ready every one of them goes out on it (the request in flight is resent there first, then
    * the queue), each reading the cursor as it leaves: such a channel needs no re-SUB of its own.
    */
-  const subsWaiting = new Map<string, number>();
+  let subsWaiting = noMap<string, number>();
   const subDone = (names: string[]) => {
     for (const name of names) {
       const n = (subsWaiting.get(name) ?? 0) - 1;
@@ -1032,17 +1062,18 @@ export function createSyncClient<Op = unknown, Result = unknown>(
    * wire yet: a `subscribe()` of a channel that already has one joins it (PROTOCOL §5: one SUB
    * per channel; FIX14E F8) instead of sending its own.
    */
-  const subPromises = new Map<string, { p: Promise<unknown>; sent: Map<string, unknown> }>();
+  let subPromises = noMap<string, { p: Promise<unknown>; sent: Map<string, unknown> }>();
   /**
    * UNSs queued or in flight (not answered yet) naming each channel. A SUB put at the front of
    * the queue (a re-SUB) may overtake a queued UNS of its channel: it is then no SUB a
    * `subscribe()` may join (the UNS after it ends what it asked for).
    */
-  const unsWaiting = new Map<string, number>();
+  let unsWaiting = noMap<string, number>();
   const requestSub = (names: string[], front: boolean, poll = false): Promise<unknown> => {
     const sent = new Map<string, { epoch?: string; seq?: number }>();
     const p = new Promise((resolve, reject) => {
       if (names.length === 0) return resolve({ channels: {} });
+      subsWaiting = own(subsWaiting);
       for (const name of names) subsWaiting.set(name, (subsWaiting.get(name) ?? 0) + 1);
       const cursors = channels.subPayload(names, sent);
       // Serialized when it goes on the wire: a channel refused or unsubscribed meanwhile is
@@ -1087,8 +1118,10 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     });
     // Joinable only when no UNS of the channel is queued or in flight after it (FIX6A): a SUB
     // at the back of the queue is after every UNS; one at the front may be before a queued one.
-    if (!poll)
+    if (!poll) {
+      subPromises = own(subPromises);
       for (const name of names) if (!front || !unsWaiting.has(name)) subPromises.set(name, { p, sent });
+    }
     return p;
   };
   const forgetSubPromise = (names: string[], p: Promise<unknown>) => {
@@ -1311,6 +1344,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
           if (channels.has(name) && !stalledSet.has(name)) tell(name, { type: 'RESET' });
         if (resets.length > 0) flushSubscriptions();
         for (const r of resets) {
+          resetCount = own(resetCount);
           resetCount.set(r.channel, (resetCount.get(r.channel) ?? 0) + 1);
           resets$.next(r);
         }
@@ -1355,6 +1389,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       if (channels.snapshotting(m.channel)) {
         const buf = held$.get(m.channel) ?? [];
         buf.push(cm);
+        held$ = own(held$);
         held$.set(m.channel, buf);
       } else deliver(cm);
     } else if (verdict === 'gap') resubscribe([m.channel], true, false, 'CATCH_UP');
@@ -1530,6 +1565,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       storage: { get: () => null, set: () => {}, outbox, onError: () => {} },
       inspect: undefined,
     });
+    adopted = ownSet(adopted);
     adopted.add(child);
     child.restored$.subscribe((r) => {
       // Its changes reach this client through the channels when its batch published.
