@@ -274,6 +274,20 @@ type ListName = (typeof LISTS)[number];
 /** A batch that published: its changes come from the channels, at their seq. */
 const NOT_CHANGES = LISTS.filter((n) => n !== 'changes');
 
+/** `on()`'s event names and the stream each one is (`state` and `subscriptions` apart). */
+const EVENT_STREAM = {
+  changes: 'changes',
+  successes: 'successes',
+  allowed: 'allowed',
+  disallowed: 'disallowed',
+  errors: 'errors',
+  message: 'messages',
+  failure: 'failures',
+  reset: 'resets',
+  refused: 'refused',
+  snapshot: 'snapshots',
+} as const;
+
 type EventMap = {
   changes: unknown[];
   successes: unknown[];
@@ -445,6 +459,172 @@ const noSet = <T>() => NO_SET as unknown as Set<T>;
 const own = <K, V>(m: Map<K, V>): Map<K, V> => (m === (NO_MAP as unknown) ? new Map() : m);
 const ownSet = <T>(m: Set<T>): Set<T> => (m === (NO_SET as unknown) ? new Set() : m);
 
+/** The facade's hot streams: plain Subjects (no replay), made at their first subscriber. */
+type HotName =
+  | ListName
+  | 'messages'
+  | 'failures'
+  | 'resets'
+  | 'refused'
+  | 'snapshots'
+  | 'rejected'
+  | 'restored';
+/** In the order `close()` completes them. */
+const HOT_NAMES: readonly HotName[] = [
+  ...LISTS,
+  'messages',
+  'failures',
+  'resets',
+  'refused',
+  'snapshots',
+  'rejected',
+  'restored',
+];
+
+/**
+ * A client's facade streams, each made when first asked for (issue 14's connect row, S7C2: a
+ * client made 16 Subjects and 13 Observables whatever the app listened to). A hot stream
+ * (`changes$`, `failures$`, …) is a Subject: one nobody asked for yet has no subscriber, so an
+ * event for it goes nowhere, as it would have through a Subject without observers; a stream
+ * first asked for after `close()` is complete at once, as the closed client's would be.
+ * `pending$` is a BehaviorSubject made with the current count; `send$` is the Subject whose
+ * operations go to `send()` (rejections on `rejected$`). Methods, not closures: shared by
+ * every client.
+ */
+class Streams {
+  closed = false;
+  /** The hot Subjects made so far, by name. */
+  made: { [K in HotName]?: Subject<any> } | undefined = undefined;
+  /** Their `asObservable()` views, as the facade hands them out (one per stream). */
+  views: { [K in HotName]?: Observable<any> } | undefined = undefined;
+  /** The pending count (`SyncClient.pending`), kept whether `pending$` exists or not. */
+  pendingN = 0;
+  pending: BehaviorSubject<number> | undefined = undefined;
+  pendingView: Observable<number> | undefined = undefined;
+  send$: Subject<unknown> | undefined = undefined;
+  /** The client's `send()`, for `send$`. */
+  sendOp: ((op: any) => Promise<unknown>) | undefined = undefined;
+
+  subject(name: HotName): Subject<any> {
+    if (!this.made) this.made = {};
+    let s = this.made[name];
+    if (!s) {
+      s = new Subject();
+      this.made[name] = s;
+      if (this.closed) s.complete();
+    }
+    return s;
+  }
+  view(name: HotName): Observable<any> {
+    if (!this.views) this.views = {};
+    let v = this.views[name];
+    if (!v) {
+      v = this.subject(name).asObservable();
+      this.views[name] = v;
+    }
+    return v;
+  }
+  /** An event for `name`'s subscribers; none when nobody asked for the stream. */
+  next(name: HotName, value: unknown): void {
+    this.made?.[name]?.next(value);
+  }
+  /** Whether the stream has a subscriber now. */
+  observed(name: HotName): boolean {
+    return this.made?.[name]?.observed === true;
+  }
+  setPending(n: number): void {
+    if (n === this.pendingN) return;
+    this.pendingN = n;
+    this.pending?.next(n);
+  }
+  pending$(): Observable<number> {
+    if (!this.pendingView) {
+      const p = new BehaviorSubject(this.pendingN);
+      this.pending = p;
+      if (this.closed) p.complete();
+      this.pendingView = p.pipe(distinctUntilChanged());
+    }
+    return this.pendingView;
+  }
+  sendSubject(): Subject<unknown> {
+    if (!this.send$) {
+      const s = new Subject<unknown>();
+      this.send$ = s;
+      s.subscribe((op) => this.sendOne(op));
+      if (this.closed) s.complete();
+    }
+    return this.send$;
+  }
+  private sendOne(op: unknown): void {
+    this.sendOp!(op).catch((error: SyncError) => this.next('rejected', { op, error }));
+  }
+  /** `close()`: the count goes to 0, then every stream made completes (and any made later is). */
+  close(): void {
+    this.pendingN = 0;
+    this.pending?.next(0);
+    this.closed = true;
+    for (const name of HOT_NAMES) this.made?.[name]?.complete();
+    this.send$?.complete();
+    this.pending?.complete();
+  }
+}
+
+/** Where the facade keeps its client's `Streams`. */
+const STREAMS = Symbol('syncwire.streams');
+type Facade = { [STREAMS]: Streams };
+/**
+ * The prototype of every client object: the stream properties as getters that make the stream
+ * at the first read (one shared object, not a closure per stream per client).
+ */
+const FACADE = {
+  get changes$() {
+    return (this as unknown as Facade)[STREAMS].view('changes');
+  },
+  get successes$() {
+    return (this as unknown as Facade)[STREAMS].view('successes');
+  },
+  get allowed$() {
+    return (this as unknown as Facade)[STREAMS].view('allowed');
+  },
+  get disallowed$() {
+    return (this as unknown as Facade)[STREAMS].view('disallowed');
+  },
+  get errors$() {
+    return (this as unknown as Facade)[STREAMS].view('errors');
+  },
+  get messages$() {
+    return (this as unknown as Facade)[STREAMS].view('messages');
+  },
+  get failures$() {
+    return (this as unknown as Facade)[STREAMS].view('failures');
+  },
+  get resets$() {
+    return (this as unknown as Facade)[STREAMS].view('resets');
+  },
+  get refused$() {
+    return (this as unknown as Facade)[STREAMS].view('refused');
+  },
+  get snapshots$() {
+    return (this as unknown as Facade)[STREAMS].view('snapshots');
+  },
+  get rejected$() {
+    return (this as unknown as Facade)[STREAMS].view('rejected');
+  },
+  get restored$() {
+    return (this as unknown as Facade)[STREAMS].view('restored');
+  },
+  get pending$() {
+    return (this as unknown as Facade)[STREAMS].pending$();
+  },
+  get send$() {
+    return (this as unknown as Facade)[STREAMS].sendSubject();
+  },
+  get pending() {
+    return (this as unknown as Facade)[STREAMS].pendingN;
+  },
+};
+type FacadeKeys = keyof typeof FACADE;
+
 /** Defaults, in one place. */
 const DEFAULTS = {
   timeout: 15_000,
@@ -554,17 +734,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     persistBatch: (id, keys) => persistBatch(id, keys),
   };
 
-  const lists: Record<ListName, Subject<unknown[]>> = {
-    changes: new Subject(),
-    successes: new Subject(),
-    allowed: new Subject(),
-    disallowed: new Subject(),
-    errors: new Subject(),
-  };
-  const messages$ = new Subject<ChannelMessage>();
-  const failures$ = new Subject<Failure>();
-  const resets$ = new Subject<ResetEvent>();
-  const snapshots$ = new Subject<SnapshotEvent>();
+  /** The facade's streams, each made at its first subscriber (see `Streams`). */
+  const streams = new Streams();
   /** MSGs of channels waiting for their snapshot, delivered after it. */
   let held$: Map<string, ChannelMessage[]> = noMap();
   /**
@@ -585,14 +756,14 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     gaveUp: Set<Publication>;
   }> = [];
   let resetCount = noMap<string, number>();
-  const rejected$ = new Subject<{ op: Op; error: SyncError }>();
-  const restored$ = new Subject<Restored>();
-  const pending$ = new BehaviorSubject<number>(0);
   const channels = new ChannelCursors(kv, `${storageKey}:cursors`);
-  const refused$ = new Subject<RefusedEvent>();
   /** One subscription actor per channel ever subscribed, children of the connection actor. */
   let subActors = noMap<string, SubscriptionActor>();
-  const subscriptionsSubject = new BehaviorSubject<Record<string, SubscriptionState>>({});
+  /**
+   * `subscriptions$`'s subject, made at its first subscriber with the map as it is then (a
+   * client that never looks at it never makes it: issue 14, S7C2).
+   */
+  let subscriptionsSubject: BehaviorSubject<Record<string, SubscriptionState>> | undefined;
   /**
    * Inside `batched()` (a SUB answer, the `channels` option, a re-SUB of many channels) the
    * map is published once at the end, not once per channel's transition: each publication
@@ -628,18 +799,21 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     if (!liveChanged) return;
     // Nobody listens: the map is built when someone subscribes (`subscriptions$` is deferred),
     // not on every transition of every channel (O(channels) each: FIX14E F6).
-    if (!subscriptionsSubject.observed) {
+    if (!subscriptionsSubject?.observed) {
       liveStale = true;
       return;
     }
     emitSubscriptions();
   };
+  const mapOfLive = () => {
+    const out = channelRecord<SubscriptionState>();
+    for (const [name, v] of live) out[name] = v;
+    return out;
+  };
   const emitSubscriptions = () => {
     liveChanged = false;
     liveStale = false;
-    const out = channelRecord<SubscriptionState>();
-    for (const [name, v] of live) out[name] = v;
-    subscriptionsSubject.next(out);
+    subscriptionsSubject!.next(mapOfLive());
   };
   /** Each channel's state but `unsubscribed`, kept per transition in O(1). */
   let live = noMap<string, SubscriptionState>();
@@ -658,7 +832,16 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   // What rxjs's `defer` does here, without it: `defer` brings `innerFrom` (promises, async
   // iterables, tslib's async helpers) into the browser bundle, +3.5 kB minified.
   const subscriptions$ = new Observable<Record<string, SubscriptionState>>((subscriber) => {
-    if (liveStale) emitSubscriptions();
+    if (!subscriptionsSubject) {
+      // The map as it is now; `{}` and complete once the client closed, as the subject made at
+      // creation would be by then (a completed BehaviorSubject gives a late subscriber nothing).
+      subscriptionsSubject = new BehaviorSubject<Record<string, SubscriptionState>>(
+        closed ? {} : mapOfLive(),
+      );
+      liveChanged = false;
+      liveStale = false;
+      if (closed) subscriptionsSubject.complete();
+    } else if (liveStale) emitSubscriptions();
     return subscriptionsSubject.subscribe(subscriber);
   });
   const subActor = (channel: string): SubscriptionActor => {
@@ -720,7 +903,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     held$.delete(channel);
     tell(channel, { type: revoked ? 'REVOKED' : 'REFUSED', error: { code, message } });
     if (revoked && code === 'unsubscribed') forget(channel);
-    refused$.next({ channel, code, message });
+    streams.next('refused', { channel, code, message } satisfies RefusedEvent);
     releaseHeld();
   };
   const waiters = new Map<number, Waiter>();
@@ -827,7 +1010,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   const state$ = stateSubject.pipe(distinctUntilChanged());
 
   const reportFailure = (f: Failure) => {
-    failures$.next(f);
+    streams.next('failures', f);
     try {
       options.onFailure?.(f);
     } catch {
@@ -866,7 +1049,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   const setPending = () => {
     if (closed) return;
     const n = opWaiters + restoredLeft + heldOps;
-    if (n !== pending$.value) pending$.next(n);
+    streams.setPending(n);
   };
 
   /** Results and MSG payloads feed the list streams under their keys. */
@@ -874,14 +1057,14 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     if (!value || typeof value !== 'object') return;
     for (const name of names) {
       const list = (value as Record<string, unknown>)[name];
-      if (Array.isArray(list) && list.length > 0) lists[name].next(list);
+      if (Array.isArray(list) && list.length > 0) streams.next(name, list);
     }
   };
 
   /** One channel message to the app: its own carry only `changes` (the rest came with the result). */
   const deliver = (m: ChannelMessage) => {
     fanOutLists(m.payload, m.echo ? ['changes'] : LISTS);
-    messages$.next(m);
+    streams.next('messages', m);
   };
 
   /** Whether the client's view already holds this publication (or never will: reset, gone). */
@@ -1164,7 +1347,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     // A result or a NAK is final: the operations leave the durable outbox.
     if (storeKeys.length > 0) void guarded(() => outbox.remove(clientId, storeKeys));
     const restoredError = (err: SyncError) => {
-      for (const x of es) if (x?.restored) restored$.next({ id: e.id, clientId, op: x.op, error: err });
+      for (const x of es)
+        if (x?.restored) streams.next('restored', { id: e.id, clientId, op: x.op, error: err });
     };
     try {
       if ('error' in e) {
@@ -1219,7 +1403,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
             const result = e.payload[i];
             fanOutLists(result, LISTS);
             const x = es[i];
-            if (x?.restored) restored$.next({ id: e.id, clientId, op: x.op, result });
+            if (x?.restored) streams.next('restored', { id: e.id, clientId, op: x.op, result });
             else ws[i]?.resolve(result);
           }
           return;
@@ -1231,7 +1415,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
             const x = es[i];
             if (x?.restored) {
               return (result: unknown) =>
-                restored$.next(
+                streams.next(
+                  'restored',
                   published.length > 0
                     ? { id: e.id, clientId, op: x.op, result, published }
                     : { id: e.id, clientId, op: x.op, result },
@@ -1346,13 +1531,13 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         for (const r of resets) {
           resetCount = own(resetCount);
           resetCount.set(r.channel, (resetCount.get(r.channel) ?? 0) + 1);
-          resets$.next(r);
+          streams.next('resets', r);
         }
         // A snapshot first, then the changes after it that arrived while it was awaited.
         const snapOf = new Map(snapshots.map((x) => [x.channel, x]));
         for (const name of settled) {
           const snap = snapOf.get(name);
-          if (snap) snapshots$.next(snap);
+          if (snap) streams.next('snapshots', snap);
           const buffered = held$.get(name) ?? [];
           held$.delete(name);
           for (const m of buffered) if (!snap || (m.epoch === snap.epoch && m.seq > snap.seq)) deliver(m);
@@ -1570,7 +1755,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     child.restored$.subscribe((r) => {
       // Its changes reach this client through the channels when its batch published.
       if ('result' in r) fanOutLists(r.result, r.published?.length ? NOT_CHANGES : LISTS);
-      restored$.next(r);
+      streams.next('restored', r);
     });
     try {
       await child.loaded;
@@ -1809,22 +1994,9 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       storageFailed(lockErr);
     }
     stateSubject.next('closed');
-    pending$.next(0);
-    for (const s of [
-      ...Object.values(lists),
-      messages$,
-      failures$,
-      resets$,
-      refused$,
-      snapshots$,
-      rejected$,
-      restored$,
-      send$,
-      pending$,
-    ])
-      s.complete();
+    streams.close();
     stateSubject.complete();
-    subscriptionsSubject.complete();
+    subscriptionsSubject?.complete();
   };
 
   const send = (op: Op): Promise<Result> =>
@@ -1849,10 +2021,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       setPending();
     });
 
-  const send$ = new Subject<Op>();
-  send$.subscribe((op) => {
-    send(op).catch((error: SyncError) => rejected$.next({ op, error }));
-  });
+  streams.sendOp = send;
 
   batched(() => {
     for (const [name, opts] of Object.entries(options.channels ?? {})) {
@@ -1868,154 +2037,132 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   });
   if (channels.size > 0) resubscribe(channels.names, false);
 
-  /** `on()`'s streams by event name, made at its first call (most clients never call it). */
-  let streams: { [K in keyof EventMap]: Observable<EventMap[K]> } | undefined;
-  const streamOf = <K extends keyof EventMap>(event: K): Observable<EventMap[K]> => {
-    streams ??= {
-      ...lists,
-      message: messages$,
-      state: state$,
-      failure: failures$,
-      reset: resets$,
-      refused: refused$,
-      subscriptions: subscriptions$,
-      snapshot: snapshots$,
-    };
-    return streams[event];
-  };
-
-  return {
-    send,
-    send$,
-    changes$: lists.changes.asObservable(),
-    successes$: lists.successes.asObservable(),
-    allowed$: lists.allowed.asObservable(),
-    disallowed$: lists.disallowed.asObservable(),
-    errors$: lists.errors.asObservable(),
-    messages$: messages$.asObservable(),
-    state$,
-    failures$: failures$.asObservable(),
-    resets$: resets$.asObservable(),
-    refused$: refused$.asObservable(),
-    subscriptions$,
-    subscriptionState(channel) {
-      const a = subActors.get(channel);
-      return a ? (subscriptionStateOf(a.getSnapshot().value) as SubscriptionState) : 'unsubscribed';
-    },
-    snapshots$: snapshots$.asObservable(),
-    rejected$: rejected$.asObservable(),
-    restored$: restored$.asObservable(),
-    pending$: pending$.pipe(distinctUntilChanged()),
-    loaded,
-    on(event, handler) {
-      const sub = (streamOf(event) as Observable<unknown>).subscribe(handler as (v: unknown) => void);
-      return () => sub.unsubscribe();
-    },
-    async subscribe(channel, opts = {}) {
-      if (closed) throw new SyncError('closed', 'the client is closed');
-      if (!isValidChannel(channel)) throw new SyncError('bad_request', `bad channel name`);
-      // Checked before the channel is registered: a cursor the server refuses would otherwise
-      // ride along in every later re-SUB and poll, and take the other channels down with it.
-      const problem =
-        opts && typeof opts === 'object'
-          ? cursorProblem(opts as Record<string, unknown>)
-          : 'options must be an object';
-      if (problem) throw new SyncError('bad_request', `${problem} (subscribe ${channel})`);
-      // A SUB naming the channel already waits (the `channels` option or another subscribe()
-      // before the socket opened, a subscribe() called twice): this call joins it rather than
-      // sending a second one (PROTOCOL §5, one SUB per channel). Joined when it has not gone on
-      // the wire yet (it will carry these options), or when these options ask for nothing
-      // (no `since` / `rewind` / `snapshot`) and the channel is subscribed already.
-      const plain = opts.since === undefined && opts.rewind === undefined && !opts.snapshot;
-      const pendingSub = subPromises.get(channel);
-      const join =
-        pendingSub !== undefined &&
-        !refusals.has(channel) &&
-        ((plain && channels.has(channel)) || !pendingSub.sent.has(channel));
-      if (!(join && plain && channels.has(channel))) channels.add(channel, opts);
-      refusals.delete(channel);
-      subActor(channel).send({ type: 'SUBSCRIBE' });
-      // The snapshot may come in the answer to another SUB than this one: a SUB of the
-      // `channels` option (or a re-SUB) still queued when this call re-registered the channel
-      // carries `snapshot: true` when it goes on the wire, and this call's own SUB then
-      // resumes from the snapshot's seq. The result still carries the snapshot (README
-      // "Replay"): the last one `snapshots$` emitted for the channel since this call.
-      let seen: SnapshotEvent | undefined;
-      const watch = opts.snapshot
-        ? snapshots$.subscribe((s) => {
-            if (s.channel === channel) seen = s;
-          })
-        : undefined;
-      let body: { channels?: Record<string, unknown> };
-      try {
-        body = (await (join ? pendingSub.p : requestSub([channel], false))) as {
-          channels?: Record<string, unknown>;
-        };
-      } finally {
-        watch?.unsubscribe();
-      }
-      const entry = entryOf(body.channels, channel);
-      if (!entry) {
-        if (!channels.has(channel))
-          throw new SyncError('closed', `unsubscribed from ${channel} before its SUB was answered`);
-        throw new SyncError('bad_response', `SUB response names no ${channel}`);
-      }
-      if (isChannelRefusal(entry)) {
-        // `unsubscribed`: the server ended it (server.unsubscribe) before this SUB went out.
-        const code = (entry.error.code as string) === 'unsubscribed' ? 'closed' : entry.error.code;
-        throw new SyncError(code, entry.error.message);
-      }
-      const state = entry as ChannelState;
-      if (opts.snapshot && state.snapshot === undefined && seen && seen.epoch === state.epoch)
-        return { ...state, snapshot: { seq: seen.seq, data: seen.data } };
-      return state;
-    },
-    async unsubscribe(channel) {
-      // After close() every subscription is over already; a refused one has nothing on the server.
-      tell(channel, { type: 'UNSUBSCRIBE' });
-      if (closed || !channels.has(channel)) {
-        if (!closed) forget(channel);
-        return;
-      }
-      channels.remove(channel);
-      held$.delete(channel);
-      forget(channel);
-      releaseHeld();
-      await new Promise((resolve, reject) => sendUns([channel], false, { resolve, reject }));
-    },
-    cursors: () => channels.snapshot(),
-    get clientId() {
-      return clientId;
-    },
-    get state() {
-      return stateSubject.value;
-    },
-    get pending() {
-      return pending$.value;
-    },
-    async close() {
-      await shutdown(CLOSED);
-    },
-    get actor() {
-      return actor;
-    },
-    debug: {
-      faults,
-      killSocket() {
-        if (!liveSocket) return false;
-        // Simulate an abrupt drop: the socket's close event is what the machine sees.
-        const s = liveSocket as WebSocketLike & { terminate?: () => void };
-        if (typeof s.terminate === 'function') s.terminate();
-        else s.close(4000, 'killed by debug.killSocket');
-        return true;
+  // The stream properties (and `pending`) are FACADE's getters, over `streams`.
+  const client: Omit<SyncClient<Op, Result>, FacadeKeys> & { __proto__: typeof FACADE; [STREAMS]: Streams } =
+    {
+      __proto__: FACADE,
+      send,
+      state$,
+      subscriptions$,
+      subscriptionState(channel) {
+        const a = subActors.get(channel);
+        return a ? (subscriptionStateOf(a.getSnapshot().value) as SubscriptionState) : 'unsubscribed';
       },
-    },
-    network: {
-      online: () => signal('online'),
-      offline: () => signal('offline'),
-      visible: () => signal('visible'),
-    },
-  };
+      loaded,
+      on(event, handler) {
+        const stream: Observable<unknown> =
+          event === 'state'
+            ? state$
+            : event === 'subscriptions'
+              ? subscriptions$
+              : streams.subject(EVENT_STREAM[event as Exclude<keyof EventMap, 'state' | 'subscriptions'>]);
+        const sub = stream.subscribe(handler as (v: unknown) => void);
+        return () => sub.unsubscribe();
+      },
+      async subscribe(channel, opts = {}) {
+        if (closed) throw new SyncError('closed', 'the client is closed');
+        if (!isValidChannel(channel)) throw new SyncError('bad_request', `bad channel name`);
+        // Checked before the channel is registered: a cursor the server refuses would otherwise
+        // ride along in every later re-SUB and poll, and take the other channels down with it.
+        const problem =
+          opts && typeof opts === 'object'
+            ? cursorProblem(opts as Record<string, unknown>)
+            : 'options must be an object';
+        if (problem) throw new SyncError('bad_request', `${problem} (subscribe ${channel})`);
+        // A SUB naming the channel already waits (the `channels` option or another subscribe()
+        // before the socket opened, a subscribe() called twice): this call joins it rather than
+        // sending a second one (PROTOCOL §5, one SUB per channel). Joined when it has not gone on
+        // the wire yet (it will carry these options), or when these options ask for nothing
+        // (no `since` / `rewind` / `snapshot`) and the channel is subscribed already.
+        const plain = opts.since === undefined && opts.rewind === undefined && !opts.snapshot;
+        const pendingSub = subPromises.get(channel);
+        const join =
+          pendingSub !== undefined &&
+          !refusals.has(channel) &&
+          ((plain && channels.has(channel)) || !pendingSub.sent.has(channel));
+        if (!(join && plain && channels.has(channel))) channels.add(channel, opts);
+        refusals.delete(channel);
+        subActor(channel).send({ type: 'SUBSCRIBE' });
+        // The snapshot may come in the answer to another SUB than this one: a SUB of the
+        // `channels` option (or a re-SUB) still queued when this call re-registered the channel
+        // carries `snapshot: true` when it goes on the wire, and this call's own SUB then
+        // resumes from the snapshot's seq. The result still carries the snapshot (README
+        // "Replay"): the last one `snapshots$` emitted for the channel since this call.
+        let seen: SnapshotEvent | undefined;
+        const watch = opts.snapshot
+          ? streams.subject('snapshots').subscribe((s: SnapshotEvent) => {
+              if (s.channel === channel) seen = s;
+            })
+          : undefined;
+        let body: { channels?: Record<string, unknown> };
+        try {
+          body = (await (join ? pendingSub.p : requestSub([channel], false))) as {
+            channels?: Record<string, unknown>;
+          };
+        } finally {
+          watch?.unsubscribe();
+        }
+        const entry = entryOf(body.channels, channel);
+        if (!entry) {
+          if (!channels.has(channel))
+            throw new SyncError('closed', `unsubscribed from ${channel} before its SUB was answered`);
+          throw new SyncError('bad_response', `SUB response names no ${channel}`);
+        }
+        if (isChannelRefusal(entry)) {
+          // `unsubscribed`: the server ended it (server.unsubscribe) before this SUB went out.
+          const code = (entry.error.code as string) === 'unsubscribed' ? 'closed' : entry.error.code;
+          throw new SyncError(code, entry.error.message);
+        }
+        const state = entry as ChannelState;
+        if (opts.snapshot && state.snapshot === undefined && seen && seen.epoch === state.epoch)
+          return { ...state, snapshot: { seq: seen.seq, data: seen.data } };
+        return state;
+      },
+      async unsubscribe(channel) {
+        // After close() every subscription is over already; a refused one has nothing on the server.
+        tell(channel, { type: 'UNSUBSCRIBE' });
+        if (closed || !channels.has(channel)) {
+          if (!closed) forget(channel);
+          return;
+        }
+        channels.remove(channel);
+        held$.delete(channel);
+        forget(channel);
+        releaseHeld();
+        await new Promise((resolve, reject) => sendUns([channel], false, { resolve, reject }));
+      },
+      cursors: () => channels.snapshot(),
+      get clientId() {
+        return clientId;
+      },
+      get state() {
+        return stateSubject.value;
+      },
+      async close() {
+        await shutdown(CLOSED);
+      },
+      get actor() {
+        return actor;
+      },
+      debug: {
+        faults,
+        killSocket() {
+          if (!liveSocket) return false;
+          // Simulate an abrupt drop: the socket's close event is what the machine sees.
+          const s = liveSocket as WebSocketLike & { terminate?: () => void };
+          if (typeof s.terminate === 'function') s.terminate();
+          else s.close(4000, 'killed by debug.killSocket');
+          return true;
+        },
+      },
+      network: {
+        online: () => signal('online'),
+        offline: () => signal('offline'),
+        visible: () => signal('visible'),
+      },
+      [STREAMS]: streams,
+    };
+  return client as unknown as SyncClient<Op, Result>;
 }
 
 /** The chart's flat states in which requests travel, and are answered, on the socket. */
