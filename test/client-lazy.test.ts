@@ -7,8 +7,9 @@
  * an inspector on, and beside a client that never uses it (the shared empty stand-ins must
  * never be written). Against a real reference server on 127.0.0.1 over `ws`.
  */
-import type { InspectionEvent } from 'xstate';
+
 import { afterEach, describe, expect, it } from 'vitest';
+import type { InspectionEvent } from 'xstate';
 import type { ChannelMessage, Restored, SubscriptionState } from '../src/client/index.js';
 import { next, type Rig, reach, rig, until } from './helpers/harness.js';
 
@@ -195,10 +196,10 @@ describe('channel machinery made at the first channel use', () => {
     await c.subscribe('inspected');
     await r.server.publish('inspected', { n: 1 });
     expect((await got).payload).toEqual({ n: 1 });
-    const frames = events.filter(
-      (e) => e.type === '@xstate.event' && (e.event as { type: string }).type === 'FRAME',
-    );
-    expect(frames.some((e) => JSON.stringify(e.event).includes('"MSG"'))).toBe(true);
+    const frames = events
+      .map((e) => (e.type === '@xstate.event' ? (e as { event: { type: string } }).event : undefined))
+      .filter((ev) => ev?.type === 'FRAME');
+    expect(frames.some((ev) => JSON.stringify(ev).includes('"MSG"'))).toBe(true);
   });
 
   it('close() with channels never used, and with channels used: both resolve, state closed', async () => {

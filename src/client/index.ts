@@ -569,6 +569,26 @@ class Streams {
   }
 }
 
+/**
+ * Key/value access through the storage in use: `store` is the client's storage, or a memory
+ * storage of its own when another live client holds its identity there. A class, not two
+ * closures per client.
+ */
+class StoreRef implements SyncStorage {
+  constructor(public store: SyncStorage) {}
+  get(key: string): string | null {
+    return this.store.get(key);
+  }
+  set(key: string, value: string): void {
+    this.store.set(key, value);
+  }
+}
+
+/** `TransportConfig.onSocket`, called on the client's transport object: the socket open now. */
+function rememberSocket(this: { live: WebSocketLike | null }, ws: WebSocketLike | null): void {
+  this.live = ws;
+}
+
 /** Where the facade keeps its client's `Streams`. */
 const STREAMS = Symbol('syncwire.streams');
 type Facade = { [STREAMS]: Streams };
@@ -698,14 +718,14 @@ export function createSyncClient<Op = unknown, Result = unknown>(
    * The storage in use: `storage`, or a memory storage of this client's own when another live
    * client holds this identity in it (`SyncLocks.refused: 'private'`, memoryStorage).
    */
-  let store: SyncStorage = storage;
-  /** Key/value access through `store` (the cursors keep this, not `storage`). */
-  const kv: SyncStorage = { get: (k) => store.get(k), set: (k, v) => store.set(k, v) };
+  /** Key/value access through the storage in use (the cursors keep this, not `storage`). */
+  const kv = new StoreRef(storage);
   let outbox: SyncOutbox = storage.outbox ?? new MapOutbox();
 
   const faults: FaultSwitches = { dropAcks: false, blackhole: false, blockHttp: false };
-  let liveSocket: WebSocketLike | null = null;
   const transport = {
+    /** The socket open now (`onSocket`), for `debug.killSocket`. */
+    live: null as WebSocketLike | null,
     urls: options.url,
     httpUrls: options.httpUrl,
     WebSocket: WS,
@@ -713,9 +733,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     params: options.params ?? {},
     headers: options.headers ?? {},
     faults,
-    onSocket: (ws: WebSocketLike | null) => {
-      liveSocket = ws;
-    },
+    onSocket: rememberSocket,
     // MSGs skip the chart's macrostep (see TransportConfig.onMessage); `onMsg` is below. Not
     // with an inspector: it sees every frame as a chart event (syncwire/inspect counts MSGs,
     // cursors and traffic from them).
@@ -1843,7 +1861,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         // fileStorage's second client does, and go on from a memory storage of our own.
         const own = memoryStorage();
         claimLocks = own.locks;
-        store = own;
+        kv.store = own;
         outbox = own.outbox!;
         if (options.clientId === undefined) {
           clientId = randomId('c');
@@ -2147,6 +2165,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       debug: {
         faults,
         killSocket() {
+          const liveSocket = transport.live;
           if (!liveSocket) return false;
           // Simulate an abrupt drop: the socket's close event is what the machine sees.
           const s = liveSocket as WebSocketLike & { terminate?: () => void };
