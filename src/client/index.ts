@@ -1640,10 +1640,13 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         // A new socket carries no subscriptions: re-SUB from the cursors first. A socket that
         // recovered (re-pinged after the HTTP fallback) may still carry channels unsubscribed
         // over HTTP meanwhile: end those on it.
-        const lingering = [...unsubscribedSinceSocket].filter((name) => !channels.has(name));
-        unsubscribedSinceSocket.clear();
-        if (lingering.length > 0) sendUns(lingering, true);
-        unsubscribedSinceSocket.clear();
+        // (Nothing to do, and no arrays made, for a client that never unsubscribed: S7C2.)
+        if (unsubscribedSinceSocket.size > 0) {
+          const lingering = [...unsubscribedSinceSocket].filter((name) => !channels.has(name));
+          unsubscribedSinceSocket.clear();
+          if (lingering.length > 0) sendUns(lingering, true);
+          unsubscribedSinceSocket.clear();
+        }
         // Every channel below is told RESUBSCRIBE: a chart waiting in its SUB backoff stops
         // waiting (the SUB goes on this socket now).
         // One SUB per channel (PROTOCOL §5): a channel with a SUB already queued or in flight
