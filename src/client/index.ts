@@ -149,7 +149,9 @@ export interface SyncClientOptions {
    * storage of its own under its own clientId; after `close()` resolves, a new client on the
    * object takes the identity and the outbox (one made while `close()` is under way waits for
    * it, then takes them: `SyncLocks.closing`). The outbox keeps the JSON `send()` made of each
-   * operation, in every storage. @default memoryStorage()
+   * operation, in every storage. @default a memory storage of the client's own, which nothing
+   * else can reach: as `memoryStorage()` for the clientId and cursors; it keeps no outbox (no
+   * later client could load it)
    */
   storage?: SyncStorage;
   /** Prefix of the storage keys, for several clients in one storage. @default 'syncwire' */
@@ -584,6 +586,37 @@ class StoreRef implements SyncStorage {
   }
 }
 
+/**
+ * The outbox of a client given no `storage`: nothing outside the client can reach its storage,
+ * so no later client can ever load what it would keep, and the client itself loads its outbox
+ * only once, at start, when it is empty. Keeping operations there (a `MapOutbox`: a Map per
+ * clientId, two more at the first send, a Set per settled batch) did nothing a program can
+ * see. Issue 14's connect row (S7C2).
+ */
+const NO_OUTBOX: SyncOutbox = {
+  load: () => ({ ops: [], batches: [] }),
+  add: () => {},
+  batch: () => {},
+  remove: () => {},
+};
+
+/**
+ * The storage of a client given none (`SyncClientOptions.storage`'s default): the key/value
+ * part of `memoryStorage()` (the clientId, the channel cursors: a channel subscribed again
+ * resumes from its stored cursor), no locks (nothing else can hold it) and `NO_OUTBOX`. A
+ * class, not `memoryStorage()`'s closures, Holders and MapOutbox per client.
+ */
+class PrivateStorage implements SyncStorage {
+  private readonly map = new Map<string, string>();
+  readonly outbox = NO_OUTBOX;
+  get(key: string): string | null {
+    return this.map.get(key) ?? null;
+  }
+  set(key: string, value: string): void {
+    this.map.set(key, value);
+  }
+}
+
 /** `TransportConfig.onSocket`, called on the client's transport object: the socket open now. */
 function rememberSocket(this: { live: WebSocketLike | null }, ws: WebSocketLike | null): void {
   this.live = ws;
@@ -700,7 +733,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   const timeout = options.timeout ?? DEFAULTS.timeout;
   const maxBatch = options.maxBatch ?? DEFAULTS.maxBatch;
   const maxQueue = options.maxQueue ?? DEFAULTS.maxQueue;
-  const storage = options.storage ?? memoryStorage();
+  const storage: SyncStorage = options.storage ?? new PrivateStorage();
   const storageKey = options.storageKey ?? DEFAULTS.storageKey;
   const WS = options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
   if (!WS)
@@ -1806,7 +1839,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
 
   /** Identity (lock), then the stored outbox; synchronous when the storage is. */
   const init = (): number | Promise<number> => {
-    // The default memoryStorage() is this client's alone: nothing to claim.
+    // The default storage (PrivateStorage) is this client's alone: nothing to claim.
     const locks = options.storage ? storage.locks : undefined;
     const load = (): number | Promise<number> => {
       if (closed) return keepSteps();
