@@ -504,6 +504,10 @@ class Streams {
   pending: BehaviorSubject<number> | undefined = undefined;
   pendingView: Observable<number> | undefined = undefined;
   send$: Subject<unknown> | undefined = undefined;
+  /** The facade's `clientId`, `actor` and `state` (kept by the client as they change). */
+  clientId = '';
+  actor: ConnectionActor | undefined = undefined;
+  stateSubject: BehaviorSubject<ConnectionState> | undefined = undefined;
   /** The client's `send()`, for `send$`. */
   sendOp: ((op: any) => Promise<unknown>) | undefined = undefined;
 
@@ -627,7 +631,9 @@ const STREAMS = Symbol('syncwire.streams');
 type Facade = { [STREAMS]: Streams };
 /**
  * The prototype of every client object: the stream properties as getters that make the stream
- * at the first read (one shared object, not a closure per stream per client).
+ * at the first read, and the other read-only properties as getters (one shared object, not a
+ * closure per stream per client; and an object literal with getters is made in dictionary
+ * mode by V8, which made each client object a ~0.8 kB hash table).
  */
 const FACADE = {
   get changes$() {
@@ -674,6 +680,15 @@ const FACADE = {
   },
   get pending() {
     return (this as unknown as Facade)[STREAMS].pendingN;
+  },
+  get clientId() {
+    return (this as unknown as Facade)[STREAMS].clientId;
+  },
+  get state() {
+    return (this as unknown as Facade)[STREAMS].stateSubject!.value;
+  },
+  get actor() {
+    return (this as unknown as Facade)[STREAMS].actor!;
   },
 };
 type FacadeKeys = keyof typeof FACADE;
@@ -1058,6 +1073,10 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     });
   let actor = makeActor();
   const stateSubject = new BehaviorSubject<ConnectionState>('connecting');
+  // What FACADE's getters read (`clientId`, `actor` change together when the identity does).
+  streams.clientId = clientId;
+  streams.actor = actor;
+  streams.stateSubject = stateSubject;
   const state$ = stateSubject.pipe(distinctUntilChanged());
 
   const reportFailure = (f: Failure) => {
@@ -1902,6 +1921,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         if (options.clientId === undefined) {
           clientId = randomId('c');
           actor = makeActor();
+          streams.clientId = clientId;
+          streams.actor = actor;
         }
         own.set(idKey, clientId);
         const reason = new Error(
@@ -1916,6 +1937,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       clientId = randomId('c');
       storage.set(idKey, clientId);
       actor = makeActor();
+      streams.clientId = clientId;
+      streams.actor = actor;
       return locks.claim(clientId);
     };
     let first: Claimed;
@@ -2095,6 +2118,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   const client: Omit<SyncClient<Op, Result>, FacadeKeys> & { __proto__: typeof FACADE; [STREAMS]: Streams } =
     {
       __proto__: FACADE,
+      // First: a computed key after the plain ones gives each client object a hidden class of its own.
+      [STREAMS]: streams,
       send,
       state$,
       subscriptions$,
@@ -2186,17 +2211,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         await new Promise((resolve, reject) => sendUns([channel], false, { resolve, reject }));
       },
       cursors: () => channels.snapshot(),
-      get clientId() {
-        return clientId;
-      },
-      get state() {
-        return stateSubject.value;
-      },
       async close() {
         await shutdown(CLOSED);
-      },
-      get actor() {
-        return actor;
       },
       debug: {
         faults,
@@ -2215,7 +2231,6 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         offline: () => signal('offline'),
         visible: () => signal('visible'),
       },
-      [STREAMS]: streams,
     };
   return client as unknown as SyncClient<Op, Result>;
 }
