@@ -242,3 +242,31 @@ describe('channel machinery made at the first channel use', () => {
     expect(restored[0]).toMatchObject({ op: { id: 'kept' }, result: { id: 'kept' } });
   });
 });
+
+describe('the client object', () => {
+  it('methods work unbound, properties read through the object', async () => {
+    r = await rig();
+    const c = r.client({ clientId: 'plain-object' });
+    const { send, subscribe, unsubscribe, cursors, on, subscriptionState } = c;
+    const { online } = c.network;
+    const states: string[] = [];
+    const off = on('state', (s) => states.push(s));
+    await reach(c, 'open');
+    expect(states.at(-1)).toBe('open');
+    expect(await send({ id: 'unbound' })).toEqual({ id: 'unbound', successes: ['unbound'] });
+    expect(c.clientId).toBe('plain-object');
+    expect(c.state).toBe('open');
+    expect(c.actor.getSnapshot().status).toBe('active');
+    expect(c.pending).toBe(0);
+    for (const name of ['changes$', 'pending$', 'send$', 'state$', 'subscriptions$', 'clientId', 'state'])
+      expect(name in c).toBe(true);
+    await r.server.publish('kept', { n: 1 });
+    await subscribe('kept', { rewind: 1 });
+    expect(cursors()).toEqual({ kept: expect.objectContaining({ seq: 1 }) });
+    await unsubscribe('kept');
+    expect(subscriptionState('kept')).toBe('unsubscribed');
+    expect(cursors()).toEqual({});
+    online();
+    off();
+  });
+});

@@ -606,8 +606,7 @@ const NO_OUTBOX: SyncOutbox = {
 
 /**
  * The storage of a client given none (`SyncClientOptions.storage`'s default): the key/value
- * part of `memoryStorage()` (the clientId, the channel cursors: a channel subscribed again
- * resumes from its stored cursor), no locks (nothing else can hold it) and `NO_OUTBOX`. A
+ * part of `memoryStorage()` (the clientId, the channel cursors), no locks (nothing else can hold it) and `NO_OUTBOX`. A
  * class, not `memoryStorage()`'s closures, Holders and MapOutbox per client.
  */
 class PrivateStorage implements SyncStorage {
