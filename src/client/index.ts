@@ -534,10 +534,6 @@ class Streams {
   next(name: HotName, value: unknown): void {
     this.made?.[name]?.next(value);
   }
-  /** Whether the stream has a subscriber now. */
-  observed(name: HotName): boolean {
-    return this.made?.[name]?.observed === true;
-  }
   setPending(n: number): void {
     if (n === this.pendingN) return;
     this.pendingN = n;
@@ -691,6 +687,11 @@ const FACADE = {
   },
 };
 type FacadeKeys = keyof typeof FACADE;
+/** The object `createSyncClient` builds: FACADE's getters come from its prototype. */
+type ClientObject<Op, Result> = Omit<SyncClient<Op, Result>, FacadeKeys> & {
+  __proto__: typeof FACADE;
+  [STREAMS]: Streams;
+};
 
 /** Defaults, in one place. */
 const DEFAULTS = {
@@ -2114,123 +2115,122 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   if (channels.size > 0) resubscribe(channels.names, false);
 
   // The stream properties (and `pending`) are FACADE's getters, over `streams`.
-  const client: Omit<SyncClient<Op, Result>, FacadeKeys> & { __proto__: typeof FACADE; [STREAMS]: Streams } =
-    {
-      __proto__: FACADE,
-      // First: a computed key after the plain ones gives each client object a hidden class of its own.
-      [STREAMS]: streams,
-      send,
-      state$,
-      subscriptions$,
-      subscriptionState(channel) {
-        const a = subActors.get(channel);
-        return a ? (subscriptionStateOf(a.getSnapshot().value) as SubscriptionState) : 'unsubscribed';
+  const client: ClientObject<Op, Result> = {
+    __proto__: FACADE,
+    // First: a computed key after the plain ones gives each client object a hidden class of its own.
+    [STREAMS]: streams,
+    send,
+    state$,
+    subscriptions$,
+    subscriptionState(channel) {
+      const a = subActors.get(channel);
+      return a ? (subscriptionStateOf(a.getSnapshot().value) as SubscriptionState) : 'unsubscribed';
+    },
+    loaded,
+    on(event, handler) {
+      const stream: Observable<unknown> =
+        event === 'state'
+          ? state$
+          : event === 'subscriptions'
+            ? subscriptions$
+            : streams.subject(EVENT_STREAM[event as Exclude<keyof EventMap, 'state' | 'subscriptions'>]);
+      const sub = stream.subscribe(handler as (v: unknown) => void);
+      return () => sub.unsubscribe();
+    },
+    async subscribe(channel, opts = {}) {
+      if (closed) throw new SyncError('closed', 'the client is closed');
+      if (!isValidChannel(channel)) throw new SyncError('bad_request', `bad channel name`);
+      // Checked before the channel is registered: a cursor the server refuses would otherwise
+      // ride along in every later re-SUB and poll, and take the other channels down with it.
+      const problem =
+        opts && typeof opts === 'object'
+          ? cursorProblem(opts as Record<string, unknown>)
+          : 'options must be an object';
+      if (problem) throw new SyncError('bad_request', `${problem} (subscribe ${channel})`);
+      // A SUB naming the channel already waits (the `channels` option or another subscribe()
+      // before the socket opened, a subscribe() called twice): this call joins it rather than
+      // sending a second one (PROTOCOL §5, one SUB per channel). Joined when it has not gone on
+      // the wire yet (it will carry these options), or when these options ask for nothing
+      // (no `since` / `rewind` / `snapshot`) and the channel is subscribed already.
+      const plain = opts.since === undefined && opts.rewind === undefined && !opts.snapshot;
+      const pendingSub = subPromises.get(channel);
+      const join =
+        pendingSub !== undefined &&
+        !refusals.has(channel) &&
+        ((plain && channels.has(channel)) || !pendingSub.sent.has(channel));
+      if (!(join && plain && channels.has(channel))) channels.add(channel, opts);
+      refusals.delete(channel);
+      subActor(channel).send({ type: 'SUBSCRIBE' });
+      // The snapshot may come in the answer to another SUB than this one: a SUB of the
+      // `channels` option (or a re-SUB) still queued when this call re-registered the channel
+      // carries `snapshot: true` when it goes on the wire, and this call's own SUB then
+      // resumes from the snapshot's seq. The result still carries the snapshot (README
+      // "Replay"): the last one `snapshots$` emitted for the channel since this call.
+      let seen: SnapshotEvent | undefined;
+      const watch = opts.snapshot
+        ? streams.subject('snapshots').subscribe((s: SnapshotEvent) => {
+            if (s.channel === channel) seen = s;
+          })
+        : undefined;
+      let body: { channels?: Record<string, unknown> };
+      try {
+        body = (await (join ? pendingSub.p : requestSub([channel], false))) as {
+          channels?: Record<string, unknown>;
+        };
+      } finally {
+        watch?.unsubscribe();
+      }
+      const entry = entryOf(body.channels, channel);
+      if (!entry) {
+        if (!channels.has(channel))
+          throw new SyncError('closed', `unsubscribed from ${channel} before its SUB was answered`);
+        throw new SyncError('bad_response', `SUB response names no ${channel}`);
+      }
+      if (isChannelRefusal(entry)) {
+        // `unsubscribed`: the server ended it (server.unsubscribe) before this SUB went out.
+        const code = (entry.error.code as string) === 'unsubscribed' ? 'closed' : entry.error.code;
+        throw new SyncError(code, entry.error.message);
+      }
+      const state = entry as ChannelState;
+      if (opts.snapshot && state.snapshot === undefined && seen && seen.epoch === state.epoch)
+        return { ...state, snapshot: { seq: seen.seq, data: seen.data } };
+      return state;
+    },
+    async unsubscribe(channel) {
+      // After close() every subscription is over already; a refused one has nothing on the server.
+      tell(channel, { type: 'UNSUBSCRIBE' });
+      if (closed || !channels.has(channel)) {
+        if (!closed) forget(channel);
+        return;
+      }
+      channels.remove(channel);
+      held$.delete(channel);
+      forget(channel);
+      releaseHeld();
+      await new Promise((resolve, reject) => sendUns([channel], false, { resolve, reject }));
+    },
+    cursors: () => channels.snapshot(),
+    async close() {
+      await shutdown(CLOSED);
+    },
+    debug: {
+      faults,
+      killSocket() {
+        const liveSocket = transport.live;
+        if (!liveSocket) return false;
+        // Simulate an abrupt drop: the socket's close event is what the machine sees.
+        const s = liveSocket as WebSocketLike & { terminate?: () => void };
+        if (typeof s.terminate === 'function') s.terminate();
+        else s.close(4000, 'killed by debug.killSocket');
+        return true;
       },
-      loaded,
-      on(event, handler) {
-        const stream: Observable<unknown> =
-          event === 'state'
-            ? state$
-            : event === 'subscriptions'
-              ? subscriptions$
-              : streams.subject(EVENT_STREAM[event as Exclude<keyof EventMap, 'state' | 'subscriptions'>]);
-        const sub = stream.subscribe(handler as (v: unknown) => void);
-        return () => sub.unsubscribe();
-      },
-      async subscribe(channel, opts = {}) {
-        if (closed) throw new SyncError('closed', 'the client is closed');
-        if (!isValidChannel(channel)) throw new SyncError('bad_request', `bad channel name`);
-        // Checked before the channel is registered: a cursor the server refuses would otherwise
-        // ride along in every later re-SUB and poll, and take the other channels down with it.
-        const problem =
-          opts && typeof opts === 'object'
-            ? cursorProblem(opts as Record<string, unknown>)
-            : 'options must be an object';
-        if (problem) throw new SyncError('bad_request', `${problem} (subscribe ${channel})`);
-        // A SUB naming the channel already waits (the `channels` option or another subscribe()
-        // before the socket opened, a subscribe() called twice): this call joins it rather than
-        // sending a second one (PROTOCOL §5, one SUB per channel). Joined when it has not gone on
-        // the wire yet (it will carry these options), or when these options ask for nothing
-        // (no `since` / `rewind` / `snapshot`) and the channel is subscribed already.
-        const plain = opts.since === undefined && opts.rewind === undefined && !opts.snapshot;
-        const pendingSub = subPromises.get(channel);
-        const join =
-          pendingSub !== undefined &&
-          !refusals.has(channel) &&
-          ((plain && channels.has(channel)) || !pendingSub.sent.has(channel));
-        if (!(join && plain && channels.has(channel))) channels.add(channel, opts);
-        refusals.delete(channel);
-        subActor(channel).send({ type: 'SUBSCRIBE' });
-        // The snapshot may come in the answer to another SUB than this one: a SUB of the
-        // `channels` option (or a re-SUB) still queued when this call re-registered the channel
-        // carries `snapshot: true` when it goes on the wire, and this call's own SUB then
-        // resumes from the snapshot's seq. The result still carries the snapshot (README
-        // "Replay"): the last one `snapshots$` emitted for the channel since this call.
-        let seen: SnapshotEvent | undefined;
-        const watch = opts.snapshot
-          ? streams.subject('snapshots').subscribe((s: SnapshotEvent) => {
-              if (s.channel === channel) seen = s;
-            })
-          : undefined;
-        let body: { channels?: Record<string, unknown> };
-        try {
-          body = (await (join ? pendingSub.p : requestSub([channel], false))) as {
-            channels?: Record<string, unknown>;
-          };
-        } finally {
-          watch?.unsubscribe();
-        }
-        const entry = entryOf(body.channels, channel);
-        if (!entry) {
-          if (!channels.has(channel))
-            throw new SyncError('closed', `unsubscribed from ${channel} before its SUB was answered`);
-          throw new SyncError('bad_response', `SUB response names no ${channel}`);
-        }
-        if (isChannelRefusal(entry)) {
-          // `unsubscribed`: the server ended it (server.unsubscribe) before this SUB went out.
-          const code = (entry.error.code as string) === 'unsubscribed' ? 'closed' : entry.error.code;
-          throw new SyncError(code, entry.error.message);
-        }
-        const state = entry as ChannelState;
-        if (opts.snapshot && state.snapshot === undefined && seen && seen.epoch === state.epoch)
-          return { ...state, snapshot: { seq: seen.seq, data: seen.data } };
-        return state;
-      },
-      async unsubscribe(channel) {
-        // After close() every subscription is over already; a refused one has nothing on the server.
-        tell(channel, { type: 'UNSUBSCRIBE' });
-        if (closed || !channels.has(channel)) {
-          if (!closed) forget(channel);
-          return;
-        }
-        channels.remove(channel);
-        held$.delete(channel);
-        forget(channel);
-        releaseHeld();
-        await new Promise((resolve, reject) => sendUns([channel], false, { resolve, reject }));
-      },
-      cursors: () => channels.snapshot(),
-      async close() {
-        await shutdown(CLOSED);
-      },
-      debug: {
-        faults,
-        killSocket() {
-          const liveSocket = transport.live;
-          if (!liveSocket) return false;
-          // Simulate an abrupt drop: the socket's close event is what the machine sees.
-          const s = liveSocket as WebSocketLike & { terminate?: () => void };
-          if (typeof s.terminate === 'function') s.terminate();
-          else s.close(4000, 'killed by debug.killSocket');
-          return true;
-        },
-      },
-      network: {
-        online: () => signal('online'),
-        offline: () => signal('offline'),
-        visible: () => signal('visible'),
-      },
-    };
+    },
+    network: {
+      online: () => signal('online'),
+      offline: () => signal('offline'),
+      visible: () => signal('visible'),
+    },
+  };
   return client as unknown as SyncClient<Op, Result>;
 }
 
