@@ -267,6 +267,19 @@ describe('the client object', () => {
     expect(subscriptionState('kept')).toBe('unsubscribed');
     expect(cursors()).toEqual({});
     online();
+    // `debug` first read late: the same object each time, its killSocket unbound drops the
+    // live socket (the client reconnects), its faults are the client's switches.
+    expect(c.debug).toBe(c.debug);
+    expect(c.network).toBe(c.network);
+    const { killSocket, faults } = c.debug;
+    expect(faults).toEqual({ dropAcks: false, blackhole: false, blockHttp: false });
+    const dropped = next(c.failures$, (f) => f.kind === 'close');
+    expect(killSocket()).toBe(true);
+    await dropped;
+    await reach(c, 'open');
+    expect(await send({ id: 'after-kill' })).toEqual({ id: 'after-kill', successes: ['after-kill'] });
     off();
+    await c.close();
+    expect(killSocket()).toBe(false);
   });
 });

@@ -508,6 +508,12 @@ class Streams {
   clientId = '';
   actor: ConnectionActor | undefined = undefined;
   stateSubject: BehaviorSubject<ConnectionState> | undefined = undefined;
+  /** For `network` and `debug`, made at their first read. */
+  signal: ((sig: NetworkSignal) => void) | undefined = undefined;
+  faults: FaultSwitches | undefined = undefined;
+  transport: { live: WebSocketLike | null } | undefined = undefined;
+  networkObj: SyncClient['network'] | undefined = undefined;
+  debugObj: SyncClient['debug'] | undefined = undefined;
   /** The client's `send()`, for `send$`. */
   sendOp: ((op: any) => Promise<unknown>) | undefined = undefined;
 
@@ -559,6 +565,22 @@ class Streams {
   }
   private sendOne(op: unknown): void {
     this.sendOp!(op).catch((error: SyncError) => this.next('rejected', { op, error }));
+  }
+  /** `SyncClient.network` (its functions work unbound, as before). */
+  network(): SyncClient['network'] {
+    if (!this.networkObj)
+      this.networkObj = {
+        online: () => this.signal!('online'),
+        offline: () => this.signal!('offline'),
+        visible: () => this.signal!('visible'),
+      };
+    return this.networkObj;
+  }
+  /** `SyncClient.debug`. */
+  debug(): SyncClient['debug'] {
+    if (!this.debugObj)
+      this.debugObj = { faults: this.faults!, killSocket: () => killSocket(this.transport!.live) };
+    return this.debugObj;
   }
   /** `close()`: the count goes to 0, then every stream made completes (and any made later is). */
   close(): void {
@@ -685,7 +707,22 @@ const FACADE = {
   get actor() {
     return (this as unknown as Facade)[STREAMS].actor!;
   },
+  get network() {
+    return (this as unknown as Facade)[STREAMS].network();
+  },
+  get debug() {
+    return (this as unknown as Facade)[STREAMS].debug();
+  },
 };
+
+/** `debug.killSocket()`: an abrupt drop of the socket open now (its close event is what the chart sees). */
+function killSocket(live: WebSocketLike | null): boolean {
+  if (!live) return false;
+  const s = live as WebSocketLike & { terminate?: () => void };
+  if (typeof s.terminate === 'function') s.terminate();
+  else s.close(4000, 'killed by debug.killSocket');
+  return true;
+}
 type FacadeKeys = keyof typeof FACADE;
 /** The object `createSyncClient` builds: FACADE's getters come from its prototype. */
 type ClientObject<Op, Result> = Omit<SyncClient<Op, Result>, FacadeKeys> & {
@@ -1077,6 +1114,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   streams.clientId = clientId;
   streams.actor = actor;
   streams.stateSubject = stateSubject;
+  streams.faults = faults;
+  streams.transport = transport;
   const state$ = stateSubject.pipe(distinctUntilChanged());
 
   const reportFailure = (f: Failure) => {
@@ -1987,6 +2026,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     if (!ready) earlySignals.push(sig);
     else actor.send(signalEvent(sig));
   };
+  streams.signal = signal;
   const teardown: Array<() => void> = [];
   const g = globalThis as {
     window?: {
@@ -2212,23 +2252,6 @@ export function createSyncClient<Op = unknown, Result = unknown>(
     cursors: () => channels.snapshot(),
     async close() {
       await shutdown(CLOSED);
-    },
-    debug: {
-      faults,
-      killSocket() {
-        const liveSocket = transport.live;
-        if (!liveSocket) return false;
-        // Simulate an abrupt drop: the socket's close event is what the machine sees.
-        const s = liveSocket as WebSocketLike & { terminate?: () => void };
-        if (typeof s.terminate === 'function') s.terminate();
-        else s.close(4000, 'killed by debug.killSocket');
-        return true;
-      },
-    },
-    network: {
-      online: () => signal('online'),
-      offline: () => signal('offline'),
-      visible: () => signal('visible'),
     },
   };
   return client as unknown as SyncClient<Op, Result>;
