@@ -58,6 +58,7 @@ import {
 import {
   type FaultSwitches,
   httpActor,
+  isValidClientId,
   type Resolvable,
   socketActor,
   type TransportIo,
@@ -794,7 +795,10 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   if (!fetchImpl) throw new TypeError('syncwire: no fetch implementation; pass options.fetch');
 
   const idKey = `${storageKey}:clientId`;
-  const storedId = options.clientId === undefined ? storage.get(idKey) : null;
+  // A stored clientId that is not a valid one (PROTOCOL §1: too long, a lone surrogate, another
+  // program's value) is not used: a new one is taken, as when none is stored.
+  const stored = options.clientId === undefined ? storage.get(idKey) : null;
+  const storedId = isValidClientId(stored) ? stored : null;
   let clientId = options.clientId ?? storedId ?? randomId('c');
   if (options.clientId === undefined) storage.set(idKey, clientId);
   /** The random part of this instance's request ids and outbox keys (64 bits). */
@@ -1854,7 +1858,9 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   };
 
   const adopt = async (orphanId: string) => {
-    if (closed) return;
+    // An id read back from storage that no client could have used (PROTOCOL §1) is not adopted:
+    // createSyncClient would refuse it.
+    if (closed || !isValidClientId(orphanId)) return;
     const child = createSyncClient<Op, Result>({
       ...options,
       clientId: orphanId,

@@ -123,6 +123,11 @@ export function checkUrl(name: 'url' | 'httpUrl', u: unknown): void {
   if (!/^(wss?|https?):$/.test(parsed.protocol)) {
     throw new TypeError(`syncwire: option ${name} ${describe(u)} must use ws:, wss:, http: or https:`);
   }
+  // WHATWG WebSocket refuses a URL with a fragment ("The URL contains a fragment identifier"):
+  // every dial would fail. `hash` is '' for a bare trailing '#' too, hence the string test.
+  if ((u as string).includes('#')) {
+    throw new TypeError(`syncwire: option ${name} ${describe(u)} must not contain a #fragment`);
+  }
   if (checkedUrls.size >= URL_CACHE) checkedUrls.clear();
   checkedUrls.add(u as string);
 }
@@ -196,6 +201,39 @@ const SENTINEL = 'syncwireClientIdSentinel0';
 /** Characters `application/x-www-form-urlencoded` serializing leaves as they are (WHATWG URL). */
 const FORM_SAFE = /^[A-Za-z0-9*._-]+$/;
 
+/**
+ * Whether `v` can be a clientId (PROTOCOL §1): a string of 1–128 UTF-16 code units (what the
+ * server counts) that is well-formed UTF-16. A lone surrogate would reach the server as U+FFFD
+ * (URL and header encoding replace it), so its results would carry another clientId. A regex,
+ * not `String.prototype.isWellFormed` (missing in older browsers).
+ */
+export function isValidClientId(v: unknown): v is string {
+  return typeof v === 'string' && v.length > 0 && v.length <= MAX_CLIENT_ID && !LONE_SURROGATE.test(v);
+}
+const MAX_CLIENT_ID = 128;
+const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?:^|[^\uD800-\uDBFF])[\uDC00-\uDFFF]/;
+
+/** The header that carries the clientId over HTTP (PROTOCOL §1); no `headers` entry may replace it. */
+export const CLIENT_ID_HEADER = 'x-client-id';
+
+/** `headers` without any spelling of `X-Client-Id` (header names are case-insensitive). */
+export function withoutClientIdHeader(headers: Record<string, string>): Record<string, string> {
+  let out: Record<string, string> | undefined;
+  for (const k of Object.keys(headers)) {
+    if (k.toLowerCase() === CLIENT_ID_HEADER) {
+      out ??= { ...headers };
+      delete out[k];
+    }
+  }
+  return out ?? headers;
+}
+
+/**
+ * The socket URL: `url` with `params` and then `clientId` set as query parameters. The
+ * clientId is set last, so a `clientId` key in `params` (or in `url`'s query) never replaces
+ * it: the socket and HTTP always carry the same clientId (one id on the wire, or a request
+ * retried over HTTP would be deduped under another id and applied twice).
+ */
 export function wsUrlWithParams(url: string, clientId: string, params: Record<string, string>): string {
   if (FORM_SAFE.test(clientId) && isEmpty(params)) {
     let parts = socketUrlParts.get(url);
@@ -210,8 +248,8 @@ export function wsUrlWithParams(url: string, clientId: string, params: Record<st
     if (parts) return parts[0] + clientId + parts[1];
   }
   const u = new URL(url);
-  u.searchParams.set('clientId', clientId);
   for (const [k, v] of Object.entries(params)) u.searchParams.set(k, v);
+  u.searchParams.set('clientId', clientId);
   return u.toString();
 }
 
@@ -241,13 +279,13 @@ function resolveDial(config: TransportConfig, refresh: boolean): Dial | Promise<
     return Promise.all([urls, params, headers]).then(([u, p, h]) => ({
       urls: checkUrls('url', u),
       params: checkRecord('params', p),
-      headers: checkRecord('headers', h),
+      headers: withoutClientIdHeader(checkRecord('headers', h)),
     }));
   }
   return {
     urls: checkUrls('url', urls),
     params: checkRecord('params', params),
-    headers: checkRecord('headers', headers),
+    headers: withoutClientIdHeader(checkRecord('headers', headers)),
   };
 }
 
@@ -564,7 +602,12 @@ export function httpActor(fixed?: TransportIo) {
       const { url, headers } = await resolveHttp(config, cursor, refresh);
       return config.fetch(url, {
         method: 'POST',
-        headers: { 'content-type': 'application/json', 'x-client-id': getClientId(), ...headers },
+        // The client's own clientId last: no `headers` entry replaces it (see withoutClientIdHeader).
+        headers: {
+          'content-type': 'application/json',
+          ...withoutClientIdHeader(headers),
+          [CLIENT_ID_HEADER]: getClientId(),
+        },
         body: requestText,
         signal,
       });

@@ -4,7 +4,7 @@
  * later (`timeout: -5` fires every timer at once; `maxBatch: 0` never sends).
  */
 import type { SyncClientOptions } from './index.js';
-import { checkUrl } from './transports.js';
+import { CLIENT_ID_HEADER, checkUrl, isValidClientId } from './transports.js';
 
 /** Upper bound for every duration option: the largest delay `setTimeout` honours (2^31 − 1 ms). */
 export const MAX_DELAY_MS = 2_147_483_647;
@@ -95,8 +95,30 @@ export function validateOptions(o: SyncClientOptions): void {
   if (o.headers !== undefined && !isResolvable(o.headers, isRecordOfStrings)) {
     throw new TypeError('syncwire: option headers must be a record of strings or a function returning one');
   }
-  if (o.clientId !== undefined && (typeof o.clientId !== 'string' || o.clientId.length === 0)) {
-    throw new TypeError('syncwire: option clientId must be a non-empty string');
+  // The clientId is the client's own on the wire (PROTOCOL §1): a static `params`/`headers`
+  // entry that would replace it is a mistake said at once. A function's result is not checked
+  // here: the client's clientId is set after it, at each dial and request.
+  if (o.params && typeof o.params === 'object' && Object.hasOwn(o.params, 'clientId')) {
+    throw new TypeError(
+      'syncwire: option params must not have a clientId key (the client sends its own clientId; use option clientId)',
+    );
+  }
+  if (
+    o.headers &&
+    typeof o.headers === 'object' &&
+    Object.keys(o.headers).some((k) => k.toLowerCase() === CLIENT_ID_HEADER)
+  ) {
+    throw new TypeError(
+      'syncwire: option headers must not have an X-Client-Id key (the client sends its own clientId; use option clientId)',
+    );
+  }
+  if (o.clientId !== undefined && !isValidClientId(o.clientId)) {
+    const id: unknown = o.clientId;
+    throw new TypeError(
+      `syncwire: option clientId must be a string of 1–128 characters without lone surrogates (PROTOCOL §1), got ${
+        typeof id === 'string' ? `a string of length ${id.length}` : show(id)
+      }`,
+    );
   }
   if (o.storageKey !== undefined && (typeof o.storageKey !== 'string' || o.storageKey.length === 0)) {
     throw new TypeError('syncwire: option storageKey must be a non-empty string');
