@@ -21,8 +21,9 @@ import { checkUrl, wsUrlWithParams } from '../src/client/transports.js';
 /** What the socket URL was before the cache (and still is on the slow path): the URL API. */
 function reference(url: string, clientId: string, params: Record<string, string>): string {
   const u = new URL(url);
-  u.searchParams.set('clientId', clientId);
   for (const [k, v] of Object.entries(params)) u.searchParams.set(k, v);
+  // Last: a `clientId` key in params never replaces the client's own (fix7 F1).
+  u.searchParams.set('clientId', clientId);
   return u.toString();
 }
 
