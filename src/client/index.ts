@@ -107,8 +107,9 @@ export interface SyncClientOptions {
    * WebSocket endpoint, e.g. `wss://example.org/sync`. Several URLs (server processes) are
    * tried in turn on each redial. May be a function (sync or async), called for each dial and
    * each HTTP request with a `ResolveContext` (`{ transport, refresh }`); what it returns is
-   * checked like a plain value, and a bad value (not an absolute ws/http URL) fails that dial or
-   * request (`failures$`), which is retried with backoff.
+   * checked like a plain value, and a bad value (not an absolute ws/http URL, or one with a
+   * `#fragment`, which WebSocket refuses) fails that dial or request (`failures$`), which is
+   * retried with backoff. A plain value that is bad throws a `TypeError` here.
    */
   url: Resolvable<string | string[]>;
   /** HTTP endpoint for the fallback (a value or a function, like `url`). @default `url` with ws→http, wss→https */
@@ -136,7 +137,9 @@ export interface SyncClientOptions {
    * Stable client identity for dedupe. @default the stored one, else a random one (then
    * stored). With a storage that has `locks` (`webStorage()` in a browser) a stored id whose
    * lock another live client holds (a duplicated tab) is replaced by a new random one; an id
-   * given here is used as given.
+   * given here is used as given. 1–128 UTF-16 code units of well-formed text (no lone
+   * surrogate), PROTOCOL §1: anything else throws a `TypeError`; a stored id that is not is
+   * replaced by a new random one. It is always the one on the wire (see `params`, `headers`).
    */
   clientId?: string;
   /** Channels to subscribe to at once, with their cursors. @default {} */
@@ -171,7 +174,10 @@ export interface SyncClientOptions {
    * `SyncError('unauthorized')`). Browsers do not expose the status of a refused upgrade, so
    * there the HTTP side's 401 is what detects it. A function's result must be a record of
    * strings (`undefined`/`null`: none); anything else fails that dial (`failures$` kind
-   * `dial_error`) and is retried with backoff. @default {}
+   * `dial_error`) and is retried with backoff. The client's `clientId` query parameter is set
+   * after these: a plain record with a `clientId` key throws a `TypeError`, and a `clientId` in
+   * a function's result is overridden (the socket and HTTP must carry one id, PROTOCOL §1).
+   * @default {}
    */
   params?: Resolvable<Record<string, string>>;
   /**
@@ -182,7 +188,8 @@ export interface SyncClientOptions {
    * On the upgrade they reach the server only where the WebSocket implementation takes
    * headers: Node's `ws` does (its third constructor argument); browsers' WebSocket cannot
    * set headers at all, and Node's built-in (undici) one ignores them, so there the socket
-   * needs `params`. @default {}
+   * needs `params`. `X-Client-Id` (any case) is the client's own: in a plain record it throws
+   * a `TypeError`, in a function's result it is dropped. @default {}
    */
   headers?: Resolvable<Record<string, string>>;
   /**

@@ -830,7 +830,7 @@ function parseClientFrameUnsafe(
     hasCommas(text, maxBatch) &&
     payloadOver(text, maxBatch)
   ) {
-    return fail('too_large', `SYN of more than ${maxBatch} operations`, scannedId(text));
+    return fail('too_large', `payload of more than ${maxBatch} elements (maxBatch)`, scannedId(text));
   }
   let raw: unknown;
   // A SUB's channels are parsed as pairs when the text allows it (subChannelsText, FIX3).
