@@ -150,7 +150,8 @@ describe('clients dialled on one URL each use their own clientId (real ws server
       { clientId: 'c-first' },
       { clientId: 'c-second' },
       {},
-      { clientId: 'with space+plus/ünï' },
+      // Visible ASCII the form encoding escapes (PROTOCOL §1 allows no other): the URL API path.
+      { clientId: 'needs+enc/%&?#="~' },
       { clientId: 'c-third', params: { token: 't 1', room: 'override' } },
     ];
     const clients: SyncClient[] = [];

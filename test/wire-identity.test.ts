@@ -33,6 +33,9 @@ const client = (opts: Parameters<typeof createSyncClient>[0]) => {
 const wsUrl = (s: SyncServer) => `ws://127.0.0.1:${s.address().port}/sync`;
 
 /** A server whose onSync counts each op's applications and answers with the clientId it saw. */
+/** Every visible ASCII character, U+0021–U+007E (94): what a clientId may hold (PROTOCOL §1). */
+const VISIBLE_ASCII = Array.from({ length: 94 }, (_, i) => String.fromCharCode(0x21 + i)).join('');
+
 async function recordingServer(gate?: () => Promise<void>) {
   const applied = new Map<string, number>();
   const seen: string[] = [];
@@ -148,11 +151,24 @@ describe('F2: a url with a #fragment is refused at creation', () => {
 });
 
 describe('F3: clientId is checked against PROTOCOL §1', () => {
-  it('isValidClientId: 1–128 UTF-16 units, no lone surrogate', () => {
-    for (const ok of ['a', 'x'.repeat(128), 'c-7f3a', 'é', '日本', '😀', 'a\uD83D\uDE00b'])
-      expect(isValidClientId(ok)).toBe(true);
+  it('isValidClientId: 1–128 visible ASCII characters', () => {
+    for (const ok of ['a', 'x'.repeat(128), 'c-7f3a', VISIBLE_ASCII]) expect(isValidClientId(ok)).toBe(true);
     for (const bad of [
       '',
+      // Not carried the same way by the socket URL and the X-Client-Id header (fetch trims
+      // whitespace at either end; a header cannot hold characters above U+00FF).
+      'mine ',
+      ' mine',
+      'mine\t',
+      'mine\n',
+      'mine\r\n',
+      'a b',
+      'é',
+      '日本',
+      '😀',
+      'a\uD83D\uDE00b',
+      '\u00a0x',
+      'x\u0000',
       'x'.repeat(129),
       'abc\uD800',
       '\uD800abc',
@@ -167,28 +183,50 @@ describe('F3: clientId is checked against PROTOCOL §1', () => {
       expect(isValidClientId(bad)).toBe(false);
   });
 
-  it('createSyncClient refuses 129+ characters and lone surrogates with a TypeError naming the option', () => {
+  it('createSyncClient refuses 129+ characters, whitespace, non-ASCII and lone surrogates with a TypeError naming the option', () => {
     const url = 'ws://127.0.0.1:1/sync';
-    for (const bad of ['x'.repeat(129), 'x'.repeat(5000), 'abc\uD800', 'abc\uDC00def'])
+    for (const bad of [
+      'x'.repeat(129),
+      'x'.repeat(5000),
+      'abc\uD800',
+      'abc\uDC00def',
+      'mine ',
+      ' mine\n',
+      '日本',
+    ])
       expect(() => client({ url, clientId: bad })).toThrow(
-        /option clientId must be a string of 1–128 characters/,
+        /option clientId must be a string of 1–128 visible ASCII characters/,
       );
     expect(() => client({ url, clientId: 'x'.repeat(128) })).not.toThrow();
   });
 
-  it('a 128-character and a non-BMP clientId reach the server as they are (results carry them)', async () => {
+  it('a 128-character clientId and every visible ASCII character reach the server as they are, over the socket and over HTTP', async () => {
     const { server, seen } = await recordingServer();
-    for (const id of ['x'.repeat(128), 'id-😀-日本']) {
+    const ids = ['x'.repeat(128), VISIBLE_ASCII];
+    for (const id of ids) {
       const c = client({ url: wsUrl(server), clientId: id, timeout: 1000 });
       const r = await c.send({ k: `k-${id.length}` });
       expect(r.cid).toBe(id);
+      await c.close();
     }
-    expect(seen).toEqual(['x'.repeat(128), 'id-😀-日本']);
+    for (const id of ids) {
+      // No socket server there: the client works over HTTP (the X-Client-Id header).
+      const c = client({
+        url: 'ws://127.0.0.1:1/sync',
+        httpUrl: httpUrl(server),
+        clientId: id,
+        timeout: 400,
+      });
+      const r = await c.send({ k: `h-${id.length}` });
+      expect(r.cid).toBe(id);
+      await c.close();
+    }
+    expect(seen).toEqual([...ids, ...ids]);
   });
 
   it('an invalid clientId in storage is not used: a new one is taken and stored', async () => {
     const { server, seen } = await recordingServer();
-    for (const stored of ['y'.repeat(200), 'abc\uD800', '']) {
+    for (const stored of ['y'.repeat(200), 'abc\uD800', '', 'mine ', ' mine\n', '日本']) {
       const storage = memoryStorage();
       storage.set('syncwire:clientId', stored);
       const c = client({ url: wsUrl(server), storage, timeout: 1000 });

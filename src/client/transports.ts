@@ -202,16 +202,18 @@ const SENTINEL = 'syncwireClientIdSentinel0';
 const FORM_SAFE = /^[A-Za-z0-9*._-]+$/;
 
 /**
- * Whether `v` can be a clientId (PROTOCOL §1): a string of 1–128 UTF-16 code units (what the
- * server counts) that is well-formed UTF-16. A lone surrogate would reach the server as U+FFFD
- * (URL and header encoding replace it), so its results would carry another clientId. A regex,
- * not `String.prototype.isWellFormed` (missing in older browsers).
+ * Whether `v` can be a clientId (PROTOCOL §1): a string of 1–128 visible ASCII characters
+ * (U+0021–U+007E), the characters both transports carry exactly as they are. Others do not
+ * reach the server the same way on both: `fetch` trims leading and trailing whitespace from a
+ * header (`' a'` over HTTP is `a` on the socket's `' a'`), a header cannot carry characters
+ * above U+00FF at all, and a lone surrogate becomes U+FFFD. A clientId that differs between
+ * the socket and HTTP is deduped under two ids, so a batch retried over the other transport
+ * would be applied twice (second fresh breaker of session 7, N1 and N2).
  */
 export function isValidClientId(v: unknown): v is string {
-  return typeof v === 'string' && v.length > 0 && v.length <= MAX_CLIENT_ID && !LONE_SURROGATE.test(v);
+  return typeof v === 'string' && CLIENT_ID.test(v);
 }
-const MAX_CLIENT_ID = 128;
-const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?:^|[^\uD800-\uDBFF])[\uDC00-\uDFFF]/;
+const CLIENT_ID = /^[\x21-\x7e]{1,128}$/;
 
 /** The header that carries the clientId over HTTP (PROTOCOL §1); no `headers` entry may replace it. */
 export const CLIENT_ID_HEADER = 'x-client-id';

@@ -115,7 +115,7 @@ export function validateOptions(o: SyncClientOptions): void {
   if (o.clientId !== undefined && !isValidClientId(o.clientId)) {
     const id: unknown = o.clientId;
     throw new TypeError(
-      `syncwire: option clientId must be a string of 1–128 characters without lone surrogates (PROTOCOL §1), got ${
+      `syncwire: option clientId must be a string of 1–128 visible ASCII characters, U+0021–U+007E (PROTOCOL §1), got ${
         typeof id === 'string' ? `a string of length ${id.length}` : show(id)
       }`,
     );
