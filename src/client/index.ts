@@ -137,9 +137,9 @@ export interface SyncClientOptions {
    * Stable client identity for dedupe. @default the stored one, else a random one (then
    * stored). With a storage that has `locks` (`webStorage()` in a browser) a stored id whose
    * lock another live client holds (a duplicated tab) is replaced by a new random one; an id
-   * given here is used as given. 1–128 UTF-16 code units of well-formed text (no lone
-   * surrogate), PROTOCOL §1: anything else throws a `TypeError`; a stored id that is not is
-   * replaced by a new random one. It is always the one on the wire (see `params`, `headers`).
+   * given here is used as given. 1–128 visible ASCII characters (U+0021–U+007E, the ones the
+   * socket URL and the `X-Client-Id` header both carry as they are), PROTOCOL §1: anything else
+   * throws a `TypeError`; a stored id that is not is replaced by a new random one. It is always the one on the wire (see `params`, `headers`).
    */
   clientId?: string;
   /** Channels to subscribe to at once, with their cursors. @default {} */
@@ -802,7 +802,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
   if (!fetchImpl) throw new TypeError('syncwire: no fetch implementation; pass options.fetch');
 
   const idKey = `${storageKey}:clientId`;
-  // A stored clientId that is not a valid one (PROTOCOL §1: too long, a lone surrogate, another
+  // A stored clientId that is not a valid one (PROTOCOL §1: too long, not visible ASCII, another
   // program's value) is not used: a new one is taken, as when none is stored.
   const stored = options.clientId === undefined ? storage.get(idKey) : null;
   const storedId = isValidClientId(stored) ? stored : null;
