@@ -1120,6 +1120,16 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       clock: options.clock ?? new LazyClock(),
     });
   let actor = makeActor();
+  /**
+   * A new random clientId and the connection actor made for it (before it starts), also where
+   * the facade's getters read them (`streams`).
+   */
+  const newIdentity = () => {
+    clientId = randomId('c');
+    actor = makeActor();
+    streams.clientId = clientId;
+    streams.actor = actor;
+  };
   const stateSubject = new BehaviorSubject<ConnectionState>('connecting');
   // What FACADE's getters read (`clientId`, `actor` change together when the identity does).
   streams.clientId = clientId;
@@ -1970,12 +1980,7 @@ export function createSyncClient<Op = unknown, Result = unknown>(
         claimLocks = own.locks;
         kv.store = own;
         outbox = own.outbox!;
-        if (options.clientId === undefined) {
-          clientId = randomId('c');
-          actor = makeActor();
-          streams.clientId = clientId;
-          streams.actor = actor;
-        }
+        if (options.clientId === undefined) newIdentity();
         own.set(idKey, clientId);
         const reason = new Error(
           `the storage is in use by another live client (clientId ${storedId ?? options.clientId}); this client works from memory with its own identity`,
@@ -1986,11 +1991,8 @@ export function createSyncClient<Op = unknown, Result = unknown>(
       }
       if (options.clientId !== undefined) return null;
       // A duplicated tab copies sessionStorage: take a new identity in this storage.
-      clientId = randomId('c');
+      newIdentity();
       storage.set(idKey, clientId);
-      actor = makeActor();
-      streams.clientId = clientId;
-      streams.actor = actor;
       return locks.claim(clientId);
     };
     let first: Claimed;
